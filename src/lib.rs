@@ -1,0 +1,28 @@
+//! ziplm: inference-aware structured pruning (ZipLM) of transformers to a latency
+//! budget.
+//!
+//! The pipeline, one value handed to the next:
+//!
+//! ```text
+//! load (adapter) -> calibrate + database (Database) -> profile (LatencyTable)
+//!   -> search (SearchOutcome / Plan) -> emit (adapter) -> verify
+//! ```
+//!
+//! - [`obs`]: the structured OBS mathematics for one layer.
+//! - [`database`]: calibration and the per-block removal orders and errors.
+//! - [`profile`]: timing block shapes and the persisted latency table.
+//! - [`search`]: the budgeted DP, tied choices, SPDY refinement.
+//!
+//! Runtime adapters implement the traits of [`ziplm_plugin_api`] (re-exported as
+//! [`api`]).
+
+pub mod database;
+pub mod error;
+pub mod fsutil;
+pub mod obs;
+pub mod profile;
+pub mod progress;
+pub mod search;
+
+pub use error::{Error, Result};
+pub use ziplm_plugin_api as api;

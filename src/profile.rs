@@ -1,0 +1,192 @@
+//! Driving a [`LatencyProfiler`]: warm-up, repeated runs, medians, and the persisted
+//! latency table (ZIPLM.md section 5).
+
+use crate::error::{Error, Result};
+use crate::fsutil;
+use crate::progress::Progress;
+use std::path::Path;
+use ziplm_plugin_api::{
+    BlockShape, LatencyProfiler, LatencyTable, LatencyTableKey, Measured, TimedRun, Timing, Workload,
+    FORMAT_VERSION,
+};
+
+/// How many times to run what is timed.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, serde::Serialize, serde::Deserialize)]
+pub struct ProfileSettings {
+    /// Untimed runs first (caches, lazy initialisation, CPU frequency).
+    pub warmup: usize,
+    /// Timed runs; the median is kept.
+    pub runs: usize,
+}
+
+impl Default for ProfileSettings {
+    fn default() -> Self {
+        ProfileSettings { warmup: 3, runs: 15 }
+    }
+}
+
+/// Runs `run` `warmup` times untimed, then `runs` times, and returns the median, min
+/// and max.
+pub fn measure(run: &mut dyn TimedRun, settings: &ProfileSettings) -> Result<Timing> {
+    if settings.runs == 0 {
+        return Err(Error::Invalid("profiling needs at least one timed run".into()));
+    }
+    for _ in 0..settings.warmup {
+        run.run()?;
+    }
+    let mut ms: Vec<f64> = (0..settings.runs)
+        .map(|_| run.run().map(|d| d.as_secs_f64() * 1e3))
+        .collect::<std::result::Result<_, _>>()?;
+    Ok(timing_of(&mut ms))
+}
+
+/// Median, min and max of samples in milliseconds (sorts them).
+pub fn timing_of(ms: &mut [f64]) -> Timing {
+    ms.sort_by(f64::total_cmp);
+    let n = ms.len();
+    if n == 0 {
+        return Timing::ZERO;
+    }
+    let median = if n % 2 == 1 { ms[n / 2] } else { 0.5 * (ms[n / 2 - 1] + ms[n / 2]) };
+    Timing { median_ms: median, min_ms: ms[0], max_ms: ms[n - 1], runs: n }
+}
+
+/// The key a table measured by `profiler` at `workload` would have.
+pub fn table_key(profiler: &dyn LatencyProfiler, workload: &Workload) -> LatencyTableKey {
+    LatencyTableKey { target: profiler.target(), workload: *workload, model: profiler.model_key() }
+}
+
+/// Measures every shape in `shapes` (and the non-prunable rest) not already in
+/// `reuse`. Entries of `reuse` are kept only when its key matches this profiler and
+/// workload exactly.
+pub fn build_table(
+    profiler: &mut dyn LatencyProfiler,
+    workload: &Workload,
+    shapes: &[BlockShape],
+    settings: &ProfileSettings,
+    reuse: Option<&LatencyTable>,
+    progress: &dyn Progress,
+) -> Result<LatencyTable> {
+    workload.validate().map_err(Error::Invalid)?;
+    let key = table_key(profiler, workload);
+    let reuse = reuse.filter(|t| t.key == key && t.format_version == FORMAT_VERSION);
+    let mut todo: Vec<BlockShape> = shapes.to_vec();
+    todo.sort();
+    todo.dedup();
+    todo.retain(|s| reuse.is_none_or(|t| t.get(s).is_none()));
+    let mut table = match reuse {
+        Some(t) => t.clone(),
+        None => LatencyTable { format_version: FORMAT_VERSION, key, rest: Timing::ZERO, entries: Vec::new() },
+    };
+    let need_rest = reuse.is_none();
+    progress.start("profiling", (todo.len() + usize::from(need_rest)) as u64);
+    if need_rest {
+        let mut run = profiler.prepare(&Measured::Rest, workload)?;
+        table.rest = measure(run.as_mut(), settings)?;
+        progress.advance(1);
+    }
+    for shape in todo {
+        let mut run = profiler.prepare(&Measured::Block(shape), workload)?;
+        let timing = measure(run.as_mut(), settings)?;
+        drop(run);
+        table.insert(shape, timing);
+        progress.advance(1);
+    }
+    progress.finish();
+    Ok(table)
+}
+
+/// Reads a latency table, checking its format version.
+pub fn load_table(path: &Path) -> Result<LatencyTable> {
+    let table: LatencyTable = fsutil::read_json(path)?;
+    if table.format_version != FORMAT_VERSION {
+        return Err(Error::Format {
+            path: path.to_path_buf(),
+            detail: format!(
+                "latency table format {} is not the supported format {FORMAT_VERSION}; profile again with `ziplm profile`",
+                table.format_version
+            ),
+        });
+    }
+    Ok(table)
+}
+
+/// Writes a latency table atomically as pretty JSON.
+pub fn save_table(table: &LatencyTable, path: &Path) -> Result<()> {
+    fsutil::write_json_atomic(path, table)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use std::time::Duration;
+    use ziplm_plugin_api::{AdapterResult, TargetFingerprint};
+
+    struct Fake {
+        calls: Vec<Measured>,
+    }
+    struct FakeRun(f64);
+    impl TimedRun for FakeRun {
+        fn run(&mut self) -> AdapterResult<Duration> {
+            Ok(Duration::from_secs_f64(self.0 / 1e3))
+        }
+    }
+    impl LatencyProfiler for Fake {
+        fn target(&self) -> TargetFingerprint {
+            TargetFingerprint {
+                runtime: "fake".into(),
+                runtime_version: "1".into(),
+                device: "test".into(),
+                threads: 1,
+                dtype: "f32".into(),
+            }
+        }
+        fn model_key(&self) -> String {
+            "fake-model".into()
+        }
+        fn prepare<'a>(&'a mut self, what: &Measured, _: &Workload) -> AdapterResult<Box<dyn TimedRun + 'a>> {
+            self.calls.push(*what);
+            let ms = match what {
+                Measured::Rest => 1.0,
+                Measured::Block(BlockShape::Ffn { width, .. }) => *width as f64 / 100.0,
+                Measured::Block(BlockShape::Attention { heads, .. }) => *heads as f64 / 10.0,
+            };
+            Ok(Box::new(FakeRun(ms)))
+        }
+    }
+
+    #[test]
+    fn median_of_odd_and_even_samples() {
+        assert_eq!(timing_of(&mut [3.0, 1.0, 2.0]).median_ms, 2.0);
+        let t = timing_of(&mut [4.0, 1.0, 2.0, 3.0]);
+        assert_eq!((t.median_ms, t.min_ms, t.max_ms, t.runs), (2.5, 1.0, 4.0, 4));
+    }
+
+    #[test]
+    fn table_reuses_matching_entries_and_round_trips() {
+        let w = Workload::prefill(1, 128);
+        let shapes = [
+            BlockShape::Ffn { hidden: 64, width: 128, gated: false },
+            BlockShape::Ffn { hidden: 64, width: 96, gated: false },
+        ];
+        let mut p = Fake { calls: vec![] };
+        let q = crate::progress::Quiet;
+        let t1 = build_table(&mut p, &w, &shapes, &ProfileSettings { warmup: 1, runs: 3 }, None, &q).unwrap();
+        assert_eq!(p.calls.len(), 3);
+        assert!((t1.get(&shapes[0]).unwrap().median_ms - 1.28).abs() < 1e-6);
+        let more = [shapes[0], BlockShape::Attention { hidden: 64, heads: 2, kv_heads: 2, head_dim: 16 }];
+        let mut p2 = Fake { calls: vec![] };
+        let t2 = build_table(&mut p2, &w, &more, &ProfileSettings::default(), Some(&t1), &q).unwrap();
+        assert_eq!(p2.calls.len(), 1, "only the new shape is measured");
+        assert_eq!(t2.entries.len(), 3);
+        // Another workload does not reuse anything.
+        let mut p3 = Fake { calls: vec![] };
+        build_table(&mut p3, &Workload::prefill(1, 64), &more, &ProfileSettings::default(), Some(&t1), &q).unwrap();
+        assert_eq!(p3.calls.len(), 3);
+
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().join("table.json");
+        save_table(&t2, &path).unwrap();
+        assert_eq!(load_table(&path).unwrap(), t2);
+    }
+}
