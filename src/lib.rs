@@ -16,6 +16,7 @@
 //! Runtime adapters implement the traits of [`ziplm_plugin_api`] (re-exported as
 //! [`api`]).
 
+pub mod backend;
 pub mod database;
 pub mod error;
 pub mod fsutil;

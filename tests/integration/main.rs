@@ -6,3 +6,4 @@ mod database;
 mod obs_identities;
 mod obs_quality;
 mod search_dp;
+mod tract_fixtures;

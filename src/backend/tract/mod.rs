@@ -1,0 +1,20 @@
+//! The tract backend: ONNX transformers in, pruned ONNX out, timed on the CPU.
+//!
+//! - [`inputs`]: the model's inputs by role and building them for a workload.
+//! - [`recognize`]: the prunable blocks of the decluttered graph, by structure.
+//! - [`model`]: [`TractModel`], the [`ziplm_plugin_api::ModelAdapter`] (calibration,
+//!   weights, emit).
+//! - [`onnx`]: rewriting the ONNX file for a plan (weights, head-count constants, KV
+//!   cache shapes, removed branches).
+//! - [`profile`]: timing block shapes with tract's optimised plan.
+
+pub mod inputs;
+pub mod model;
+pub mod onnx;
+pub mod profile;
+pub mod recognize;
+
+pub use model::{TractModel, TractOptions};
+
+/// The exact tract version this backend is built against (all tract crates pin it).
+pub const TRACT_VERSION: &str = "0.23.9";

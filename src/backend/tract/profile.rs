@@ -1,0 +1,1 @@
+//! Timing block shapes in tract (placeholder until the profiler lands).
