@@ -75,9 +75,20 @@ pub struct BlockDatabase {
     pub layer: PreparedLayer,
 }
 
+/// Wall time spent building a database.
+#[derive(Clone, Copy, Debug, Default, PartialEq, Serialize, Deserialize)]
+pub struct DatabaseTimings {
+    /// Calibration forward passes and Gram accumulation (seconds).
+    pub calibrate_s: f64,
+    /// Greedy OBS over all blocks (seconds).
+    pub database_s: f64,
+}
+
 /// The database of a whole model.
 #[derive(Clone, Debug)]
 pub struct Database {
+    /// Where the build time went.
+    pub timings: DatabaseTimings,
     /// The model's structure.
     pub structure: ModelStructure,
     /// Per-block data, in block order.
@@ -147,6 +158,7 @@ impl Database {
         let per_pass = if config.layers_per_pass == 0 { n_layers } else { config.layers_per_pass };
         let mut blocks = Vec::with_capacity(structure.blocks.len());
         let mut tokens = u64::MAX;
+        let mut timings = DatabaseTimings::default();
         for first in (0..n_layers).step_by(per_pass) {
             let ids: Vec<BlockId> = structure
                 .blocks
@@ -161,6 +173,7 @@ impl Database {
                 .iter()
                 .map(|&id| (id, GramAccumulator::new(structure.blocks[id.index()].kind.out_proj_inputs())))
                 .collect();
+            let t = std::time::Instant::now();
             progress.start("calibrating", 0);
             {
                 let mut sink = |id: BlockId, rows: &[f32], width: usize| -> std::result::Result<(), AdapterError> {
@@ -180,6 +193,8 @@ impl Database {
                 adapter.calibrate(&ids, &mut sink)?;
             }
             progress.finish();
+            timings.calibrate_s += t.elapsed().as_secs_f64();
+            let t = std::time::Instant::now();
             let mut inputs = Vec::with_capacity(ids.len());
             for &id in &ids {
                 let acc = &grams[&id];
@@ -203,8 +218,9 @@ impl Database {
                 inputs.push((id, BlockInput { layout: adapter.group_layout(id), weights: to_faer(&w), gram }));
             }
             blocks.extend(Self::process(&structure, inputs, config, progress)?);
+            timings.database_s += t.elapsed().as_secs_f64();
         }
-        Ok(Database { structure, blocks, calibration_tokens: if tokens == u64::MAX { 0 } else { tokens } })
+        Ok(Database { timings, structure, blocks, calibration_tokens: if tokens == u64::MAX { 0 } else { tokens } })
     }
 
     /// Builds the database from weights and Gram matrices already at hand (one
@@ -216,7 +232,7 @@ impl Database {
         }
         let tagged = structure.blocks.iter().map(|b| b.id).zip(inputs).collect();
         let blocks = Self::process(&structure, tagged, config, &crate::progress::Quiet)?;
-        Ok(Database { structure, blocks, calibration_tokens: 0 })
+        Ok(Database { timings: DatabaseTimings::default(), structure, blocks, calibration_tokens: 0 })
     }
 
     fn process(
@@ -428,4 +444,41 @@ fn kept_units(block: &PrunableBlock, layout: &GroupLayout, removed: &[usize], al
             Ok((heads, kv))
         }
     }
+}
+
+/// Every block shape the level grid can produce, from the structure alone (what
+/// `ziplm profile` measures before any calibration).
+pub fn grid_shapes(structure: &ModelStructure, config: &DatabaseConfig) -> Vec<BlockShape> {
+    let multiple = config.ffn_width_multiple.max(structure.constraints.ffn_width_multiple).max(1);
+    let mut out = vec![];
+    for b in &structure.blocks {
+        let layout = GroupLayout::for_kind(&b.kind, structure.constraints.gqa_policy);
+        for k in level_removals(b, &layout, config, multiple) {
+            match b.kind {
+                BlockKind::Attention(a) => {
+                    // Columns removed after k groups: whole groups are removed in order,
+                    // every group has the same number of heads.
+                    let per_group = a.n_heads / layout.groups.len().max(1);
+                    let heads = a.n_heads - k * per_group;
+                    if heads == 0 {
+                        continue;
+                    }
+                    let kv_heads = match (structure.constraints.gqa_policy, a.n_kv_heads == a.n_heads) {
+                        (_, true) => heads,
+                        (ziplm_plugin_api::GqaPolicy::WholeKvGroups, false) => heads / a.heads_per_kv(),
+                        (ziplm_plugin_api::GqaPolicy::EqualPerKvGroup, false) => a.n_kv_heads,
+                    };
+                    out.push(BlockShape::Attention { hidden: b.hidden, heads, kv_heads, head_dim: a.head_dim });
+                }
+                BlockKind::Ffn(f) => {
+                    if k < f.width {
+                        out.push(BlockShape::Ffn { hidden: b.hidden, width: f.width - k, gated: f.gated });
+                    }
+                }
+            }
+        }
+    }
+    out.sort();
+    out.dedup();
+    out
 }

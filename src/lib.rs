@@ -17,13 +17,22 @@
 //! [`api`]).
 
 pub mod backend;
+pub mod config;
+pub mod data;
 pub mod database;
 pub mod error;
 pub mod fsutil;
+pub mod job;
 pub mod obs;
 pub mod profile;
+pub mod pipeline;
 pub mod progress;
+pub mod report;
 pub mod search;
+pub mod cli;
+#[path = "build_api.rs"]
+pub mod build;
+pub mod target;
 
 pub use error::{Error, Result};
 pub use ziplm_plugin_api as api;

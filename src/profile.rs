@@ -145,9 +145,9 @@ mod tests {
             "fake-model".into()
         }
         fn prepare<'a>(&'a mut self, what: &Measured, _: &Workload) -> AdapterResult<Box<dyn TimedRun + 'a>> {
-            self.calls.push(*what);
+            self.calls.push(what.clone());
             let ms = match what {
-                Measured::Rest => 1.0,
+                Measured::Rest | Measured::Model(_) => 1.0,
                 Measured::Block(BlockShape::Ffn { width, .. }) => *width as f64 / 100.0,
                 Measured::Block(BlockShape::Attention { heads, .. }) => *heads as f64 / 10.0,
             };

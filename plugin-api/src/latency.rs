@@ -30,13 +30,15 @@ pub enum BlockShape {
 }
 
 /// What a profiler is asked to time.
-#[derive(Clone, Copy, Debug, PartialEq, Eq, Hash)]
+#[derive(Clone, Debug, PartialEq, Eq, Hash)]
 pub enum Measured {
     /// One prunable block of this shape (with its norm and residual as the runtime runs
     /// them).
     Block(BlockShape),
     /// Everything that is not prunable (embeddings, final norm, head, glue).
     Rest,
+    /// A whole model file end to end (verification of an emitted model).
+    Model(std::path::PathBuf),
 }
 
 /// Repeated timings of one thing: the median and its spread.

@@ -4,3 +4,57 @@
 //! - [`tract`]: ONNX transformers on CPU with tract.
 
 pub mod tract;
+
+use crate::error::{Error, Result};
+use crate::job::PruneJob;
+use crate::progress::Progress;
+use crate::report::PruneReport;
+use std::path::Path;
+use ziplm_plugin_api::{ModelStructure, Workload};
+
+/// Loads a model's prunable structure with the backend its file type calls for.
+pub fn load_structure(model: &Path, workload: &Workload) -> Result<ModelStructure> {
+    match model.extension().and_then(|e| e.to_str()) {
+        Some("onnx") => {
+            let m = tract::TractModel::load(model, tract::TractOptions { workload: *workload, ..Default::default() })?;
+            Ok(ziplm_plugin_api::ModelAdapter::structure(&m).clone())
+        }
+        _ => mistralrs_structure(model),
+    }
+}
+
+#[cfg(not(feature = "mistralrs"))]
+fn mistralrs_structure(model: &Path) -> Result<ModelStructure> {
+    Err(Error::Invalid(format!(
+        "{}: not an ONNX file; GGUF and safetensors models need ziplm built with the `mistralrs` feature",
+        model.display()
+    )))
+}
+
+#[cfg(not(feature = "mistralrs"))]
+/// Runs a job with the mistral.rs backend (needs the `mistralrs` feature).
+pub fn run_mistralrs(job: &PruneJob, _progress: &dyn Progress) -> Result<PruneReport> {
+    Err(Error::Invalid(format!(
+        "{}: the mistralrs backend needs ziplm built with the `mistralrs` feature (cargo build --features mistralrs)",
+        job.model.display()
+    )))
+}
+
+#[cfg(feature = "mistralrs")]
+fn mistralrs_structure(model: &Path) -> Result<ModelStructure> {
+    Err(Error::Invalid(format!("{}: the mistralrs backend is not implemented yet", model.display())))
+}
+
+#[cfg(feature = "mistralrs")]
+/// Runs a job with the mistral.rs backend.
+pub fn run_mistralrs(job: &PruneJob, _progress: &dyn Progress) -> Result<PruneReport> {
+    Err(Error::Invalid(format!("{}: the mistralrs backend is not implemented yet", job.model.display())))
+}
+
+/// Runs a job with its backend (writes models and report into `job.out_dir`).
+pub fn run_job(job: &PruneJob, progress: &dyn Progress) -> Result<PruneReport> {
+    match job.backend {
+        crate::job::BackendKind::Tract => Ok(tract::driver::run(job, progress)?.report),
+        crate::job::BackendKind::Mistralrs => run_mistralrs(job, progress),
+    }
+}

@@ -7,3 +7,4 @@ mod obs_identities;
 mod obs_quality;
 mod search_dp;
 mod tract_fixtures;
+mod tract_hook;

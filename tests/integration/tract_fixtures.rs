@@ -3,6 +3,7 @@
 //! the engine put them.
 
 use std::path::PathBuf;
+use tract_onnx::prelude::*;
 use ziplm::backend::tract::model::runnable_from_bytes;
 use ziplm::backend::tract::onnx::emit_masked;
 use ziplm::backend::tract::{inputs, TractModel, TractOptions};
@@ -210,5 +211,54 @@ fn obs_weights_land_where_the_engine_computed_them() {
             let predicted = b.levels[1].error;
             assert!((err - predicted).abs() <= 1e-5 * predicted.max(1e-3), "{name} block {bi}: {err} vs {predicted}");
         }
+    }
+}
+
+/// Exports pruned fixture models with their inputs and tract's outputs for
+/// `scripts/check_onnxruntime.py` (run by `.ci/run`). Writes nothing unless
+/// `ZIPLM_ORT_DIR` is set.
+#[test]
+fn tract_ort_export() {
+    let Some(dir) = std::env::var_os("ZIPLM_ORT_DIR") else {
+        eprintln!("skipped: set ZIPLM_ORT_DIR to export pruned models for the onnxruntime check");
+        return;
+    };
+    let dir = PathBuf::from(dir);
+    for name in FIXTURES {
+        let mut m = load(name);
+        m.set_calibration((0..16).map(|s| ids(300 + s, 16)).collect()).unwrap();
+        let db = Database::build(&mut m, &DatabaseConfig::default(), &ziplm::progress::Quiet).unwrap();
+        let mut levels: Vec<usize> = db.blocks.iter().map(|_| 1).collect();
+        levels[1] = db.blocks[1].levels.len() - 1; // remove the first FFN
+        let selection = Selection { levels };
+        let plan = db.plan(&selection).unwrap();
+        let weights = db.pruned_weights(&selection).unwrap();
+        let bytes = ziplm::backend::tract::onnx::emit(&m, &plan, &weights).unwrap();
+        let w = workload(name);
+        let sample = ids(42, w.batch * w.seq_len);
+        let (plan_r, specs) = runnable_from_bytes(&bytes, &w).unwrap();
+        let mask = vec![1i64; sample.len()];
+        let tensors = inputs::build_inputs(&specs, &w, &sample, &mask).unwrap();
+        let out = plan_r.run(tensors.clone()).unwrap();
+        let out0 = out[0].cast_to::<f32>().unwrap();
+        let view = out0.to_plain_array_view::<f32>().unwrap();
+        let mut ins = vec![];
+        for (spec, t) in specs.iter().zip(&tensors) {
+            let (dtype, data): (&str, Vec<f64>) = if t.datum_type() == i64::datum_type() {
+                ("int64", t.to_plain_array_view::<i64>().unwrap().iter().map(|&v| v as f64).collect())
+            } else {
+                ("float32", t.cast_to::<f32>().unwrap().to_plain_array_view::<f32>().unwrap().iter().map(|&v| v as f64).collect())
+            };
+            ins.push(serde_json::json!({ "name": spec.name, "dtype": dtype, "shape": t.shape(), "data": data }));
+        }
+        let case = dir.join(name);
+        std::fs::create_dir_all(&case).unwrap();
+        std::fs::write(case.join("model.onnx"), &bytes).unwrap();
+        let json = serde_json::json!({
+            "inputs": ins,
+            "output": view.iter().copied().collect::<Vec<f32>>(),
+            "output_shape": view.shape(),
+        });
+        std::fs::write(case.join("case.json"), serde_json::to_vec(&json).unwrap()).unwrap();
     }
 }

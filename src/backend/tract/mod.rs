@@ -8,11 +8,15 @@
 //!   cache shapes, removed branches).
 //! - [`profile`]: timing block shapes with tract's optimised plan.
 
+pub mod driver;
+pub mod encode;
+pub mod hook;
 pub mod inputs;
 pub mod model;
 pub mod onnx;
 pub mod profile;
 pub mod recognize;
+pub mod surgery;
 
 pub use model::{TractModel, TractOptions};
 

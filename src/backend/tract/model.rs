@@ -9,7 +9,7 @@ use tract_onnx::prelude::*;
 use tract_onnx::tract_core::internal::{bail, DimLike, TractErrorContext};
 use ziplm_plugin_api::{
     ActivationSink, AdapterError, AdapterResult, AttentionShape, BlockId, BlockKind, EmitSummary, FfnShape,
-    GqaPolicy, LayerIndex, ModelAdapter, ModelStructure, ModuleRemoval, Plan, PrunableBlock, PrunedWeights,
+    GqaPolicy, LayerIndex, ModelAdapter, ModelStructure, ModuleRemoval, Phase, Plan, PrunableBlock, PrunedWeights,
     ShapeConstraints, WeightMatrix, Workload,
 };
 
@@ -154,28 +154,30 @@ impl TractModel {
         m.into_optimized()?.into_runnable()
     }
 
-    /// Runs the dense model on one padded sample and returns every output.
+    /// Runs the dense model at the serving workload and returns every output.
     pub fn run_dense(&self, ids: &[i64], mask: &[i64]) -> AdapterResult<TVec<TValue>> {
         let plan = self.runnable_with(&self.typed, &[]).map_err(|e| runtime("optimising the model", e))?;
         let inputs = inputs::build_inputs(&self.inputs, &self.options.workload, ids, mask).map_err(|e| runtime("building inputs", e))?;
         plan.run(inputs).map_err(|e| runtime("running the model", e))
     }
 
-    /// Pads or truncates a sample to `batch x seq` (repeating it over the batch) and
-    /// returns ids and mask.
-    pub fn pad(&self, sample: &[i64]) -> (Vec<i64>, Vec<i64>) {
-        let (b, s) = (self.options.workload.batch, self.options.workload.seq_len);
-        let mut ids = Vec::with_capacity(b * s);
-        let mut mask = Vec::with_capacity(b * s);
-        for _ in 0..b {
-            for j in 0..s {
-                let real = j < sample.len();
-                ids.push(if real { sample[j] } else { 0 });
-                mask.push(i64::from(real));
-            }
+}
+
+/// Samples per calibration pass.
+const CALIBRATION_BATCH: usize = 8;
+
+/// Pads (or truncates) samples into a `batch x seq` block of ids and a mask; missing
+/// rows are all padding.
+pub fn pad_batch(samples: &[Vec<i64>], batch: usize, seq: usize) -> (Vec<i64>, Vec<i64>) {
+    let mut ids = vec![0i64; batch * seq];
+    let mut mask = vec![0i64; batch * seq];
+    for (i, s) in samples.iter().take(batch).enumerate() {
+        for (j, &t) in s.iter().take(seq).enumerate() {
+            ids[i * seq + j] = t;
+            mask[i * seq + j] = 1;
         }
-        (ids, mask)
     }
+    (ids, mask)
 }
 
 fn vocab_size(model: &TypedModel) -> Option<usize> {
@@ -237,24 +239,44 @@ impl ModelAdapter for TractModel {
         if self.calibration.is_empty() {
             return Err(AdapterError::Calibration("no calibration samples set".into()));
         }
+        // Calibrate with prefill passes sized for the samples (not the serving
+        // workload: decode workloads have one token, and padding wastes compute).
+        let longest = self.calibration.iter().map(Vec::len).max().unwrap_or(1);
+        let seq = match self.options.workload.phase {
+            Phase::Prefill => longest.min(self.options.workload.seq_len),
+            Phase::Decode { .. } => longest,
+        };
+        let batch = CALIBRATION_BATCH.min(self.calibration.len()).max(1);
+        let cal_workload = Workload::prefill(batch, seq);
+        let (typed, blocks) = if cal_workload == self.options.workload {
+            (self.typed.clone(), self.blocks.clone())
+        } else {
+            let t = typed_at(&self.file, &self.inputs, &cal_workload)
+                .map_err(|e| runtime(&format!("preparing calibration at {cal_workload}"), e))?;
+            let b = recognize::recognize(&t).map_err(|e| runtime("recognising the calibration graph", e))?;
+            if b.len() != self.blocks.len() {
+                return Err(AdapterError::runtime(
+                    "recognising the calibration graph",
+                    format!("{} blocks at {cal_workload}, {} at the serving workload", b.len(), self.blocks.len()),
+                ));
+            }
+            (t, b)
+        };
         let mut outlets = vec![];
         for id in capture {
-            let b = self.blocks.get(id.index()).ok_or_else(|| AdapterError::InvalidRequest(format!("no {id}")))?;
+            let b = blocks.get(id.index()).ok_or_else(|| AdapterError::InvalidRequest(format!("no {id}")))?;
             let o = b.out_proj();
-            outlets.push(self.typed.node(o.node).inputs[o.act_slot]);
+            outlets.push(typed.node(o.node).inputs[o.act_slot]);
         }
-        let plan = self.runnable_with(&self.typed, &outlets).map_err(|e| runtime("optimising the calibration model", e))?;
-        let n_outputs = self.typed.output_outlets().map_err(|e| runtime("model outputs", e))?.len();
-        for sample in &self.calibration {
-            if sample.is_empty() {
-                continue;
-            }
-            let (ids, mask) = self.pad(sample);
-            let inputs = inputs::build_inputs(&self.inputs, &self.options.workload, &ids, &mask)
+        let plan = self.runnable_with(&typed, &outlets).map_err(|e| runtime("optimising the calibration model", e))?;
+        let n_outputs = typed.output_outlets().map_err(|e| runtime("model outputs", e))?.len();
+        for chunk in self.calibration.chunks(batch) {
+            let (ids, mask) = pad_batch(chunk, batch, seq);
+            let inputs = inputs::build_inputs(&self.inputs, &cal_workload, &ids, &mask)
                 .map_err(|e| runtime("building calibration inputs", e))?;
             let outs = plan.run(inputs).map_err(|e| runtime("running calibration", e))?;
             for (k, id) in capture.iter().enumerate() {
-                let o = self.blocks[id.index()].out_proj();
+                let o = blocks[id.index()].out_proj();
                 let act = &outs[n_outputs + k];
                 let rows = token_rows(act, &o.act_token_axes, &o.act_feature_axes, &mask)
                     .map_err(|e| runtime(&format!("reading activations of {id}"), e))?;

@@ -1,1 +1,216 @@
-//! Timing block shapes in tract (placeholder until the profiler lands).
+//! Timing block shapes with tract's optimised plan (what serving runs).
+//!
+//! Blocks are timed in the real model, not in isolation: for an attention shape with
+//! `k` heads the profiler builds (from the original file, with the emitter) a variant
+//! where every attention block has `k` heads, and a baseline where every attention
+//! block is removed, both with dense FFNs; the block time is their difference divided
+//! by the number of attention blocks. Runs of the two alternate, so slow drifts of the
+//! machine cancel, and the engine takes the median of many such differences. FFN
+//! widths are timed the same way with dense attention. The non-prunable rest is the
+//! model with every block removed.
+
+use super::inputs;
+use super::model::{runnable_from_bytes, TractModel};
+use super::onnx;
+use std::collections::HashMap;
+use std::path::Path;
+use std::time::{Duration, Instant};
+use tract_linalg::multithread::{multithread_tract_scope, Executor};
+use tract_onnx::prelude::*;
+use ziplm_plugin_api::{
+    AdapterError, AdapterResult, BlockKind, BlockShape, LatencyProfiler, Measured, ModelAdapter, Plan, PrunedWeights,
+    TargetFingerprint, TimedRun, Workload,
+};
+
+/// A model ready to run repeatedly on fixed inputs.
+struct Prepared {
+    state: TypedSimpleState,
+    inputs: TVec<TValue>,
+}
+
+type TypedSimpleState = tract_onnx::tract_core::plan::SimpleState<TypedFact, Box<dyn TypedOp>>;
+
+impl Prepared {
+    fn new(bytes: &[u8], workload: &Workload, vocab: usize) -> TractResult<Prepared> {
+        let (plan, specs) = runnable_from_bytes(bytes, workload)?;
+        let n = workload.batch * workload.seq_len;
+        let ids: Vec<i64> = (0..n).map(|i| ((i * 7919 + 13) % vocab.max(2)) as i64).collect();
+        let mask = vec![1i64; n];
+        let inputs = inputs::build_inputs(&specs, workload, &ids, &mask)?;
+        Ok(Prepared { state: plan.spawn()?, inputs })
+    }
+
+    fn time(&mut self, executor: &Executor) -> TractResult<Duration> {
+        let inputs = self.inputs.clone();
+        let state = &mut self.state;
+        let start = Instant::now();
+        multithread_tract_scope(executor.clone(), || state.run(inputs))?;
+        Ok(start.elapsed())
+    }
+}
+
+/// Times shapes of one model on this CPU.
+pub struct TractProfiler<'m> {
+    model: &'m TractModel,
+    threads: usize,
+    executor: Executor,
+    /// Baselines shared by all shapes of a kind (every attention / every FFN removed).
+    baselines: HashMap<(bool, Workload), Prepared>,
+}
+
+impl<'m> TractProfiler<'m> {
+    /// A profiler running tract on `threads` threads (1 = single-threaded kernels).
+    pub fn new(model: &'m TractModel, threads: usize) -> TractProfiler<'m> {
+        let threads = threads.max(1);
+        let executor = if threads == 1 { Executor::SingleThread } else { Executor::multithread(threads) };
+        TractProfiler { model, threads, executor, baselines: HashMap::new() }
+    }
+
+    fn vocab(&self) -> usize {
+        self.model.vocab().unwrap_or(2)
+    }
+
+    fn variant(&self, shape: Option<&BlockShape>, remove_attention: bool, remove_ffn: bool) -> AdapterResult<Vec<u8>> {
+        let mut plan = Plan::dense(self.model.structure());
+        for bp in plan.blocks.iter_mut() {
+            match bp.kind {
+                BlockKind::Attention(a) => {
+                    if remove_attention {
+                        bp.kept.clear();
+                        bp.kept_kv_heads.clear();
+                    } else if let Some(BlockShape::Attention { heads, kv_heads, head_dim, .. }) = shape {
+                        if a.head_dim == *head_dim && *heads <= a.n_heads && *kv_heads <= a.n_kv_heads {
+                            // Same shape as a real plan: whole KV groups or equal heads per group.
+                            let per = heads / kv_heads.max(&1);
+                            bp.kept = (0..*kv_heads)
+                                .flat_map(|g| (0..per).map(move |r| g * a.heads_per_kv() + r))
+                                .collect();
+                            bp.kept_kv_heads = (0..*kv_heads).collect();
+                        }
+                    }
+                }
+                BlockKind::Ffn(f) => {
+                    if remove_ffn {
+                        bp.kept.clear();
+                    } else if let Some(BlockShape::Ffn { width, .. }) = shape {
+                        bp.kept = (0..(*width).min(f.width)).collect();
+                    }
+                }
+            }
+        }
+        onnx::emit(self.model, &plan, &PrunedWeights::default())
+    }
+
+    fn prepare_bytes(&self, bytes: &[u8], workload: &Workload) -> AdapterResult<Prepared> {
+        Prepared::new(bytes, workload, self.vocab()).map_err(|e| AdapterError::runtime("preparing a model to time", e))
+    }
+}
+
+/// Alternates a variant and its baseline; returns `(variant - baseline) / blocks`.
+struct DiffRun<'p> {
+    variant: Prepared,
+    baseline: &'p mut Prepared,
+    blocks: u32,
+    executor: Executor,
+}
+
+impl TimedRun for DiffRun<'_> {
+    fn run(&mut self) -> AdapterResult<Duration> {
+        let v = self.variant.time(&self.executor).map_err(|e| AdapterError::runtime("timing", e))?;
+        let b = self.baseline.time(&self.executor).map_err(|e| AdapterError::runtime("timing", e))?;
+        Ok(v.saturating_sub(b) / self.blocks.max(1))
+    }
+}
+
+/// Runs one model.
+struct WholeRun {
+    model: Prepared,
+    executor: Executor,
+}
+
+impl TimedRun for WholeRun {
+    fn run(&mut self) -> AdapterResult<Duration> {
+        self.model.time(&self.executor).map_err(|e| AdapterError::runtime("timing", e))
+    }
+}
+
+impl LatencyProfiler for TractProfiler<'_> {
+    fn target(&self) -> TargetFingerprint {
+        TargetFingerprint {
+            runtime: "tract".into(),
+            runtime_version: super::TRACT_VERSION.into(),
+            device: crate::target::cpu_description(),
+            threads: self.threads,
+            dtype: "f32".into(),
+        }
+    }
+
+    fn model_key(&self) -> String {
+        let s = self.model.structure();
+        let attn = s.blocks.iter().filter(|b| b.kind.is_attention()).count();
+        format!(
+            "{} blocks={} attention={} hidden={} vocab={} first={:?}",
+            s.architecture,
+            s.blocks.len(),
+            attn,
+            s.blocks.first().map(|b| b.hidden).unwrap_or(0),
+            self.model.vocab().unwrap_or(0),
+            s.blocks.first().map(|b| b.kind),
+        )
+    }
+
+    fn prepare<'a>(&'a mut self, what: &Measured, workload: &Workload) -> AdapterResult<Box<dyn TimedRun + 'a>> {
+        let executor = self.executor.clone();
+        match what {
+            Measured::Rest => {
+                let bytes = self.variant(None, true, true)?;
+                Ok(Box::new(WholeRun { model: self.prepare_bytes(&bytes, workload)?, executor }))
+            }
+            Measured::Model(path) => {
+                let bytes = std::fs::read(path).map_err(|e| AdapterError::io(path, e))?;
+                Ok(Box::new(WholeRun { model: self.prepare_bytes(&bytes, workload)?, executor }))
+            }
+            Measured::Block(shape) => {
+                let attention = matches!(shape, BlockShape::Attention { .. });
+                let blocks =
+                    self.model.structure().blocks.iter().filter(|b| b.kind.is_attention() == attention).count() as u32;
+                let variant_bytes = self.variant(Some(shape), false, false)?;
+                let variant = self.prepare_bytes(&variant_bytes, workload)?;
+                if !self.baselines.contains_key(&(attention, *workload)) {
+                    let bytes = self.variant(None, attention, !attention)?;
+                    let p = self.prepare_bytes(&bytes, workload)?;
+                    self.baselines.insert((attention, *workload), p);
+                }
+                let baseline = self.baselines.get_mut(&(attention, *workload)).expect("inserted");
+                Ok(Box::new(DiffRun { variant, baseline, blocks, executor }))
+            }
+        }
+    }
+}
+
+/// Times two model files end to end at a workload, alternating runs; returns the
+/// timings of each (median, min, max over `runs` after `warmup`).
+pub fn time_pair(
+    model: &TractModel,
+    a: &Path,
+    b: &Path,
+    workload: &Workload,
+    threads: usize,
+    settings: &crate::profile::ProfileSettings,
+) -> AdapterResult<(ziplm_plugin_api::Timing, ziplm_plugin_api::Timing)> {
+    let profiler = TractProfiler::new(model, threads);
+    let read = |p: &Path| std::fs::read(p).map_err(|e| AdapterError::io(p, e));
+    let mut pa = profiler.prepare_bytes(&read(a)?, workload)?;
+    let mut pb = profiler.prepare_bytes(&read(b)?, workload)?;
+    let err = |e| AdapterError::runtime("timing", e);
+    for _ in 0..settings.warmup {
+        pa.time(&profiler.executor).map_err(err)?;
+        pb.time(&profiler.executor).map_err(err)?;
+    }
+    let (mut ta, mut tb) = (vec![], vec![]);
+    for _ in 0..settings.runs.max(1) {
+        ta.push(pa.time(&profiler.executor).map_err(err)?.as_secs_f64() * 1e3);
+        tb.push(pb.time(&profiler.executor).map_err(err)?.as_secs_f64() * 1e3);
+    }
+    Ok((crate::profile::timing_of(&mut ta), crate::profile::timing_of(&mut tb)))
+}

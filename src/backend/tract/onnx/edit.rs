@@ -521,3 +521,23 @@ fn chain_biases(graph: &pb::GraphProto, index: &GraphIndex, out: &OnnxProj) -> V
     }
     found
 }
+
+/// Per block: whether removing it keeps the out-projection bias (post-LN: the residual
+/// sum feeds only a LayerNorm), as [`emit`] decides.
+pub fn keeps_bias_when_removed(model: &TractModel) -> AdapterResult<Vec<bool>> {
+    let graph = model.file().graph();
+    let index = GraphIndex::new(graph);
+    let mut mats = Matrices::default();
+    let mut out = vec![];
+    for rec in model.blocks() {
+        let located = locate::locate(graph, &index, &mut mats, rec).map_err(|e| super::emit_error("locating blocks", e))?;
+        let o = match &located {
+            OnnxBlock::Attention { o, .. } => o,
+            OnnxBlock::Ffn { down, .. } => down,
+        };
+        let mut probe = Edits::default();
+        bypass(graph, &index, o, &mut probe).map_err(|e| super::emit_error("finding residual sums", e))?;
+        out.push(probe.bypass[0].2.is_some());
+    }
+    Ok(out)
+}

@@ -25,7 +25,7 @@ use tract_onnx::prelude::*;
 use tract_onnx::tract_core::internal::{bail, DimLike, TractErrorContext};
 use ziplm_plugin_api::{AdapterError, AdapterResult, Plan, PrunedWeights};
 
-pub use edit::{emit, emit_masked};
+pub use edit::{emit, emit_masked, keeps_bias_when_removed};
 
 /// A parsed ONNX file.
 #[derive(Clone)]

@@ -437,6 +437,10 @@ pub fn reshape_roles(is: &[usize], ir: &[Role], os: &[usize]) -> TractResult<Vec
             ([Role::KvHeads, Role::NRep], 1) => set(&mut out, &[Role::Heads]),
             ([Role::KvHeads, Role::NRep, Role::None], 1) => set(&mut out, &[Role::QPacked]),
             ([Role::KvHeads, Role::NRep, Role::None], 2) => set(&mut out, &[Role::Heads, Role::None]),
+            // GQA folded into a product: heads split into (KV heads, repeats).
+            ([Role::Heads], 2) => set(&mut out, &[Role::KvHeads, Role::NRep]),
+            ([Role::QPacked], 3) => set(&mut out, &[Role::KvHeads, Role::NRep, Role::None]),
+            ([Role::Heads, Role::None], 3) => set(&mut out, &[Role::KvHeads, Role::NRep, Role::None]),
             (r, _) => bail!("reshape {is:?} -> {os:?} regroups axes of roles {r:?} in a way ziplm cannot follow"),
         }
     }

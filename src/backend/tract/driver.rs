@@ -1,0 +1,206 @@
+//! Running a [`PruneJob`] with tract: load -> calibrate -> database -> profile ->
+//! search -> emit -> verify, and the report.
+
+use super::model::{TractModel, TractOptions};
+use super::profile::{time_pair, TractProfiler};
+use crate::data::{self, tokenizer::Tokenizer, DataFormat, SampleMode};
+use crate::database::Database;
+use crate::error::{Error, Result};
+use crate::job::{Device, PruneJob};
+use crate::pipeline::{self, BudgetOutcome, EmitAndMeasure};
+use crate::profile;
+use crate::progress::Progress;
+use crate::report::{self, PruneReport, StageTimes};
+use std::path::PathBuf;
+use std::time::Instant;
+use ziplm_plugin_api::{EmitSummary, LatencyTable, ModelAdapter, Plan, PrunedWeights, Timing};
+
+/// Everything a tract run produced.
+pub struct TractRun {
+    /// The report (also written to the output folder).
+    pub report: PruneReport,
+    /// The database (reusable for more budgets).
+    pub database: Database,
+    /// The latency table used.
+    pub table: LatencyTable,
+    /// Per-budget outcomes.
+    pub outcomes: Vec<BudgetOutcome>,
+    /// The loaded model.
+    pub model: TractModel,
+}
+
+/// Calibration samples for a job: tokenised data, or random ids when none is given.
+pub fn calibration_samples(job: &PruneJob, model: &TractModel) -> Result<Vec<Vec<i64>>> {
+    let Some(cal) = &job.calibration else {
+        let vocab = model.vocab().ok_or_else(|| {
+            Error::Invalid("no calibration data given and the vocabulary size is unknown; pass --calibration".into())
+        })?;
+        return Ok(data::random_samples(vocab, job.random_samples, job.workload.seq_len, job.seed));
+    };
+    let tok_path = job.tokenizer.clone().or_else(|| Tokenizer::next_to(&job.model)).ok_or_else(|| {
+        Error::Invalid(format!(
+            "calibration text needs the model's tokenizer: no tokenizer.json next to {}; pass --tokenizer",
+            job.model.display()
+        ))
+    })?;
+    let tok = Tokenizer::from_file(&tok_path)?;
+    let format = cal.format.unwrap_or_else(|| DataFormat::from_path(&cal.path));
+    let texts = data::read_texts(&cal.path, format)?;
+    let mode = if model.structure().architecture == "bert" { SampleMode::PerText } else { SampleMode::Windows };
+    data::make_samples(&tok, &texts, mode, cal.samples, cal.seq_len.min(job.workload.seq_len.max(cal.seq_len)))
+}
+
+fn threads(job: &PruneJob) -> Result<usize> {
+    match job.device {
+        Device::Cpu { threads } if threads >= 1 => Ok(threads),
+        Device::Cpu { .. } => Err(Error::Invalid("threads must be at least 1".into())),
+        Device::Cuda { .. } => Err(Error::Invalid(
+            "the tract backend runs on the CPU; use target.threads (CUDA targets are for the mistralrs backend)".into(),
+        )),
+    }
+}
+
+
+struct Backend<'a> {
+    model: &'a TractModel,
+    job: &'a PruneJob,
+    threads: usize,
+    dest: PathBuf,
+    emit_s: f64,
+    verify_s: f64,
+}
+
+impl EmitAndMeasure for Backend<'_> {
+    fn emit(&mut self, plan: &Plan, weights: &PrunedWeights) -> Result<EmitSummary> {
+        let t = Instant::now();
+        let s = self.model.emit(plan, weights, &self.dest)?;
+        self.emit_s += t.elapsed().as_secs_f64();
+        Ok(s)
+    }
+    fn measure(&mut self, emitted: &EmitSummary) -> Result<(Timing, Timing)> {
+        let t = Instant::now();
+        let r = time_pair(self.model, &self.job.model, &emitted.path, &self.job.workload, self.threads, &self.job.verify_settings)?;
+        self.verify_s += t.elapsed().as_secs_f64();
+        Ok(r)
+    }
+}
+
+/// Runs a job end to end and writes the models and the report (`report.json`,
+/// `report.txt`, `report.svg`) into the job's output folder.
+pub fn run(job: &PruneJob, progress: &dyn Progress) -> Result<TractRun> {
+    if job.budgets.is_empty() {
+        return Err(Error::Invalid("no budget given: ask for a latency (ms) or a speedup".into()));
+    }
+    for b in &job.budgets {
+        b.validate()?;
+    }
+    let threads = threads(job)?;
+    let mut stages = StageTimes::default();
+    let t = Instant::now();
+    let mut model = TractModel::load(&job.model, TractOptions { workload: job.workload, gqa_policy: job.gqa_policy })?;
+    stages.load_s = t.elapsed().as_secs_f64();
+    let samples = calibration_samples(job, &model)?;
+    model.set_calibration(samples)?;
+    let database = Database::build(&mut model, &job.database, progress)?;
+    stages.calibrate_s = database.timings.calibrate_s;
+    stages.database_s = database.timings.database_s;
+
+    let t = Instant::now();
+    let mut notes = vec![];
+    let mut verify = job.verify;
+    let table = {
+        let mut profiler = TractProfiler::new(&model, threads);
+        let key = profile::table_key(&profiler, &job.workload);
+        let shapes = database.shapes();
+        match job.latency_table.as_deref().filter(|p| p.exists()) {
+            Some(path) => {
+                let committed = profile::load_table(path)?;
+                if committed.key.workload != key.workload || committed.key.model != key.model {
+                    return Err(Error::Format {
+                        path: path.into(),
+                        detail: format!(
+                            "the latency table is for {} / {}, this job is {} / {}; profile again with `ziplm profile`",
+                            committed.key.workload, committed.key.model, key.workload, key.model
+                        ),
+                    });
+                }
+                if committed.key.target == key.target {
+                    let t = profile::build_table(&mut profiler, &job.workload, &shapes, &job.profile, Some(&committed), progress)?;
+                    if t != committed {
+                        profile::save_table(&t, path)?;
+                    }
+                    t
+                } else {
+                    // A table measured on the deployment machine: it defines the target.
+                    if let Some(missing) = shapes.iter().find(|s| committed.get(s).is_none()) {
+                        return Err(Error::Format {
+                            path: path.into(),
+                            detail: format!(
+                                "the latency table (measured on {}) has no timing for {missing:?}; run `ziplm profile` on that machine with the same --ffn-multiple",
+                                committed.key.target
+                            ),
+                        });
+                    }
+                    if verify {
+                        verify = false;
+                        notes.push(format!(
+                            "not verified: latencies come from {} (measured on {}); this machine is {}",
+                            path.display(),
+                            committed.key.target,
+                            key.target
+                        ));
+                    }
+                    committed
+                }
+            }
+            None => {
+                let t = profile::build_table(&mut profiler, &job.workload, &shapes, &job.profile, None, progress)?;
+                if let Some(p) = &job.latency_table {
+                    profile::save_table(&t, p)?;
+                }
+                t
+            }
+        }
+    };
+    stages.profile_s = t.elapsed().as_secs_f64();
+
+    std::fs::create_dir_all(&job.out_dir).map_err(|e| Error::io(&job.out_dir, e))?;
+    let mut outcomes = vec![];
+    let mut budgets = vec![];
+    let t_search = Instant::now();
+    let (mut emit_s, mut verify_s) = (0.0, 0.0);
+    for budget in &job.budgets {
+        let dest = job.out_dir.join(format!("{}.onnx", job.output_stem(budget)));
+        let mut backend = Backend { model: &model, job, threads, dest, emit_s: 0.0, verify_s: 0.0 };
+        let outcome = pipeline::prune_to_budget(&database, &table, *budget, &job.search, verify, &mut backend)?;
+        emit_s += backend.emit_s;
+        verify_s += backend.verify_s;
+        let plan_path = job.out_dir.join(format!("{}.plan.json", job.output_stem(budget)));
+        crate::fsutil::write_json_atomic(&plan_path, &outcome.plan)?;
+        // The bundle for the load-time tract transform (same model as the ONNX).
+        let weights = database.pruned_weights(&outcome.search.selection)?;
+        let bundle_path = job.out_dir.join(format!("{}.plan-bundle.json", job.output_stem(budget)));
+        super::hook::write_bundle(&bundle_path, &outcome.plan, &weights, super::onnx::keeps_bias_when_removed(&model)?)?;
+        budgets.push(report::budget_report(&database, &table, &outcome)?);
+        outcomes.push(outcome);
+    }
+    stages.emit_s = emit_s;
+    stages.verify_s = verify_s;
+    stages.search_s = (t_search.elapsed().as_secs_f64() - emit_s - verify_s).max(0.0);
+    let report = PruneReport {
+        ziplm_version: env!("CARGO_PKG_VERSION").into(),
+        model: job.model.display().to_string(),
+        architecture: model.structure().architecture.clone(),
+        target: table.key.target.clone(),
+        workload: job.workload,
+        calibration_tokens: database.calibration_tokens,
+        profiled_shapes: table.entries.len(),
+        rest_ms: table.rest.median_ms,
+        stages,
+        dense_quality: vec![],
+        budgets,
+        notes,
+    };
+    report.write(&job.out_dir, "report")?;
+    Ok(TractRun { report, database, table, outcomes, model })
+}

@@ -1,0 +1,185 @@
+//! Command-line arguments (clap).
+
+use clap::{Args, Parser, Subcommand, ValueEnum};
+use std::path::PathBuf;
+
+/// Make a transformer fit a latency budget: measure, prune (ZipLM structured OBS),
+/// search per-layer shapes, emit a model the runtime loads as it is.
+#[derive(Parser, Debug)]
+#[command(name = "ziplm", version, about, long_about = None)]
+pub struct Cli {
+    /// The command.
+    #[command(subcommand)]
+    pub command: Command,
+}
+
+/// Commands.
+#[derive(Subcommand, Debug)]
+pub enum Command {
+    /// Prune a model to one or more latency budgets (one model per budget).
+    Prune(PruneArgs),
+    /// Measure block latencies on this machine and write a latency table (JSON).
+    Profile(ProfileArgs),
+    /// Print a stable summary of a model's prunable structure.
+    Inspect(InspectArgs),
+    /// Evaluate a model's quality (STS Benchmark Spearman for encoders).
+    Eval(EvalArgs),
+}
+
+/// Where and how the model runs.
+#[derive(Args, Debug, Clone)]
+pub struct WorkloadArgs {
+    /// Sequences per call.
+    #[arg(long, default_value_t = 1)]
+    pub batch: usize,
+    /// Tokens per sequence (prefill), or new tokens per step (decode).
+    #[arg(long, default_value_t = 128)]
+    pub seq_len: usize,
+    /// Time decode steps with a KV cache of this many tokens instead of prefill.
+    #[arg(long)]
+    pub decode_kv_len: Option<usize>,
+    /// CPU threads of the target (1 and N threads are different targets).
+    #[arg(long, default_value_t = 1)]
+    pub threads: usize,
+}
+
+/// GQA policy on the command line.
+#[derive(ValueEnum, Clone, Copy, Debug)]
+pub enum GqaArg {
+    /// Remove whole KV groups (query heads and their K/V).
+    WholeKvGroups,
+    /// Remove query heads, the same number in every KV group.
+    EqualPerKvGroup,
+}
+
+/// Calibration data format.
+#[derive(ValueEnum, Clone, Copy, Debug)]
+pub enum FormatArg {
+    /// Plain text.
+    Text,
+    /// JSON lines with a "text" field.
+    Jsonl,
+    /// STS Benchmark TSV (both sentences of every pair).
+    StsTsv,
+}
+
+/// `ziplm prune`.
+#[derive(Args, Debug)]
+pub struct PruneArgs {
+    /// The model (ONNX for tract). Omit when --config names it.
+    pub model: Option<PathBuf>,
+    /// Serving config (TOML) or a Cargo.toml with [package.metadata.ziplm].
+    #[arg(long)]
+    pub config: Option<PathBuf>,
+    /// Target speedup over the dense model (repeatable: one model per budget).
+    #[arg(long)]
+    pub speedup: Vec<f64>,
+    /// Target latency in milliseconds at the workload (repeatable).
+    #[arg(long)]
+    pub latency_ms: Vec<f64>,
+    #[command(flatten)]
+    pub workload: WorkloadArgs,
+    /// Calibration data (text, .jsonl, or STS .csv/.tsv). Default: random token ids.
+    #[arg(long)]
+    pub calibration: Option<PathBuf>,
+    /// Format of the calibration file (default: from the extension).
+    #[arg(long, value_enum)]
+    pub format: Option<FormatArg>,
+    /// Calibration samples.
+    #[arg(long, default_value_t = 256)]
+    pub samples: usize,
+    /// Tokens per calibration sample.
+    #[arg(long, default_value_t = 128)]
+    pub calibration_seq_len: usize,
+    /// The model's tokenizer.json (default: next to the model).
+    #[arg(long)]
+    pub tokenizer: Option<PathBuf>,
+    /// Output folder for the models, plans and report.
+    #[arg(long, short, default_value = "ziplm-out")]
+    pub out: PathBuf,
+    /// Latency table to reuse and update.
+    #[arg(long)]
+    pub latency_table: Option<PathBuf>,
+    /// Seed for sampling and refinement.
+    #[arg(long, default_value_t = 0)]
+    pub seed: u64,
+    /// How GQA heads are removed.
+    #[arg(long, value_enum, default_value = "whole-kv-groups")]
+    pub gqa: GqaArg,
+    /// FFN widths kept are multiples of this.
+    #[arg(long, default_value_t = 32)]
+    pub ffn_multiple: usize,
+    /// Skip timing the emitted models end to end.
+    #[arg(long)]
+    pub no_verify: bool,
+    /// Refine the search with the model's loss (SPDY), up to this many evaluations.
+    #[arg(long)]
+    pub refine: Option<usize>,
+    /// Print the report as JSON on stdout.
+    #[arg(long)]
+    pub json: bool,
+    /// No progress bars.
+    #[arg(long, short)]
+    pub quiet: bool,
+}
+
+/// `ziplm profile`.
+#[derive(Args, Debug)]
+pub struct ProfileArgs {
+    /// The model.
+    pub model: PathBuf,
+    #[command(flatten)]
+    pub workload: WorkloadArgs,
+    /// Where to write the table.
+    #[arg(long, short)]
+    pub out: PathBuf,
+    /// FFN widths on this grid.
+    #[arg(long, default_value_t = 32)]
+    pub ffn_multiple: usize,
+    /// How GQA heads are removed.
+    #[arg(long, value_enum, default_value = "whole-kv-groups")]
+    pub gqa: GqaArg,
+    /// Timed runs per shape.
+    #[arg(long, default_value_t = 9)]
+    pub runs: usize,
+    /// Print the table as JSON on stdout too.
+    #[arg(long)]
+    pub json: bool,
+    /// No progress bars.
+    #[arg(long, short)]
+    pub quiet: bool,
+}
+
+/// `ziplm inspect`.
+#[derive(Args, Debug)]
+pub struct InspectArgs {
+    /// The model.
+    pub model: PathBuf,
+    /// Print JSON.
+    #[arg(long)]
+    pub json: bool,
+    #[command(flatten)]
+    pub workload: WorkloadArgs,
+}
+
+/// `ziplm eval`.
+#[derive(Args, Debug)]
+pub struct EvalArgs {
+    /// The model.
+    pub model: PathBuf,
+    /// STS Benchmark file (tab-separated) to evaluate an encoder on.
+    #[arg(long)]
+    pub sts: PathBuf,
+    /// The model's tokenizer.json (default: next to the model).
+    #[arg(long)]
+    pub tokenizer: Option<PathBuf>,
+    /// Sentences per batch.
+    #[arg(long, default_value_t = 16)]
+    pub batch: usize,
+    /// Tokens per sentence (longer ones are truncated).
+    #[arg(long, default_value_t = 128)]
+    pub seq_len: usize,
+    /// Print JSON.
+    #[arg(long)]
+    pub json: bool,
+}

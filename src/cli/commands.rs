@@ -1,0 +1,158 @@
+//! Running each command.
+
+use super::args::{Cli, Command, EvalArgs, FormatArg, GqaArg, InspectArgs, ProfileArgs, PruneArgs, WorkloadArgs};
+use super::inspect;
+use anyhow::{bail, Context};
+use std::process::ExitCode;
+use crate::data::{CalibrationData, DataFormat};
+use crate::job::{BackendKind, Device, PruneJob};
+use crate::progress::{Bars, Progress, Quiet};
+use crate::search::Budget;
+use ziplm_plugin_api::{GqaPolicy, Phase, Workload};
+
+pub fn dispatch(cli: Cli) -> anyhow::Result<ExitCode> {
+    match cli.command {
+        Command::Prune(a) => prune(a),
+        Command::Profile(a) => profile(a),
+        Command::Inspect(a) => inspect(a),
+        Command::Eval(a) => eval(a),
+    }
+}
+
+fn workload(w: &WorkloadArgs) -> Workload {
+    Workload {
+        batch: w.batch,
+        seq_len: w.seq_len,
+        phase: match w.decode_kv_len {
+            Some(kv_len) => Phase::Decode { kv_len },
+            None => Phase::Prefill,
+        },
+    }
+}
+
+fn gqa(g: GqaArg) -> GqaPolicy {
+    match g {
+        GqaArg::WholeKvGroups => GqaPolicy::WholeKvGroups,
+        GqaArg::EqualPerKvGroup => GqaPolicy::EqualPerKvGroup,
+    }
+}
+
+fn progress(quiet: bool) -> Box<dyn Progress> {
+    if quiet { Box::new(Quiet) } else { Box::new(Bars::default()) }
+}
+
+fn job_from_args(a: &PruneArgs) -> anyhow::Result<Vec<PruneJob>> {
+    if let Some(cfg) = &a.config {
+        let jobs = crate::config::load_jobs(cfg)?;
+        return Ok(jobs);
+    }
+    let Some(model) = &a.model else {
+        bail!("give a model file (ziplm prune MODEL) or a serving config (--config ziplm.toml)");
+    };
+    let mut job = PruneJob::new(model);
+    job.workload = workload(&a.workload);
+    job.device = Device::Cpu { threads: a.workload.threads };
+    let mut budgets: Vec<Budget> = a.speedup.iter().map(|&s| Budget::Speedup(s)).collect();
+    budgets.extend(a.latency_ms.iter().map(|&ms| Budget::LatencyMs(ms)));
+    if !budgets.is_empty() {
+        job.budgets = budgets;
+    }
+    job.calibration = a.calibration.as_ref().map(|p| CalibrationData {
+        path: p.clone(),
+        format: a.format.map(|f| match f {
+            FormatArg::Text => DataFormat::Text,
+            FormatArg::Jsonl => DataFormat::Jsonl,
+            FormatArg::StsTsv => DataFormat::StsTsv,
+        }),
+        samples: a.samples,
+        seq_len: a.calibration_seq_len,
+    });
+    job.random_samples = a.samples.min(64);
+    job.tokenizer = a.tokenizer.clone();
+    job.out_dir = a.out.clone();
+    job.latency_table = a.latency_table.clone();
+    job.seed = a.seed;
+    job.gqa_policy = gqa(a.gqa);
+    job.database.ffn_width_multiple = a.ffn_multiple;
+    job.verify = !a.no_verify;
+    if let Some(n) = a.refine {
+        job.search.refine = Some(crate::search::spdy::RefineConfig { max_evaluations: n, seed: a.seed, ..Default::default() });
+    }
+    Ok(vec![job])
+}
+
+fn prune(a: PruneArgs) -> anyhow::Result<ExitCode> {
+    let jobs = job_from_args(&a)?;
+    let progress = progress(a.quiet);
+    let mut missed = false;
+    let mut reports = vec![];
+    for job in &jobs {
+        if job.calibration.is_none() {
+            eprintln!(
+                "ziplm: no calibration data given: calibrating on {} random token sequences (fine for test models; pass --calibration for real ones)",
+                job.random_samples
+            );
+        }
+        let report = match job.backend {
+            BackendKind::Tract => crate::backend::tract::driver::run(job, progress.as_ref())?.report,
+            BackendKind::Mistralrs => crate::backend::run_mistralrs(job, progress.as_ref())?,
+        };
+        missed |= report.budgets.iter().any(|b| b.met == Some(false));
+        if !a.json {
+            print!("{}", report.to_text());
+            println!("\nwritten to {}", job.out_dir.display());
+        }
+        reports.push(report);
+    }
+    if a.json {
+        let v = if reports.len() == 1 { serde_json::to_value(&reports[0])? } else { serde_json::to_value(&reports)? };
+        println!("{}", serde_json::to_string_pretty(&v)?);
+    }
+    Ok(if missed { ExitCode::from(1) } else { ExitCode::SUCCESS })
+}
+
+fn profile(a: ProfileArgs) -> anyhow::Result<ExitCode> {
+    use crate::backend::tract::{profile::TractProfiler, TractModel, TractOptions};
+    let w = workload(&a.workload);
+    let model = TractModel::load(&a.model, TractOptions { workload: w, gqa_policy: gqa(a.gqa) })?;
+    let cfg = crate::database::DatabaseConfig { ffn_width_multiple: a.ffn_multiple, ..Default::default() };
+    let shapes = crate::database::grid_shapes(ziplm_plugin_api::ModelAdapter::structure(&model), &cfg);
+    let mut profiler = TractProfiler::new(&model, a.workload.threads);
+    let settings = crate::profile::ProfileSettings { warmup: 2, runs: a.runs };
+    let reuse = if a.out.exists() { crate::profile::load_table(&a.out).ok() } else { None };
+    let table = crate::profile::build_table(&mut profiler, &w, &shapes, &settings, reuse.as_ref(), progress(a.quiet).as_ref())?;
+    crate::profile::save_table(&table, &a.out)?;
+    if a.json {
+        println!("{}", serde_json::to_string_pretty(&table)?);
+    } else {
+        println!("{} shapes + rest ({:.3} ms) on {} at {}; written to {}", table.entries.len(), table.rest.median_ms, table.key.target, w, a.out.display());
+    }
+    Ok(ExitCode::SUCCESS)
+}
+
+fn inspect(a: InspectArgs) -> anyhow::Result<ExitCode> {
+    let structure = crate::backend::load_structure(&a.model, &workload(&a.workload))?;
+    if a.json {
+        println!("{}", serde_json::to_string_pretty(&inspect::summary(&structure))?);
+    } else {
+        print!("{}", inspect::inspect_text(&structure));
+    }
+    Ok(ExitCode::SUCCESS)
+}
+
+fn eval(a: EvalArgs) -> anyhow::Result<ExitCode> {
+    use crate::backend::tract::encode::SentenceEncoder;
+    use crate::data::{sts, tokenizer::Tokenizer};
+    let tok_path = a.tokenizer.clone().or_else(|| Tokenizer::next_to(&a.model)).context("no tokenizer.json next to the model; pass --tokenizer")?;
+    let tok = Tokenizer::from_file(&tok_path)?;
+    let pairs = sts::read_pairs(&a.sts)?;
+    let bytes = std::fs::read(&a.model).with_context(|| format!("reading {}", a.model.display()))?;
+    let enc = SentenceEncoder::new(&bytes, a.batch, a.seq_len)?;
+    let score = sts::evaluate(&pairs, &mut |s: &[String]| enc.embed(&tok, s))?;
+    if a.json {
+        println!("{}", serde_json::json!({ "model": a.model, "metric": "sts_spearman_x100", "pairs": pairs.len(), "value": score }));
+    } else {
+        println!("STS Spearman x100: {score:.2} ({} pairs)", pairs.len());
+    }
+    Ok(ExitCode::SUCCESS)
+}

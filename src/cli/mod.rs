@@ -1,0 +1,28 @@
+//! The `ziplm` command line: `prune`, `profile`, `inspect`, `eval`.
+//!
+//! Exit codes: 0 success; 1 a budget was missed after verification; 2 an error.
+//! Results go to stdout (`--json` for machines); progress and messages to stderr.
+
+mod args;
+mod commands;
+mod inspect;
+
+pub use args::Cli;
+pub use inspect::inspect_text;
+
+use clap::Parser;
+use std::ffi::OsString;
+use std::process::ExitCode;
+
+/// Parses arguments and runs the command.
+pub fn run(args: impl IntoIterator<Item = OsString>) -> anyhow::Result<ExitCode> {
+    let cli = match Cli::try_parse_from(args) {
+        Ok(c) => c,
+        Err(e) => {
+            let code = if e.use_stderr() { 2 } else { 0 };
+            let _ = e.print();
+            return Ok(ExitCode::from(code));
+        }
+    };
+    commands::dispatch(cli)
+}

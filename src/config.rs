@@ -1,0 +1,370 @@
+//! The serving config: latency budgets declared in TOML (a `ziplm.toml`, or the
+//! `[package.metadata.ziplm]` table of an app's `Cargo.toml`).
+//!
+//! ```toml
+//! [[model]]
+//! source = "models/all-MiniLM-L6-v2/model.onnx"   # relative to this file
+//! backend = "tract"                                # default: from the extension
+//! seed = 0
+//! [model.target]
+//! threads = 1                                      # or: cuda = 0
+//! [model.workload]
+//! batch = 1
+//! seq_len = 128
+//! phase = "prefill"                                # or "decode" with kv_len
+//! [model.budget]
+//! speedup = [1.5, 2.0]                             # one model per budget
+//! latency_ms = [8.0]
+//! [model.calibration]
+//! path = "data/sts-train.csv"
+//! format = "sts_tsv"                               # text | jsonl | sts_tsv
+//! samples = 512
+//! seq_len = 128
+//! [model.output]
+//! dir = "pruned"
+//! [model.profile]
+//! latency_table = "latency/minilm-cpu1.json"       # reused when it matches the target
+//! ```
+//!
+//! Unknown keys and bad values are errors naming the file, the line and the key.
+
+use crate::data::{CalibrationData, DataFormat};
+use crate::error::{Error, Result};
+use crate::job::{BackendKind, Device, PruneJob};
+use crate::search::Budget;
+use serde::{Deserialize, Serialize};
+use std::path::{Path, PathBuf};
+use ziplm_plugin_api::{GqaPolicy, Phase, Workload};
+
+/// A serving config: one or more models.
+#[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct ServingConfig {
+    /// The models to prune.
+    pub model: Vec<ModelConfig>,
+}
+
+/// One model and its budgets.
+#[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct ModelConfig {
+    /// A name for messages and outputs (default: the file stem).
+    #[serde(default)]
+    pub name: Option<String>,
+    /// The model file or folder.
+    pub source: PathBuf,
+    /// `tract` or `mistralrs` (default: from the extension).
+    #[serde(default)]
+    pub backend: Option<BackendKind>,
+    /// The tokenizer (default: `tokenizer.json` next to the model).
+    #[serde(default)]
+    pub tokenizer: Option<PathBuf>,
+    /// Seed.
+    #[serde(default)]
+    pub seed: u64,
+    /// Where it runs.
+    #[serde(default)]
+    pub target: TargetConfig,
+    /// The workload the budget is for.
+    #[serde(default)]
+    pub workload: WorkloadConfig,
+    /// The budgets.
+    pub budget: BudgetConfig,
+    /// Calibration data.
+    #[serde(default)]
+    pub calibration: Option<CalibrationConfig>,
+    /// Outputs.
+    #[serde(default)]
+    pub output: OutputConfig,
+    /// Profiling.
+    #[serde(default)]
+    pub profile: ProfileConfig,
+    /// Pruning options.
+    #[serde(default)]
+    pub pruning: PruningConfig,
+}
+
+/// `[model.target]`.
+#[derive(Clone, Debug, Default, PartialEq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct TargetConfig {
+    /// CPU threads (default 1).
+    #[serde(default)]
+    pub threads: Option<usize>,
+    /// CUDA device index (mistralrs backend).
+    #[serde(default)]
+    pub cuda: Option<usize>,
+}
+
+/// `[model.workload]`.
+#[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct WorkloadConfig {
+    /// Sequences per call.
+    #[serde(default = "one")]
+    pub batch: usize,
+    /// Tokens per sequence (prefill) or new tokens (decode).
+    #[serde(default = "default_seq")]
+    pub seq_len: usize,
+    /// `prefill` or `decode`.
+    #[serde(default = "prefill")]
+    pub phase: String,
+    /// KV cache length (decode).
+    #[serde(default)]
+    pub kv_len: Option<usize>,
+}
+
+fn one() -> usize {
+    1
+}
+fn default_seq() -> usize {
+    128
+}
+fn prefill() -> String {
+    "prefill".into()
+}
+
+impl Default for WorkloadConfig {
+    fn default() -> Self {
+        WorkloadConfig { batch: 1, seq_len: 128, phase: prefill(), kv_len: None }
+    }
+}
+
+/// `[model.budget]`.
+#[derive(Clone, Debug, Default, PartialEq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct BudgetConfig {
+    /// Target speedups.
+    #[serde(default)]
+    pub speedup: Vec<f64>,
+    /// Target latencies (ms).
+    #[serde(default)]
+    pub latency_ms: Vec<f64>,
+}
+
+/// `[model.calibration]`.
+#[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct CalibrationConfig {
+    /// The data file.
+    pub path: PathBuf,
+    /// Its format (default: from the extension).
+    #[serde(default)]
+    pub format: Option<DataFormat>,
+    /// Samples.
+    #[serde(default = "default_samples")]
+    pub samples: usize,
+    /// Tokens per sample.
+    #[serde(default = "default_seq")]
+    pub seq_len: usize,
+}
+
+fn default_samples() -> usize {
+    256
+}
+
+/// `[model.output]`.
+#[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct OutputConfig {
+    /// Output folder.
+    #[serde(default = "default_out")]
+    pub dir: PathBuf,
+    /// Output format (`onnx` for tract; `gguf` or `safetensors` for mistralrs).
+    #[serde(default)]
+    pub format: Option<String>,
+}
+
+fn default_out() -> PathBuf {
+    PathBuf::from("ziplm-out")
+}
+
+impl Default for OutputConfig {
+    fn default() -> Self {
+        OutputConfig { dir: default_out(), format: None }
+    }
+}
+
+/// `[model.profile]`.
+#[derive(Clone, Debug, Default, PartialEq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct ProfileConfig {
+    /// Latency table to reuse (and write when profiling).
+    #[serde(default)]
+    pub latency_table: Option<PathBuf>,
+    /// Timed runs per shape.
+    #[serde(default)]
+    pub runs: Option<usize>,
+    /// Skip end-to-end verification.
+    #[serde(default)]
+    pub no_verify: bool,
+}
+
+/// `[model.pruning]`.
+#[derive(Clone, Debug, Default, PartialEq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct PruningConfig {
+    /// FFN widths kept are multiples of this.
+    #[serde(default)]
+    pub ffn_multiple: Option<usize>,
+    /// `whole_kv_groups` or `equal_per_kv_group`.
+    #[serde(default)]
+    pub gqa: Option<GqaPolicy>,
+    /// SPDY refinement with at most this many loss evaluations.
+    #[serde(default)]
+    pub refine: Option<usize>,
+}
+
+fn bad(path: &Path, detail: impl Into<String>) -> Error {
+    Error::Format { path: path.into(), detail: detail.into() }
+}
+
+impl ModelConfig {
+    /// Resolves paths against `base` and checks every value; names the file and key in
+    /// errors.
+    pub fn to_job(&self, file: &Path, base: &Path) -> Result<PruneJob> {
+        let key = |k: &str| format!("model `{}`: {k}", self.name.as_deref().unwrap_or(&self.source.display().to_string()));
+        let resolve = |p: &Path| if p.is_absolute() { p.to_path_buf() } else { base.join(p) };
+        let mut job = PruneJob::new(resolve(&self.source));
+        if let Some(b) = self.backend {
+            job.backend = b;
+        }
+        job.tokenizer = self.tokenizer.as_deref().map(resolve);
+        job.seed = self.seed;
+        job.device = match (self.target.threads, self.target.cuda) {
+            (Some(_), Some(_)) => return Err(bad(file, key("target: give threads (CPU) or cuda (GPU), not both"))),
+            (_, Some(d)) => Device::Cuda { device: d },
+            (Some(0), None) => return Err(bad(file, key("target.threads must be at least 1"))),
+            (t, None) => Device::Cpu { threads: t.unwrap_or(1) },
+        };
+        let w = &self.workload;
+        if w.batch == 0 || w.seq_len == 0 {
+            return Err(bad(file, key("workload.batch and workload.seq_len must be at least 1")));
+        }
+        job.workload = Workload {
+            batch: w.batch,
+            seq_len: w.seq_len,
+            phase: match (w.phase.as_str(), w.kv_len) {
+                ("prefill", None) => Phase::Prefill,
+                ("prefill", Some(_)) => return Err(bad(file, key("workload.kv_len is only for phase = \"decode\""))),
+                ("decode", Some(kv_len)) => Phase::Decode { kv_len },
+                ("decode", None) => return Err(bad(file, key("workload.phase = \"decode\" needs workload.kv_len"))),
+                (other, _) => return Err(bad(file, key(&format!("workload.phase is `{other}`, expected \"prefill\" or \"decode\"")))),
+            },
+        };
+        let mut budgets = vec![];
+        for &s in &self.budget.speedup {
+            if !(s.is_finite() && s > 0.0) {
+                return Err(bad(file, key(&format!("budget.speedup {s} must be a positive number"))));
+            }
+            budgets.push(Budget::Speedup(s));
+        }
+        for &ms in &self.budget.latency_ms {
+            if !(ms.is_finite() && ms > 0.0) {
+                return Err(bad(file, key(&format!("budget.latency_ms {ms} must be a positive number"))));
+            }
+            budgets.push(Budget::LatencyMs(ms));
+        }
+        if budgets.is_empty() {
+            return Err(bad(file, key("budget: give speedup = [...] or latency_ms = [...]")));
+        }
+        job.budgets = budgets;
+        if let Some(c) = &self.calibration {
+            if c.samples == 0 || c.seq_len == 0 {
+                return Err(bad(file, key("calibration.samples and calibration.seq_len must be at least 1")));
+            }
+            job.calibration = Some(CalibrationData { path: resolve(&c.path), format: c.format, samples: c.samples, seq_len: c.seq_len });
+        }
+        job.out_dir = resolve(&self.output.dir);
+        if let Some(f) = &self.output.format {
+            let ok = match job.backend {
+                BackendKind::Tract => f == "onnx",
+                BackendKind::Mistralrs => ["gguf", "gguf-q8_0", "gguf-q4_k", "safetensors"].contains(&f.as_str()),
+            };
+            if !ok {
+                return Err(bad(file, key(&format!("output.format `{f}` is not one this backend writes"))));
+            }
+        }
+        job.latency_table = self.profile.latency_table.as_deref().map(resolve);
+        if let Some(r) = self.profile.runs {
+            if r == 0 {
+                return Err(bad(file, key("profile.runs must be at least 1")));
+            }
+            job.profile.runs = r;
+        }
+        job.verify = !self.profile.no_verify;
+        if let Some(m) = self.pruning.ffn_multiple {
+            if m == 0 {
+                return Err(bad(file, key("pruning.ffn_multiple must be at least 1")));
+            }
+            job.database.ffn_width_multiple = m;
+        }
+        if let Some(g) = self.pruning.gqa {
+            job.gqa_policy = g;
+        }
+        if let Some(n) = self.pruning.refine {
+            job.search.refine = Some(crate::search::spdy::RefineConfig { max_evaluations: n, seed: self.seed, ..Default::default() });
+        }
+        Ok(job)
+    }
+}
+
+/// Parses a serving config from TOML text (`file` names it in errors).
+pub fn parse(text: &str, file: &Path) -> Result<ServingConfig> {
+    toml::from_str(text).map_err(|e| bad(file, e.to_string().trim_end().to_string()))
+}
+
+#[derive(Deserialize)]
+struct Manifest {
+    package: Option<ManifestPackage>,
+}
+#[derive(Deserialize)]
+struct ManifestPackage {
+    metadata: Option<ManifestMetadata>,
+}
+#[derive(Deserialize)]
+struct ManifestMetadata {
+    ziplm: Option<ServingConfig>,
+}
+
+/// Reads the jobs of a serving config: a `ziplm.toml`, or a `Cargo.toml` whose
+/// `[package.metadata.ziplm]` holds the same tables (found with `cargo_metadata`).
+pub fn load_jobs(path: &Path) -> Result<Vec<PruneJob>> {
+    let text = std::fs::read_to_string(path).map_err(|e| Error::io(path, e))?;
+    let base = path.parent().map(Path::to_path_buf).unwrap_or_default();
+    let config = if path.file_name().is_some_and(|n| n == "Cargo.toml") {
+        cargo_config(path, &text)?
+    } else {
+        parse(&text, path)?
+    };
+    if config.model.is_empty() {
+        return Err(bad(path, "no [[model]] table"));
+    }
+    config.model.iter().map(|m| m.to_job(path, &base)).collect()
+}
+
+fn cargo_config(path: &Path, text: &str) -> Result<ServingConfig> {
+    // cargo_metadata validates the manifest and tells whether the table exists; the
+    // table itself is parsed from the text so errors carry line numbers.
+    let meta = cargo_metadata::MetadataCommand::new()
+        .manifest_path(path)
+        .no_deps()
+        .exec()
+        .map_err(|e| bad(path, format!("cargo metadata failed: {e}")))?;
+    let canonical = std::fs::canonicalize(path).unwrap_or_else(|_| path.to_path_buf());
+    let pkg = meta
+        .packages
+        .iter()
+        .find(|p| std::fs::canonicalize(p.manifest_path.as_std_path()).ok().as_deref() == Some(canonical.as_path()))
+        .ok_or_else(|| bad(path, "not a package manifest"))?;
+    if pkg.metadata.get("ziplm").is_none() {
+        return Err(bad(path, "no [package.metadata.ziplm] table"));
+    }
+    let m: Manifest = toml::from_str(text).map_err(|e| bad(path, e.to_string().trim_end().to_string()))?;
+    m.package.and_then(|p| p.metadata).and_then(|m| m.ziplm).ok_or_else(|| bad(path, "no [package.metadata.ziplm] table"))
+}
+
+/// A relative path made absolute against `base` (helper for the build API).
+pub fn resolve(base: &Path, p: &Path) -> PathBuf {
+    if p.is_absolute() { p.to_path_buf() } else { base.join(p) }
+}

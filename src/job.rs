@@ -1,0 +1,120 @@
+//! A resolved prune job: what the CLI flags, a serving config or `[package.metadata.ziplm]`
+//! all turn into, and what a backend driver runs.
+
+use crate::data::CalibrationData;
+use crate::database::DatabaseConfig;
+use crate::pipeline::SearchSettings;
+use crate::profile::ProfileSettings;
+use crate::search::Budget;
+use serde::{Deserialize, Serialize};
+use std::path::PathBuf;
+use ziplm_plugin_api::{GqaPolicy, Workload};
+
+/// Which runtime serves the model.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "snake_case")]
+pub enum BackendKind {
+    /// tract (ONNX, CPU).
+    Tract,
+    /// mistral.rs (GGUF / safetensors).
+    Mistralrs,
+}
+
+/// Where the model runs.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "snake_case")]
+pub enum Device {
+    /// CPU with this many threads.
+    Cpu {
+        /// Threads (1 and N are different targets).
+        threads: usize,
+    },
+    /// CUDA device of this index.
+    Cuda {
+        /// Device index.
+        device: usize,
+    },
+}
+
+/// Everything a prune run needs, resolved.
+#[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
+pub struct PruneJob {
+    /// Source model file (ONNX, GGUF) or folder (safetensors).
+    pub model: PathBuf,
+    /// Runtime.
+    pub backend: BackendKind,
+    /// Deployment target.
+    pub device: Device,
+    /// The workload budgets are stated for.
+    pub workload: Workload,
+    /// Budgets: one model is emitted per budget, all from one calibration and one
+    /// database.
+    pub budgets: Vec<Budget>,
+    /// Calibration data; `None` = random token ids (only sensible for test models).
+    pub calibration: Option<CalibrationData>,
+    /// Number of random samples when no calibration data is given.
+    pub random_samples: usize,
+    /// The model's `tokenizer.json` (default: next to the model).
+    pub tokenizer: Option<PathBuf>,
+    /// Folder for the emitted models and reports.
+    pub out_dir: PathBuf,
+    /// Latency table to reuse and update (profiled when absent or stale).
+    pub latency_table: Option<PathBuf>,
+    /// Seed for sampling and refinement.
+    pub seed: u64,
+    /// GQA head removal policy.
+    pub gqa_policy: GqaPolicy,
+    /// Database settings.
+    pub database: DatabaseConfig,
+    /// Profiling settings.
+    pub profile: ProfileSettings,
+    /// Search settings.
+    pub search: SearchSettings,
+    /// Time dense and pruned models end to end and correct misses.
+    pub verify: bool,
+    /// Timing settings of the verification.
+    pub verify_settings: ProfileSettings,
+}
+
+impl PruneJob {
+    /// A job with defaults that work out of the box: CPU, one thread, prefill 1x128,
+    /// a 1.5x speedup, random calibration ids unless data is given.
+    pub fn new(model: impl Into<PathBuf>) -> PruneJob {
+        let model = model.into();
+        let backend = match model.extension().and_then(|e| e.to_str()) {
+            Some("gguf") => BackendKind::Mistralrs,
+            Some("onnx") => BackendKind::Tract,
+            _ if model.is_dir() => BackendKind::Mistralrs,
+            _ => BackendKind::Tract,
+        };
+        PruneJob {
+            out_dir: PathBuf::from("ziplm-out"),
+            model,
+            backend,
+            device: Device::Cpu { threads: 1 },
+            workload: Workload::prefill(1, 128),
+            budgets: vec![Budget::Speedup(1.5)],
+            calibration: None,
+            random_samples: 64,
+            tokenizer: None,
+            latency_table: None,
+            seed: 0,
+            gqa_policy: GqaPolicy::WholeKvGroups,
+            database: DatabaseConfig::default(),
+            profile: ProfileSettings { warmup: 2, runs: 9 },
+            search: SearchSettings::default(),
+            verify: true,
+            verify_settings: ProfileSettings { warmup: 3, runs: 15 },
+        }
+    }
+
+    /// File stem of the model emitted for a budget, e.g. `model.speedup-1.5` or
+    /// `model.latency-8ms`.
+    pub fn output_stem(&self, budget: &Budget) -> String {
+        let stem = self.model.file_stem().and_then(|s| s.to_str()).unwrap_or("model");
+        match budget {
+            Budget::Speedup(s) => format!("{stem}.speedup-{s}"),
+            Budget::LatencyMs(ms) => format!("{stem}.latency-{ms}ms"),
+        }
+    }
+}

@@ -1,0 +1,309 @@
+//! What a prune run reports: JSON (stable, `--json`), readable text, and an SVG chart.
+
+use crate::database::Database;
+use crate::error::{Error, Result};
+use crate::pipeline::{Attempt, BudgetOutcome};
+use crate::search::Budget;
+use serde::{Deserialize, Serialize};
+use std::fmt::Write;
+use std::path::Path;
+use ziplm_plugin_api::{BlockKind, LatencyTable, TargetFingerprint, Workload};
+
+/// Wall time of each stage, in seconds.
+#[derive(Clone, Debug, Default, PartialEq, Serialize, Deserialize)]
+pub struct StageTimes {
+    /// Loading and recognising the model.
+    pub load_s: f64,
+    /// Calibration forward passes and Gram accumulation.
+    pub calibrate_s: f64,
+    /// Greedy OBS database.
+    pub database_s: f64,
+    /// Latency profiling (0 when a table was reused).
+    pub profile_s: f64,
+    /// Search (all budgets).
+    pub search_s: f64,
+    /// Writing the models.
+    pub emit_s: f64,
+    /// End-to-end timing of dense and pruned models.
+    pub verify_s: f64,
+}
+
+/// The shape one layer got.
+#[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
+pub struct LayerShape {
+    /// Layer index.
+    pub layer: u32,
+    /// Query heads kept / original.
+    pub heads: (usize, usize),
+    /// KV heads kept / original.
+    pub kv_heads: (usize, usize),
+    /// FFN neurons kept / original.
+    pub ffn: (usize, usize),
+}
+
+/// A quality figure (STS Spearman x100, perplexity...).
+#[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
+pub struct Quality {
+    /// Metric name.
+    pub metric: String,
+    /// Its value.
+    pub value: f64,
+}
+
+/// The result for one budget.
+#[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
+pub struct BudgetReport {
+    /// The budget.
+    pub budget: Budget,
+    /// Budget in predicted milliseconds.
+    pub budget_ms: f64,
+    /// The emitted file.
+    pub output: String,
+    /// Its size in bytes.
+    pub bytes: u64,
+    /// Predicted dense latency.
+    pub predicted_dense_ms: f64,
+    /// Predicted pruned latency.
+    pub predicted_ms: f64,
+    /// Measured dense latency (median), same run as `measured_ms`.
+    pub measured_dense_ms: Option<f64>,
+    /// Measured pruned latency (median).
+    pub measured_ms: Option<f64>,
+    /// Measured speedup.
+    pub measured_speedup: Option<f64>,
+    /// Whether the measurement met the budget.
+    pub met: Option<bool>,
+    /// Sum of normalised layer errors.
+    pub error_sum: f64,
+    /// Prunable parameters before / after.
+    pub params: (u64, u64),
+    /// Per-layer shapes.
+    pub layers: Vec<LayerShape>,
+    /// Every search-emit-verify round.
+    pub attempts: Vec<Attempt>,
+    /// Quality of the pruned model, when evaluated.
+    pub quality: Vec<Quality>,
+}
+
+/// A whole run.
+#[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
+pub struct PruneReport {
+    /// ziplm version.
+    pub ziplm_version: String,
+    /// The source model.
+    pub model: String,
+    /// Architecture.
+    pub architecture: String,
+    /// Where latencies were measured.
+    pub target: TargetFingerprint,
+    /// The workload.
+    pub workload: Workload,
+    /// Calibration tokens per block.
+    pub calibration_tokens: u64,
+    /// Profiled shapes and the non-prunable rest.
+    pub profiled_shapes: usize,
+    /// Non-prunable time (ms).
+    pub rest_ms: f64,
+    /// Stage wall times.
+    pub stages: StageTimes,
+    /// Quality of the dense model, when evaluated.
+    pub dense_quality: Vec<Quality>,
+    /// One entry per budget.
+    pub budgets: Vec<BudgetReport>,
+    /// Anything the reader should know (unverified results, fallbacks).
+    #[serde(default)]
+    pub notes: Vec<String>,
+}
+
+/// Per-layer shapes of a plan.
+pub fn layer_shapes(db: &Database, outcome: &BudgetOutcome) -> Vec<LayerShape> {
+    let mut layers: std::collections::BTreeMap<u32, LayerShape> = Default::default();
+    for (b, bp) in db.structure.blocks.iter().zip(&outcome.plan.blocks) {
+        let e = layers.entry(b.layer.0).or_insert(LayerShape { layer: b.layer.0, heads: (0, 0), kv_heads: (0, 0), ffn: (0, 0) });
+        match b.kind {
+            BlockKind::Attention(a) => {
+                e.heads = (bp.kept.len(), a.n_heads);
+                e.kv_heads = (bp.kept_kv_heads.len(), a.n_kv_heads);
+            }
+            BlockKind::Ffn(f) => e.ffn = (bp.kept.len(), f.width),
+        }
+    }
+    layers.into_values().collect()
+}
+
+/// Builds the report entry of one budget.
+pub fn budget_report(db: &Database, table: &LatencyTable, outcome: &BudgetOutcome) -> Result<BudgetReport> {
+    let problem = db.search_problem(table)?;
+    let last = outcome.attempts.last();
+    Ok(BudgetReport {
+        budget: outcome.budget,
+        budget_ms: problem.budget_ms(outcome.budget),
+        output: outcome.emitted.path.display().to_string(),
+        bytes: outcome.emitted.bytes,
+        predicted_dense_ms: outcome.search.dense_ms,
+        predicted_ms: outcome.search.predicted_ms,
+        measured_dense_ms: last.and_then(|a| a.measured_dense.map(|t| t.median_ms)),
+        measured_ms: last.and_then(|a| a.measured.map(|t| t.median_ms)),
+        measured_speedup: outcome.measured_speedup(),
+        met: outcome.met(),
+        error_sum: outcome.search.error_sum,
+        params: (outcome.emitted.params_before, outcome.emitted.params_after),
+        layers: layer_shapes(db, outcome),
+        attempts: outcome.attempts.clone(),
+        quality: vec![],
+    })
+}
+
+fn budget_label(b: &Budget) -> String {
+    match b {
+        Budget::LatencyMs(ms) => format!("{ms} ms"),
+        Budget::Speedup(s) => format!("{s}x"),
+    }
+}
+
+impl PruneReport {
+    /// Readable multi-line summary.
+    pub fn to_text(&self) -> String {
+        let mut s = String::new();
+        let _ = writeln!(s, "ziplm {} — {} ({})", self.ziplm_version, self.model, self.architecture);
+        let _ = writeln!(s, "target: {}", self.target);
+        let _ = writeln!(s, "workload: {}", self.workload);
+        let _ = writeln!(s, "calibration: {} tokens per block; {} shapes profiled; rest {:.3} ms", self.calibration_tokens, self.profiled_shapes, self.rest_ms);
+        let st = &self.stages;
+        let _ = writeln!(
+            s,
+            "stages: load {:.2}s, calibrate {:.2}s, database {:.2}s, profile {:.2}s, search {:.2}s, emit {:.2}s, verify {:.2}s",
+            st.load_s, st.calibrate_s, st.database_s, st.profile_s, st.search_s, st.emit_s, st.verify_s
+        );
+        for n in &self.notes {
+            let _ = writeln!(s, "note: {n}");
+        }
+        for q in &self.dense_quality {
+            let _ = writeln!(s, "dense {}: {:.3}", q.metric, q.value);
+        }
+        for b in &self.budgets {
+            let _ = writeln!(s);
+            let _ = writeln!(s, "budget {} -> {}", budget_label(&b.budget), b.output);
+            let _ = writeln!(
+                s,
+                "  predicted: {:.3} ms (dense {:.3} ms, {:.2}x)",
+                b.predicted_ms,
+                b.predicted_dense_ms,
+                b.predicted_dense_ms / b.predicted_ms.max(f64::MIN_POSITIVE)
+            );
+            match (b.measured_ms, b.measured_dense_ms, b.measured_speedup, b.met) {
+                (Some(m), Some(d), Some(sp), Some(met)) => {
+                    let _ = writeln!(
+                        s,
+                        "  measured:  {m:.3} ms (dense {d:.3} ms, {sp:.2}x) — {}{}",
+                        if met { "budget met" } else { "BUDGET MISSED" },
+                        if b.attempts.len() > 1 { format!(" after {} searches", b.attempts.len()) } else { String::new() }
+                    );
+                }
+                _ => {
+                    let _ = writeln!(s, "  measured:  not verified");
+                }
+            }
+            let _ = writeln!(s, "  error sum {:.4}; prunable params {} -> {}", b.error_sum, b.params.0, b.params.1);
+            for q in &b.quality {
+                let _ = writeln!(s, "  {}: {:.3}", q.metric, q.value);
+            }
+            let _ = writeln!(s, "  layer  heads     kv       ffn");
+            for l in &b.layers {
+                let _ = writeln!(
+                    s,
+                    "  {:>5}  {:>3}/{:<3}  {:>3}/{:<3}  {:>5}/{:<5}",
+                    l.layer, l.heads.0, l.heads.1, l.kv_heads.0, l.kv_heads.1, l.ffn.0, l.ffn.1
+                );
+            }
+        }
+        s
+    }
+
+    /// Writes the JSON, text and SVG forms as `stem.json`, `stem.txt`, `stem.svg` in
+    /// `dir` (atomically).
+    pub fn write(&self, dir: &Path, stem: &str) -> Result<()> {
+        crate::fsutil::write_json_atomic(&dir.join(format!("{stem}.json")), self)?;
+        crate::fsutil::write_atomic(&dir.join(format!("{stem}.txt")), self.to_text().as_bytes())?;
+        crate::fsutil::write_atomic(&dir.join(format!("{stem}.svg")), self.to_svg()?.as_bytes())
+    }
+
+    /// An SVG chart: kept heads and FFN width per layer for each budget (left), and
+    /// predicted against measured latency per budget (right).
+    pub fn to_svg(&self) -> Result<String> {
+        use plotters::prelude::*;
+        let mut svg = String::new();
+        {
+            let root = SVGBackend::with_string(&mut svg, (1000, 420)).into_drawing_area();
+            let err = |e: &dyn std::fmt::Display| Error::Invalid(format!("drawing the report chart: {e}"));
+            root.fill(&WHITE).map_err(|e| err(&e))?;
+            let (left, right) = root.split_horizontally(560);
+            let n_layers = self.budgets.first().map(|b| b.layers.len()).unwrap_or(0).max(1);
+            let mut chart = ChartBuilder::on(&left)
+                .caption("kept fraction per layer (solid: heads, dashed: FFN)", ("sans-serif", 16))
+                .margin(10)
+                .x_label_area_size(30)
+                .y_label_area_size(40)
+                .build_cartesian_2d(0f64..(n_layers as f64 - 0.5).max(0.5), 0f64..1.05)
+                .map_err(|e| err(&e))?;
+            chart.configure_mesh().x_desc("layer").y_desc("kept / original").draw().map_err(|e| err(&e))?;
+            for (i, b) in self.budgets.iter().enumerate() {
+                let color = Palette99::pick(i).to_rgba();
+                let frac = |k: (usize, usize)| if k.1 == 0 { 0.0 } else { k.0 as f64 / k.1 as f64 };
+                chart
+                    .draw_series(LineSeries::new(b.layers.iter().map(|l| (l.layer as f64, frac(l.heads))), color.stroke_width(2)))
+                    .map_err(|e| err(&e))?
+                    .label(budget_label(&b.budget))
+                    .legend(move |(x, y)| PathElement::new(vec![(x, y), (x + 18, y)], color.stroke_width(2)));
+                chart
+                    .draw_series(DashedLineSeries::new(
+                        b.layers.iter().map(|l| (l.layer as f64, frac(l.ffn))),
+                        6,
+                        4,
+                        color.stroke_width(2),
+                    ))
+                    .map_err(|e| err(&e))?;
+            }
+            chart.configure_series_labels().border_style(BLACK).background_style(WHITE).draw().map_err(|e| err(&e))?;
+
+            let max_ms = self
+                .budgets
+                .iter()
+                .flat_map(|b| [Some(b.predicted_dense_ms), Some(b.predicted_ms), b.measured_ms, b.measured_dense_ms])
+                .flatten()
+                .fold(1e-9, f64::max)
+                * 1.1;
+            let n = self.budgets.len().max(1);
+            let mut bars = ChartBuilder::on(&right)
+                .caption("latency per budget (ms): predicted vs measured", ("sans-serif", 16))
+                .margin(10)
+                .x_label_area_size(30)
+                .y_label_area_size(50)
+                .build_cartesian_2d(0f64..n as f64, 0f64..max_ms)
+                .map_err(|e| err(&e))?;
+            bars.configure_mesh()
+                .disable_x_mesh()
+                .x_labels(n)
+                .x_label_formatter(&|x| self.budgets.get(x.floor() as usize).map(|b| budget_label(&b.budget)).unwrap_or_default())
+                .y_desc("ms")
+                .draw()
+                .map_err(|e| err(&e))?;
+            for (i, b) in self.budgets.iter().enumerate() {
+                let x = i as f64;
+                bars.draw_series(std::iter::once(Rectangle::new([(x + 0.15, 0.0), (x + 0.45, b.predicted_ms)], BLUE.mix(0.6).filled())))
+                    .map_err(|e| err(&e))?;
+                if let Some(m) = b.measured_ms {
+                    bars.draw_series(std::iter::once(Rectangle::new([(x + 0.5, 0.0), (x + 0.8, m)], RED.mix(0.6).filled())))
+                        .map_err(|e| err(&e))?;
+                }
+                bars.draw_series(std::iter::once(Rectangle::new(
+                    [(x + 0.1, b.budget_ms), (x + 0.85, b.budget_ms + max_ms * 0.004)],
+                    BLACK.filled(),
+                )))
+                .map_err(|e| err(&e))?;
+            }
+            root.present().map_err(|e| err(&e))?;
+        }
+        Ok(svg)
+    }
+}
