@@ -226,6 +226,7 @@ impl ModelConfig {
         let key = |k: &str| format!("model `{}`: {k}", self.name.as_deref().unwrap_or(&self.source.display().to_string()));
         let resolve = |p: &Path| if p.is_absolute() { p.to_path_buf() } else { base.join(p) };
         let mut job = PruneJob::new(resolve(&self.source));
+        job.name = self.name.clone();
         if let Some(b) = self.backend {
             job.backend = b;
         }

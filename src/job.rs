@@ -39,6 +39,9 @@ pub enum Device {
 /// Everything a prune run needs, resolved.
 #[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
 pub struct PruneJob {
+    /// A name for outputs and generated constants (default: the model's file stem).
+    #[serde(default)]
+    pub name: Option<String>,
     /// Source model file (ONNX, GGUF) or folder (safetensors).
     pub model: PathBuf,
     /// Runtime.
@@ -88,6 +91,7 @@ impl PruneJob {
             _ => BackendKind::Tract,
         };
         PruneJob {
+            name: None,
             out_dir: PathBuf::from("ziplm-out"),
             model,
             backend,
@@ -108,13 +112,22 @@ impl PruneJob {
         }
     }
 
+    /// The job's name: the configured one, or the model's file stem.
+    pub fn display_name(&self) -> String {
+        self.name.clone().unwrap_or_else(|| self.model.file_stem().and_then(|s| s.to_str()).unwrap_or("model").to_string())
+    }
+
+    /// A budget as a file-name fragment: `speedup-1.5` or `latency-8ms`.
+    pub fn budget_label(budget: &Budget) -> String {
+        match budget {
+            Budget::Speedup(s) => format!("speedup-{s}"),
+            Budget::LatencyMs(ms) => format!("latency-{ms}ms"),
+        }
+    }
+
     /// File stem of the model emitted for a budget, e.g. `model.speedup-1.5` or
     /// `model.latency-8ms`.
     pub fn output_stem(&self, budget: &Budget) -> String {
-        let stem = self.model.file_stem().and_then(|s| s.to_str()).unwrap_or("model");
-        match budget {
-            Budget::Speedup(s) => format!("{stem}.speedup-{s}"),
-            Budget::LatencyMs(ms) => format!("{stem}.latency-{ms}ms"),
-        }
+        format!("{}.{}", self.display_name(), Self::budget_label(budget))
     }
 }

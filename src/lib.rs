@@ -17,6 +17,7 @@
 //! [`api`]).
 
 pub mod backend;
+pub mod baselines;
 pub mod config;
 pub mod data;
 pub mod database;

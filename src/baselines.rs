@@ -1,0 +1,111 @@
+//! Baselines ZipLM is compared against (issue evidence, `ziplm frontier`).
+//!
+//! - [`magnitude_plan`]: the same per-layer shapes as a ZipLM selection, but the kept
+//!   heads / neurons are those with the largest out-projection weight norms, and no
+//!   OBS update (the emitted weights are the original ones, sliced).
+//! - [`uniform_selection`]: the same level in every layer of a kind (uniform widths),
+//!   the fastest such model that meets the budget's prediction.
+
+use crate::database::Database;
+use crate::error::{Error, Result};
+use crate::search::{Budget, SearchProblem, Selection};
+use ziplm_plugin_api::{BlockKind, BlockPlan, Plan, FORMAT_VERSION};
+
+/// Norm of each group of out-projection columns (original weights).
+fn group_norms(db: &Database, block: usize) -> Vec<f64> {
+    let b = &db.blocks[block];
+    b.layout
+        .groups
+        .iter()
+        .map(|cols| cols.iter().map(|&c| b.layer.w.col(c).iter().map(|v| v * v).sum::<f64>()).sum())
+        .collect()
+}
+
+/// A plan with the shapes of `selection` whose kept units are chosen by weight
+/// magnitude (largest out-projection column-group norms), respecting the GQA
+/// schedule. Emit it without compensated weights.
+pub fn magnitude_plan(db: &Database, selection: &Selection) -> Result<Plan> {
+    let zipl = db.plan(selection)?;
+    let mut blocks = Vec::with_capacity(zipl.blocks.len());
+    for (bi, bp) in zipl.blocks.iter().enumerate() {
+        let b = &db.blocks[bi];
+        let level = b.levels[selection.levels[bi]];
+        let n_groups = b.layout.groups.len();
+        let keep_groups = n_groups - level.removed_groups;
+        let norms = group_norms(db, bi);
+        let mut order: Vec<usize> = (0..n_groups).collect();
+        order.sort_by(|&x, &y| norms[y].total_cmp(&norms[x]).then(x.cmp(&y)));
+        let kept_groups: Vec<usize> = match &b.layout.schedule {
+            ziplm_plugin_api::GroupSchedule::Free => order.into_iter().take(keep_groups).collect(),
+            ziplm_plugin_api::GroupSchedule::Balanced { class_of } => {
+                // The same number of groups in every class: the largest of each class.
+                let classes = b.layout.step();
+                let per_class = keep_groups / classes.max(1);
+                let mut taken = vec![0usize; classes];
+                order.into_iter().filter(|&g| {
+                    let c = class_of[g] as usize;
+                    let ok = taken[c] < per_class;
+                    taken[c] += usize::from(ok);
+                    ok
+                }).collect()
+            }
+        };
+        let mut gone = vec![true; b.layer.n_inputs()];
+        for g in &kept_groups {
+            for &c in &b.layout.groups[*g] {
+                gone[c] = false;
+            }
+        }
+        let (kept, kept_kv_heads) = match bp.kind {
+            BlockKind::Ffn(_) => ((0..gone.len()).filter(|&c| !gone[c]).collect(), vec![]),
+            BlockKind::Attention(a) => {
+                let heads: Vec<usize> = (0..a.n_heads).filter(|h| !gone[h * a.head_dim]).collect();
+                let mut kv: Vec<usize> = heads.iter().map(|h| h / a.heads_per_kv()).collect();
+                kv.dedup();
+                (heads, kv)
+            }
+        };
+        blocks.push(BlockPlan { block: bp.block, kind: bp.kind, kept, kept_kv_heads });
+    }
+    let plan = Plan { format_version: FORMAT_VERSION, architecture: zipl.architecture, blocks };
+    plan.validate_for(&db.structure).map_err(Error::Invalid)?;
+    Ok(plan)
+}
+
+/// The uniform-width selection for a budget: every attention block at one level and
+/// every FFN block at one level (removal excluded), with the least error sum among
+/// the pairs whose predicted time meets the budget.
+pub fn uniform_selection(problem: &SearchProblem, budget: Budget) -> Result<Selection> {
+    let budget_ms = problem.budget_ms(budget);
+    let levels_of = |attention: bool| -> Vec<usize> {
+        let mut v: Vec<usize> = problem
+            .blocks
+            .iter()
+            .filter(|b| b.attention == attention)
+            .flat_map(|b| b.levels.iter().map(|l| l.kept).filter(|&k| k > 0))
+            .collect();
+        v.sort_unstable();
+        v.dedup();
+        v
+    };
+    let (heads, widths) = (levels_of(true), levels_of(false));
+    let mut best: Option<(f64, Selection)> = None;
+    for &h in heads.iter().chain(heads.is_empty().then_some(&0)) {
+        for &w in widths.iter().chain(widths.is_empty().then_some(&0)) {
+            let levels: Option<Vec<usize>> = problem
+                .blocks
+                .iter()
+                .map(|b| b.levels.iter().position(|l| l.kept == if b.attention { h } else { w }))
+                .collect();
+            let Some(levels) = levels else { continue };
+            let sel = Selection { levels };
+            if problem.time_of(&sel) <= budget_ms {
+                let e = problem.error_of(&sel);
+                if best.as_ref().is_none_or(|(be, _)| e < *be) {
+                    best = Some((e, sel));
+                }
+            }
+        }
+    }
+    best.map(|(_, s)| s).ok_or_else(|| Error::Invalid("no uniform shape meets the budget".into()))
+}
