@@ -144,6 +144,55 @@ impl TractModel {
         Ok(())
     }
 
+    /// Runs calibration samples of at most `seq` tokens, `batch` at a time, feeding the
+    /// captured activations to `sink`.
+    fn calibrate_at(
+        &self,
+        seq: usize,
+        batch: usize,
+        samples: &[Vec<i64>],
+        capture: &[BlockId],
+        sink: &mut dyn ActivationSink,
+    ) -> AdapterResult<()> {
+        let cal_workload = Workload::prefill(batch, seq);
+        let (typed, blocks) = if cal_workload == self.options.workload {
+            (self.typed.clone(), self.blocks.clone())
+        } else {
+            let t = typed_at(&self.file, &self.inputs, &cal_workload)
+                .map_err(|e| runtime(&format!("preparing calibration at {cal_workload}"), e))?;
+            let b = recognize::recognize(&t).map_err(|e| runtime("recognising the calibration graph", e))?;
+            if b.len() != self.blocks.len() {
+                return Err(AdapterError::runtime(
+                    "recognising the calibration graph",
+                    format!("{} blocks at {cal_workload}, {} at the serving workload", b.len(), self.blocks.len()),
+                ));
+            }
+            (t, b)
+        };
+        let mut outlets = vec![];
+        for id in capture {
+            let b = blocks.get(id.index()).ok_or_else(|| AdapterError::InvalidRequest(format!("no {id}")))?;
+            let o = b.out_proj();
+            outlets.push(typed.node(o.node).inputs[o.act_slot]);
+        }
+        let plan = self.runnable_with(&typed, &outlets).map_err(|e| runtime("optimising the calibration model", e))?;
+        let n_outputs = typed.output_outlets().map_err(|e| runtime("model outputs", e))?.len();
+        for chunk in samples.chunks(batch) {
+            let (ids, mask) = pad_batch(chunk, batch, seq);
+            let inputs = inputs::build_inputs(&self.inputs, &cal_workload, &ids, &mask)
+                .map_err(|e| runtime("building calibration inputs", e))?;
+            let outs = plan.run(inputs).map_err(|e| runtime("running calibration", e))?;
+            for (k, id) in capture.iter().enumerate() {
+                let o = blocks[id.index()].out_proj();
+                let act = &outs[n_outputs + k];
+                let rows = token_rows(act, &o.act_token_axes, &o.act_feature_axes, &mask)
+                    .map_err(|e| runtime(&format!("reading activations of {id}"), e))?;
+                sink.accept(*id, &rows, o.inputs())?;
+            }
+        }
+        Ok(())
+    }
+
     /// Builds a runnable plan of `model` with extra outputs (in order after the
     /// model's own).
     fn runnable_with(&self, model: &TypedModel, extra: &[OutletId]) -> TractResult<Arc<TypedSimplePlan>> {
@@ -240,48 +289,28 @@ impl ModelAdapter for TractModel {
             return Err(AdapterError::Calibration("no calibration samples set".into()));
         }
         // Calibrate with prefill passes sized for the samples (not the serving
-        // workload: decode workloads have one token, and padding wastes compute).
-        let longest = self.calibration.iter().map(Vec::len).max().unwrap_or(1);
-        let seq = match self.options.workload.phase {
-            Phase::Prefill => longest.min(self.options.workload.seq_len),
-            Phase::Decode { .. } => longest,
+        // workload: decode workloads have one token). Samples are sorted by length and
+        // run at the smallest of a few compiled lengths that fits them, so short
+        // samples do not pay for padding.
+        let cap = match self.options.workload.phase {
+            Phase::Prefill => self.options.workload.seq_len,
+            Phase::Decode { .. } => usize::MAX,
         };
-        let batch = CALIBRATION_BATCH.min(self.calibration.len()).max(1);
-        let cal_workload = Workload::prefill(batch, seq);
-        let (typed, blocks) = if cal_workload == self.options.workload {
-            (self.typed.clone(), self.blocks.clone())
-        } else {
-            let t = typed_at(&self.file, &self.inputs, &cal_workload)
-                .map_err(|e| runtime(&format!("preparing calibration at {cal_workload}"), e))?;
-            let b = recognize::recognize(&t).map_err(|e| runtime("recognising the calibration graph", e))?;
-            if b.len() != self.blocks.len() {
-                return Err(AdapterError::runtime(
-                    "recognising the calibration graph",
-                    format!("{} blocks at {cal_workload}, {} at the serving workload", b.len(), self.blocks.len()),
-                ));
+        let mut samples: Vec<&Vec<i64>> = self.calibration.iter().filter(|s| !s.is_empty()).collect();
+        samples.sort_by_key(|s| s.len());
+        let longest = samples.last().map(|s| s.len()).unwrap_or(1).min(cap);
+        let mut lengths: Vec<usize> = [16, 32, 64, 128, 256, 512].into_iter().filter(|&l| l < longest).collect();
+        lengths.push(longest);
+        let batch = CALIBRATION_BATCH.min(samples.len()).max(1);
+        let mut next = 0;
+        for &len in &lengths {
+            let end = next + samples[next..].iter().take_while(|s| s.len().min(cap) <= len).count();
+            if end == next {
+                continue;
             }
-            (t, b)
-        };
-        let mut outlets = vec![];
-        for id in capture {
-            let b = blocks.get(id.index()).ok_or_else(|| AdapterError::InvalidRequest(format!("no {id}")))?;
-            let o = b.out_proj();
-            outlets.push(typed.node(o.node).inputs[o.act_slot]);
-        }
-        let plan = self.runnable_with(&typed, &outlets).map_err(|e| runtime("optimising the calibration model", e))?;
-        let n_outputs = typed.output_outlets().map_err(|e| runtime("model outputs", e))?.len();
-        for chunk in self.calibration.chunks(batch) {
-            let (ids, mask) = pad_batch(chunk, batch, seq);
-            let inputs = inputs::build_inputs(&self.inputs, &cal_workload, &ids, &mask)
-                .map_err(|e| runtime("building calibration inputs", e))?;
-            let outs = plan.run(inputs).map_err(|e| runtime("running calibration", e))?;
-            for (k, id) in capture.iter().enumerate() {
-                let o = blocks[id.index()].out_proj();
-                let act = &outs[n_outputs + k];
-                let rows = token_rows(act, &o.act_token_axes, &o.act_feature_axes, &mask)
-                    .map_err(|e| runtime(&format!("reading activations of {id}"), e))?;
-                sink.accept(*id, &rows, o.inputs())?;
-            }
+            let group: Vec<Vec<i64>> = samples[next..end].iter().map(|s| s[..s.len().min(len)].to_vec()).collect();
+            next = end;
+            self.calibrate_at(len, batch, &group, capture, sink)?;
         }
         Ok(())
     }
