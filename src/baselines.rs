@@ -5,6 +5,9 @@
 //!   OBS update (the emitted weights are the original ones, sliced).
 //! - [`uniform_selection`]: the same level in every layer of a kind (uniform widths),
 //!   the fastest such model that meets the budget's prediction.
+//! - [`layer_drop_selection`]: whole layers dropped (attention and FFN together), the
+//!   rest dense; layers chosen greedily by the least removal error per millisecond
+//!   saved until the prediction meets the budget.
 
 use crate::database::Database;
 use crate::error::{Error, Result};
@@ -108,4 +111,78 @@ pub fn uniform_selection(problem: &SearchProblem, budget: Budget) -> Result<Sele
         }
     }
     best.map(|(_, s)| s).ok_or_else(|| Error::Invalid("no uniform shape meets the budget".into()))
+}
+
+/// The whole-layer dropping selection for a budget: every block of a dropped layer at
+/// its removed level, every other block dense. Layers are added greedily, cheapest
+/// first by removal error per predicted millisecond saved, until the prediction meets
+/// the budget.
+pub fn layer_drop_selection(problem: &SearchProblem, budget: Budget) -> Result<Selection> {
+    let budget_ms = problem.budget_ms(budget);
+    let mut layers: Vec<_> = problem.blocks.iter().map(|b| b.layer).collect();
+    layers.sort_unstable();
+    layers.dedup();
+    let removed_level = |i: usize| problem.blocks[i].levels.iter().position(|l| l.kept == 0);
+    // Per layer: (error, saved ms, the blocks and their removed levels).
+    let mut options = vec![];
+    for &layer in &layers {
+        let blocks: Vec<usize> = (0..problem.blocks.len()).filter(|&i| problem.blocks[i].layer == layer).collect();
+        let Some(levels) = blocks.iter().map(|&i| removed_level(i)).collect::<Option<Vec<usize>>>() else { continue };
+        let error: f64 = blocks.iter().zip(&levels).map(|(&i, &l)| problem.blocks[i].levels[l].error).sum();
+        let saved: f64 =
+            blocks.iter().zip(&levels).map(|(&i, &l)| problem.blocks[i].levels[0].time_ms - problem.blocks[i].levels[l].time_ms).sum();
+        options.push((error / saved.max(1e-12), layer, blocks, levels));
+    }
+    options.sort_by(|a, b| a.0.total_cmp(&b.0).then(a.1.cmp(&b.1)));
+    let mut sel = Selection { levels: vec![0; problem.blocks.len()] };
+    for (_, _, blocks, levels) in &options {
+        if problem.time_of(&sel) <= budget_ms {
+            break;
+        }
+        for (&i, &l) in blocks.iter().zip(levels) {
+            sel.levels[i] = l;
+        }
+    }
+    if problem.time_of(&sel) > budget_ms {
+        return Err(Error::Invalid(format!(
+            "dropping every removable layer gives {:.3} ms, over the budget of {budget_ms:.3} ms",
+            problem.time_of(&sel)
+        )));
+    }
+    Ok(sel)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::search::{BlockCandidates, Candidate};
+    use ziplm_plugin_api::{BlockId, LayerIndex, ShapeConstraints};
+
+    fn block(i: u32, attention: bool, removal_error: f64) -> BlockCandidates {
+        BlockCandidates {
+            block: BlockId(2 * i + u32::from(!attention)),
+            layer: LayerIndex(i),
+            attention,
+            levels: vec![
+                Candidate { kept: 4, error: 0.0, time_ms: 1.0 },
+                Candidate { kept: 2, error: 0.1, time_ms: 0.6 },
+                Candidate { kept: 0, error: removal_error, time_ms: 0.0 },
+            ],
+        }
+    }
+
+    #[test]
+    fn layer_drop_removes_the_cheapest_whole_layers_first() {
+        let problem = SearchProblem {
+            blocks: vec![block(0, true, 5.0), block(0, false, 5.0), block(1, true, 1.0), block(1, false, 1.0), block(2, true, 3.0), block(2, false, 3.0)],
+            rest_ms: 1.0,
+            constraints: ShapeConstraints::default(),
+        };
+        // Dense 7 ms; 5 ms needs one layer dropped: layer 1 (least error).
+        let sel = layer_drop_selection(&problem, Budget::LatencyMs(5.0)).unwrap();
+        assert_eq!(sel.levels, vec![0, 0, 2, 2, 0, 0]);
+        let sel = layer_drop_selection(&problem, Budget::LatencyMs(3.0)).unwrap();
+        assert_eq!(sel.levels, vec![0, 0, 2, 2, 2, 2]);
+        assert!(layer_drop_selection(&problem, Budget::LatencyMs(0.5)).is_err());
+    }
 }

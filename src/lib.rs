@@ -22,6 +22,7 @@ pub mod config;
 pub mod data;
 pub mod database;
 pub mod error;
+pub mod frontier;
 pub mod fsutil;
 pub mod job;
 pub mod obs;

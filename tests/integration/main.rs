@@ -1,10 +1,15 @@
-//! ziplm's integration tests: one binary (the tract and candle dependencies make each
-//! test binary expensive to link), one module per subject.
+//! ziplm's integration tests: one binary (tract makes each test binary expensive to
+//! link), one module per subject.
 
+mod bad_inputs;
+mod cli;
 mod common;
+mod config;
 mod database;
 mod obs_identities;
 mod obs_quality;
+mod reproducible;
 mod search_dp;
+mod snapshots;
 mod tract_fixtures;
 mod tract_hook;

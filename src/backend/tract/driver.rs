@@ -164,6 +164,12 @@ pub fn run(job: &PruneJob, progress: &dyn Progress) -> Result<TractRun> {
     };
     stages.profile_s = t.elapsed().as_secs_f64();
 
+    // Every budget is checked before anything is written: an impossible one fails the
+    // job with the fastest achievable latency, leaving the output folder untouched.
+    let problem = database.search_problem(&table)?;
+    for budget in &job.budgets {
+        problem.solve(*budget, &[], job.search.buckets)?;
+    }
     std::fs::create_dir_all(&job.out_dir).map_err(|e| Error::io(&job.out_dir, e))?;
     let mut outcomes = vec![];
     let mut budgets = vec![];
@@ -181,6 +187,14 @@ pub fn run(job: &PruneJob, progress: &dyn Progress) -> Result<TractRun> {
         let weights = database.pruned_weights(&outcome.search.selection)?;
         let bundle_path = job.out_dir.join(format!("{}.plan-bundle.json", job.output_stem(budget)));
         super::hook::write_bundle(&bundle_path, &outcome.plan, &weights, super::onnx::keeps_bias_when_removed(&model)?)?;
+        if outcome.search.selection == database.dense_selection() {
+            notes.push(format!(
+                "{}: the dense model already meets this budget (predicted {:.3} ms <= {:.3} ms); emitted it unpruned",
+                PruneJob::budget_label(budget),
+                outcome.search.predicted_ms,
+                outcome.search.budget_ms
+            ));
+        }
         budgets.push(report::budget_report(&database, &table, &outcome)?);
         outcomes.push(outcome);
     }

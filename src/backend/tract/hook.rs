@@ -99,7 +99,10 @@ pub fn read_bundle(path: &Path) -> TractResult<(PlanBundle, PrunedWeights)> {
     let values: Vec<f32> = bytes.chunks_exact(4).map(|c| f32::from_le_bytes([c[0], c[1], c[2], c[3]])).collect();
     let mut weights = PrunedWeights::default();
     for w in &bundle.weights {
-        let data = values.get(w.offset..w.offset + w.rows * w.cols).with_context(|| format!("{} is too short", bin_path.display()))?;
+        let end = w.rows.checked_mul(w.cols).and_then(|n| n.checked_add(w.offset));
+        let data = end
+            .and_then(|end| values.get(w.offset..end))
+            .with_context(|| format!("{}: weights of {} ({} x {} at {}) lie beyond its end", bin_path.display(), w.block, w.rows, w.cols, w.offset))?;
         weights.out_projections.insert(w.block, WeightMatrix { rows: w.rows, cols: w.cols, data: data.to_vec() });
     }
     Ok((bundle, weights))

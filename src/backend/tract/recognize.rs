@@ -246,6 +246,30 @@ fn head_split(model: &TypedModel, proj: usize, width: usize) -> Option<(usize, u
     None
 }
 
+/// Whether a projection's output reaches a residual sum: an `Add` of two computed
+/// tensors, possibly after a bias add or a reshape. A projection whose output goes
+/// nowhere else (a model head, or a plain MLP) is not a transformer block.
+fn feeds_residual(model: &TypedModel, node: usize) -> bool {
+    let mut frontier = vec![OutletId::new(node, 0)];
+    for _ in 0..4 {
+        let mut next = vec![];
+        for outlet in frontier {
+            for s in model.outlet_successors(outlet) {
+                let succ = model.node(s.node);
+                let is_add = succ.op_as::<TypedBinOp>().is_some_and(|b| b.0.name() == "Add");
+                if is_add && succ.inputs.iter().all(|&i| konst(model, i).is_none()) {
+                    return true;
+                }
+                if is_add || succ.op_is::<AxisOp>() {
+                    next.push(OutletId::new(s.node, 0));
+                }
+            }
+        }
+        frontier = next;
+    }
+    false
+}
+
 /// Recognises every prunable block, in model order.
 ///
 /// Fails naming the node when a linear layer looks like an out-projection but the
@@ -259,6 +283,9 @@ pub fn recognize(model: &TypedModel) -> TractResult<Vec<RecognizedBlock>> {
             continue;
         }
         let Some(down) = weight_einsum(model, n) else { continue };
+        if !feeds_residual(model, n) {
+            continue;
+        }
         let node = model.node(n);
         let act = node.inputs[down.act_slot];
         // FFN?

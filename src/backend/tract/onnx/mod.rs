@@ -97,17 +97,20 @@ impl OnnxFile {
         Ok(out)
     }
 
-    /// True when some residual sum feeds only a LayerNormalization (post-LN, BERT).
+    /// True when residual sums feed only a LayerNormalization inside the stack
+    /// (post-LN, BERT: two per layer). A pre-LN decoder (GPT-2) has one such sum, the
+    /// last one before the final norm, so one is not enough.
     pub fn has_layer_norm_after_residual(&self) -> bool {
         let g = self.graph();
         let idx = tensors::GraphIndex::new(g);
-        g.node.iter().any(|n| {
+        let normalised_sums = g.node.iter().filter(|n| {
             n.op_type == "Add"
                 && idx.consumers.get(&n.output[0]).is_some_and(|c| {
                     !c.is_empty() && c.iter().all(|&(m, _)| g.node[m].op_type == "LayerNormalization")
                 })
                 && n.input.iter().any(|i| idx.producer_op(g, i) == Some("Add"))
-        })
+        });
+        normalised_sums.count() >= 2
     }
 }
 

@@ -1,0 +1,209 @@
+//! The quality-vs-speed frontier of all-MiniLM-L6-v2 on this CPU (tract, batch 1,
+//! sequence 128, one thread): ZipLM against the baselines at a range of speedup targets,
+//! every speedup measured (dense and pruned timed in the same run), every quality
+//! figure an STS-B dev Spearman x100 of the emitted model.
+//!
+//! ```sh
+//! ZIPLM_SHARED=../shared cargo run --release --example frontier -- target/frontier
+//! # CI's smaller form (ZipLM must not score below magnitude at 1.5x and 2.0x):
+//! cargo run --example frontier -- target/ci-minilm --targets 1.5,2.0 --methods ziplm,magnitude --check
+//! ```
+//!
+//! Methods:
+//! - `ziplm`: the DP over the OBS database, OBS-updated weights, verified and corrected;
+//! - `magnitude`: ZipLM's per-layer shapes, units kept by weight norm, no OBS update;
+//! - `uniform`: one head count and one FFN width in every layer, OBS-updated weights;
+//! - `layer-drop`: whole layers dropped, the rest dense.
+//!
+//! The baselines get the same (corrected) millisecond budget as ZipLM's final search.
+//! Writes `OUT/frontier.{csv,json,svg}` and prints a markdown table.
+
+use anyhow::Context;
+use clap::Parser;
+use std::path::{Path, PathBuf};
+use ziplm::backend::tract::encode::SentenceEncoder;
+use ziplm::backend::tract::{driver, onnx, profile::time_pair};
+use ziplm::baselines;
+use ziplm::data::{sts, tokenizer::Tokenizer, CalibrationData, DataFormat};
+use ziplm::frontier::{self, FrontierPoint};
+use ziplm::job::PruneJob;
+use ziplm::search::{Budget, Selection};
+use ziplm_plugin_api::PrunedWeights;
+
+const METRIC: &str = "STS-B dev Spearman x100";
+
+#[derive(Parser)]
+struct Args {
+    /// Output folder.
+    #[arg(default_value = "target/frontier")]
+    out: PathBuf,
+    /// Speedup targets.
+    #[arg(long, value_delimiter = ',', default_value = "1.1,1.25,1.5,1.75,2.0,2.25,2.5")]
+    targets: Vec<f64>,
+    /// Methods to measure (ziplm always runs: the baselines take its corrected budget).
+    #[arg(long, value_delimiter = ',', default_value = "ziplm,magnitude,uniform,layer-drop")]
+    methods: Vec<String>,
+    /// Calibration sentences (STS-B train).
+    #[arg(long, default_value_t = 2048)]
+    samples: usize,
+    /// Fail when ZipLM scores below the magnitude baseline at some target.
+    #[arg(long)]
+    check: bool,
+}
+
+fn main() -> anyhow::Result<()> {
+    let args = Args::parse();
+    for m in &args.methods {
+        anyhow::ensure!(
+            ["ziplm", "magnitude", "uniform", "layer-drop"].contains(&m.as_str()),
+            "unknown method `{m}`: use ziplm, magnitude, uniform or layer-drop"
+        );
+    }
+    let shared = PathBuf::from(std::env::var("ZIPLM_SHARED").unwrap_or_else(|_| "../shared".into()));
+    let model = shared.join("models/all-MiniLM-L6-v2-onnx/model.onnx");
+    if !model.exists() {
+        eprintln!("skipped: {} not found (set ZIPLM_SHARED)", model.display());
+        return Ok(());
+    }
+    std::fs::create_dir_all(&args.out)?;
+    let mut job = PruneJob::new(&model);
+    job.budgets = args.targets.iter().map(|&s| Budget::Speedup(s)).collect();
+    job.calibration = Some(CalibrationData {
+        path: shared.join("data/stsbenchmark/sts-train.csv"),
+        format: Some(DataFormat::StsTsv),
+        samples: args.samples,
+        seq_len: 128,
+    });
+    job.out_dir = args.out.clone();
+    job.latency_table = Some(args.out.join("latency-table.json"));
+    let run = driver::run(&job, &ziplm::progress::Bars::default())?;
+    println!("{}", run.report.to_text());
+
+    let tok = Tokenizer::from_file(&model.with_file_name("tokenizer.json"))?;
+    let pairs = sts::read_pairs(&shared.join("data/stsbenchmark/sts-dev.csv"))?;
+    let score = |path: &Path| -> anyhow::Result<f64> {
+        let enc = SentenceEncoder::new(&std::fs::read(path)?, 16, 128)?;
+        Ok(sts::evaluate(&pairs, &mut |s: &[String]| enc.embed(&tok, s))?)
+    };
+    let measure = |path: &Path| time_pair(&run.model, &model, path, &job.workload, 1, &job.verify_settings);
+    let problem = run.database.search_problem(&run.table)?;
+
+    let dense_quality = score(&model)?;
+    let mut points = vec![];
+    let mut dense_ms = vec![];
+    for outcome in &run.outcomes {
+        let target = match outcome.budget {
+            Budget::Speedup(s) => s,
+            Budget::LatencyMs(_) => unreachable!("the job has speedup budgets only"),
+        };
+        let last = outcome.attempts.last().context("an outcome without an attempt")?;
+        let (zd, zm) = (last.measured_dense.context("verification is on")?, last.measured.context("verification is on")?);
+        dense_ms.push(zd.median_ms);
+        let stem = outcome.emitted.path.with_extension("");
+        if args.methods.iter().any(|m| m == "ziplm") {
+            points.push(FrontierPoint {
+                method: "ziplm".into(),
+                target,
+                predicted_ms: outcome.search.predicted_ms,
+                dense_ms: zd.median_ms,
+                measured_ms: zm.median_ms,
+                quality: score(&outcome.emitted.path)?,
+                metric: METRIC.into(),
+            });
+        }
+        // The baselines aim at ZipLM's final (corrected) millisecond budget.
+        let budget = Budget::LatencyMs(last.search_budget_ms);
+        for method in args.methods.iter().filter(|m| *m != "ziplm") {
+            let (selection, plan, weights) = match method.as_str() {
+                "magnitude" => {
+                    let plan = baselines::magnitude_plan(&run.database, &outcome.search.selection)?;
+                    (outcome.search.selection.clone(), plan, PrunedWeights::default())
+                }
+                "uniform" | "layer-drop" => {
+                    let found = if method == "uniform" {
+                        baselines::uniform_selection(&problem, budget)
+                    } else {
+                        baselines::layer_drop_selection(&problem, budget)
+                    };
+                    let sel: Selection = match found {
+                        Ok(s) => s,
+                        Err(e) => {
+                            eprintln!("{method} at {target}x: {e}; no point");
+                            continue;
+                        }
+                    };
+                    (sel.clone(), run.database.plan(&sel)?, run.database.pruned_weights(&sel)?)
+                }
+                _ => unreachable!("methods were checked"),
+            };
+            let path = PathBuf::from(format!("{}.{method}.onnx", stem.display()));
+            ziplm::fsutil::write_atomic(&path, &onnx::emit(&run.model, &plan, &weights)?)?;
+            let (d, m) = measure(&path)?;
+            points.push(FrontierPoint {
+                method: method.clone(),
+                target,
+                predicted_ms: problem.time_of(&selection),
+                dense_ms: d.median_ms,
+                measured_ms: m.median_ms,
+                quality: score(&path)?,
+                metric: METRIC.into(),
+            });
+        }
+    }
+    let dense_med = median(&mut dense_ms);
+    points.insert(
+        0,
+        FrontierPoint {
+            method: "dense".into(),
+            target: 1.0,
+            predicted_ms: problem.dense_ms(),
+            dense_ms: dense_med,
+            measured_ms: dense_med,
+            quality: dense_quality,
+            metric: METRIC.into(),
+        },
+    );
+    frontier::write(
+        &args.out,
+        "frontier",
+        &format!("all-MiniLM-L6-v2, {} ({}), 1 thread, 1x128", METRIC, run.report.target),
+        &points,
+    )?;
+
+    println!("\n| method | target | measured speedup | predicted ms | measured ms | {METRIC} |");
+    println!("|---|---|---|---|---|---|");
+    for p in &points {
+        println!(
+            "| {} | {:.2}x | {:.2}x | {:.2} | {:.2} | {:.2} |",
+            p.method, p.target, p.speedup(), p.predicted_ms, p.measured_ms, p.quality
+        );
+    }
+    for o in &run.outcomes {
+        if o.met() == Some(false) {
+            eprintln!("warning: budget {:?} missed after {} searches (see the report)", o.budget, o.attempts.len());
+        }
+    }
+    if args.check {
+        for z in points.iter().filter(|p| p.method == "ziplm") {
+            if let Some(m) = points.iter().find(|p| p.method == "magnitude" && p.target == z.target) {
+                anyhow::ensure!(
+                    z.quality >= m.quality,
+                    "ZipLM ({:.2}) scored below the magnitude baseline ({:.2}) at {}x",
+                    z.quality,
+                    m.quality,
+                    z.target
+                );
+            }
+        }
+    }
+    Ok(())
+}
+
+fn median(v: &mut [f64]) -> f64 {
+    v.sort_by(f64::total_cmp);
+    if v.is_empty() {
+        f64::NAN
+    } else {
+        v[v.len() / 2]
+    }
+}

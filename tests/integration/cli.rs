@@ -1,0 +1,77 @@
+//! The `ziplm` binary: commands, `--json`, exit codes, clear errors on bad input.
+
+use std::process::Command;
+
+fn ziplm() -> Command {
+    Command::new(env!("CARGO_BIN_EXE_ziplm"))
+}
+
+fn fixture(name: &str) -> String {
+    super::tract_fixtures::fixture(name).display().to_string()
+}
+
+#[test]
+fn inspect_prints_the_structure_and_json() {
+    let out = ziplm().args(["inspect", &fixture("tiny-bert-feature-extraction"), "--seq-len", "16"]).output().unwrap();
+    assert!(out.status.success(), "{}", String::from_utf8_lossy(&out.stderr));
+    let text = String::from_utf8(out.stdout).unwrap();
+    assert!(text.contains("architecture: bert") && text.contains("total: 8 heads, 256 FFN neurons"), "{text}");
+    let out = ziplm().args(["inspect", &fixture("tiny-llama-gqa-text-generation"), "--seq-len", "16", "--json"]).output().unwrap();
+    let v: serde_json::Value = serde_json::from_slice(&out.stdout).unwrap();
+    assert_eq!(v["layers"][0]["kv_heads"], 2);
+}
+
+#[test]
+fn prune_writes_models_plans_bundles_and_reports() {
+    let dir = tempfile::tempdir().unwrap();
+    let out = ziplm()
+        .args(["prune", &fixture("tiny-gpt2-text-generation"), "--speedup", "1.2", "--speedup", "1.4", "--seq-len", "16", "--quiet", "--json", "--out"])
+        .arg(dir.path())
+        .output()
+        .unwrap();
+    let stderr = String::from_utf8_lossy(&out.stderr);
+    assert!(matches!(out.status.code(), Some(0) | Some(1)), "{stderr}");
+    let report: serde_json::Value = serde_json::from_slice(&out.stdout).unwrap_or_else(|e| panic!("{e}: {stderr}"));
+    assert_eq!(report["budgets"].as_array().unwrap().len(), 2);
+    for stem in ["model.speedup-1.2", "model.speedup-1.4"] {
+        for ext in ["onnx", "plan.json", "plan-bundle.json", "plan-bundle.bin"] {
+            assert!(dir.path().join(format!("{stem}.{ext}")).exists(), "{stem}.{ext} missing");
+        }
+    }
+    for f in ["report.json", "report.txt", "report.svg"] {
+        assert!(dir.path().join(f).exists(), "{f} missing");
+    }
+    let svg = std::fs::read_to_string(dir.path().join("report.svg")).unwrap();
+    assert!(svg.starts_with("<svg") || svg.contains("<svg"));
+    // Exit code 1 exactly when a verified budget was missed.
+    let missed = report["budgets"].as_array().unwrap().iter().any(|b| b["met"] == false);
+    assert_eq!(out.status.code(), Some(if missed { 1 } else { 0 }));
+}
+
+#[test]
+fn bad_inputs_exit_2_with_a_clear_message() {
+    let dir = tempfile::tempdir().unwrap();
+    let corrupt = dir.path().join("corrupt.onnx");
+    let mut bytes = std::fs::read(fixture("tiny-bert-feature-extraction")).unwrap();
+    bytes.truncate(bytes.len() / 3);
+    std::fs::write(&corrupt, &bytes).unwrap();
+    let cases: Vec<(Vec<String>, &str)> = vec![
+        (vec!["inspect".into(), corrupt.display().to_string()], "corrupt or truncated"),
+        (vec!["inspect".into(), "/nonexistent/model.onnx".into()], "/nonexistent/model.onnx"),
+        (
+            vec!["prune".into(), fixture("tiny-bert-feature-extraction"), "--speedup=-2".into(), "--seq-len".into(), "16".into(), "--quiet".into(), "--out".into(), dir.path().join("o").display().to_string()],
+            "speedup must be a positive number",
+        ),
+        (
+            vec!["prune".into(), fixture("tiny-bert-feature-extraction"), "--speedup".into(), "50".into(), "--seq-len".into(), "16".into(), "--quiet".into(), "--out".into(), dir.path().join("o").display().to_string()],
+            "cannot be met",
+        ),
+    ];
+    for (args, expect) in cases {
+        let out = ziplm().args(&args).output().unwrap();
+        let stderr = String::from_utf8_lossy(&out.stderr);
+        assert_eq!(out.status.code(), Some(2), "{args:?}: {stderr}");
+        assert!(stderr.contains(expect), "{args:?}: expected `{expect}` in: {stderr}");
+        assert!(!stderr.contains("panicked"), "{args:?}: {stderr}");
+    }
+}
