@@ -10,12 +10,14 @@
 //! ```
 //!
 //! Methods:
-//! - `ziplm`: the DP over the OBS database, OBS-updated weights, verified and corrected;
+//! - `ziplm`: the DP over the OBS database refined by SPDY with the output loss,
+//!   OBS-updated weights, verified and corrected;
+//! - `ziplm-plain`: the plain error-sum DP over the same database (no refinement);
 //! - `magnitude`: ZipLM's per-layer shapes, units kept by weight norm, no OBS update;
 //! - `uniform`: one head count and one FFN width in every layer, OBS-updated weights;
 //! - `layer-drop`: whole layers dropped, the rest dense.
 //!
-//! The baselines get the same (corrected) millisecond budget as ZipLM's final search.
+//! The others get the same (corrected) millisecond budget as ZipLM's final search.
 //! Writes `OUT/frontier.{csv,json,svg}` and prints a markdown table.
 
 use anyhow::Context;
@@ -41,7 +43,7 @@ struct Args {
     #[arg(long, value_delimiter = ',', default_value = "1.1,1.25,1.5,1.75,2.0,2.25,2.5")]
     targets: Vec<f64>,
     /// Methods to measure (ziplm always runs: the baselines take its corrected budget).
-    #[arg(long, value_delimiter = ',', default_value = "ziplm,magnitude,uniform,layer-drop")]
+    #[arg(long, value_delimiter = ',', default_value = "ziplm,ziplm-plain,magnitude,uniform,layer-drop")]
     methods: Vec<String>,
     /// Calibration sentences (STS-B train).
     #[arg(long, default_value_t = 2048)]
@@ -49,14 +51,17 @@ struct Args {
     /// Fail when ZipLM scores below the magnitude baseline at some target.
     #[arg(long)]
     check: bool,
+    /// SPDY refinement of ZipLM's search: at most this many loss evaluations (0 = off).
+    #[arg(long, default_value_t = 32)]
+    refine: usize,
 }
 
 fn main() -> anyhow::Result<()> {
     let args = Args::parse();
     for m in &args.methods {
         anyhow::ensure!(
-            ["ziplm", "magnitude", "uniform", "layer-drop"].contains(&m.as_str()),
-            "unknown method `{m}`: use ziplm, magnitude, uniform or layer-drop"
+            ["ziplm", "ziplm-plain", "magnitude", "uniform", "layer-drop"].contains(&m.as_str()),
+            "unknown method `{m}`: use ziplm, ziplm-plain, magnitude, uniform or layer-drop"
         );
     }
     let shared = PathBuf::from(std::env::var("ZIPLM_SHARED").unwrap_or_else(|_| "../shared".into()));
@@ -76,6 +81,8 @@ fn main() -> anyhow::Result<()> {
     });
     job.out_dir = args.out.clone();
     job.latency_table = Some(args.out.join("latency-table.json"));
+    job.search.refine = ziplm::search::spdy::RefineConfig::with_evaluations(args.refine, job.seed);
+    let ziplm_label = if args.refine > 0 { "ziplm" } else { "ziplm-plain" };
     let run = driver::run(&job, &ziplm::progress::Bars::default())?;
     println!("{}", run.report.to_text());
 
@@ -102,7 +109,7 @@ fn main() -> anyhow::Result<()> {
         let stem = outcome.emitted.path.with_extension("");
         if args.methods.iter().any(|m| m == "ziplm") {
             points.push(FrontierPoint {
-                method: "ziplm".into(),
+                method: ziplm_label.into(),
                 target,
                 predicted_ms: outcome.search.predicted_ms,
                 dense_ms: zd.median_ms,
@@ -113,17 +120,17 @@ fn main() -> anyhow::Result<()> {
         }
         // The baselines aim at ZipLM's final (corrected) millisecond budget.
         let budget = Budget::LatencyMs(last.search_budget_ms);
-        for method in args.methods.iter().filter(|m| *m != "ziplm") {
+        for method in args.methods.iter().filter(|m| *m != "ziplm" && !(*m == "ziplm-plain" && args.refine == 0)) {
             let (selection, plan, weights) = match method.as_str() {
                 "magnitude" => {
                     let plan = baselines::magnitude_plan(&run.database, &outcome.search.selection)?;
                     (outcome.search.selection.clone(), plan, PrunedWeights::default())
                 }
-                "uniform" | "layer-drop" => {
-                    let found = if method == "uniform" {
-                        baselines::uniform_selection(&problem, budget)
-                    } else {
-                        baselines::layer_drop_selection(&problem, budget)
+                "ziplm-plain" | "uniform" | "layer-drop" => {
+                    let found = match method.as_str() {
+                        "ziplm-plain" => problem.solve(budget, &[], job.search.buckets).map(|o| o.selection),
+                        "uniform" => baselines::uniform_selection(&problem, budget),
+                        _ => baselines::layer_drop_selection(&problem, budget),
                     };
                     let sel: Selection = match found {
                         Ok(s) => s,
@@ -184,7 +191,7 @@ fn main() -> anyhow::Result<()> {
         }
     }
     if args.check {
-        for z in points.iter().filter(|p| p.method == "ziplm") {
+        for z in points.iter().filter(|p| p.method == ziplm_label) {
             if let Some(m) = points.iter().find(|p| p.method == "magnitude" && p.target == z.target) {
                 anyhow::ensure!(
                     z.quality >= m.quality,

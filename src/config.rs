@@ -210,7 +210,7 @@ pub struct PruningConfig {
     /// `whole_kv_groups` or `equal_per_kv_group`.
     #[serde(default)]
     pub gqa: Option<GqaPolicy>,
-    /// SPDY refinement with at most this many loss evaluations.
+    /// SPDY refinement with at most this many loss evaluations (default 32; 0 = off).
     #[serde(default)]
     pub refine: Option<usize>,
 }
@@ -303,9 +303,10 @@ impl ModelConfig {
         if let Some(g) = self.pruning.gqa {
             job.gqa_policy = g;
         }
-        if let Some(n) = self.pruning.refine {
-            job.search.refine = Some(crate::search::spdy::RefineConfig { max_evaluations: n, seed: self.seed, ..Default::default() });
-        }
+        job.search.refine = crate::search::spdy::RefineConfig::with_evaluations(
+            self.pruning.refine.unwrap_or(crate::search::spdy::RefineConfig::default().max_evaluations),
+            self.seed,
+        );
         Ok(job)
     }
 }

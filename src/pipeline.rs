@@ -18,7 +18,8 @@ use ziplm_plugin_api::{EmitSummary, LatencyTable, Plan, PrunedWeights, Timing};
 pub struct SearchSettings {
     /// DP buckets.
     pub buckets: usize,
-    /// SPDY refinement (needs a loss hook); `None` = plain error-sum DP.
+    /// SPDY refinement (needs a loss hook; backends without one fall back to the
+    /// plain DP); `None` = plain error-sum DP. Default: 32 loss evaluations.
     pub refine: Option<RefineConfig>,
     /// Searches after the first when the measured latency misses the budget.
     pub retries: usize,
@@ -28,7 +29,7 @@ pub struct SearchSettings {
 
 impl Default for SearchSettings {
     fn default() -> Self {
-        SearchSettings { buckets: crate::search::DEFAULT_BUCKETS, refine: None, retries: 3, margin: 0.02 }
+        SearchSettings { buckets: crate::search::DEFAULT_BUCKETS, refine: Some(RefineConfig::default()), retries: 3, margin: 0.02 }
     }
 }
 

@@ -83,6 +83,10 @@ pub struct BudgetReport {
     pub attempts: Vec<Attempt>,
     /// Quality of the pruned model, when evaluated.
     pub quality: Vec<Quality>,
+    /// SPDY refinement: loss of the refined selection and of the plain DP's, when
+    /// refinement ran.
+    #[serde(default)]
+    pub refined_loss: Option<(f64, f64)>,
 }
 
 /// A whole run.
@@ -151,6 +155,7 @@ pub fn budget_report(db: &Database, table: &LatencyTable, outcome: &BudgetOutcom
         layers: layer_shapes(db, outcome),
         attempts: outcome.attempts.clone(),
         quality: vec![],
+        refined_loss: outcome.refined_loss,
     })
 }
 
@@ -205,6 +210,9 @@ impl PruneReport {
                 }
             }
             let _ = writeln!(s, "  error sum {:.4}; prunable params {} -> {}", b.error_sum, b.params.0, b.params.1);
+            if let Some((refined, plain)) = b.refined_loss {
+                let _ = writeln!(s, "  SPDY refinement: output loss {refined:.5} (plain DP {plain:.5})");
+            }
             for q in &b.quality {
                 let _ = writeln!(s, "  {}: {:.3}", q.metric, q.value);
             }

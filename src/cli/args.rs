@@ -112,9 +112,10 @@ pub struct PruneArgs {
     /// Skip timing the emitted models end to end.
     #[arg(long)]
     pub no_verify: bool,
-    /// Refine the search with the model's loss (SPDY), up to this many evaluations.
-    #[arg(long)]
-    pub refine: Option<usize>,
+    /// Refine the search with the model's output loss (SPDY), up to this many
+    /// evaluations per search; 0 = the plain error-sum DP.
+    #[arg(long, default_value_t = 32)]
+    pub refine: usize,
     /// Print the report as JSON on stdout.
     #[arg(long)]
     pub json: bool,

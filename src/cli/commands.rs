@@ -75,9 +75,7 @@ fn job_from_args(a: &PruneArgs) -> anyhow::Result<Vec<PruneJob>> {
     job.gqa_policy = gqa(a.gqa);
     job.database.ffn_width_multiple = a.ffn_multiple;
     job.verify = !a.no_verify;
-    if let Some(n) = a.refine {
-        job.search.refine = Some(crate::search::spdy::RefineConfig { max_evaluations: n, seed: a.seed, ..Default::default() });
-    }
+    job.search.refine = crate::search::spdy::RefineConfig::with_evaluations(a.refine, a.seed);
     Ok(vec![job])
 }
 

@@ -36,6 +36,14 @@ impl Default for RefineConfig {
     }
 }
 
+impl RefineConfig {
+    /// Refinement with at most `evaluations` loss evaluations (`None` for 0: the plain
+    /// error-sum DP).
+    pub fn with_evaluations(evaluations: usize, seed: u64) -> Option<RefineConfig> {
+        (evaluations > 0).then(|| RefineConfig { max_evaluations: evaluations, seed, ..Default::default() })
+    }
+}
+
 /// One scored candidate.
 #[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
 pub struct Evaluation {

@@ -75,3 +75,18 @@ fn bad_inputs_exit_2_with_a_clear_message() {
         assert!(!stderr.contains("panicked"), "{args:?}: {stderr}");
     }
 }
+
+#[test]
+fn spdy_refinement_scores_candidates_with_the_tract_loss_hook() {
+    let dir = tempfile::tempdir().unwrap();
+    let out = ziplm()
+        .args(["prune", &fixture("tiny-llama-gqa-text-generation"), "--speedup", "1.4", "--seq-len", "16", "--refine", "6", "--quiet", "--json", "--out"])
+        .arg(dir.path())
+        .output()
+        .unwrap();
+    let stderr = String::from_utf8_lossy(&out.stderr);
+    let report: serde_json::Value = serde_json::from_slice(&out.stdout).unwrap_or_else(|e| panic!("{e}: {stderr}"));
+    let losses = report["budgets"][0]["refined_loss"].as_array().unwrap_or_else(|| panic!("no refined loss: {report}"));
+    let (refined, plain) = (losses[0].as_f64().unwrap(), losses[1].as_f64().unwrap());
+    assert!(refined.is_finite() && plain.is_finite() && refined <= plain, "{refined} vs {plain}");
+}

@@ -1,6 +1,7 @@
 //! Running a [`PruneJob`] with tract: load -> calibrate -> database -> profile ->
 //! search -> emit -> verify, and the report.
 
+use super::loss::OutputLoss;
 use super::model::{TractModel, TractOptions};
 use super::profile::{time_pair, TractProfiler};
 use crate::data::{self, tokenizer::Tokenizer, DataFormat, SampleMode};
@@ -61,8 +62,12 @@ fn threads(job: &PruneJob) -> Result<usize> {
 }
 
 
+/// Calibration samples the SPDY loss hook scores candidates on.
+const LOSS_SAMPLES: usize = 64;
+
 struct Backend<'a> {
     model: &'a TractModel,
+    loss: Option<&'a OutputLoss>,
     job: &'a PruneJob,
     threads: usize,
     dest: PathBuf,
@@ -82,6 +87,10 @@ impl EmitAndMeasure for Backend<'_> {
         let r = time_pair(self.model, &self.job.model, &emitted.path, &self.job.workload, self.threads, &self.job.verify_settings)?;
         self.verify_s += t.elapsed().as_secs_f64();
         Ok(r)
+    }
+    fn loss(&mut self, plan: &Plan, weights: &PrunedWeights) -> Option<Result<f64>> {
+        let loss = self.loss?;
+        Some(loss.loss(self.model, plan, weights).map_err(Into::into))
     }
 }
 
@@ -170,6 +179,17 @@ pub fn run(job: &PruneJob, progress: &dyn Progress) -> Result<TractRun> {
     for budget in &job.budgets {
         problem.solve(*budget, &[], job.search.buckets)?;
     }
+    // SPDY refinement scores candidates by their output error on held samples.
+    let loss = match job.search.refine {
+        Some(_) => {
+            let cap = match job.workload.phase {
+                ziplm_plugin_api::Phase::Prefill => job.workload.seq_len,
+                ziplm_plugin_api::Phase::Decode { .. } => 128,
+            };
+            Some(OutputLoss::new(&model, model.calibration_samples(), LOSS_SAMPLES, cap)?)
+        }
+        None => None,
+    };
     std::fs::create_dir_all(&job.out_dir).map_err(|e| Error::io(&job.out_dir, e))?;
     let mut outcomes = vec![];
     let mut budgets = vec![];
@@ -177,7 +197,7 @@ pub fn run(job: &PruneJob, progress: &dyn Progress) -> Result<TractRun> {
     let (mut emit_s, mut verify_s) = (0.0, 0.0);
     for budget in &job.budgets {
         let dest = job.out_dir.join(format!("{}.onnx", job.output_stem(budget)));
-        let mut backend = Backend { model: &model, job, threads, dest, emit_s: 0.0, verify_s: 0.0 };
+        let mut backend = Backend { model: &model, loss: loss.as_ref(), job, threads, dest, emit_s: 0.0, verify_s: 0.0 };
         let outcome = pipeline::prune_to_budget(&database, &table, *budget, &job.search, verify, &mut backend)?;
         emit_s += backend.emit_s;
         verify_s += backend.verify_s;

@@ -7,11 +7,13 @@
 //! - [`onnx`]: rewriting the ONNX file for a plan (weights, head-count constants, KV
 //!   cache shapes, removed branches).
 //! - [`profile`]: timing block shapes with tract's optimised plan.
+//! - [`loss`]: the loss hook (output error of a candidate plan) for SPDY refinement.
 
 pub mod driver;
 pub mod encode;
 pub mod hook;
 pub mod inputs;
+pub mod loss;
 pub mod model;
 pub mod onnx;
 pub mod profile;

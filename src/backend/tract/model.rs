@@ -120,6 +120,11 @@ impl TractModel {
         self.vocab
     }
 
+    /// The calibration samples set with [`TractModel::set_calibration`].
+    pub fn calibration_samples(&self) -> &[Vec<i64>] {
+        &self.calibration
+    }
+
     /// True when the model takes a KV cache.
     pub fn has_kv_cache(&self) -> bool {
         self.inputs.iter().any(|s| matches!(s.role, InputRole::Past { .. }))
