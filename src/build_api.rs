@@ -198,7 +198,7 @@ impl Builder {
         let mut files = vec![];
         for budget in &job.budgets {
             let stem = job.output_stem(budget);
-            for ext in ["onnx", "gguf", "plan.json", "plan-bundle.json", "plan-bundle.bin"] {
+            for ext in ["onnx", "nnef.tar", "gguf", "plan.json", "plan-bundle.json", "plan-bundle.bin"] {
                 let src = entry.join(format!("{stem}.{ext}"));
                 if src.exists() {
                     let dst = dest.join(format!("{stem}.{ext}"));

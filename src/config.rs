@@ -170,7 +170,8 @@ pub struct OutputConfig {
     /// Output folder.
     #[serde(default = "default_out")]
     pub dir: PathBuf,
-    /// Output format (`onnx` for tract; `gguf` or `safetensors` for mistralrs).
+    /// Output format (`onnx` for tract, or `nnef` for ONNX plus a tract NNEF archive;
+    /// `gguf` or `safetensors` for mistralrs).
     #[serde(default)]
     pub format: Option<String>,
 }
@@ -279,7 +280,10 @@ impl ModelConfig {
         job.out_dir = resolve(&self.output.dir);
         if let Some(f) = &self.output.format {
             let ok = match job.backend {
-                BackendKind::Tract => f == "onnx",
+                BackendKind::Tract => {
+                    job.nnef = f == "nnef";
+                    f == "onnx" || f == "nnef"
+                }
                 BackendKind::Mistralrs => ["gguf", "gguf-q8_0", "gguf-q4_k", "safetensors"].contains(&f.as_str()),
             };
             if !ok {

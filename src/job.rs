@@ -77,6 +77,9 @@ pub struct PruneJob {
     pub verify: bool,
     /// Timing settings of the verification.
     pub verify_settings: ProfileSettings,
+    /// Also write each emitted model as a tract NNEF archive (`.nnef.tar`).
+    #[serde(default)]
+    pub nnef: bool,
 }
 
 impl PruneJob {
@@ -109,6 +112,7 @@ impl PruneJob {
             search: SearchSettings::default(),
             verify: true,
             verify_settings: ProfileSettings { warmup: 3, runs: 15 },
+            nnef: false,
         }
     }
 

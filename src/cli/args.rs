@@ -112,6 +112,9 @@ pub struct PruneArgs {
     /// Skip timing the emitted models end to end.
     #[arg(long)]
     pub no_verify: bool,
+    /// Also write each pruned model as a tract NNEF archive (NAME.nnef.tar).
+    #[arg(long)]
+    pub nnef: bool,
     /// Refine the search with the model's output loss (SPDY), up to this many
     /// evaluations per search; 0 = the plain error-sum DP.
     #[arg(long, default_value_t = 32)]

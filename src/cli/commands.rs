@@ -75,6 +75,7 @@ fn job_from_args(a: &PruneArgs) -> anyhow::Result<Vec<PruneJob>> {
     job.gqa_policy = gqa(a.gqa);
     job.database.ffn_width_multiple = a.ffn_multiple;
     job.verify = !a.no_verify;
+    job.nnef = a.nnef;
     job.search.refine = crate::search::spdy::RefineConfig::with_evaluations(a.refine, a.seed);
     Ok(vec![job])
 }

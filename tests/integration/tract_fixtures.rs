@@ -262,3 +262,24 @@ fn tract_ort_export() {
         std::fs::write(case.join("case.json"), serde_json::to_vec(&json).unwrap()).unwrap();
     }
 }
+
+#[test]
+fn nnef_archive_of_a_pruned_model_runs_like_its_onnx() {
+    use ziplm::backend::tract::nnef;
+    for name in FIXTURES {
+        let m = load(name);
+        let plan = some_plan(&m);
+        let onnx_bytes = ziplm::backend::tract::onnx::emit(&m, &plan, &PrunedWeights::default()).unwrap();
+        let w = workload(name);
+        let tar = nnef::to_nnef(&onnx_bytes, &w).unwrap_or_else(|e| panic!("{name}: {e}"));
+        let model = nnef::framework().model_for_read(&mut &tar[..]).unwrap_or_else(|e| panic!("{name}: {e:#}"));
+        let runnable = model.into_optimized().unwrap().into_runnable().unwrap();
+        let (_, specs) = runnable_from_bytes(&onnx_bytes, &w).unwrap();
+        let sample = ids(3, 16);
+        let mask = vec![1i64; sample.len()];
+        let out = runnable.run(inputs::build_inputs(&specs, &w, &sample, &mask).unwrap()).unwrap();
+        let got: Vec<f32> = out[0].cast_to::<f32>().unwrap().to_plain_array_view::<f32>().unwrap().iter().copied().collect();
+        let d = max_abs_diff(&got, &run(&onnx_bytes, &w, &sample));
+        assert!(d <= 1e-5, "{name}: NNEF vs ONNX max abs diff {d}");
+    }
+}

@@ -201,6 +201,11 @@ pub fn run(job: &PruneJob, progress: &dyn Progress) -> Result<TractRun> {
         let outcome = pipeline::prune_to_budget(&database, &table, *budget, &job.search, verify, &mut backend)?;
         emit_s += backend.emit_s;
         verify_s += backend.verify_s;
+        if job.nnef {
+            let onnx_bytes = std::fs::read(&outcome.emitted.path).map_err(|e| Error::io(&outcome.emitted.path, e))?;
+            let nnef_path = job.out_dir.join(format!("{}.nnef.tar", job.output_stem(budget)));
+            super::nnef::write_nnef(&onnx_bytes, &job.workload, &nnef_path)?;
+        }
         let plan_path = job.out_dir.join(format!("{}.plan.json", job.output_stem(budget)));
         crate::fsutil::write_json_atomic(&plan_path, &outcome.plan)?;
         // The bundle for the load-time tract transform (same model as the ONNX).

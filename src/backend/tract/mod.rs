@@ -7,6 +7,7 @@
 //! - [`onnx`]: rewriting the ONNX file for a plan (weights, head-count constants, KV
 //!   cache shapes, removed branches).
 //! - [`profile`]: timing block shapes with tract's optimised plan.
+//! - [`nnef`]: the emitted model as a tract NNEF archive.
 //! - [`loss`]: the loss hook (output error of a candidate plan) for SPDY refinement.
 
 pub mod driver;
@@ -15,6 +16,7 @@ pub mod hook;
 pub mod inputs;
 pub mod loss;
 pub mod model;
+pub mod nnef;
 pub mod onnx;
 pub mod profile;
 pub mod recognize;
