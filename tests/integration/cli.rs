@@ -90,3 +90,34 @@ fn spdy_refinement_scores_candidates_with_the_tract_loss_hook() {
     let (refined, plain) = (losses[0].as_f64().unwrap(), losses[1].as_f64().unwrap());
     assert!(refined.is_finite() && plain.is_finite() && refined <= plain, "{refined} vs {plain}");
 }
+
+/// `ziplm profile` on the deployment machine, commit the table, build elsewhere: the
+/// table defines the target, the build uses it as is (no profiling, no verification,
+/// and the report says why).
+#[test]
+fn a_table_profiled_on_another_machine_is_used_as_is() {
+    let dir = tempfile::tempdir().unwrap();
+    let table = dir.path().join("deploy-cpu1.json");
+    let model = fixture("tiny-bert-feature-extraction");
+    let out = ziplm().args(["profile", &model, "--seq-len", "16", "--quiet", "-o"]).arg(&table).output().unwrap();
+    assert!(out.status.success(), "{}", String::from_utf8_lossy(&out.stderr));
+    // Pretend it came from the deployment machine.
+    let mut t: serde_json::Value = serde_json::from_slice(&std::fs::read(&table).unwrap()).unwrap();
+    t["key"]["target"]["device"] = "Deployment CPU [avx2] x86_64".into();
+    std::fs::write(&table, serde_json::to_vec_pretty(&t).unwrap()).unwrap();
+    let before = std::fs::read(&table).unwrap();
+    let out = ziplm()
+        .args(["prune", &model, "--speedup", "1.3", "--seq-len", "16", "--quiet", "--json", "--latency-table"])
+        .arg(&table)
+        .arg("--out")
+        .arg(dir.path().join("out"))
+        .output()
+        .unwrap();
+    let stderr = String::from_utf8_lossy(&out.stderr);
+    assert_eq!(out.status.code(), Some(0), "{stderr}");
+    let report: serde_json::Value = serde_json::from_slice(&out.stdout).unwrap();
+    assert_eq!(report["target"]["device"], "Deployment CPU [avx2] x86_64");
+    assert!(report["notes"][0].as_str().unwrap().contains("not verified"), "{report}");
+    assert!(report["budgets"][0]["measured_ms"].is_null());
+    assert_eq!(std::fs::read(&table).unwrap(), before, "a committed table is not rewritten");
+}
