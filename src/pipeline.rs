@@ -111,8 +111,35 @@ pub fn prune_to_budget(
     let mut search_budget = problem.budget_ms(budget);
     let mut attempts = vec![];
     let mut refined_loss = None;
+    // SPDY coefficients from the first search; corrected retries reuse them (the DP
+    // alone at the new budget) instead of refining again.
+    let mut alphas: Option<Vec<f64>> = None;
     loop {
-        let (search, loss) = search_once(db, &problem, Budget::LatencyMs(search_budget), settings, backend)?;
+        let budget_now = Budget::LatencyMs(search_budget);
+        let (search, loss) = match &alphas {
+            None => {
+                let (search, loss, found) = search_once(db, &problem, budget_now, settings, backend)?;
+                alphas = found;
+                (search, loss)
+            }
+            Some(a) => {
+                // The coefficients' solution or the plain one, whichever scores better:
+                // two loss evaluations instead of a new refinement.
+                let search = problem.solve(budget_now, a, settings.buckets)?;
+                let plain = problem.solve(budget_now, &[], settings.buckets)?;
+                match (score(db, &search.selection, backend), score(db, &plain.selection, backend)) {
+                    (Some(r), Some(p)) => {
+                        let (r, p) = (r?, p?);
+                        if p < r {
+                            (plain, Some((p, p)))
+                        } else {
+                            (search, Some((r, p)))
+                        }
+                    }
+                    _ => (search, None),
+                }
+            }
+        };
         if loss.is_some() {
             refined_loss = loss;
         }
@@ -158,15 +185,31 @@ pub fn prune_to_budget(
     }
 }
 
+/// The backend's loss of a selection (`None` when the backend has no loss hook).
+fn score(db: &Database, selection: &Selection, backend: &mut dyn EmitAndMeasure) -> Option<Result<f64>> {
+    let plan = match db.plan(selection) {
+        Ok(p) => p,
+        Err(e) => return Some(Err(e)),
+    };
+    let weights = match db.pruned_weights(selection) {
+        Ok(w) => w,
+        Err(e) => return Some(Err(e)),
+    };
+    backend.loss(&plan, &weights)
+}
+
+/// One search: the plain DP, or SPDY refinement when configured and the backend has a
+/// loss hook. Returns the outcome, the (refined, plain) losses and the coefficients.
+#[allow(clippy::type_complexity)]
 fn search_once(
     db: &Database,
     problem: &SearchProblem,
     budget: Budget,
     settings: &SearchSettings,
     backend: &mut dyn EmitAndMeasure,
-) -> Result<(SearchOutcome, Option<(f64, f64)>)> {
+) -> Result<(SearchOutcome, Option<(f64, f64)>, Option<Vec<f64>>)> {
     let Some(cfg) = &settings.refine else {
-        return Ok((problem.solve(budget, &[], settings.buckets)?, None));
+        return Ok((problem.solve(budget, &[], settings.buckets)?, None, None));
     };
     let mut unsupported = false;
     let mut hook = |sel: &Selection| -> Result<f64> {
@@ -182,7 +225,7 @@ fn search_once(
     };
     let refined = spdy::refine(problem, budget, settings.buckets, cfg, &mut hook)?;
     if unsupported {
-        return Ok((problem.solve(budget, &[], settings.buckets)?, None));
+        return Ok((problem.solve(budget, &[], settings.buckets)?, None, None));
     }
-    Ok((refined.outcome, Some((refined.loss, refined.baseline_loss))))
+    Ok((refined.outcome, Some((refined.loss, refined.baseline_loss)), Some(refined.alphas)))
 }
