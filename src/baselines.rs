@@ -123,7 +123,7 @@ pub fn layer_drop_selection(problem: &SearchProblem, budget: Budget) -> Result<S
     layers.sort_unstable();
     layers.dedup();
     let removed_level = |i: usize| problem.blocks[i].levels.iter().position(|l| l.kept == 0);
-    // Per layer: (error, saved ms, the blocks and their removed levels).
+    // Per removable layer: (removal error per ms saved, layer, its blocks, their removed levels).
     let mut options = vec![];
     for &layer in &layers {
         let blocks: Vec<usize> = (0..problem.blocks.len()).filter(|&i| problem.blocks[i].layer == layer).collect();

@@ -122,23 +122,7 @@ pub fn prune_to_budget(
                 alphas = found;
                 (search, loss)
             }
-            Some(a) => {
-                // The coefficients' solution or the plain one, whichever scores better:
-                // two loss evaluations instead of a new refinement.
-                let search = problem.solve(budget_now, a, settings.buckets)?;
-                let plain = problem.solve(budget_now, &[], settings.buckets)?;
-                match (score(db, &search.selection, backend), score(db, &plain.selection, backend)) {
-                    (Some(r), Some(p)) => {
-                        let (r, p) = (r?, p?);
-                        if p < r {
-                            (plain, Some((p, p)))
-                        } else {
-                            (search, Some((r, p)))
-                        }
-                    }
-                    _ => (search, None),
-                }
-            }
+            Some(a) => search_with_coefficients(db, &problem, budget_now, a, settings, backend)?,
         };
         if loss.is_some() {
             refined_loss = loss;
@@ -186,16 +170,29 @@ pub fn prune_to_budget(
 }
 
 /// The backend's loss of a selection (`None` when the backend has no loss hook).
-fn score(db: &Database, selection: &Selection, backend: &mut dyn EmitAndMeasure) -> Option<Result<f64>> {
-    let plan = match db.plan(selection) {
-        Ok(p) => p,
-        Err(e) => return Some(Err(e)),
+fn score(db: &Database, selection: &Selection, backend: &mut dyn EmitAndMeasure) -> Result<Option<f64>> {
+    let plan = db.plan(selection)?;
+    let weights = db.pruned_weights(selection)?;
+    backend.loss(&plan, &weights).transpose()
+}
+
+/// A corrected retry after a refined search: the DP with the refined coefficients at
+/// the new budget, or the plain DP's solution when that scores better. Two loss
+/// evaluations instead of a new refinement.
+fn search_with_coefficients(
+    db: &Database,
+    problem: &SearchProblem,
+    budget: Budget,
+    alphas: &[f64],
+    settings: &SearchSettings,
+    backend: &mut dyn EmitAndMeasure,
+) -> Result<(SearchOutcome, Option<(f64, f64)>)> {
+    let refined = problem.solve(budget, alphas, settings.buckets)?;
+    let plain = problem.solve(budget, &[], settings.buckets)?;
+    let (Some(r), Some(p)) = (score(db, &refined.selection, backend)?, score(db, &plain.selection, backend)?) else {
+        return Ok((refined, None));
     };
-    let weights = match db.pruned_weights(selection) {
-        Ok(w) => w,
-        Err(e) => return Some(Err(e)),
-    };
-    backend.loss(&plan, &weights)
+    Ok(if p < r { (plain, Some((p, p))) } else { (refined, Some((r, p))) })
 }
 
 /// One search: the plain DP, or SPDY refinement when configured and the backend has a
@@ -213,15 +210,10 @@ fn search_once(
     };
     let mut unsupported = false;
     let mut hook = |sel: &Selection| -> Result<f64> {
-        let plan = db.plan(sel)?;
-        let weights = db.pruned_weights(sel)?;
-        match backend.loss(&plan, &weights) {
-            Some(r) => r,
-            None => {
-                unsupported = true;
-                Ok(0.0)
-            }
-        }
+        Ok(score(db, sel, backend)?.unwrap_or_else(|| {
+            unsupported = true;
+            0.0
+        }))
     };
     let refined = spdy::refine(problem, budget, settings.buckets, cfg, &mut hook)?;
     if unsupported {

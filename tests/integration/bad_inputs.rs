@@ -10,14 +10,20 @@ use ziplm::search::Budget;
 
 const OLD: &[u8] = b"an older model the failed run must not touch";
 
-/// A job on a fixture with fast settings, writing into `dir/out`, where an earlier
-/// output already exists.
-fn job(model: &Path, dir: &Path) -> PruneJob {
+/// A job on `model` with fast settings (no verification, one timed run per shape).
+fn fast_job(model: &Path) -> PruneJob {
     let mut job = PruneJob::new(model);
     job.workload = ziplm_plugin_api::Workload::prefill(1, 16);
     job.random_samples = 8;
     job.profile = ziplm::profile::ProfileSettings { warmup: 0, runs: 1 };
     job.verify = false;
+    job
+}
+
+/// A [`fast_job`] writing into a fresh folder under `dir` where an earlier output
+/// already exists.
+fn job(model: &Path, dir: &Path) -> PruneJob {
+    let mut job = fast_job(model);
     static RUN: std::sync::atomic::AtomicUsize = std::sync::atomic::AtomicUsize::new(0);
     job.out_dir = dir.join(format!("out{}", RUN.fetch_add(1, std::sync::atomic::Ordering::SeqCst)));
     std::fs::create_dir_all(&job.out_dir).unwrap();
@@ -163,11 +169,7 @@ fn an_unwritable_output_path_is_an_error_not_a_panic() {
     let dir = tempfile::tempdir().unwrap();
     let file = dir.path().join("a-file");
     std::fs::write(&file, b"x").unwrap();
-    let mut j = PruneJob::new(bert());
-    j.workload = ziplm_plugin_api::Workload::prefill(1, 16);
-    j.random_samples = 8;
-    j.profile = ziplm::profile::ProfileSettings { warmup: 0, runs: 1 };
-    j.verify = false;
+    let mut j = fast_job(&bert());
     j.out_dir = file.join("out");
     let err = ziplm::backend::run_job(&j, &ziplm::progress::Quiet).unwrap_err().to_string();
     assert!(err.contains("a-file"), "{err}");

@@ -10,6 +10,15 @@ fn fixture(name: &str) -> String {
     super::tract_fixtures::fixture(name).display().to_string()
 }
 
+/// Runs `ziplm prune ARGS --quiet --json --out OUT`; returns the exit code and the
+/// JSON report on stdout.
+fn prune_json(args: &[&str], out: &std::path::Path) -> (Option<i32>, serde_json::Value) {
+    let o = ziplm().arg("prune").args(args).args(["--quiet", "--json", "--out"]).arg(out).output().unwrap();
+    let stderr = String::from_utf8_lossy(&o.stderr);
+    let report = serde_json::from_slice(&o.stdout).unwrap_or_else(|e| panic!("{e}: {stderr}"));
+    (o.status.code(), report)
+}
+
 #[test]
 fn inspect_prints_the_structure_and_json() {
     let out = ziplm().args(["inspect", &fixture("tiny-bert-feature-extraction"), "--seq-len", "16"]).output().unwrap();
@@ -24,14 +33,9 @@ fn inspect_prints_the_structure_and_json() {
 #[test]
 fn prune_writes_models_plans_bundles_and_reports() {
     let dir = tempfile::tempdir().unwrap();
-    let out = ziplm()
-        .args(["prune", &fixture("tiny-gpt2-text-generation"), "--speedup", "1.2", "--speedup", "1.4", "--seq-len", "16", "--quiet", "--json", "--out"])
-        .arg(dir.path())
-        .output()
-        .unwrap();
-    let stderr = String::from_utf8_lossy(&out.stderr);
-    assert!(matches!(out.status.code(), Some(0) | Some(1)), "{stderr}");
-    let report: serde_json::Value = serde_json::from_slice(&out.stdout).unwrap_or_else(|e| panic!("{e}: {stderr}"));
+    let model = fixture("tiny-gpt2-text-generation");
+    let (code, report) = prune_json(&[&model, "--speedup", "1.2", "--speedup", "1.4", "--seq-len", "16"], dir.path());
+    assert!(matches!(code, Some(0) | Some(1)), "{report}");
     assert_eq!(report["budgets"].as_array().unwrap().len(), 2);
     for stem in ["model.speedup-1.2", "model.speedup-1.4"] {
         for ext in ["onnx", "plan.json", "plan-bundle.json", "plan-bundle.bin"] {
@@ -45,7 +49,7 @@ fn prune_writes_models_plans_bundles_and_reports() {
     assert!(svg.starts_with("<svg") || svg.contains("<svg"));
     // Exit code 1 exactly when a verified budget was missed.
     let missed = report["budgets"].as_array().unwrap().iter().any(|b| b["met"] == false);
-    assert_eq!(out.status.code(), Some(if missed { 1 } else { 0 }));
+    assert_eq!(code, Some(if missed { 1 } else { 0 }));
 }
 
 #[test]
@@ -79,13 +83,8 @@ fn bad_inputs_exit_2_with_a_clear_message() {
 #[test]
 fn spdy_refinement_scores_candidates_with_the_tract_loss_hook() {
     let dir = tempfile::tempdir().unwrap();
-    let out = ziplm()
-        .args(["prune", &fixture("tiny-llama-gqa-text-generation"), "--speedup", "1.4", "--seq-len", "16", "--refine", "6", "--quiet", "--json", "--out"])
-        .arg(dir.path())
-        .output()
-        .unwrap();
-    let stderr = String::from_utf8_lossy(&out.stderr);
-    let report: serde_json::Value = serde_json::from_slice(&out.stdout).unwrap_or_else(|e| panic!("{e}: {stderr}"));
+    let model = fixture("tiny-llama-gqa-text-generation");
+    let (_, report) = prune_json(&[&model, "--speedup", "1.4", "--seq-len", "16", "--refine", "6"], dir.path());
     let losses = report["budgets"][0]["refined_loss"].as_array().unwrap_or_else(|| panic!("no refined loss: {report}"));
     let (refined, plain) = (losses[0].as_f64().unwrap(), losses[1].as_f64().unwrap());
     assert!(refined.is_finite() && plain.is_finite() && refined <= plain, "{refined} vs {plain}");
@@ -106,16 +105,10 @@ fn a_table_profiled_on_another_machine_is_used_as_is() {
     t["key"]["target"]["device"] = "Deployment CPU [avx2] x86_64".into();
     std::fs::write(&table, serde_json::to_vec_pretty(&t).unwrap()).unwrap();
     let before = std::fs::read(&table).unwrap();
-    let out = ziplm()
-        .args(["prune", &model, "--speedup", "1.3", "--seq-len", "16", "--quiet", "--json", "--latency-table"])
-        .arg(&table)
-        .arg("--out")
-        .arg(dir.path().join("out"))
-        .output()
-        .unwrap();
-    let stderr = String::from_utf8_lossy(&out.stderr);
-    assert_eq!(out.status.code(), Some(0), "{stderr}");
-    let report: serde_json::Value = serde_json::from_slice(&out.stdout).unwrap();
+    let table_arg = table.display().to_string();
+    let (code, report) =
+        prune_json(&[&model, "--speedup", "1.3", "--seq-len", "16", "--latency-table", &table_arg], &dir.path().join("out"));
+    assert_eq!(code, Some(0), "{report}");
     assert_eq!(report["target"]["device"], "Deployment CPU [avx2] x86_64");
     assert!(report["notes"][0].as_str().unwrap().contains("not verified"), "{report}");
     assert!(report["budgets"][0]["measured_ms"].is_null());

@@ -41,14 +41,13 @@ impl OutputLoss {
         let workload = Workload::prefill(batch, seq);
         let batches: Vec<(Vec<i64>, Vec<i64>)> = held.chunks(batch).map(|c| pad_batch(c, batch, seq)).collect();
         let mut loss = OutputLoss { workload, batches, dense: vec![] };
-        loss.dense = loss.outputs(&model.file().to_bytes(), model)?;
+        loss.dense = loss.outputs(&model.file().to_bytes())?;
         Ok(loss)
     }
 
     /// The first output of the model in `bytes` on every batch.
-    fn outputs(&self, bytes: &[u8], model: &TractModel) -> AdapterResult<Vec<(Vec<f32>, Vec<usize>)>> {
+    fn outputs(&self, bytes: &[u8]) -> AdapterResult<Vec<(Vec<f32>, Vec<usize>)>> {
         let (plan, specs) = runnable_from_bytes(bytes, &self.workload).map_err(|e| runtime("loading a candidate for the loss", e))?;
-        let _ = model;
         let mut out = vec![];
         for (ids, mask) in &self.batches {
             let inputs = inputs::build_inputs(&specs, &self.workload, ids, mask).map_err(|e| runtime("building loss inputs", e))?;
@@ -65,7 +64,7 @@ impl OutputLoss {
     /// Relative squared output error of a plan with its compensated weights.
     pub fn loss(&self, model: &TractModel, plan: &Plan, weights: &PrunedWeights) -> AdapterResult<f64> {
         let bytes = onnx::emit(model, plan, weights)?;
-        let pruned = self.outputs(&bytes, model)?;
+        let pruned = self.outputs(&bytes)?;
         let (mut num, mut den) = (0f64, 0f64);
         for (((p, p_shape), (d, d_shape)), (_, mask)) in pruned.iter().zip(&self.dense).zip(&self.batches) {
             if p_shape != d_shape {

@@ -7,6 +7,7 @@
 //! `0.5 * x * (1 + erf(x / sqrt 2))`, which plain tract loads.
 
 use super::inputs;
+use super::model::typed_at;
 use super::onnx::OnnxFile;
 use std::path::Path;
 use tract_nnef::framework::Nnef;
@@ -28,10 +29,8 @@ fn nnef_error(e: impl std::fmt::Display) -> AdapterError {
 pub fn to_nnef(bytes: &[u8], workload: &Workload) -> AdapterResult<Vec<u8>> {
     let file = OnnxFile::from_bytes(bytes, Path::new("<emitted model>"))?;
     let typed = (|| -> TractResult<TypedModel> {
-        let mut model = file.inference_model()?;
-        let specs = inputs::input_specs(&model)?;
-        inputs::set_input_facts(&mut model, &specs, workload)?;
-        let mut typed = model.into_typed()?.into_decluttered()?;
+        let specs = inputs::input_specs(&file.inference_model()?)?;
+        let mut typed = typed_at(&file, &specs, workload)?;
         expand_gelu_exact(&mut typed)?;
         Ok(typed)
     })()
@@ -65,7 +64,7 @@ fn expand_gelu_exact(model: &mut TypedModel) -> TractResult<()> {
         let erf = patch.wire_node(format!("{name}.erf"), math::erf(), &[scaled])?[0];
         let plus_one = patch.wire_node(format!("{name}.plus_one"), math::add(), &[erf, one])?[0];
         let times_x = patch.wire_node(format!("{name}.times_x"), math::mul(), &[plus_one, x])?[0];
-        let out = patch.wire_node(format!("{name}.half"), math::mul(), &[times_x, half])?[0];
+        let out = patch.wire_node(format!("{name}.out"), math::mul(), &[times_x, half])?[0];
         patch.shunt_outside(model, id.into(), out)?;
         patch.apply(model)?;
     }
