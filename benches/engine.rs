@@ -35,20 +35,40 @@ fn layer(d_out: usize, n: usize, tokens: usize, seed: u64) -> (Mat<f64>, Mat<f64
     let mix = Mat::from_fn(n, k, |_, j| normal(&mut r) / (1.0 + j as f64).sqrt());
     let z = Mat::from_fn(k, tokens, |_, _| normal(&mut r));
     let mut x = Mat::<f64>::zeros(n, tokens);
-    faer::linalg::matmul::matmul(x.as_mut(), Accum::Replace, mix.as_ref(), z.as_ref(), 1.0, Par::Seq);
+    faer::linalg::matmul::matmul(
+        x.as_mut(),
+        Accum::Replace,
+        mix.as_ref(),
+        z.as_ref(),
+        1.0,
+        Par::Seq,
+    );
     for j in 0..tokens {
         for i in 0..n {
             x[(i, j)] += 0.05 * normal(&mut r);
         }
     }
     let mut h = Mat::<f64>::zeros(n, n);
-    faer::linalg::matmul::matmul(h.as_mut(), Accum::Replace, x.as_ref(), x.transpose(), 2.0 / tokens as f64, Par::Seq);
+    faer::linalg::matmul::matmul(
+        h.as_mut(),
+        Accum::Replace,
+        x.as_ref(),
+        x.transpose(),
+        2.0 / tokens as f64,
+        Par::Seq,
+    );
     (w, h)
 }
 
 fn obs_ffn(c: &mut Criterion) {
     let (w, h) = layer(576, 1536, 4096, 1);
-    let layout = GroupLayout::for_kind(&BlockKind::Ffn(FfnShape { width: 1536, gated: true }), GqaPolicy::WholeKvGroups);
+    let layout = GroupLayout::for_kind(
+        &BlockKind::Ffn(FfnShape {
+            width: 1536,
+            gated: true,
+        }),
+        GqaPolicy::WholeKvGroups,
+    );
     let max_removed = 1536 * 9 / 10;
     let checkpoints: Vec<usize> = (0..=max_removed).step_by(32).collect();
     c.bench_function("obs_ffn_576x1536_to_90pct", |b| {
@@ -62,7 +82,11 @@ fn obs_ffn(c: &mut Criterion) {
 fn obs_heads(c: &mut Criterion) {
     let (w, h) = layer(576, 576, 4096, 2);
     let layout = GroupLayout::for_kind(
-        &BlockKind::Attention(AttentionShape { n_heads: 9, n_kv_heads: 9, head_dim: 64 }),
+        &BlockKind::Attention(AttentionShape {
+            n_heads: 9,
+            n_kv_heads: 9,
+            head_dim: 64,
+        }),
         GqaPolicy::WholeKvGroups,
     );
     let checkpoints: Vec<usize> = (0..=8).collect();
@@ -82,13 +106,18 @@ fn dp_bench(c: &mut Criterion) {
             (0..50)
                 .map(|s| {
                     e += r.random::<f64>() * 0.02;
-                    DpOption { time: 1.0 - s as f64 / 50.0 + r.random::<f64>() * 0.01, cost: e }
+                    DpOption {
+                        time: 1.0 - s as f64 / 50.0 + r.random::<f64>() * 0.01,
+                        cost: e,
+                    }
                 })
                 .collect()
         })
         .collect();
     let dense: f64 = stages.iter().map(|s| s[0].time).sum();
-    c.bench_function("dp_60x50x10000", |b| b.iter(|| black_box(dp::solve(&stages, dense / 2.0, 10_000).unwrap())));
+    c.bench_function("dp_60x50x10000", |b| {
+        b.iter(|| black_box(dp::solve(&stages, dense / 2.0, 10_000).unwrap()))
+    });
 }
 
 criterion_group! {

@@ -16,7 +16,8 @@ use ziplm::job::PruneJob;
 use ziplm::search::Budget;
 
 fn pass(c: &mut Criterion) {
-    let shared = PathBuf::from(std::env::var("ZIPLM_SHARED").unwrap_or_else(|_| "../shared".into()));
+    let shared =
+        PathBuf::from(std::env::var("ZIPLM_SHARED").unwrap_or_else(|_| "../shared".into()));
     let model = shared.join("models/all-MiniLM-L6-v2-onnx/model.onnx");
     if !model.exists() {
         eprintln!("skipped: {} not found (set ZIPLM_SHARED)", model.display());
@@ -43,12 +44,19 @@ fn pass(c: &mut Criterion) {
     job.profile = ziplm::profile::ProfileSettings { warmup: 1, runs: 5 };
     let mut last = None;
     let mut group = c.benchmark_group("minilm_pass");
-    group.sample_size(10).sampling_mode(SamplingMode::Flat).warm_up_time(Duration::from_millis(1));
+    group
+        .sample_size(10)
+        .sampling_mode(SamplingMode::Flat)
+        .warm_up_time(Duration::from_millis(1));
     group.bench_function("calibrate_database_profile_search_emit", |b| {
         b.iter_custom(|iters| {
             let start = Instant::now();
             for _ in 0..iters {
-                last = Some(ziplm::backend::tract::driver::run(&job, &ziplm::progress::Quiet).unwrap().report);
+                last = Some(
+                    ziplm::backend::tract::driver::run(&job, &ziplm::progress::Quiet)
+                        .unwrap()
+                        .report,
+                );
             }
             start.elapsed()
         })

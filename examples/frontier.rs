@@ -40,10 +40,18 @@ struct Args {
     #[arg(default_value = "target/frontier")]
     out: PathBuf,
     /// Speedup targets.
-    #[arg(long, value_delimiter = ',', default_value = "1.1,1.25,1.5,1.75,2.0,2.25,2.5")]
+    #[arg(
+        long,
+        value_delimiter = ',',
+        default_value = "1.1,1.25,1.5,1.75,2.0,2.25,2.5"
+    )]
     targets: Vec<f64>,
     /// Methods to measure (ziplm always runs: the baselines take its corrected budget).
-    #[arg(long, value_delimiter = ',', default_value = "ziplm,ziplm-plain,magnitude,uniform,layer-drop")]
+    #[arg(
+        long,
+        value_delimiter = ',',
+        default_value = "ziplm,ziplm-plain,magnitude,uniform,layer-drop"
+    )]
     methods: Vec<String>,
     /// Calibration sentences (STS-B train).
     #[arg(long, default_value_t = 2048)]
@@ -64,7 +72,8 @@ fn main() -> anyhow::Result<()> {
             "unknown method `{m}`: use ziplm, ziplm-plain, magnitude, uniform or layer-drop"
         );
     }
-    let shared = PathBuf::from(std::env::var("ZIPLM_SHARED").unwrap_or_else(|_| "../shared".into()));
+    let shared =
+        PathBuf::from(std::env::var("ZIPLM_SHARED").unwrap_or_else(|_| "../shared".into()));
     let model = shared.join("models/all-MiniLM-L6-v2-onnx/model.onnx");
     if !model.exists() {
         eprintln!("skipped: {} not found (set ZIPLM_SHARED)", model.display());
@@ -82,7 +91,11 @@ fn main() -> anyhow::Result<()> {
     job.out_dir = args.out.clone();
     job.latency_table = Some(args.out.join("latency-table.json"));
     job.search.refine = ziplm::search::spdy::RefineConfig::with_evaluations(args.refine, job.seed);
-    let ziplm_label = if args.refine > 0 { "ziplm" } else { "ziplm-plain" };
+    let ziplm_label = if args.refine > 0 {
+        "ziplm"
+    } else {
+        "ziplm-plain"
+    };
     let run = driver::run(&job, &ziplm::progress::Bars::default())?;
     println!("{}", run.report.to_text());
 
@@ -90,9 +103,20 @@ fn main() -> anyhow::Result<()> {
     let pairs = sts::read_pairs(&shared.join("data/stsbenchmark/sts-dev.csv"))?;
     let score = |path: &Path| -> anyhow::Result<f64> {
         let enc = SentenceEncoder::new(&std::fs::read(path)?, 16, 128)?;
-        Ok(sts::evaluate(&pairs, &mut |s: &[String]| enc.embed(&tok, s))?)
+        Ok(sts::evaluate(&pairs, &mut |s: &[String]| {
+            enc.embed(&tok, s)
+        })?)
     };
-    let measure = |path: &Path| time_pair(&run.model, &model, path, &job.workload, 1, &job.verify_settings);
+    let measure = |path: &Path| {
+        time_pair(
+            &run.model,
+            &model,
+            path,
+            &job.workload,
+            1,
+            &job.verify_settings,
+        )
+    };
     let problem = run.database.search_problem(&run.table)?;
 
     let dense_quality = score(&model)?;
@@ -103,8 +127,14 @@ fn main() -> anyhow::Result<()> {
             Budget::Speedup(s) => s,
             Budget::LatencyMs(_) => unreachable!("the job has speedup budgets only"),
         };
-        let last = outcome.attempts.last().context("an outcome without an attempt")?;
-        let (zd, zm) = (last.measured_dense.context("verification is on")?, last.measured.context("verification is on")?);
+        let last = outcome
+            .attempts
+            .last()
+            .context("an outcome without an attempt")?;
+        let (zd, zm) = (
+            last.measured_dense.context("verification is on")?,
+            last.measured.context("verification is on")?,
+        );
         dense_ms.push(zd.median_ms);
         let stem = outcome.emitted.path.with_extension("");
         if args.methods.iter().any(|m| m == "ziplm") {
@@ -120,15 +150,25 @@ fn main() -> anyhow::Result<()> {
         }
         // The baselines aim at ZipLM's final (corrected) millisecond budget.
         let budget = Budget::LatencyMs(last.search_budget_ms);
-        for method in args.methods.iter().filter(|m| *m != "ziplm" && !(*m == "ziplm-plain" && args.refine == 0)) {
+        for method in args
+            .methods
+            .iter()
+            .filter(|m| *m != "ziplm" && !(*m == "ziplm-plain" && args.refine == 0))
+        {
             let (selection, plan, weights) = match method.as_str() {
                 "magnitude" => {
                     let plan = baselines::magnitude_plan(&run.database, &outcome.search.selection)?;
-                    (outcome.search.selection.clone(), plan, PrunedWeights::default())
+                    (
+                        outcome.search.selection.clone(),
+                        plan,
+                        PrunedWeights::default(),
+                    )
                 }
                 "ziplm-plain" | "uniform" | "layer-drop" => {
                     let found = match method.as_str() {
-                        "ziplm-plain" => problem.solve(budget, &[], job.search.buckets).map(|o| o.selection),
+                        "ziplm-plain" => problem
+                            .solve(budget, &[], job.search.buckets)
+                            .map(|o| o.selection),
                         "uniform" => baselines::uniform_selection(&problem, budget),
                         _ => baselines::layer_drop_selection(&problem, budget),
                     };
@@ -139,7 +179,11 @@ fn main() -> anyhow::Result<()> {
                             continue;
                         }
                     };
-                    (sel.clone(), run.database.plan(&sel)?, run.database.pruned_weights(&sel)?)
+                    (
+                        sel.clone(),
+                        run.database.plan(&sel)?,
+                        run.database.pruned_weights(&sel)?,
+                    )
                 }
                 _ => unreachable!("methods were checked"),
             };
@@ -182,17 +226,29 @@ fn main() -> anyhow::Result<()> {
     for p in &points {
         println!(
             "| {} | {:.2}x | {:.2}x | {:.2} | {:.2} | {:.2} |",
-            p.method, p.target, p.speedup(), p.predicted_ms, p.measured_ms, p.quality
+            p.method,
+            p.target,
+            p.speedup(),
+            p.predicted_ms,
+            p.measured_ms,
+            p.quality
         );
     }
     for o in &run.outcomes {
         if o.met() == Some(false) {
-            eprintln!("warning: budget {:?} missed after {} searches (see the report)", o.budget, o.attempts.len());
+            eprintln!(
+                "warning: budget {:?} missed after {} searches (see the report)",
+                o.budget,
+                o.attempts.len()
+            );
         }
     }
     if args.check {
         for z in points.iter().filter(|p| p.method == ziplm_label) {
-            if let Some(m) = points.iter().find(|p| p.method == "magnitude" && p.target == z.target) {
+            if let Some(m) = points
+                .iter()
+                .find(|p| p.method == "magnitude" && p.target == z.target)
+            {
                 anyhow::ensure!(
                     z.quality >= m.quality,
                     "ZipLM ({:.2}) scored below the magnitude baseline ({:.2}) at {}x",

@@ -20,7 +20,11 @@ fn group_norms(db: &Database, block: usize) -> Vec<f64> {
     b.layout
         .groups
         .iter()
-        .map(|cols| cols.iter().map(|&c| b.layer.w.col(c).iter().map(|v| v * v).sum::<f64>()).sum())
+        .map(|cols| {
+            cols.iter()
+                .map(|&c| b.layer.w.col(c).iter().map(|v| v * v).sum::<f64>())
+                .sum()
+        })
         .collect()
 }
 
@@ -45,12 +49,15 @@ pub fn magnitude_plan(db: &Database, selection: &Selection) -> Result<Plan> {
                 let classes = b.layout.step();
                 let per_class = keep_groups / classes.max(1);
                 let mut taken = vec![0usize; classes];
-                order.into_iter().filter(|&g| {
-                    let c = class_of[g] as usize;
-                    let ok = taken[c] < per_class;
-                    taken[c] += usize::from(ok);
-                    ok
-                }).collect()
+                order
+                    .into_iter()
+                    .filter(|&g| {
+                        let c = class_of[g] as usize;
+                        let ok = taken[c] < per_class;
+                        taken[c] += usize::from(ok);
+                        ok
+                    })
+                    .collect()
             }
         };
         let mut gone = vec![true; b.layer.n_inputs()];
@@ -68,9 +75,18 @@ pub fn magnitude_plan(db: &Database, selection: &Selection) -> Result<Plan> {
                 (heads, kv)
             }
         };
-        blocks.push(BlockPlan { block: bp.block, kind: bp.kind, kept, kept_kv_heads });
+        blocks.push(BlockPlan {
+            block: bp.block,
+            kind: bp.kind,
+            kept,
+            kept_kv_heads,
+        });
     }
-    let plan = Plan { format_version: FORMAT_VERSION, architecture: zipl.architecture, blocks };
+    let plan = Plan {
+        format_version: FORMAT_VERSION,
+        architecture: zipl.architecture,
+        blocks,
+    };
     plan.validate_for(&db.structure).map_err(Error::Invalid)?;
     Ok(plan)
 }
@@ -98,7 +114,11 @@ pub fn uniform_selection(problem: &SearchProblem, budget: Budget) -> Result<Sele
             let levels: Option<Vec<usize>> = problem
                 .blocks
                 .iter()
-                .map(|b| b.levels.iter().position(|l| l.kept == if b.attention { h } else { w }))
+                .map(|b| {
+                    b.levels
+                        .iter()
+                        .position(|l| l.kept == if b.attention { h } else { w })
+                })
                 .collect();
             let Some(levels) = levels else { continue };
             let sel = Selection { levels };
@@ -110,7 +130,8 @@ pub fn uniform_selection(problem: &SearchProblem, budget: Budget) -> Result<Sele
             }
         }
     }
-    best.map(|(_, s)| s).ok_or_else(|| Error::Invalid("no uniform shape meets the budget".into()))
+    best.map(|(_, s)| s)
+        .ok_or_else(|| Error::Invalid("no uniform shape meets the budget".into()))
 }
 
 /// The whole-layer dropping selection for a budget: every block of a dropped layer at
@@ -126,15 +147,34 @@ pub fn layer_drop_selection(problem: &SearchProblem, budget: Budget) -> Result<S
     // Per removable layer: (removal error per ms saved, layer, its blocks, their removed levels).
     let mut options = vec![];
     for &layer in &layers {
-        let blocks: Vec<usize> = (0..problem.blocks.len()).filter(|&i| problem.blocks[i].layer == layer).collect();
-        let Some(levels) = blocks.iter().map(|&i| removed_level(i)).collect::<Option<Vec<usize>>>() else { continue };
-        let error: f64 = blocks.iter().zip(&levels).map(|(&i, &l)| problem.blocks[i].levels[l].error).sum();
-        let saved: f64 =
-            blocks.iter().zip(&levels).map(|(&i, &l)| problem.blocks[i].levels[0].time_ms - problem.blocks[i].levels[l].time_ms).sum();
+        let blocks: Vec<usize> = (0..problem.blocks.len())
+            .filter(|&i| problem.blocks[i].layer == layer)
+            .collect();
+        let Some(levels) = blocks
+            .iter()
+            .map(|&i| removed_level(i))
+            .collect::<Option<Vec<usize>>>()
+        else {
+            continue;
+        };
+        let error: f64 = blocks
+            .iter()
+            .zip(&levels)
+            .map(|(&i, &l)| problem.blocks[i].levels[l].error)
+            .sum();
+        let saved: f64 = blocks
+            .iter()
+            .zip(&levels)
+            .map(|(&i, &l)| {
+                problem.blocks[i].levels[0].time_ms - problem.blocks[i].levels[l].time_ms
+            })
+            .sum();
         options.push((error / saved.max(1e-12), layer, blocks, levels));
     }
     options.sort_by(|a, b| a.0.total_cmp(&b.0).then(a.1.cmp(&b.1)));
-    let mut sel = Selection { levels: vec![0; problem.blocks.len()] };
+    let mut sel = Selection {
+        levels: vec![0; problem.blocks.len()],
+    };
     for (_, _, blocks, levels) in &options {
         if problem.time_of(&sel) <= budget_ms {
             break;
@@ -164,9 +204,21 @@ mod tests {
             layer: LayerIndex(i),
             attention,
             levels: vec![
-                Candidate { kept: 4, error: 0.0, time_ms: 1.0 },
-                Candidate { kept: 2, error: 0.1, time_ms: 0.6 },
-                Candidate { kept: 0, error: removal_error, time_ms: 0.0 },
+                Candidate {
+                    kept: 4,
+                    error: 0.0,
+                    time_ms: 1.0,
+                },
+                Candidate {
+                    kept: 2,
+                    error: 0.1,
+                    time_ms: 0.6,
+                },
+                Candidate {
+                    kept: 0,
+                    error: removal_error,
+                    time_ms: 0.0,
+                },
             ],
         }
     }
@@ -174,7 +226,14 @@ mod tests {
     #[test]
     fn layer_drop_removes_the_cheapest_whole_layers_first() {
         let problem = SearchProblem {
-            blocks: vec![block(0, true, 5.0), block(0, false, 5.0), block(1, true, 1.0), block(1, false, 1.0), block(2, true, 3.0), block(2, false, 3.0)],
+            blocks: vec![
+                block(0, true, 5.0),
+                block(0, false, 5.0),
+                block(1, true, 1.0),
+                block(1, false, 1.0),
+                block(2, true, 3.0),
+                block(2, false, 3.0),
+            ],
             rest_ms: 1.0,
             constraints: ShapeConstraints::default(),
         };

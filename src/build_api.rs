@@ -50,9 +50,11 @@ pub struct Built {
 }
 
 fn env_path(name: &str) -> Result<PathBuf> {
-    std::env::var_os(name)
-        .map(PathBuf::from)
-        .ok_or_else(|| Error::Invalid(format!("{name} is not set: ziplm::build runs inside a cargo build script")))
+    std::env::var_os(name).map(PathBuf::from).ok_or_else(|| {
+        Error::Invalid(format!(
+            "{name} is not set: ziplm::build runs inside a cargo build script"
+        ))
+    })
 }
 
 fn hash_file(h: &mut Sha256, path: &Path) -> Result<()> {
@@ -74,7 +76,11 @@ pub fn inputs_of(job: &PruneJob) -> Vec<PathBuf> {
     if let Some(c) = &job.calibration {
         v.push(c.path.clone());
     }
-    if let Some(t) = job.tokenizer.clone().or_else(|| crate::data::tokenizer::Tokenizer::next_to(&job.model)) {
+    if let Some(t) = job
+        .tokenizer
+        .clone()
+        .or_else(|| crate::data::tokenizer::Tokenizer::next_to(&job.model))
+    {
         v.push(t);
     }
     if let Some(t) = &job.latency_table {
@@ -96,7 +102,10 @@ pub fn cache_key(job: &PruneJob) -> Result<String> {
     h.update(serde_json::to_vec(&settings).map_err(|e| Error::Invalid(e.to_string()))?);
     for p in inputs_of(job) {
         if p.is_dir() {
-            let mut entries: Vec<PathBuf> = std::fs::read_dir(&p).map_err(|e| Error::io(&p, e))?.filter_map(|e| e.ok().map(|e| e.path())).collect();
+            let mut entries: Vec<PathBuf> = std::fs::read_dir(&p)
+                .map_err(|e| Error::io(&p, e))?
+                .filter_map(|e| e.ok().map(|e| e.path()))
+                .collect();
             entries.sort();
             for e in entries.into_iter().filter(|e| e.is_file()) {
                 h.update(e.file_name().unwrap_or_default().as_encoded_bytes());
@@ -110,7 +119,16 @@ pub fn cache_key(job: &PruneJob) -> Result<String> {
 }
 
 fn const_name(s: &str) -> String {
-    let mut out: String = s.chars().map(|c| if c.is_ascii_alphanumeric() { c.to_ascii_uppercase() } else { '_' }).collect();
+    let mut out: String = s
+        .chars()
+        .map(|c| {
+            if c.is_ascii_alphanumeric() {
+                c.to_ascii_uppercase()
+            } else {
+                '_'
+            }
+        })
+        .collect();
     if out.starts_with(|c: char| c.is_ascii_digit()) {
         out.insert(0, '_');
     }
@@ -132,7 +150,12 @@ impl Builder {
             Some(d) => PathBuf::from(d),
             None => default_cache_dir(&out_dir),
         };
-        Ok(Builder { config: config.to_path_buf(), out_dir, cache_dir, jobs: config::load_jobs(config)? })
+        Ok(Builder {
+            config: config.to_path_buf(),
+            out_dir,
+            cache_dir,
+            jobs: config::load_jobs(config)?,
+        })
     }
 
     /// Overrides the cache folder.
@@ -198,7 +221,14 @@ impl Builder {
         let mut files = vec![];
         for budget in &job.budgets {
             let stem = job.output_stem(budget);
-            for ext in ["onnx", "nnef.tar", "gguf", "plan.json", "plan-bundle.json", "plan-bundle.bin"] {
+            for ext in [
+                "onnx",
+                "nnef.tar",
+                "gguf",
+                "plan.json",
+                "plan-bundle.json",
+                "plan-bundle.bin",
+            ] {
                 let src = entry.join(format!("{stem}.{ext}"));
                 if src.exists() {
                     let dst = dest.join(format!("{stem}.{ext}"));
@@ -215,13 +245,21 @@ impl Builder {
                 place(&src, &dest.join(report))?;
             }
         }
-        Ok(Built { name, files, cached })
+        Ok(Built {
+            name,
+            files,
+            cached,
+        })
     }
 }
 
 fn default_cache_dir(out_dir: &Path) -> PathBuf {
     // OUT_DIR = <target>/<profile>/build/<pkg>-<hash>/out: share <target>/ziplm-cache.
-    out_dir.ancestors().nth(4).map(|t| t.join("ziplm-cache")).unwrap_or_else(|| out_dir.join("ziplm-cache"))
+    out_dir
+        .ancestors()
+        .nth(4)
+        .map(|t| t.join("ziplm-cache"))
+        .unwrap_or_else(|| out_dir.join("ziplm-cache"))
 }
 
 /// Hard link, or copy when linking fails; replaces `dst` atomically.
@@ -236,7 +274,11 @@ fn place(src: &Path, dst: &Path) -> Result<()> {
 
 /// Returns the cache entry for `key`, producing it with `produce` (into a temporary
 /// folder, renamed into place) under an exclusive lock when it does not exist yet.
-pub fn ensure_cached(cache: &Path, key: &str, produce: impl FnOnce(&Path) -> Result<()>) -> Result<(PathBuf, bool)> {
+pub fn ensure_cached(
+    cache: &Path,
+    key: &str,
+    produce: impl FnOnce(&Path) -> Result<()>,
+) -> Result<(PathBuf, bool)> {
     std::fs::create_dir_all(cache).map_err(|e| Error::io(cache, e))?;
     let entry = cache.join(key);
     if entry.join(".complete").exists() {
@@ -249,7 +291,10 @@ pub fn ensure_cached(cache: &Path, key: &str, produce: impl FnOnce(&Path) -> Res
     if entry.join(".complete").exists() {
         return Ok((entry, true));
     }
-    let tmp = tempfile::Builder::new().prefix(&format!(".{key}.")).tempdir_in(cache).map_err(|e| Error::io(cache, e))?;
+    let tmp = tempfile::Builder::new()
+        .prefix(&format!(".{key}."))
+        .tempdir_in(cache)
+        .map_err(|e| Error::io(cache, e))?;
     produce(tmp.path())?;
     std::fs::write(tmp.path().join(".complete"), key).map_err(|e| Error::io(tmp.path(), e))?;
     let tmp_path = tmp.keep();

@@ -126,7 +126,12 @@ fn prefill() -> String {
 
 impl Default for WorkloadConfig {
     fn default() -> Self {
-        WorkloadConfig { batch: 1, seq_len: 128, phase: prefill(), kv_len: None }
+        WorkloadConfig {
+            batch: 1,
+            seq_len: 128,
+            phase: prefill(),
+            kv_len: None,
+        }
     }
 }
 
@@ -182,7 +187,10 @@ fn default_out() -> PathBuf {
 
 impl Default for OutputConfig {
     fn default() -> Self {
-        OutputConfig { dir: default_out(), format: None }
+        OutputConfig {
+            dir: default_out(),
+            format: None,
+        }
     }
 }
 
@@ -217,15 +225,31 @@ pub struct PruningConfig {
 }
 
 fn bad(path: &Path, detail: impl Into<String>) -> Error {
-    Error::Format { path: path.into(), detail: detail.into() }
+    Error::Format {
+        path: path.into(),
+        detail: detail.into(),
+    }
 }
 
 impl ModelConfig {
     /// Resolves paths against `base` and checks every value; names the file and key in
     /// errors.
     pub fn to_job(&self, file: &Path, base: &Path) -> Result<PruneJob> {
-        let key = |k: &str| format!("model `{}`: {k}", self.name.as_deref().unwrap_or(&self.source.display().to_string()));
-        let resolve = |p: &Path| if p.is_absolute() { p.to_path_buf() } else { base.join(p) };
+        let key = |k: &str| {
+            format!(
+                "model `{}`: {k}",
+                self.name
+                    .as_deref()
+                    .unwrap_or(&self.source.display().to_string())
+            )
+        };
+        let resolve = |p: &Path| {
+            if p.is_absolute() {
+                p.to_path_buf()
+            } else {
+                base.join(p)
+            }
+        };
         let mut job = PruneJob::new(resolve(&self.source));
         job.name = self.name.clone();
         if let Some(b) = self.backend {
@@ -234,48 +258,92 @@ impl ModelConfig {
         job.tokenizer = self.tokenizer.as_deref().map(resolve);
         job.seed = self.seed;
         job.device = match (self.target.threads, self.target.cuda) {
-            (Some(_), Some(_)) => return Err(bad(file, key("target: give threads (CPU) or cuda (GPU), not both"))),
+            (Some(_), Some(_)) => {
+                return Err(bad(
+                    file,
+                    key("target: give threads (CPU) or cuda (GPU), not both"),
+                ))
+            }
             (_, Some(d)) => Device::Cuda { device: d },
             (Some(0), None) => return Err(bad(file, key("target.threads must be at least 1"))),
-            (t, None) => Device::Cpu { threads: t.unwrap_or(1) },
+            (t, None) => Device::Cpu {
+                threads: t.unwrap_or(1),
+            },
         };
         let w = &self.workload;
         if w.batch == 0 || w.seq_len == 0 {
-            return Err(bad(file, key("workload.batch and workload.seq_len must be at least 1")));
+            return Err(bad(
+                file,
+                key("workload.batch and workload.seq_len must be at least 1"),
+            ));
         }
         job.workload = Workload {
             batch: w.batch,
             seq_len: w.seq_len,
             phase: match (w.phase.as_str(), w.kv_len) {
                 ("prefill", None) => Phase::Prefill,
-                ("prefill", Some(_)) => return Err(bad(file, key("workload.kv_len is only for phase = \"decode\""))),
+                ("prefill", Some(_)) => {
+                    return Err(bad(
+                        file,
+                        key("workload.kv_len is only for phase = \"decode\""),
+                    ))
+                }
                 ("decode", Some(kv_len)) => Phase::Decode { kv_len },
-                ("decode", None) => return Err(bad(file, key("workload.phase = \"decode\" needs workload.kv_len"))),
-                (other, _) => return Err(bad(file, key(&format!("workload.phase is `{other}`, expected \"prefill\" or \"decode\"")))),
+                ("decode", None) => {
+                    return Err(bad(
+                        file,
+                        key("workload.phase = \"decode\" needs workload.kv_len"),
+                    ))
+                }
+                (other, _) => {
+                    return Err(bad(
+                        file,
+                        key(&format!(
+                            "workload.phase is `{other}`, expected \"prefill\" or \"decode\""
+                        )),
+                    ))
+                }
             },
         };
         let mut budgets = vec![];
         for &s in &self.budget.speedup {
             if !(s.is_finite() && s > 0.0) {
-                return Err(bad(file, key(&format!("budget.speedup {s} must be a positive number"))));
+                return Err(bad(
+                    file,
+                    key(&format!("budget.speedup {s} must be a positive number")),
+                ));
             }
             budgets.push(Budget::Speedup(s));
         }
         for &ms in &self.budget.latency_ms {
             if !(ms.is_finite() && ms > 0.0) {
-                return Err(bad(file, key(&format!("budget.latency_ms {ms} must be a positive number"))));
+                return Err(bad(
+                    file,
+                    key(&format!("budget.latency_ms {ms} must be a positive number")),
+                ));
             }
             budgets.push(Budget::LatencyMs(ms));
         }
         if budgets.is_empty() {
-            return Err(bad(file, key("budget: give speedup = [...] or latency_ms = [...]")));
+            return Err(bad(
+                file,
+                key("budget: give speedup = [...] or latency_ms = [...]"),
+            ));
         }
         job.budgets = budgets;
         if let Some(c) = &self.calibration {
             if c.samples == 0 || c.seq_len == 0 {
-                return Err(bad(file, key("calibration.samples and calibration.seq_len must be at least 1")));
+                return Err(bad(
+                    file,
+                    key("calibration.samples and calibration.seq_len must be at least 1"),
+                ));
             }
-            job.calibration = Some(CalibrationData { path: resolve(&c.path), format: c.format, samples: c.samples, seq_len: c.seq_len });
+            job.calibration = Some(CalibrationData {
+                path: resolve(&c.path),
+                format: c.format,
+                samples: c.samples,
+                seq_len: c.seq_len,
+            });
         }
         job.out_dir = resolve(&self.output.dir);
         if let Some(f) = &self.output.format {
@@ -284,10 +352,17 @@ impl ModelConfig {
                     job.nnef = f == "nnef";
                     f == "onnx" || f == "nnef"
                 }
-                BackendKind::Mistralrs => ["gguf", "gguf-q8_0", "gguf-q4_k", "safetensors"].contains(&f.as_str()),
+                BackendKind::Mistralrs => {
+                    ["gguf", "gguf-q8_0", "gguf-q4_k", "safetensors"].contains(&f.as_str())
+                }
             };
             if !ok {
-                return Err(bad(file, key(&format!("output.format `{f}` is not one this backend writes"))));
+                return Err(bad(
+                    file,
+                    key(&format!(
+                        "output.format `{f}` is not one this backend writes"
+                    )),
+                ));
             }
         }
         job.latency_table = self.profile.latency_table.as_deref().map(resolve);
@@ -308,7 +383,9 @@ impl ModelConfig {
             job.gqa_policy = g;
         }
         job.search.refine = crate::search::spdy::RefineConfig::with_evaluations(
-            self.pruning.refine.unwrap_or(crate::search::spdy::RefineConfig::default().max_evaluations),
+            self.pruning
+                .refine
+                .unwrap_or(crate::search::spdy::RefineConfig::default().max_evaluations),
             self.seed,
         );
         Ok(job)
@@ -361,16 +438,29 @@ fn cargo_config(path: &Path, text: &str) -> Result<ServingConfig> {
     let pkg = meta
         .packages
         .iter()
-        .find(|p| std::fs::canonicalize(p.manifest_path.as_std_path()).ok().as_deref() == Some(canonical.as_path()))
+        .find(|p| {
+            std::fs::canonicalize(p.manifest_path.as_std_path())
+                .ok()
+                .as_deref()
+                == Some(canonical.as_path())
+        })
         .ok_or_else(|| bad(path, "not a package manifest"))?;
     if pkg.metadata.get("ziplm").is_none() {
         return Err(bad(path, "no [package.metadata.ziplm] table"));
     }
-    let m: Manifest = toml::from_str(text).map_err(|e| bad(path, e.to_string().trim_end().to_string()))?;
-    m.package.and_then(|p| p.metadata).and_then(|m| m.ziplm).ok_or_else(|| bad(path, "no [package.metadata.ziplm] table"))
+    let m: Manifest =
+        toml::from_str(text).map_err(|e| bad(path, e.to_string().trim_end().to_string()))?;
+    m.package
+        .and_then(|p| p.metadata)
+        .and_then(|m| m.ziplm)
+        .ok_or_else(|| bad(path, "no [package.metadata.ziplm] table"))
 }
 
 /// A relative path made absolute against `base` (helper for the build API).
 pub fn resolve(base: &Path, p: &Path) -> PathBuf {
-    if p.is_absolute() { p.to_path_buf() } else { base.join(p) }
+    if p.is_absolute() {
+        p.to_path_buf()
+    } else {
+        base.join(p)
+    }
 }

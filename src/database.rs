@@ -16,8 +16,8 @@ use rayon::prelude::*;
 use serde::{Deserialize, Serialize};
 use std::collections::BTreeMap;
 use ziplm_plugin_api::{
-    AdapterError, BlockId, BlockKind, BlockPlan, BlockShape, GroupLayout, LatencyTable, ModelAdapter,
-    ModelStructure, Plan, PrunableBlock, PrunedWeights, WeightMatrix, FORMAT_VERSION,
+    AdapterError, BlockId, BlockKind, BlockPlan, BlockShape, GroupLayout, LatencyTable,
+    ModelAdapter, ModelStructure, Plan, PrunableBlock, PrunedWeights, WeightMatrix, FORMAT_VERSION,
 };
 
 /// How the database is built.
@@ -108,7 +108,12 @@ pub struct BlockInput {
 }
 
 /// Removal counts at which a block has a level, ascending (0 first, all last).
-pub fn level_removals(block: &PrunableBlock, layout: &GroupLayout, config: &DatabaseConfig, multiple: usize) -> Vec<usize> {
+pub fn level_removals(
+    block: &PrunableBlock,
+    layout: &GroupLayout,
+    config: &DatabaseConfig,
+    multiple: usize,
+) -> Vec<usize> {
     let g = layout.groups.len();
     match block.kind {
         BlockKind::Attention(_) => (0..=g).step_by(layout.step()).collect(),
@@ -146,16 +151,30 @@ fn to_weight_matrix(m: &Mat<f64>) -> WeightMatrix {
             data.push(m[(i, j)] as f32);
         }
     }
-    WeightMatrix { rows: r, cols: c, data }
+    WeightMatrix {
+        rows: r,
+        cols: c,
+        data,
+    }
 }
 
 impl Database {
     /// Calibrates `adapter` and builds the database.
-    pub fn build(adapter: &mut dyn ModelAdapter, config: &DatabaseConfig, progress: &dyn Progress) -> Result<Database> {
+    pub fn build(
+        adapter: &mut dyn ModelAdapter,
+        config: &DatabaseConfig,
+        progress: &dyn Progress,
+    ) -> Result<Database> {
         let structure = adapter.structure().clone();
-        structure.validate().map_err(|e| Error::Invalid(format!("model structure: {e}")))?;
+        structure
+            .validate()
+            .map_err(|e| Error::Invalid(format!("model structure: {e}")))?;
         let n_layers = structure.n_layers().max(1);
-        let per_pass = if config.layers_per_pass == 0 { n_layers } else { config.layers_per_pass };
+        let per_pass = if config.layers_per_pass == 0 {
+            n_layers
+        } else {
+            config.layers_per_pass
+        };
         let mut blocks = Vec::with_capacity(structure.blocks.len());
         let mut tokens = u64::MAX;
         let mut timings = DatabaseTimings::default();
@@ -171,14 +190,24 @@ impl Database {
             }
             let mut grams: BTreeMap<BlockId, GramAccumulator> = ids
                 .iter()
-                .map(|&id| (id, GramAccumulator::new(structure.blocks[id.index()].kind.out_proj_inputs())))
+                .map(|&id| {
+                    (
+                        id,
+                        GramAccumulator::new(structure.blocks[id.index()].kind.out_proj_inputs()),
+                    )
+                })
                 .collect();
             let t = std::time::Instant::now();
             progress.start("calibrating", 0);
             {
-                let mut sink = |id: BlockId, rows: &[f32], width: usize| -> std::result::Result<(), AdapterError> {
+                let mut sink = |id: BlockId,
+                                rows: &[f32],
+                                width: usize|
+                 -> std::result::Result<(), AdapterError> {
                     let acc = grams.get_mut(&id).ok_or_else(|| {
-                        AdapterError::InvalidRequest(format!("activations for {id}, which was not asked for"))
+                        AdapterError::InvalidRequest(format!(
+                            "activations for {id}, which was not asked for"
+                        ))
                     })?;
                     if width != acc.width() {
                         return Err(AdapterError::InvalidRequest(format!(
@@ -186,7 +215,8 @@ impl Database {
                             acc.width()
                         )));
                     }
-                    acc.add(rows).map_err(|e| AdapterError::Calibration(format!("{id}: {e}")))?;
+                    acc.add(rows)
+                        .map_err(|e| AdapterError::Calibration(format!("{id}: {e}")))?;
                     progress.advance(0);
                     Ok(())
                 };
@@ -201,7 +231,10 @@ impl Database {
                 let b = &structure.blocks[id.index()];
                 tokens = tokens.min(acc.tokens());
                 let gram = acc.finish().map_err(|e| match e {
-                    Error::Calibration { detail, .. } => Error::Calibration { context: format!("{id} ({})", b.name), detail },
+                    Error::Calibration { detail, .. } => Error::Calibration {
+                        context: format!("{id} ({})", b.name),
+                        detail,
+                    },
                     other => other,
                 })?;
                 let w = adapter.out_projection(id)?;
@@ -215,24 +248,51 @@ impl Database {
                         b.kind.out_proj_inputs()
                     )));
                 }
-                inputs.push((id, BlockInput { layout: adapter.group_layout(id), weights: to_faer(&w), gram }));
+                inputs.push((
+                    id,
+                    BlockInput {
+                        layout: adapter.group_layout(id),
+                        weights: to_faer(&w),
+                        gram,
+                    },
+                ));
             }
             blocks.extend(Self::process(&structure, inputs, config, progress)?);
             timings.database_s += t.elapsed().as_secs_f64();
         }
-        Ok(Database { timings, structure, blocks, calibration_tokens: if tokens == u64::MAX { 0 } else { tokens } })
+        Ok(Database {
+            timings,
+            structure,
+            blocks,
+            calibration_tokens: if tokens == u64::MAX { 0 } else { tokens },
+        })
     }
 
     /// Builds the database from weights and Gram matrices already at hand (one
     /// [`BlockInput`] per block, in block order).
-    pub fn from_parts(structure: ModelStructure, inputs: Vec<BlockInput>, config: &DatabaseConfig) -> Result<Database> {
-        structure.validate().map_err(|e| Error::Invalid(format!("model structure: {e}")))?;
+    pub fn from_parts(
+        structure: ModelStructure,
+        inputs: Vec<BlockInput>,
+        config: &DatabaseConfig,
+    ) -> Result<Database> {
+        structure
+            .validate()
+            .map_err(|e| Error::Invalid(format!("model structure: {e}")))?;
         if inputs.len() != structure.blocks.len() {
-            return Err(Error::Invalid(format!("{} inputs for {} blocks", inputs.len(), structure.blocks.len())));
+            return Err(Error::Invalid(format!(
+                "{} inputs for {} blocks",
+                inputs.len(),
+                structure.blocks.len()
+            )));
         }
         let tagged = structure.blocks.iter().map(|b| b.id).zip(inputs).collect();
         let blocks = Self::process(&structure, tagged, config, &crate::progress::Quiet)?;
-        Ok(Database { timings: DatabaseTimings::default(), structure, blocks, calibration_tokens: 0 })
+        Ok(Database {
+            timings: DatabaseTimings::default(),
+            structure,
+            blocks,
+            calibration_tokens: 0,
+        })
     }
 
     fn process(
@@ -241,7 +301,10 @@ impl Database {
         config: &DatabaseConfig,
         progress: &dyn Progress,
     ) -> Result<Vec<BlockDatabase>> {
-        let multiple = config.ffn_width_multiple.max(structure.constraints.ffn_width_multiple).max(1);
+        let multiple = config
+            .ffn_width_multiple
+            .max(structure.constraints.ffn_width_multiple)
+            .max(1);
         progress.start("OBS database", inputs.len() as u64);
         // Blocks are independent: process them in parallel. Each block's arithmetic is
         // sequential, so the result does not depend on the thread count.
@@ -258,11 +321,17 @@ impl Database {
         out
     }
 
-    fn process_block(block: PrunableBlock, input: BlockInput, config: &DatabaseConfig, multiple: usize) -> Result<BlockDatabase> {
+    fn process_block(
+        block: PrunableBlock,
+        input: BlockInput,
+        config: &DatabaseConfig,
+        multiple: usize,
+    ) -> Result<BlockDatabase> {
         let ctx = |e: Error| match e {
-            Error::Numerical { context, detail } => {
-                Error::Numerical { context: format!("{} ({}), {context}", block.id, block.name), detail }
-            }
+            Error::Numerical { context, detail } => Error::Numerical {
+                context: format!("{} ({}), {context}", block.id, block.name),
+                detail,
+            },
             Error::Invalid(d) => Error::Invalid(format!("{} ({}): {d}", block.id, block.name)),
             other => other,
         };
@@ -277,23 +346,61 @@ impl Database {
                 block.hidden
             )));
         }
-        input.layout.validate(n).map_err(|e| Error::Invalid(format!("{} group layout: {e}", block.id)))?;
-        let layer = PreparedLayer::new(input.weights.as_ref(), input.gram.as_ref(), config.dampening).map_err(ctx)?;
+        input
+            .layout
+            .validate(n)
+            .map_err(|e| Error::Invalid(format!("{} group layout: {e}", block.id)))?;
+        let layer = PreparedLayer::new(
+            input.weights.as_ref(),
+            input.gram.as_ref(),
+            config.dampening,
+        )
+        .map_err(ctx)?;
         let removals = level_removals(&block, &input.layout, config, multiple);
         let all = input.layout.groups.len();
-        let max_greedy = removals.iter().copied().filter(|&k| k < all).max().unwrap_or(0);
+        let max_greedy = removals
+            .iter()
+            .copied()
+            .filter(|&k| k < all)
+            .max()
+            .unwrap_or(0);
         let trace = obs::run_greedy(&layer, &input.layout, max_greedy, &removals).map_err(ctx)?;
         let mut levels = Vec::with_capacity(removals.len());
         for &k in &removals {
             let error = if k == all {
-                if layer.energy > 0.0 { 1.0 } else { 0.0 }
+                if layer.energy > 0.0 {
+                    1.0
+                } else {
+                    0.0
+                }
             } else {
-                trace.error_at(k).ok_or_else(|| Error::numerical(format!("{}", block.id), format!("no error recorded after {k} removals")))?
+                trace.error_at(k).ok_or_else(|| {
+                    Error::numerical(
+                        format!("{}", block.id),
+                        format!("no error recorded after {k} removals"),
+                    )
+                })?
             };
-            let (kept, kept_kv) = kept_units(&block, &input.layout, &trace.order[..k.min(trace.order.len())], k == all)?;
-            levels.push(Level { removed_groups: k, kept: kept.len(), kept_kv: kept_kv.len(), error });
+            let (kept, kept_kv) = kept_units(
+                &block,
+                &input.layout,
+                &trace.order[..k.min(trace.order.len())],
+                k == all,
+            )?;
+            levels.push(Level {
+                removed_groups: k,
+                kept: kept.len(),
+                kept_kv: kept_kv.len(),
+                error,
+            });
         }
-        Ok(BlockDatabase { block, layout: input.layout, trace, levels, layer })
+        Ok(BlockDatabase {
+            block,
+            layout: input.layout,
+            trace,
+            levels,
+            layer,
+        })
     }
 
     /// The shape a block has at a level (`None` when removed).
@@ -310,14 +417,20 @@ impl Database {
                 kv_heads: l.kept_kv,
                 head_dim: a.head_dim,
             },
-            BlockKind::Ffn(f) => BlockShape::Ffn { hidden: b.block.hidden, width: l.kept, gated: f.gated },
+            BlockKind::Ffn(f) => BlockShape::Ffn {
+                hidden: b.block.hidden,
+                width: l.kept,
+                gated: f.gated,
+            },
         })
     }
 
     /// Every distinct block shape any level can take (what must be profiled).
     pub fn shapes(&self) -> Vec<BlockShape> {
         let mut s: Vec<BlockShape> = (0..self.blocks.len())
-            .flat_map(|b| (0..self.blocks[b].levels.len()).filter_map(move |l| self.level_shape(b, l)))
+            .flat_map(|b| {
+                (0..self.blocks[b].levels.len()).filter_map(move |l| self.level_shape(b, l))
+            })
             .collect();
         s.sort();
         s.dedup();
@@ -343,7 +456,11 @@ impl Database {
                         })?
                         .median_ms,
                 };
-                levels.push(Candidate { kept: l.kept, error: l.error, time_ms });
+                levels.push(Candidate {
+                    kept: l.kept,
+                    error: l.error,
+                    time_ms,
+                });
             }
             blocks.push(BlockCandidates {
                 block: b.block.id,
@@ -352,7 +469,11 @@ impl Database {
                 levels,
             });
         }
-        Ok(SearchProblem { blocks, rest_ms: table.rest.median_ms, constraints: self.structure.constraints.clone() })
+        Ok(SearchProblem {
+            blocks,
+            rest_ms: table.rest.median_ms,
+            constraints: self.structure.constraints.clone(),
+        })
     }
 
     /// What a selection keeps of one block.
@@ -360,15 +481,34 @@ impl Database {
         let b = &self.blocks[block];
         let l = b.levels[level];
         let all = l.removed_groups == b.layout.groups.len();
-        let (kept, kept_kv_heads) = kept_units(&b.block, &b.layout, &b.trace.order[..l.removed_groups.min(b.trace.order.len())], all)?;
-        Ok(BlockPlan { block: b.block.id, kind: b.block.kind, kept, kept_kv_heads })
+        let (kept, kept_kv_heads) = kept_units(
+            &b.block,
+            &b.layout,
+            &b.trace.order[..l.removed_groups.min(b.trace.order.len())],
+            all,
+        )?;
+        Ok(BlockPlan {
+            block: b.block.id,
+            kind: b.block.kind,
+            kept,
+            kept_kv_heads,
+        })
     }
 
     /// The plan for a selection.
     pub fn plan(&self, selection: &Selection) -> Result<Plan> {
         self.check_selection(selection)?;
-        let blocks = selection.levels.iter().enumerate().map(|(b, &l)| self.block_plan(b, l)).collect::<Result<_>>()?;
-        Ok(Plan { format_version: FORMAT_VERSION, architecture: self.structure.architecture.clone(), blocks })
+        let blocks = selection
+            .levels
+            .iter()
+            .enumerate()
+            .map(|(b, &l)| self.block_plan(b, l))
+            .collect::<Result<_>>()?;
+        Ok(Plan {
+            format_version: FORMAT_VERSION,
+            architecture: self.structure.architecture.clone(),
+            blocks,
+        })
     }
 
     /// Compensated out-projections for every pruned (not dense, not removed) block.
@@ -392,26 +532,41 @@ impl Database {
                 Ok((self.blocks[b].block.id, to_weight_matrix(&m)))
             })
             .collect::<Result<Vec<_>>>()?;
-        Ok(PrunedWeights { out_projections: mats.into_iter().collect() })
+        Ok(PrunedWeights {
+            out_projections: mats.into_iter().collect(),
+        })
     }
 
     fn check_selection(&self, selection: &Selection) -> Result<()> {
         if selection.levels.len() != self.blocks.len()
-            || selection.levels.iter().zip(&self.blocks).any(|(&l, b)| l >= b.levels.len())
+            || selection
+                .levels
+                .iter()
+                .zip(&self.blocks)
+                .any(|(&l, b)| l >= b.levels.len())
         {
-            return Err(Error::Invalid("the selection does not fit this database".into()));
+            return Err(Error::Invalid(
+                "the selection does not fit this database".into(),
+            ));
         }
         Ok(())
     }
 
     /// The selection with every block dense.
     pub fn dense_selection(&self) -> Selection {
-        Selection { levels: vec![0; self.blocks.len()] }
+        Selection {
+            levels: vec![0; self.blocks.len()],
+        }
     }
 }
 
 /// Kept heads (or neurons) and kept KV heads after removing `removed` groups.
-fn kept_units(block: &PrunableBlock, layout: &GroupLayout, removed: &[usize], all: bool) -> Result<(Vec<usize>, Vec<usize>)> {
+fn kept_units(
+    block: &PrunableBlock,
+    layout: &GroupLayout,
+    removed: &[usize],
+    all: bool,
+) -> Result<(Vec<usize>, Vec<usize>)> {
     if all {
         return Ok((Vec::new(), Vec::new()));
     }
@@ -449,7 +604,10 @@ fn kept_units(block: &PrunableBlock, layout: &GroupLayout, removed: &[usize], al
 /// Every block shape the level grid can produce, from the structure alone (what
 /// `ziplm profile` measures before any calibration).
 pub fn grid_shapes(structure: &ModelStructure, config: &DatabaseConfig) -> Vec<BlockShape> {
-    let multiple = config.ffn_width_multiple.max(structure.constraints.ffn_width_multiple).max(1);
+    let multiple = config
+        .ffn_width_multiple
+        .max(structure.constraints.ffn_width_multiple)
+        .max(1);
     let mut out = vec![];
     for b in &structure.blocks {
         let layout = GroupLayout::for_kind(&b.kind, structure.constraints.gqa_policy);
@@ -463,16 +621,28 @@ pub fn grid_shapes(structure: &ModelStructure, config: &DatabaseConfig) -> Vec<B
                     if heads == 0 {
                         continue;
                     }
-                    let kv_heads = match (structure.constraints.gqa_policy, a.n_kv_heads == a.n_heads) {
-                        (_, true) => heads,
-                        (ziplm_plugin_api::GqaPolicy::WholeKvGroups, false) => heads / a.heads_per_kv(),
-                        (ziplm_plugin_api::GqaPolicy::EqualPerKvGroup, false) => a.n_kv_heads,
-                    };
-                    out.push(BlockShape::Attention { hidden: b.hidden, heads, kv_heads, head_dim: a.head_dim });
+                    let kv_heads =
+                        match (structure.constraints.gqa_policy, a.n_kv_heads == a.n_heads) {
+                            (_, true) => heads,
+                            (ziplm_plugin_api::GqaPolicy::WholeKvGroups, false) => {
+                                heads / a.heads_per_kv()
+                            }
+                            (ziplm_plugin_api::GqaPolicy::EqualPerKvGroup, false) => a.n_kv_heads,
+                        };
+                    out.push(BlockShape::Attention {
+                        hidden: b.hidden,
+                        heads,
+                        kv_heads,
+                        head_dim: a.head_dim,
+                    });
                 }
                 BlockKind::Ffn(f) => {
                     if k < f.width {
-                        out.push(BlockShape::Ffn { hidden: b.hidden, width: f.width - k, gated: f.gated });
+                        out.push(BlockShape::Ffn {
+                            hidden: b.hidden,
+                            width: f.width - k,
+                            gated: f.gated,
+                        });
                     }
                 }
             }

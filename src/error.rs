@@ -72,11 +72,17 @@ pub enum Error {
 impl Error {
     /// An I/O error with its path.
     pub fn io(path: impl Into<PathBuf>, source: std::io::Error) -> Self {
-        Error::Io { path: path.into(), source }
+        Error::Io {
+            path: path.into(),
+            source,
+        }
     }
 
     /// A numerical failure in `context`.
     pub fn numerical(context: impl Into<String>, detail: impl Into<String>) -> Self {
-        Error::Numerical { context: context.into(), detail: detail.into() }
+        Error::Numerical {
+            context: context.into(),
+            detail: detail.into(),
+        }
     }
 }

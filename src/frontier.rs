@@ -38,7 +38,9 @@ impl FrontierPoint {
 
 /// The CSV form: a header and one row per point, in the given order.
 pub fn to_csv(points: &[FrontierPoint]) -> String {
-    let mut s = String::from("method,target,predicted_ms,dense_ms,measured_ms,measured_speedup,metric,quality\n");
+    let mut s = String::from(
+        "method,target,predicted_ms,dense_ms,measured_ms,measured_speedup,metric,quality\n",
+    );
     for p in points {
         let _ = writeln!(
             s,
@@ -60,7 +62,10 @@ pub fn to_csv(points: &[FrontierPoint]) -> String {
 pub fn write(dir: &Path, name: &str, title: &str, points: &[FrontierPoint]) -> Result<()> {
     crate::fsutil::write_atomic(&dir.join(format!("{name}.csv")), to_csv(points).as_bytes())?;
     crate::fsutil::write_json_atomic(&dir.join(format!("{name}.json")), &points)?;
-    crate::fsutil::write_atomic(&dir.join(format!("{name}.svg")), to_svg(title, points)?.as_bytes())
+    crate::fsutil::write_atomic(
+        &dir.join(format!("{name}.svg")),
+        to_svg(title, points)?.as_bytes(),
+    )
 }
 
 /// An SVG scatter-and-line plot: quality against measured speedup, one series per
@@ -105,21 +110,34 @@ pub fn to_svg(title: &str, points: &[FrontierPoint]) -> Result<String> {
             .map_err(|e| err(&e))?;
         for (i, m) in methods.iter().enumerate() {
             let color = Palette99::pick(i).to_rgba();
-            let mut series: Vec<(f64, f64)> =
-                points.iter().filter(|p| p.method == *m).map(|p| (p.speedup(), p.quality)).collect();
+            let mut series: Vec<(f64, f64)> = points
+                .iter()
+                .filter(|p| p.method == *m)
+                .map(|p| (p.speedup(), p.quality))
+                .collect();
             series.sort_by(|a, b| a.0.total_cmp(&b.0));
             chart
                 .draw_series(LineSeries::new(series.clone(), color.stroke_width(2)))
                 .map_err(|e| err(&e))?
                 .label(*m)
-                .legend(move |(x, y)| PathElement::new(vec![(x, y), (x + 18, y)], color.stroke_width(2)));
+                .legend(move |(x, y)| {
+                    PathElement::new(vec![(x, y), (x + 18, y)], color.stroke_width(2))
+                });
             chart
-                .draw_series(series.into_iter().map(|xy| Circle::new(xy, 4, color.filled())))
+                .draw_series(
+                    series
+                        .into_iter()
+                        .map(|xy| Circle::new(xy, 4, color.filled())),
+                )
                 .map_err(|e| err(&e))?;
         }
         if let Some(d) = points.iter().find(|p| p.method == "dense") {
             chart
-                .draw_series(std::iter::once(Cross::new((d.speedup(), d.quality), 7, BLACK.stroke_width(2))))
+                .draw_series(std::iter::once(Cross::new(
+                    (d.speedup(), d.quality),
+                    7,
+                    BLACK.stroke_width(2),
+                )))
                 .map_err(|e| err(&e))?
                 .label("dense")
                 .legend(|(x, y)| Cross::new((x + 9, y), 5, BLACK.stroke_width(2)));
@@ -154,7 +172,10 @@ mod tests {
 
     #[test]
     fn csv_has_a_row_per_point_with_the_measured_speedup() {
-        let csv = to_csv(&[point("dense", 1.0, 10.0, 80.0), point("ziplm", 2.0, 4.0, 78.5)]);
+        let csv = to_csv(&[
+            point("dense", 1.0, 10.0, 80.0),
+            point("ziplm", 2.0, 4.0, 78.5),
+        ]);
         let rows: Vec<&str> = csv.lines().collect();
         assert_eq!(rows.len(), 3);
         assert_eq!(rows[2], "ziplm,2.00,4.0000,10.0000,4.0000,2.500,sts,78.500");
@@ -162,8 +183,20 @@ mod tests {
 
     #[test]
     fn svg_names_every_method() {
-        let svg = to_svg("t", &[point("dense", 1.0, 10.0, 80.0), point("ziplm", 2.0, 5.0, 78.0), point("magnitude", 2.0, 5.2, 70.0)])
-            .unwrap();
-        assert!(svg.contains("<svg") && svg.contains("ziplm") && svg.contains("magnitude") && svg.contains("dense"));
+        let svg = to_svg(
+            "t",
+            &[
+                point("dense", 1.0, 10.0, 80.0),
+                point("ziplm", 2.0, 5.0, 78.0),
+                point("magnitude", 2.0, 5.2, 70.0),
+            ],
+        )
+        .unwrap();
+        assert!(
+            svg.contains("<svg")
+                && svg.contains("ziplm")
+                && svg.contains("magnitude")
+                && svg.contains("dense")
+        );
     }
 }

@@ -111,14 +111,23 @@ impl PruneJob {
             profile: ProfileSettings { warmup: 2, runs: 9 },
             search: SearchSettings::default(),
             verify: true,
-            verify_settings: ProfileSettings { warmup: 3, runs: 15 },
+            verify_settings: ProfileSettings {
+                warmup: 3,
+                runs: 15,
+            },
             nnef: false,
         }
     }
 
     /// The job's name: the configured one, or the model's file stem.
     pub fn display_name(&self) -> String {
-        self.name.clone().unwrap_or_else(|| self.model.file_stem().and_then(|s| s.to_str()).unwrap_or("model").to_string())
+        self.name.clone().unwrap_or_else(|| {
+            self.model
+                .file_stem()
+                .and_then(|s| s.to_str())
+                .unwrap_or("model")
+                .to_string()
+        })
     }
 
     /// A budget as a file-name fragment: `speedup-1.5` or `latency-8ms`.

@@ -18,6 +18,9 @@
 
 pub mod backend;
 pub mod baselines;
+#[path = "build_api.rs"]
+pub mod build;
+pub mod cli;
 pub mod config;
 pub mod data;
 pub mod database;
@@ -26,14 +29,11 @@ pub mod frontier;
 pub mod fsutil;
 pub mod job;
 pub mod obs;
-pub mod profile;
 pub mod pipeline;
+pub mod profile;
 pub mod progress;
 pub mod report;
 pub mod search;
-pub mod cli;
-#[path = "build_api.rs"]
-pub mod build;
 pub mod target;
 
 pub use error::{Error, Result};

@@ -29,7 +29,12 @@ pub struct SearchSettings {
 
 impl Default for SearchSettings {
     fn default() -> Self {
-        SearchSettings { buckets: crate::search::DEFAULT_BUCKETS, refine: Some(RefineConfig::default()), retries: 3, margin: 0.02 }
+        SearchSettings {
+            buckets: crate::search::DEFAULT_BUCKETS,
+            refine: Some(RefineConfig::default()),
+            retries: 3,
+            margin: 0.02,
+        }
     }
 }
 
@@ -118,7 +123,8 @@ pub fn prune_to_budget(
         let budget_now = Budget::LatencyMs(search_budget);
         let (search, loss) = match &alphas {
             None => {
-                let (search, loss, found) = search_once(db, &problem, budget_now, settings, backend)?;
+                let (search, loss, found) =
+                    search_once(db, &problem, budget_now, settings, backend)?;
                 alphas = found;
                 (search, loss)
             }
@@ -139,7 +145,14 @@ pub fn prune_to_budget(
         };
         if !verify {
             attempts.push(attempt);
-            return Ok(BudgetOutcome { budget, search, plan, emitted, attempts, refined_loss });
+            return Ok(BudgetOutcome {
+                budget,
+                search,
+                plan,
+                emitted,
+                attempts,
+                refined_loss,
+            });
         }
         let (dense, pruned) = backend.measure(&emitted)?;
         let met = meets(budget, &dense, &pruned);
@@ -148,8 +161,18 @@ pub fn prune_to_budget(
         attempt.met = Some(met);
         attempts.push(attempt);
         let dense_selected = search.selection == db.dense_selection();
-        if met || attempts.len() > settings.retries || dense_selected && !matches!(budget, Budget::Speedup(s) if s > 1.0) {
-            return Ok(BudgetOutcome { budget, search, plan, emitted, attempts, refined_loss });
+        if met
+            || attempts.len() > settings.retries
+            || dense_selected && !matches!(budget, Budget::Speedup(s) if s > 1.0)
+        {
+            return Ok(BudgetOutcome {
+                budget,
+                search,
+                plan,
+                emitted,
+                attempts,
+                refined_loss,
+            });
         }
         // Correct the prediction with the measurement and search again.
         let ratio = pruned.median_ms / search.predicted_ms.max(f64::MIN_POSITIVE);
@@ -158,19 +181,34 @@ pub fn prune_to_budget(
             Budget::Speedup(s) => dense.median_ms / s,
         };
         let next = target_measured / ratio * (1.0 - settings.margin);
-        search_budget = if next < search_budget { next } else { search_budget * (1.0 - 2.0 * settings.margin) };
+        search_budget = if next < search_budget {
+            next
+        } else {
+            search_budget * (1.0 - 2.0 * settings.margin)
+        };
         let fastest = problem.fastest().map(|(_, t)| t).unwrap_or(0.0);
         if search_budget < fastest {
             // Cannot go faster: keep the last result, reported as a miss.
             let last = attempts.len() - 1;
             let _ = last;
-            return Ok(BudgetOutcome { budget, search, plan, emitted, attempts, refined_loss });
+            return Ok(BudgetOutcome {
+                budget,
+                search,
+                plan,
+                emitted,
+                attempts,
+                refined_loss,
+            });
         }
     }
 }
 
 /// The backend's loss of a selection (`None` when the backend has no loss hook).
-fn score(db: &Database, selection: &Selection, backend: &mut dyn EmitAndMeasure) -> Result<Option<f64>> {
+fn score(
+    db: &Database,
+    selection: &Selection,
+    backend: &mut dyn EmitAndMeasure,
+) -> Result<Option<f64>> {
     let plan = db.plan(selection)?;
     let weights = db.pruned_weights(selection)?;
     backend.loss(&plan, &weights).transpose()
@@ -189,10 +227,17 @@ fn search_with_coefficients(
 ) -> Result<(SearchOutcome, Option<(f64, f64)>)> {
     let refined = problem.solve(budget, alphas, settings.buckets)?;
     let plain = problem.solve(budget, &[], settings.buckets)?;
-    let (Some(r), Some(p)) = (score(db, &refined.selection, backend)?, score(db, &plain.selection, backend)?) else {
+    let (Some(r), Some(p)) = (
+        score(db, &refined.selection, backend)?,
+        score(db, &plain.selection, backend)?,
+    ) else {
         return Ok((refined, None));
     };
-    Ok(if p < r { (plain, Some((p, p))) } else { (refined, Some((r, p))) })
+    Ok(if p < r {
+        (plain, Some((p, p)))
+    } else {
+        (refined, Some((r, p)))
+    })
 }
 
 /// One search: the plain DP, or SPDY refinement when configured and the backend has a
@@ -219,5 +264,9 @@ fn search_once(
     if unsupported {
         return Ok((problem.solve(budget, &[], settings.buckets)?, None, None));
     }
-    Ok((refined.outcome, Some((refined.loss, refined.baseline_loss)), Some(refined.alphas)))
+    Ok((
+        refined.outcome,
+        Some((refined.loss, refined.baseline_loss)),
+        Some(refined.alphas),
+    ))
 }

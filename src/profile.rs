@@ -6,8 +6,8 @@ use crate::fsutil;
 use crate::progress::Progress;
 use std::path::Path;
 use ziplm_plugin_api::{
-    BlockShape, LatencyProfiler, LatencyTable, LatencyTableKey, Measured, TimedRun, Timing, Workload,
-    FORMAT_VERSION,
+    BlockShape, LatencyProfiler, LatencyTable, LatencyTableKey, Measured, TimedRun, Timing,
+    Workload, FORMAT_VERSION,
 };
 
 /// How many times to run what is timed.
@@ -21,7 +21,10 @@ pub struct ProfileSettings {
 
 impl Default for ProfileSettings {
     fn default() -> Self {
-        ProfileSettings { warmup: 3, runs: 15 }
+        ProfileSettings {
+            warmup: 3,
+            runs: 15,
+        }
     }
 }
 
@@ -29,7 +32,9 @@ impl Default for ProfileSettings {
 /// and max.
 pub fn measure(run: &mut dyn TimedRun, settings: &ProfileSettings) -> Result<Timing> {
     if settings.runs == 0 {
-        return Err(Error::Invalid("profiling needs at least one timed run".into()));
+        return Err(Error::Invalid(
+            "profiling needs at least one timed run".into(),
+        ));
     }
     for _ in 0..settings.warmup {
         run.run()?;
@@ -47,13 +52,26 @@ pub fn timing_of(ms: &mut [f64]) -> Timing {
     if n == 0 {
         return Timing::ZERO;
     }
-    let median = if n % 2 == 1 { ms[n / 2] } else { 0.5 * (ms[n / 2 - 1] + ms[n / 2]) };
-    Timing { median_ms: median, min_ms: ms[0], max_ms: ms[n - 1], runs: n }
+    let median = if n % 2 == 1 {
+        ms[n / 2]
+    } else {
+        0.5 * (ms[n / 2 - 1] + ms[n / 2])
+    };
+    Timing {
+        median_ms: median,
+        min_ms: ms[0],
+        max_ms: ms[n - 1],
+        runs: n,
+    }
 }
 
 /// The key a table measured by `profiler` at `workload` would have.
 pub fn table_key(profiler: &dyn LatencyProfiler, workload: &Workload) -> LatencyTableKey {
-    LatencyTableKey { target: profiler.target(), workload: *workload, model: profiler.model_key() }
+    LatencyTableKey {
+        target: profiler.target(),
+        workload: *workload,
+        model: profiler.model_key(),
+    }
 }
 
 /// Measures every shape in `shapes` (and the non-prunable rest) not already in
@@ -76,7 +94,12 @@ pub fn build_table(
     todo.retain(|s| reuse.is_none_or(|t| t.get(s).is_none()));
     let mut table = match reuse {
         Some(t) => t.clone(),
-        None => LatencyTable { format_version: FORMAT_VERSION, key, rest: Timing::ZERO, entries: Vec::new() },
+        None => LatencyTable {
+            format_version: FORMAT_VERSION,
+            key,
+            rest: Timing::ZERO,
+            entries: Vec::new(),
+        },
     };
     let need_rest = reuse.is_none();
     progress.start("profiling", (todo.len() + usize::from(need_rest)) as u64);
@@ -144,7 +167,11 @@ mod tests {
         fn model_key(&self) -> String {
             "fake-model".into()
         }
-        fn prepare<'a>(&'a mut self, what: &Measured, _: &Workload) -> AdapterResult<Box<dyn TimedRun + 'a>> {
+        fn prepare<'a>(
+            &'a mut self,
+            what: &Measured,
+            _: &Workload,
+        ) -> AdapterResult<Box<dyn TimedRun + 'a>> {
             self.calls.push(what.clone());
             let ms = match what {
                 Measured::Rest | Measured::Model(_) => 1.0,
@@ -159,29 +186,72 @@ mod tests {
     fn median_of_odd_and_even_samples() {
         assert_eq!(timing_of(&mut [3.0, 1.0, 2.0]).median_ms, 2.0);
         let t = timing_of(&mut [4.0, 1.0, 2.0, 3.0]);
-        assert_eq!((t.median_ms, t.min_ms, t.max_ms, t.runs), (2.5, 1.0, 4.0, 4));
+        assert_eq!(
+            (t.median_ms, t.min_ms, t.max_ms, t.runs),
+            (2.5, 1.0, 4.0, 4)
+        );
     }
 
     #[test]
     fn table_reuses_matching_entries_and_round_trips() {
         let w = Workload::prefill(1, 128);
         let shapes = [
-            BlockShape::Ffn { hidden: 64, width: 128, gated: false },
-            BlockShape::Ffn { hidden: 64, width: 96, gated: false },
+            BlockShape::Ffn {
+                hidden: 64,
+                width: 128,
+                gated: false,
+            },
+            BlockShape::Ffn {
+                hidden: 64,
+                width: 96,
+                gated: false,
+            },
         ];
         let mut p = Fake { calls: vec![] };
         let q = crate::progress::Quiet;
-        let t1 = build_table(&mut p, &w, &shapes, &ProfileSettings { warmup: 1, runs: 3 }, None, &q).unwrap();
+        let t1 = build_table(
+            &mut p,
+            &w,
+            &shapes,
+            &ProfileSettings { warmup: 1, runs: 3 },
+            None,
+            &q,
+        )
+        .unwrap();
         assert_eq!(p.calls.len(), 3);
         assert!((t1.get(&shapes[0]).unwrap().median_ms - 1.28).abs() < 1e-6);
-        let more = [shapes[0], BlockShape::Attention { hidden: 64, heads: 2, kv_heads: 2, head_dim: 16 }];
+        let more = [
+            shapes[0],
+            BlockShape::Attention {
+                hidden: 64,
+                heads: 2,
+                kv_heads: 2,
+                head_dim: 16,
+            },
+        ];
         let mut p2 = Fake { calls: vec![] };
-        let t2 = build_table(&mut p2, &w, &more, &ProfileSettings::default(), Some(&t1), &q).unwrap();
+        let t2 = build_table(
+            &mut p2,
+            &w,
+            &more,
+            &ProfileSettings::default(),
+            Some(&t1),
+            &q,
+        )
+        .unwrap();
         assert_eq!(p2.calls.len(), 1, "only the new shape is measured");
         assert_eq!(t2.entries.len(), 3);
         // Another workload does not reuse anything.
         let mut p3 = Fake { calls: vec![] };
-        build_table(&mut p3, &Workload::prefill(1, 64), &more, &ProfileSettings::default(), Some(&t1), &q).unwrap();
+        build_table(
+            &mut p3,
+            &Workload::prefill(1, 64),
+            &more,
+            &ProfileSettings::default(),
+            Some(&t1),
+            &q,
+        )
+        .unwrap();
         assert_eq!(p3.calls.len(), 3);
 
         let dir = tempfile::tempdir().unwrap();

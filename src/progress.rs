@@ -30,13 +30,24 @@ pub struct Bars {
 
 impl Progress for Bars {
     fn start(&self, stage: &str, total: u64) {
-        let bar = if total > 0 { indicatif::ProgressBar::new(total) } else { indicatif::ProgressBar::new_spinner() };
+        let bar = if total > 0 {
+            indicatif::ProgressBar::new(total)
+        } else {
+            indicatif::ProgressBar::new_spinner()
+        };
         bar.set_style(
-            indicatif::ProgressStyle::with_template("{msg:>12} [{elapsed_precise}] {wide_bar} {pos}/{len} (eta {eta})")
-                .unwrap_or_else(|_| indicatif::ProgressStyle::default_bar()),
+            indicatif::ProgressStyle::with_template(
+                "{msg:>12} [{elapsed_precise}] {wide_bar} {pos}/{len} (eta {eta})",
+            )
+            .unwrap_or_else(|_| indicatif::ProgressStyle::default_bar()),
         );
         bar.set_message(stage.to_string());
-        if let Some(old) = self.bar.lock().unwrap_or_else(|e| e.into_inner()).replace(bar) {
+        if let Some(old) = self
+            .bar
+            .lock()
+            .unwrap_or_else(|e| e.into_inner())
+            .replace(bar)
+        {
             old.finish_and_clear();
         }
     }

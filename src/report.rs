@@ -123,7 +123,12 @@ pub struct PruneReport {
 pub fn layer_shapes(db: &Database, outcome: &BudgetOutcome) -> Vec<LayerShape> {
     let mut layers: std::collections::BTreeMap<u32, LayerShape> = Default::default();
     for (b, bp) in db.structure.blocks.iter().zip(&outcome.plan.blocks) {
-        let e = layers.entry(b.layer.0).or_insert(LayerShape { layer: b.layer.0, heads: (0, 0), kv_heads: (0, 0), ffn: (0, 0) });
+        let e = layers.entry(b.layer.0).or_insert(LayerShape {
+            layer: b.layer.0,
+            heads: (0, 0),
+            kv_heads: (0, 0),
+            ffn: (0, 0),
+        });
         match b.kind {
             BlockKind::Attention(a) => {
                 e.heads = (bp.kept.len(), a.n_heads);
@@ -136,7 +141,11 @@ pub fn layer_shapes(db: &Database, outcome: &BudgetOutcome) -> Vec<LayerShape> {
 }
 
 /// Builds the report entry of one budget.
-pub fn budget_report(db: &Database, table: &LatencyTable, outcome: &BudgetOutcome) -> Result<BudgetReport> {
+pub fn budget_report(
+    db: &Database,
+    table: &LatencyTable,
+    outcome: &BudgetOutcome,
+) -> Result<BudgetReport> {
     let problem = db.search_problem(table)?;
     let last = outcome.attempts.last();
     Ok(BudgetReport {
@@ -170,10 +179,18 @@ impl PruneReport {
     /// Readable multi-line summary.
     pub fn to_text(&self) -> String {
         let mut s = String::new();
-        let _ = writeln!(s, "ziplm {} — {} ({})", self.ziplm_version, self.model, self.architecture);
+        let _ = writeln!(
+            s,
+            "ziplm {} — {} ({})",
+            self.ziplm_version, self.model, self.architecture
+        );
         let _ = writeln!(s, "target: {}", self.target);
         let _ = writeln!(s, "workload: {}", self.workload);
-        let _ = writeln!(s, "calibration: {} tokens per block; {} shapes profiled; rest {:.3} ms", self.calibration_tokens, self.profiled_shapes, self.rest_ms);
+        let _ = writeln!(
+            s,
+            "calibration: {} tokens per block; {} shapes profiled; rest {:.3} ms",
+            self.calibration_tokens, self.profiled_shapes, self.rest_ms
+        );
         let st = &self.stages;
         let _ = writeln!(
             s,
@@ -196,22 +213,38 @@ impl PruneReport {
                 b.predicted_dense_ms,
                 b.predicted_dense_ms / b.predicted_ms.max(f64::MIN_POSITIVE)
             );
-            match (b.measured_ms, b.measured_dense_ms, b.measured_speedup, b.met) {
+            match (
+                b.measured_ms,
+                b.measured_dense_ms,
+                b.measured_speedup,
+                b.met,
+            ) {
                 (Some(m), Some(d), Some(sp), Some(met)) => {
                     let _ = writeln!(
                         s,
                         "  measured:  {m:.3} ms (dense {d:.3} ms, {sp:.2}x) — {}{}",
                         if met { "budget met" } else { "BUDGET MISSED" },
-                        if b.attempts.len() > 1 { format!(" after {} searches", b.attempts.len()) } else { String::new() }
+                        if b.attempts.len() > 1 {
+                            format!(" after {} searches", b.attempts.len())
+                        } else {
+                            String::new()
+                        }
                     );
                 }
                 _ => {
                     let _ = writeln!(s, "  measured:  not verified");
                 }
             }
-            let _ = writeln!(s, "  error sum {:.4}; prunable params {} -> {}", b.error_sum, b.params.0, b.params.1);
+            let _ = writeln!(
+                s,
+                "  error sum {:.4}; prunable params {} -> {}",
+                b.error_sum, b.params.0, b.params.1
+            );
             if let Some((refined, plain)) = b.refined_loss {
-                let _ = writeln!(s, "  SPDY refinement: output loss {refined:.5} (plain DP {plain:.5})");
+                let _ = writeln!(
+                    s,
+                    "  SPDY refinement: output loss {refined:.5} (plain DP {plain:.5})"
+                );
             }
             for q in &b.quality {
                 let _ = writeln!(s, "  {}: {:.3}", q.metric, q.value);
@@ -243,26 +276,52 @@ impl PruneReport {
         let mut svg = String::new();
         {
             let root = SVGBackend::with_string(&mut svg, (1000, 420)).into_drawing_area();
-            let err = |e: &dyn std::fmt::Display| Error::Invalid(format!("drawing the report chart: {e}"));
+            let err = |e: &dyn std::fmt::Display| {
+                Error::Invalid(format!("drawing the report chart: {e}"))
+            };
             root.fill(&WHITE).map_err(|e| err(&e))?;
             let (left, right) = root.split_horizontally(560);
-            let n_layers = self.budgets.first().map(|b| b.layers.len()).unwrap_or(0).max(1);
+            let n_layers = self
+                .budgets
+                .first()
+                .map(|b| b.layers.len())
+                .unwrap_or(0)
+                .max(1);
             let mut chart = ChartBuilder::on(&left)
-                .caption("kept fraction per layer (solid: heads, dashed: FFN)", ("sans-serif", 16))
+                .caption(
+                    "kept fraction per layer (solid: heads, dashed: FFN)",
+                    ("sans-serif", 16),
+                )
                 .margin(10)
                 .x_label_area_size(30)
                 .y_label_area_size(40)
                 .build_cartesian_2d(0f64..(n_layers as f64 - 0.5).max(0.5), 0f64..1.05)
                 .map_err(|e| err(&e))?;
-            chart.configure_mesh().x_desc("layer").y_desc("kept / original").draw().map_err(|e| err(&e))?;
+            chart
+                .configure_mesh()
+                .x_desc("layer")
+                .y_desc("kept / original")
+                .draw()
+                .map_err(|e| err(&e))?;
             for (i, b) in self.budgets.iter().enumerate() {
                 let color = Palette99::pick(i).to_rgba();
-                let frac = |k: (usize, usize)| if k.1 == 0 { 0.0 } else { k.0 as f64 / k.1 as f64 };
+                let frac = |k: (usize, usize)| {
+                    if k.1 == 0 {
+                        0.0
+                    } else {
+                        k.0 as f64 / k.1 as f64
+                    }
+                };
                 chart
-                    .draw_series(LineSeries::new(b.layers.iter().map(|l| (l.layer as f64, frac(l.heads))), color.stroke_width(2)))
+                    .draw_series(LineSeries::new(
+                        b.layers.iter().map(|l| (l.layer as f64, frac(l.heads))),
+                        color.stroke_width(2),
+                    ))
                     .map_err(|e| err(&e))?
                     .label(budget_label(&b.budget))
-                    .legend(move |(x, y)| PathElement::new(vec![(x, y), (x + 18, y)], color.stroke_width(2)));
+                    .legend(move |(x, y)| {
+                        PathElement::new(vec![(x, y), (x + 18, y)], color.stroke_width(2))
+                    });
                 chart
                     .draw_series(DashedLineSeries::new(
                         b.layers.iter().map(|l| (l.layer as f64, frac(l.ffn))),
@@ -272,18 +331,33 @@ impl PruneReport {
                     ))
                     .map_err(|e| err(&e))?;
             }
-            chart.configure_series_labels().border_style(BLACK).background_style(WHITE).draw().map_err(|e| err(&e))?;
+            chart
+                .configure_series_labels()
+                .border_style(BLACK)
+                .background_style(WHITE)
+                .draw()
+                .map_err(|e| err(&e))?;
 
             let max_ms = self
                 .budgets
                 .iter()
-                .flat_map(|b| [Some(b.predicted_dense_ms), Some(b.predicted_ms), b.measured_ms, b.measured_dense_ms])
+                .flat_map(|b| {
+                    [
+                        Some(b.predicted_dense_ms),
+                        Some(b.predicted_ms),
+                        b.measured_ms,
+                        b.measured_dense_ms,
+                    ]
+                })
                 .flatten()
                 .fold(1e-9, f64::max)
                 * 1.1;
             let n = self.budgets.len().max(1);
             let mut bars = ChartBuilder::on(&right)
-                .caption("latency per budget (ms): predicted vs measured", ("sans-serif", 16))
+                .caption(
+                    "latency per budget (ms): predicted vs measured",
+                    ("sans-serif", 16),
+                )
                 .margin(10)
                 .x_label_area_size(30)
                 .y_label_area_size(50)
@@ -292,20 +366,34 @@ impl PruneReport {
             bars.configure_mesh()
                 .disable_x_mesh()
                 .x_labels(n)
-                .x_label_formatter(&|x| self.budgets.get(x.floor() as usize).map(|b| budget_label(&b.budget)).unwrap_or_default())
+                .x_label_formatter(&|x| {
+                    self.budgets
+                        .get(x.floor() as usize)
+                        .map(|b| budget_label(&b.budget))
+                        .unwrap_or_default()
+                })
                 .y_desc("ms")
                 .draw()
                 .map_err(|e| err(&e))?;
             for (i, b) in self.budgets.iter().enumerate() {
                 let x = i as f64;
-                bars.draw_series(std::iter::once(Rectangle::new([(x + 0.15, 0.0), (x + 0.45, b.predicted_ms)], BLUE.mix(0.6).filled())))
-                    .map_err(|e| err(&e))?;
+                bars.draw_series(std::iter::once(Rectangle::new(
+                    [(x + 0.15, 0.0), (x + 0.45, b.predicted_ms)],
+                    BLUE.mix(0.6).filled(),
+                )))
+                .map_err(|e| err(&e))?;
                 if let Some(m) = b.measured_ms {
-                    bars.draw_series(std::iter::once(Rectangle::new([(x + 0.5, 0.0), (x + 0.8, m)], RED.mix(0.6).filled())))
-                        .map_err(|e| err(&e))?;
+                    bars.draw_series(std::iter::once(Rectangle::new(
+                        [(x + 0.5, 0.0), (x + 0.8, m)],
+                        RED.mix(0.6).filled(),
+                    )))
+                    .map_err(|e| err(&e))?;
                 }
                 bars.draw_series(std::iter::once(Rectangle::new(
-                    [(x + 0.1, b.budget_ms), (x + 0.85, b.budget_ms + max_ms * 0.004)],
+                    [
+                        (x + 0.1, b.budget_ms),
+                        (x + 0.85, b.budget_ms + max_ms * 0.004),
+                    ],
                     BLACK.filled(),
                 )))
                 .map_err(|e| err(&e))?;

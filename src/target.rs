@@ -13,7 +13,26 @@ pub fn cpu_description() -> String {
     };
     let model = field("model name").unwrap_or_else(|| std::env::consts::ARCH.to_string());
     let flags = field("flags").unwrap_or_default();
-    let wanted = ["avx2", "fma", "avx512f", "avx512_bf16", "avx512_fp16", "amx_tile", "f16c", "asimd", "sve"];
-    let present: Vec<&str> = wanted.iter().copied().filter(|f| flags.split_whitespace().any(|x| x == *f)).collect();
-    format!("{} [{}] {}", model, present.join(" "), std::env::consts::ARCH)
+    let wanted = [
+        "avx2",
+        "fma",
+        "avx512f",
+        "avx512_bf16",
+        "avx512_fp16",
+        "amx_tile",
+        "f16c",
+        "asimd",
+        "sve",
+    ];
+    let present: Vec<&str> = wanted
+        .iter()
+        .copied()
+        .filter(|f| flags.split_whitespace().any(|x| x == *f))
+        .collect();
+    format!(
+        "{} [{}] {}",
+        model,
+        present.join(" "),
+        std::env::consts::ARCH
+    )
 }

@@ -6,7 +6,9 @@ use libfuzzer_sys::fuzz_target;
 use std::path::Path;
 
 fuzz_target!(|data: &[u8]| {
-    let Ok(text) = std::str::from_utf8(data) else { return };
+    let Ok(text) = std::str::from_utf8(data) else {
+        return;
+    };
     let file = Path::new("ziplm.toml");
     match ziplm::config::parse(text, file) {
         Ok(cfg) => {

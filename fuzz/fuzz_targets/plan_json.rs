@@ -7,13 +7,32 @@ use libfuzzer_sys::fuzz_target;
 use ziplm_plugin_api::*;
 
 fn structure() -> ModelStructure {
-    let attn = BlockKind::Attention(AttentionShape { n_heads: 4, n_kv_heads: 2, head_dim: 16 });
-    let ffn = BlockKind::Ffn(FfnShape { width: 128, gated: true });
+    let attn = BlockKind::Attention(AttentionShape {
+        n_heads: 4,
+        n_kv_heads: 2,
+        head_dim: 16,
+    });
+    let ffn = BlockKind::Ffn(FfnShape {
+        width: 128,
+        gated: true,
+    });
     ModelStructure {
         architecture: "llama".into(),
         blocks: vec![
-            PrunableBlock { id: BlockId(0), layer: LayerIndex(0), kind: attn, hidden: 64, name: "attn".into() },
-            PrunableBlock { id: BlockId(1), layer: LayerIndex(0), kind: ffn, hidden: 64, name: "ffn".into() },
+            PrunableBlock {
+                id: BlockId(0),
+                layer: LayerIndex(0),
+                kind: attn,
+                hidden: 64,
+                name: "attn".into(),
+            },
+            PrunableBlock {
+                id: BlockId(1),
+                layer: LayerIndex(0),
+                kind: ffn,
+                hidden: 64,
+                name: "ffn".into(),
+            },
         ],
         constraints: ShapeConstraints::default(),
     }

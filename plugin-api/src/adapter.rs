@@ -31,7 +31,11 @@ pub trait ModelAdapter {
     /// out-projection inputs of the blocks in `capture` to `sink`.
     ///
     /// The engine may call this several times with different subsets to bound memory.
-    fn calibrate(&mut self, capture: &[BlockId], sink: &mut dyn ActivationSink) -> AdapterResult<()>;
+    fn calibrate(
+        &mut self,
+        capture: &[BlockId],
+        sink: &mut dyn ActivationSink,
+    ) -> AdapterResult<()>;
 
     /// The out-projection of `block`, as `hidden x inputs` (outputs x inputs) f32,
     /// whatever the file layout.
@@ -40,7 +44,8 @@ pub trait ModelAdapter {
     /// Writes the pruned model to `dest`: upstream rows deleted as the plan says,
     /// out-projections replaced by `weights` where given. Writes atomically: on error
     /// `dest` keeps its old content or does not exist.
-    fn emit(&self, plan: &Plan, weights: &PrunedWeights, dest: &Path) -> AdapterResult<EmitSummary>;
+    fn emit(&self, plan: &Plan, weights: &PrunedWeights, dest: &Path)
+        -> AdapterResult<EmitSummary>;
 }
 
 /// Scores a candidate pruned model on calibration batches (lower is better).
@@ -69,5 +74,9 @@ pub trait LatencyProfiler {
 
     /// Prepares `what` at `workload`: build and optimise the runnable once, so
     /// [`TimedRun::run`] times only the execution.
-    fn prepare<'a>(&'a mut self, what: &Measured, workload: &Workload) -> AdapterResult<Box<dyn TimedRun + 'a>>;
+    fn prepare<'a>(
+        &'a mut self,
+        what: &Measured,
+        workload: &Workload,
+    ) -> AdapterResult<Box<dyn TimedRun + 'a>>;
 }

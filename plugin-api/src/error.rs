@@ -59,11 +59,17 @@ pub enum AdapterError {
 impl AdapterError {
     /// Wraps a runtime error, keeping its whole chain of causes in the message.
     pub fn runtime(context: impl Into<String>, err: impl std::fmt::Display) -> Self {
-        AdapterError::Runtime { context: context.into(), detail: format!("{err:#}") }
+        AdapterError::Runtime {
+            context: context.into(),
+            detail: format!("{err:#}"),
+        }
     }
 
     /// Wraps an I/O error with the path it concerns.
     pub fn io(path: impl Into<PathBuf>, source: std::io::Error) -> Self {
-        AdapterError::Io { path: path.into(), source }
+        AdapterError::Io {
+            path: path.into(),
+            source,
+        }
     }
 }

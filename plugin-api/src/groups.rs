@@ -129,7 +129,11 @@ mod tests {
 
     #[test]
     fn mha_heads_are_contiguous_columns() {
-        let kind = BlockKind::Attention(AttentionShape { n_heads: 4, n_kv_heads: 4, head_dim: 16 });
+        let kind = BlockKind::Attention(AttentionShape {
+            n_heads: 4,
+            n_kv_heads: 4,
+            head_dim: 16,
+        });
         let l = GroupLayout::for_kind(&kind, GqaPolicy::WholeKvGroups);
         assert_eq!(l.groups.len(), 4);
         assert_eq!(l.groups[2], (32..48).collect::<Vec<_>>());
@@ -139,24 +143,42 @@ mod tests {
 
     #[test]
     fn gqa_equal_per_group_is_balanced_by_kv_head() {
-        let kind = BlockKind::Attention(AttentionShape { n_heads: 9, n_kv_heads: 3, head_dim: 64 });
+        let kind = BlockKind::Attention(AttentionShape {
+            n_heads: 9,
+            n_kv_heads: 3,
+            head_dim: 64,
+        });
         let l = GroupLayout::for_kind(&kind, GqaPolicy::EqualPerKvGroup);
         assert_eq!(l.groups.len(), 9);
         assert_eq!(l.step(), 3);
-        assert_eq!(l.schedule, GroupSchedule::Balanced { class_of: vec![0, 0, 0, 1, 1, 1, 2, 2, 2] });
+        assert_eq!(
+            l.schedule,
+            GroupSchedule::Balanced {
+                class_of: vec![0, 0, 0, 1, 1, 1, 2, 2, 2]
+            }
+        );
         l.validate(576).unwrap();
     }
 
     #[test]
     fn ffn_neurons_are_single_columns() {
-        let l = GroupLayout::for_kind(&BlockKind::Ffn(FfnShape { width: 8, gated: true }), GqaPolicy::WholeKvGroups);
+        let l = GroupLayout::for_kind(
+            &BlockKind::Ffn(FfnShape {
+                width: 8,
+                gated: true,
+            }),
+            GqaPolicy::WholeKvGroups,
+        );
         assert_eq!(l.groups.len(), 8);
         assert_eq!(l.n_columns(), 8);
     }
 
     #[test]
     fn overlapping_groups_are_rejected() {
-        let l = GroupLayout { groups: vec![vec![0, 1], vec![1]], schedule: GroupSchedule::Free };
+        let l = GroupLayout {
+            groups: vec![vec![0, 1], vec![1]],
+            schedule: GroupSchedule::Free,
+        };
         assert!(l.validate(2).unwrap_err().contains("two groups"));
     }
 }

@@ -56,7 +56,12 @@ pub struct Timing {
 
 impl Timing {
     /// A timing of exactly zero (a removed block).
-    pub const ZERO: Timing = Timing { median_ms: 0.0, min_ms: 0.0, max_ms: 0.0, runs: 0 };
+    pub const ZERO: Timing = Timing {
+        median_ms: 0.0,
+        min_ms: 0.0,
+        max_ms: 0.0,
+        runs: 0,
+    };
 
     /// Relative spread `(max - min) / median`, 0 for a zero median.
     pub fn relative_spread(&self) -> f64 {

@@ -37,7 +37,12 @@ impl BlockPlan {
             BlockKind::Attention(a) => ((0..a.n_heads).collect(), (0..a.n_kv_heads).collect()),
             BlockKind::Ffn(f) => ((0..f.width).collect(), Vec::new()),
         };
-        BlockPlan { block, kind, kept, kept_kv_heads }
+        BlockPlan {
+            block,
+            kind,
+            kept,
+            kept_kv_heads,
+        }
     }
 
     /// Dense, pruned or removed.
@@ -85,7 +90,11 @@ impl Plan {
         Plan {
             format_version: crate::FORMAT_VERSION,
             architecture: structure.architecture.clone(),
-            blocks: structure.blocks.iter().map(|b| BlockPlan::dense(b.id, b.kind)).collect(),
+            blocks: structure
+                .blocks
+                .iter()
+                .map(|b| BlockPlan::dense(b.id, b.kind))
+                .collect(),
         }
     }
 
@@ -101,7 +110,10 @@ impl Plan {
         }
         for (p, b) in self.blocks.iter().zip(&structure.blocks) {
             if p.block != b.id || p.kind != b.kind {
-                return Err(format!("plan entry {:?} does not match model {} ({:?})", p.block, b.id, b.kind));
+                return Err(format!(
+                    "plan entry {:?} does not match model {} ({:?})",
+                    p.block, b.id, b.kind
+                ));
             }
             let (n, n_kv) = match b.kind {
                 BlockKind::Attention(a) => (a.n_heads, a.n_kv_heads),
@@ -109,13 +121,24 @@ impl Plan {
             };
             for list in [(&p.kept, n), (&p.kept_kv_heads, n_kv)] {
                 if list.0.windows(2).any(|w| w[0] >= w[1]) || list.0.iter().any(|&i| i >= list.1) {
-                    return Err(format!("{}: kept indices must be ascending and below {}", b.id, list.1));
+                    return Err(format!(
+                        "{}: kept indices must be ascending and below {}",
+                        b.id, list.1
+                    ));
                 }
             }
             if let BlockKind::Attention(a) = b.kind {
                 let per_kv = a.heads_per_kv();
-                if let Some(h) = p.kept.iter().find(|&&h| !p.kept_kv_heads.contains(&(h / per_kv))) {
-                    return Err(format!("{}: head {h} is kept but its KV head {} is not", b.id, h / per_kv));
+                if let Some(h) = p
+                    .kept
+                    .iter()
+                    .find(|&&h| !p.kept_kv_heads.contains(&(h / per_kv)))
+                {
+                    return Err(format!(
+                        "{}: head {h} is kept but its KV head {} is not",
+                        b.id,
+                        h / per_kv
+                    ));
                 }
             }
         }

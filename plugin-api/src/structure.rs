@@ -196,7 +196,11 @@ impl ModelStructure {
 
     /// Number of transformer layers (one more than the largest layer index).
     pub fn n_layers(&self) -> usize {
-        self.blocks.iter().map(|b| b.layer.0 as usize + 1).max().unwrap_or(0)
+        self.blocks
+            .iter()
+            .map(|b| b.layer.0 as usize + 1)
+            .max()
+            .unwrap_or(0)
     }
 
     /// Checks the internal consistency an adapter promises: ids in order, shapes
@@ -218,7 +222,10 @@ impl ModelStructure {
             match b.kind {
                 BlockKind::Attention(a) => {
                     if a.n_heads == 0 || a.head_dim == 0 || a.n_kv_heads == 0 {
-                        return Err(format!("{} ({}) has an empty attention shape {a:?}", b.id, b.name));
+                        return Err(format!(
+                            "{} ({}) has an empty attention shape {a:?}",
+                            b.id, b.name
+                        ));
                     }
                     if a.n_heads % a.n_kv_heads != 0 {
                         return Err(format!(

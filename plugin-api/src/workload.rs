@@ -31,12 +31,20 @@ pub struct Workload {
 impl Workload {
     /// A prefill workload.
     pub fn prefill(batch: usize, seq_len: usize) -> Self {
-        Workload { batch, seq_len, phase: Phase::Prefill }
+        Workload {
+            batch,
+            seq_len,
+            phase: Phase::Prefill,
+        }
     }
 
     /// A decode workload: `batch` sequences, one new token each, `kv_len` cached.
     pub fn decode(batch: usize, kv_len: usize) -> Self {
-        Workload { batch, seq_len: 1, phase: Phase::Decode { kv_len } }
+        Workload {
+            batch,
+            seq_len: 1,
+            phase: Phase::Decode { kv_len },
+        }
     }
 
     /// Checks that every dimension is positive.

@@ -24,7 +24,12 @@ fn latency_table_with_long_decimals_round_trips() {
 
 #[test]
 fn every_kept_input_is_handled() {
-    for entry in std::fs::read_dir(concat!(env!("CARGO_MANIFEST_DIR"), "/tests/fuzz_regressions")).unwrap() {
+    for entry in std::fs::read_dir(concat!(
+        env!("CARGO_MANIFEST_DIR"),
+        "/tests/fuzz_regressions"
+    ))
+    .unwrap()
+    {
         let bytes = std::fs::read(entry.unwrap().path()).unwrap();
         round_trips::<LatencyTable>(&bytes);
         round_trips::<Plan>(&bytes);

@@ -16,7 +16,13 @@ use ziplm_plugin_api::{ModelStructure, Workload};
 pub fn load_structure(model: &Path, workload: &Workload) -> Result<ModelStructure> {
     match model.extension().and_then(|e| e.to_str()) {
         Some("onnx") => {
-            let m = tract::TractModel::load(model, tract::TractOptions { workload: *workload, ..Default::default() })?;
+            let m = tract::TractModel::load(
+                model,
+                tract::TractOptions {
+                    workload: *workload,
+                    ..Default::default()
+                },
+            )?;
             Ok(ziplm_plugin_api::ModelAdapter::structure(&m).clone())
         }
         _ => mistralrs_structure(model),
@@ -42,13 +48,19 @@ pub fn run_mistralrs(job: &PruneJob, _progress: &dyn Progress) -> Result<PruneRe
 
 #[cfg(feature = "mistralrs")]
 fn mistralrs_structure(model: &Path) -> Result<ModelStructure> {
-    Err(Error::Invalid(format!("{}: the mistralrs backend is not implemented yet", model.display())))
+    Err(Error::Invalid(format!(
+        "{}: the mistralrs backend is not implemented yet",
+        model.display()
+    )))
 }
 
 #[cfg(feature = "mistralrs")]
 /// Runs a job with the mistral.rs backend.
 pub fn run_mistralrs(job: &PruneJob, _progress: &dyn Progress) -> Result<PruneReport> {
-    Err(Error::Invalid(format!("{}: the mistralrs backend is not implemented yet", job.model.display())))
+    Err(Error::Invalid(format!(
+        "{}: the mistralrs backend is not implemented yet",
+        job.model.display()
+    )))
 }
 
 /// Runs a job with its backend (writes models and report into `job.out_dir`).

@@ -1,13 +1,15 @@
 //! Running each command.
 
-use super::args::{Cli, Command, EvalArgs, FormatArg, GqaArg, InspectArgs, ProfileArgs, PruneArgs, WorkloadArgs};
+use super::args::{
+    Cli, Command, EvalArgs, FormatArg, GqaArg, InspectArgs, ProfileArgs, PruneArgs, WorkloadArgs,
+};
 use super::inspect;
-use anyhow::{bail, Context};
-use std::process::ExitCode;
 use crate::data::{CalibrationData, DataFormat};
 use crate::job::{BackendKind, Device, PruneJob};
 use crate::progress::{Bars, Progress, Quiet};
 use crate::search::Budget;
+use anyhow::{bail, Context};
+use std::process::ExitCode;
 use ziplm_plugin_api::{GqaPolicy, Phase, Workload};
 
 pub fn dispatch(cli: Cli) -> anyhow::Result<ExitCode> {
@@ -38,7 +40,11 @@ fn gqa(g: GqaArg) -> GqaPolicy {
 }
 
 fn progress(quiet: bool) -> Box<dyn Progress> {
-    if quiet { Box::new(Quiet) } else { Box::new(Bars::default()) }
+    if quiet {
+        Box::new(Quiet)
+    } else {
+        Box::new(Bars::default())
+    }
 }
 
 fn job_from_args(a: &PruneArgs) -> anyhow::Result<Vec<PruneJob>> {
@@ -51,7 +57,9 @@ fn job_from_args(a: &PruneArgs) -> anyhow::Result<Vec<PruneJob>> {
     };
     let mut job = PruneJob::new(model);
     job.workload = workload(&a.workload);
-    job.device = Device::Cpu { threads: a.workload.threads };
+    job.device = Device::Cpu {
+        threads: a.workload.threads,
+    };
     let mut budgets: Vec<Budget> = a.speedup.iter().map(|&s| Budget::Speedup(s)).collect();
     budgets.extend(a.latency_ms.iter().map(|&ms| Budget::LatencyMs(ms)));
     if !budgets.is_empty() {
@@ -93,7 +101,9 @@ fn prune(a: PruneArgs) -> anyhow::Result<ExitCode> {
             );
         }
         let report = match job.backend {
-            BackendKind::Tract => crate::backend::tract::driver::run(job, progress.as_ref())?.report,
+            BackendKind::Tract => {
+                crate::backend::tract::driver::run(job, progress.as_ref())?.report
+            }
             BackendKind::Mistralrs => crate::backend::run_mistralrs(job, progress.as_ref())?,
         };
         missed |= report.budgets.iter().any(|b| b.met == Some(false));
@@ -104,27 +114,66 @@ fn prune(a: PruneArgs) -> anyhow::Result<ExitCode> {
         reports.push(report);
     }
     if a.json {
-        let v = if reports.len() == 1 { serde_json::to_value(&reports[0])? } else { serde_json::to_value(&reports)? };
+        let v = if reports.len() == 1 {
+            serde_json::to_value(&reports[0])?
+        } else {
+            serde_json::to_value(&reports)?
+        };
         println!("{}", serde_json::to_string_pretty(&v)?);
     }
-    Ok(if missed { ExitCode::from(1) } else { ExitCode::SUCCESS })
+    Ok(if missed {
+        ExitCode::from(1)
+    } else {
+        ExitCode::SUCCESS
+    })
 }
 
 fn profile(a: ProfileArgs) -> anyhow::Result<ExitCode> {
     use crate::backend::tract::{profile::TractProfiler, TractModel, TractOptions};
     let w = workload(&a.workload);
-    let model = TractModel::load(&a.model, TractOptions { workload: w, gqa_policy: gqa(a.gqa) })?;
-    let cfg = crate::database::DatabaseConfig { ffn_width_multiple: a.ffn_multiple, ..Default::default() };
-    let shapes = crate::database::grid_shapes(ziplm_plugin_api::ModelAdapter::structure(&model), &cfg);
+    let model = TractModel::load(
+        &a.model,
+        TractOptions {
+            workload: w,
+            gqa_policy: gqa(a.gqa),
+        },
+    )?;
+    let cfg = crate::database::DatabaseConfig {
+        ffn_width_multiple: a.ffn_multiple,
+        ..Default::default()
+    };
+    let shapes =
+        crate::database::grid_shapes(ziplm_plugin_api::ModelAdapter::structure(&model), &cfg);
     let mut profiler = TractProfiler::new(&model, a.workload.threads);
-    let settings = crate::profile::ProfileSettings { warmup: 2, runs: a.runs };
-    let reuse = if a.out.exists() { crate::profile::load_table(&a.out).ok() } else { None };
-    let table = crate::profile::build_table(&mut profiler, &w, &shapes, &settings, reuse.as_ref(), progress(a.quiet).as_ref())?;
+    let settings = crate::profile::ProfileSettings {
+        warmup: 2,
+        runs: a.runs,
+    };
+    let reuse = if a.out.exists() {
+        crate::profile::load_table(&a.out).ok()
+    } else {
+        None
+    };
+    let table = crate::profile::build_table(
+        &mut profiler,
+        &w,
+        &shapes,
+        &settings,
+        reuse.as_ref(),
+        progress(a.quiet).as_ref(),
+    )?;
     crate::profile::save_table(&table, &a.out)?;
     if a.json {
         println!("{}", serde_json::to_string_pretty(&table)?);
     } else {
-        println!("{} shapes + rest ({:.3} ms) on {} at {}; written to {}", table.entries.len(), table.rest.median_ms, table.key.target, w, a.out.display());
+        println!(
+            "{} shapes + rest ({:.3} ms) on {} at {}; written to {}",
+            table.entries.len(),
+            table.rest.median_ms,
+            table.key.target,
+            w,
+            a.out.display()
+        );
     }
     Ok(ExitCode::SUCCESS)
 }
@@ -132,7 +181,10 @@ fn profile(a: ProfileArgs) -> anyhow::Result<ExitCode> {
 fn inspect(a: InspectArgs) -> anyhow::Result<ExitCode> {
     let structure = crate::backend::load_structure(&a.model, &workload(&a.workload))?;
     if a.json {
-        println!("{}", serde_json::to_string_pretty(&inspect::summary(&structure))?);
+        println!(
+            "{}",
+            serde_json::to_string_pretty(&inspect::summary(&structure))?
+        );
     } else {
         print!("{}", inspect::inspect_text(&structure));
     }
@@ -142,14 +194,22 @@ fn inspect(a: InspectArgs) -> anyhow::Result<ExitCode> {
 fn eval(a: EvalArgs) -> anyhow::Result<ExitCode> {
     use crate::backend::tract::encode::SentenceEncoder;
     use crate::data::{sts, tokenizer::Tokenizer};
-    let tok_path = a.tokenizer.clone().or_else(|| Tokenizer::next_to(&a.model)).context("no tokenizer.json next to the model; pass --tokenizer")?;
+    let tok_path = a
+        .tokenizer
+        .clone()
+        .or_else(|| Tokenizer::next_to(&a.model))
+        .context("no tokenizer.json next to the model; pass --tokenizer")?;
     let tok = Tokenizer::from_file(&tok_path)?;
     let pairs = sts::read_pairs(&a.sts)?;
-    let bytes = std::fs::read(&a.model).with_context(|| format!("reading {}", a.model.display()))?;
+    let bytes =
+        std::fs::read(&a.model).with_context(|| format!("reading {}", a.model.display()))?;
     let enc = SentenceEncoder::new(&bytes, a.batch, a.seq_len)?;
     let score = sts::evaluate(&pairs, &mut |s: &[String]| enc.embed(&tok, s))?;
     if a.json {
-        println!("{}", serde_json::json!({ "model": a.model, "metric": "sts_spearman_x100", "pairs": pairs.len(), "value": score }));
+        println!(
+            "{}",
+            serde_json::json!({ "model": a.model, "metric": "sts_spearman_x100", "pairs": pairs.len(), "value": score })
+        );
     } else {
         println!("STS Spearman x100: {score:.2} ({} pairs)", pairs.len());
     }

@@ -74,16 +74,30 @@ pub fn summary(s: &ModelStructure) -> Summary {
 /// The text form: one line per layer, then totals.
 pub fn inspect_text(s: &ModelStructure) -> String {
     let sum = summary(s);
-    let mut out = format!("architecture: {}\nhidden: {}\nlayers: {}\n", sum.architecture, sum.hidden, sum.layers.len());
+    let mut out = format!(
+        "architecture: {}\nhidden: {}\nlayers: {}\n",
+        sum.architecture,
+        sum.hidden,
+        sum.layers.len()
+    );
     out.push_str("layer  heads  kv  head_dim  ffn    gated  params\n");
     for l in &sum.layers {
         out.push_str(&format!(
             "{:<5}  {:<5}  {:<2}  {:<8}  {:<5}  {:<5}  {}\n",
-            l.layer, l.heads, l.kv_heads, l.head_dim, l.ffn, if l.gated { "yes" } else { "no" }, l.params
+            l.layer,
+            l.heads,
+            l.kv_heads,
+            l.head_dim,
+            l.ffn,
+            if l.gated { "yes" } else { "no" },
+            l.params
         ));
     }
     let heads: usize = sum.layers.iter().map(|l| l.heads).sum();
     let ffn: usize = sum.layers.iter().map(|l| l.ffn).sum();
-    out.push_str(&format!("total: {heads} heads, {ffn} FFN neurons, {} prunable params\n", sum.params));
+    out.push_str(&format!(
+        "total: {heads} heads, {ffn} FFN neurons, {} prunable params\n",
+        sum.params
+    ));
     out
 }

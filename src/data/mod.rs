@@ -25,7 +25,12 @@ pub enum DataFormat {
 impl DataFormat {
     /// Guesses the format from the file extension (`.jsonl`, `.csv`/`.tsv`, else text).
     pub fn from_path(path: &Path) -> DataFormat {
-        match path.extension().and_then(|e| e.to_str()).map(|e| e.to_ascii_lowercase()).as_deref() {
+        match path
+            .extension()
+            .and_then(|e| e.to_str())
+            .map(|e| e.to_ascii_lowercase())
+            .as_deref()
+        {
             Some("jsonl") => DataFormat::Jsonl,
             Some("tsv") | Some("csv") => DataFormat::StsTsv,
             _ => DataFormat::Text,
@@ -61,28 +66,46 @@ pub enum SampleMode {
 pub fn read_texts(path: &Path, format: DataFormat) -> Result<Vec<String>> {
     let content = std::fs::read_to_string(path).map_err(|e| Error::io(path, e))?;
     let texts: Vec<String> = match format {
-        DataFormat::Text => content.lines().map(str::trim).filter(|l| !l.is_empty()).map(String::from).collect(),
+        DataFormat::Text => content
+            .lines()
+            .map(str::trim)
+            .filter(|l| !l.is_empty())
+            .map(String::from)
+            .collect(),
         DataFormat::Jsonl => {
             let mut out = vec![];
-            for (i, line) in content.lines().enumerate().filter(|(_, l)| !l.trim().is_empty()) {
-                let v: serde_json::Value = serde_json::from_str(line).map_err(|e| Error::Format {
-                    path: path.into(),
-                    detail: format!("line {}: not JSON ({e})", i + 1),
-                })?;
-                let text = v.get("text").and_then(|t| t.as_str()).ok_or_else(|| Error::Format {
-                    path: path.into(),
-                    detail: format!("line {}: no string field \"text\"", i + 1),
-                })?;
+            for (i, line) in content
+                .lines()
+                .enumerate()
+                .filter(|(_, l)| !l.trim().is_empty())
+            {
+                let v: serde_json::Value =
+                    serde_json::from_str(line).map_err(|e| Error::Format {
+                        path: path.into(),
+                        detail: format!("line {}: not JSON ({e})", i + 1),
+                    })?;
+                let text = v
+                    .get("text")
+                    .and_then(|t| t.as_str())
+                    .ok_or_else(|| Error::Format {
+                        path: path.into(),
+                        detail: format!("line {}: no string field \"text\"", i + 1),
+                    })?;
                 out.push(text.to_string());
             }
             out
         }
-        DataFormat::StsTsv => sts::read_pairs(path)?.into_iter().flat_map(|p| [p.a, p.b]).collect(),
+        DataFormat::StsTsv => sts::read_pairs(path)?
+            .into_iter()
+            .flat_map(|p| [p.a, p.b])
+            .collect(),
     };
     if texts.is_empty() {
         return Err(Error::Calibration {
             context: path.display().to_string(),
-            detail: "the calibration file holds no text; give a file with at least one non-empty line".into(),
+            detail:
+                "the calibration file holds no text; give a file with at least one non-empty line"
+                    .into(),
         });
     }
     Ok(texts)
@@ -97,7 +120,9 @@ pub fn make_samples(
     seq_len: usize,
 ) -> Result<Vec<Vec<i64>>> {
     if seq_len == 0 || count == 0 {
-        return Err(Error::Invalid("calibration needs at least one sample of at least one token".into()));
+        return Err(Error::Invalid(
+            "calibration needs at least one sample of at least one token".into(),
+        ));
     }
     let mut out = vec![];
     match mode {
@@ -142,5 +167,11 @@ pub fn make_samples(
 pub fn random_samples(vocab: usize, count: usize, seq_len: usize, seed: u64) -> Vec<Vec<i64>> {
     use rand::{Rng, SeedableRng};
     let mut rng = rand_chacha::ChaCha8Rng::seed_from_u64(seed);
-    (0..count).map(|_| (0..seq_len).map(|_| rng.random_range(0..vocab.max(1)) as i64).collect()).collect()
+    (0..count)
+        .map(|_| {
+            (0..seq_len)
+                .map(|_| rng.random_range(0..vocab.max(1)) as i64)
+                .collect()
+        })
+        .collect()
 }

@@ -19,7 +19,11 @@ pub struct StsPair {
 pub fn read_pairs(path: &Path) -> Result<Vec<StsPair>> {
     let content = std::fs::read_to_string(path).map_err(|e| Error::io(path, e))?;
     let mut out = vec![];
-    for (i, line) in content.lines().enumerate().filter(|(_, l)| !l.trim().is_empty()) {
+    for (i, line) in content
+        .lines()
+        .enumerate()
+        .filter(|(_, l)| !l.trim().is_empty())
+    {
         let cols: Vec<&str> = line.split('\t').collect();
         if cols.len() < 7 {
             return Err(Error::Format {
@@ -31,7 +35,11 @@ pub fn read_pairs(path: &Path) -> Result<Vec<StsPair>> {
             path: path.into(),
             detail: format!("line {}: score `{}` is not a number", i + 1, cols[4]),
         })?;
-        out.push(StsPair { score, a: cols[5].to_string(), b: cols[6].to_string() });
+        out.push(StsPair {
+            score,
+            a: cols[5].to_string(),
+            b: cols[6].to_string(),
+        });
     }
     Ok(out)
 }
@@ -87,13 +95,21 @@ pub fn cosine(a: &[f32], b: &[f32]) -> f64 {
 
 /// STS score: Spearman correlation (x 100) between the cosine similarity of the
 /// embeddings of each pair and the gold score. `embed` maps sentences to embeddings.
-pub fn evaluate(pairs: &[StsPair], embed: &mut dyn FnMut(&[String]) -> Result<Vec<Vec<f32>>>) -> Result<f64> {
+pub fn evaluate(
+    pairs: &[StsPair],
+    embed: &mut dyn FnMut(&[String]) -> Result<Vec<Vec<f32>>>,
+) -> Result<f64> {
     if pairs.is_empty() {
         return Err(Error::Invalid("no STS pairs to evaluate".into()));
     }
-    let sentences: Vec<String> = pairs.iter().flat_map(|p| [p.a.clone(), p.b.clone()]).collect();
+    let sentences: Vec<String> = pairs
+        .iter()
+        .flat_map(|p| [p.a.clone(), p.b.clone()])
+        .collect();
     let emb = embed(&sentences)?;
-    let sims: Vec<f64> = (0..pairs.len()).map(|i| cosine(&emb[2 * i], &emb[2 * i + 1])).collect();
+    let sims: Vec<f64> = (0..pairs.len())
+        .map(|i| cosine(&emb[2 * i], &emb[2 * i + 1]))
+        .collect();
     let gold: Vec<f64> = pairs.iter().map(|p| p.score).collect();
     Ok(100.0 * spearman(&sims, &gold))
 }

@@ -19,10 +19,14 @@ impl Tokenizer {
             detail: format!("not a tokenizer.json the tokenizers library can load: {e}"),
         })?;
         inner.with_padding(None);
-        inner
-            .with_truncation(None)
-            .map_err(|e| Error::Format { path: path.into(), detail: format!("cannot disable truncation: {e}") })?;
-        Ok(Tokenizer { inner, path: path.into() })
+        inner.with_truncation(None).map_err(|e| Error::Format {
+            path: path.into(),
+            detail: format!("cannot disable truncation: {e}"),
+        })?;
+        Ok(Tokenizer {
+            inner,
+            path: path.into(),
+        })
     }
 
     /// The `tokenizer.json` next to a model file, if there is one.
@@ -33,10 +37,13 @@ impl Tokenizer {
 
     /// Token ids of `text` (with the model's special tokens when `special`).
     pub fn encode(&self, text: &str, special: bool) -> Result<Vec<i64>> {
-        let enc = self.inner.encode(text, special).map_err(|e| Error::Format {
-            path: self.path.clone(),
-            detail: format!("tokenising failed: {e}"),
-        })?;
+        let enc = self
+            .inner
+            .encode(text, special)
+            .map_err(|e| Error::Format {
+                path: self.path.clone(),
+                detail: format!("tokenising failed: {e}"),
+            })?;
         Ok(enc.get_ids().iter().map(|&i| i as i64).collect())
     }
 

@@ -22,7 +22,11 @@ pub struct GramAccumulator {
 impl GramAccumulator {
     /// An empty accumulator for inputs of `width` features.
     pub fn new(width: usize) -> Self {
-        GramAccumulator { width, sum: Mat::zeros(width, width), tokens: 0 }
+        GramAccumulator {
+            width,
+            sum: Mat::zeros(width, width),
+            tokens: 0,
+        }
     }
 
     /// Input width.
@@ -126,16 +130,24 @@ mod tests {
     fn matches_direct_product_across_batches() {
         let d = 5;
         let n = 1100; // crosses the chunk boundary
-        let rows: Vec<f32> = (0..n * d).map(|i| ((i * 37 % 101) as f32 - 50.0) / 17.0).collect();
+        let rows: Vec<f32> = (0..n * d)
+            .map(|i| ((i * 37 % 101) as f32 - 50.0) / 17.0)
+            .collect();
         let mut acc = GramAccumulator::new(d);
         acc.add(&rows[..300 * d]).unwrap();
         acc.add(&rows[300 * d..]).unwrap();
         let h = acc.finish().unwrap();
         for i in 0..d {
             for j in 0..d {
-                let direct: f64 =
-                    (0..n).map(|t| rows[t * d + i] as f64 * rows[t * d + j] as f64).sum::<f64>() * 2.0 / n as f64;
-                assert!((h[(i, j)] - direct).abs() <= 1e-12 * direct.abs().max(1.0), "{i},{j}");
+                let direct: f64 = (0..n)
+                    .map(|t| rows[t * d + i] as f64 * rows[t * d + j] as f64)
+                    .sum::<f64>()
+                    * 2.0
+                    / n as f64;
+                assert!(
+                    (h[(i, j)] - direct).abs() <= 1e-12 * direct.abs().max(1.0),
+                    "{i},{j}"
+                );
             }
         }
     }

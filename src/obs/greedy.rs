@@ -33,7 +33,9 @@ impl<'a> GroupGreedy<'a> {
             .map_err(|e| Error::Invalid(format!("group layout: {e}")))?;
         let n_classes = match &layout.schedule {
             GroupSchedule::Free => 0,
-            GroupSchedule::Balanced { class_of } => class_of.iter().map(|&c| c as usize + 1).max().unwrap_or(0),
+            GroupSchedule::Balanced { class_of } => {
+                class_of.iter().map(|&c| c as usize + 1).max().unwrap_or(0)
+            }
         };
         Ok(GroupGreedy {
             layer,
@@ -65,7 +67,12 @@ impl<'a> GroupGreedy<'a> {
     pub fn delta_sq(&self) -> f64 {
         let mut s = 0.0;
         for j in 0..self.w.ncols() {
-            for (a, b) in self.w.col_as_slice(j).iter().zip(self.layer.w.col_as_slice(j)) {
+            for (a, b) in self
+                .w
+                .col_as_slice(j)
+                .iter()
+                .zip(self.layer.w.col_as_slice(j))
+            {
                 s += (a - b) * (a - b);
             }
         }
@@ -124,13 +131,18 @@ impl<'a> GroupGreedy<'a> {
             }
             let s = self.score(g)?;
             if s.is_nan() {
-                return Err(Error::numerical(format!("OBS step {}", self.n_removed), format!("score of group {g} is NaN")));
+                return Err(Error::numerical(
+                    format!("OBS step {}", self.n_removed),
+                    format!("score of group {g} is NaN"),
+                ));
             }
             if best.is_none_or(|(_, b)| s < b) {
                 best = Some((g, s));
             }
         }
-        let Some((g, score)) = best else { return Ok(None) };
+        let Some((g, score)) = best else {
+            return Ok(None);
+        };
         self.remove(g)?;
         Ok(Some(Removal { group: g, score }))
     }
@@ -146,8 +158,22 @@ impl<'a> GroupGreedy<'a> {
         llt.solve_in_place(z.as_mut());
         let wm = Mat::from_fn(self.w.nrows(), cols.len(), |i, a| self.w[(i, cols[a])]);
         let hm = Mat::from_fn(n, cols.len(), |i, a| self.hinv[(i, cols[a])]);
-        matmul(self.w.as_mut(), Accum::Add, wm.as_ref(), z.as_ref(), -1.0, Par::Seq);
-        matmul(self.hinv.as_mut(), Accum::Add, hm.as_ref(), z.as_ref(), -1.0, Par::Seq);
+        matmul(
+            self.w.as_mut(),
+            Accum::Add,
+            wm.as_ref(),
+            z.as_ref(),
+            -1.0,
+            Par::Seq,
+        );
+        matmul(
+            self.hinv.as_mut(),
+            Accum::Add,
+            hm.as_ref(),
+            z.as_ref(),
+            -1.0,
+            Par::Seq,
+        );
         for &c in &cols {
             self.w.col_mut(c).fill(0.0);
             self.hinv.col_mut(c).fill(0.0);

@@ -92,7 +92,9 @@ impl<'a> ColumnGreedy<'a> {
     fn refresh_exact(&mut self) {
         let m = self.active.len();
         self.diag = (0..m).map(|j| self.hf[(j, j)]).collect();
-        self.norms = (0..m).map(|j| self.wf.col_as_slice(j).iter().map(|v| v * v).sum()).collect();
+        self.norms = (0..m)
+            .map(|j| self.wf.col_as_slice(j).iter().map(|v| v * v).sum())
+            .collect();
         self.removed_local = vec![false; m];
     }
 
@@ -108,7 +110,10 @@ impl<'a> ColumnGreedy<'a> {
             if !(d > 0.0) {
                 return Err(Error::numerical(
                     format!("OBS step {}", self.n_removed),
-                    format!("inverse-Hessian diagonal of column {} is {d}; raise the dampening", self.active[j]),
+                    format!(
+                        "inverse-Hessian diagonal of column {} is {d}; raise the dampening",
+                        self.active[j]
+                    ),
                 ));
             }
             let s = self.norms[j].max(0.0) / d;
@@ -131,7 +136,14 @@ impl<'a> ColumnGreedy<'a> {
             ucol.copy_from(self.hf.col(p));
             let ucol_mat = self.u.as_mut().subrows_mut(0, m);
             let (left, right) = ucol_mat.split_at_col_mut(t);
-            matmul(right.subcols_mut(0, 1), Accum::Add, left.as_ref(), coef, -1.0, Par::Seq);
+            matmul(
+                right.subcols_mut(0, 1),
+                Accum::Add,
+                left.as_ref(),
+                coef,
+                -1.0,
+                Par::Seq,
+            );
         }
         // a = Wf[:, p] - A coef   (the current column p of W)
         {
@@ -145,7 +157,10 @@ impl<'a> ColumnGreedy<'a> {
         if !(d > 0.0) {
             return Err(Error::numerical(
                 format!("OBS step {}", self.n_removed),
-                format!("inverse-Hessian pivot of column {} is {d}; raise the dampening", self.active[p]),
+                format!(
+                    "inverse-Hessian pivot of column {} is {d}; raise the dampening",
+                    self.active[p]
+                ),
             ));
         }
         let acol = self.a.col(t);
@@ -155,7 +170,14 @@ impl<'a> ColumnGreedy<'a> {
         // g = W_now^T a = Wf^T a - U D^-1 (A^T a)   (length m)
         {
             let mut g = self.g.as_mut().subrows_mut(0, m);
-            matmul(g.as_mut(), Accum::Replace, self.wf.transpose(), self.a.as_ref().subcols(t, 1), 1.0, Par::Seq);
+            matmul(
+                g.as_mut(),
+                Accum::Replace,
+                self.wf.transpose(),
+                self.a.as_ref().subcols(t, 1),
+                1.0,
+                Par::Seq,
+            );
             if t > 0 {
                 let mut at_a = Mat::<f64>::zeros(t, 1);
                 matmul(
@@ -169,7 +191,14 @@ impl<'a> ColumnGreedy<'a> {
                 for s in 0..t {
                     at_a[(s, 0)] *= self.dinv[s];
                 }
-                matmul(g, Accum::Add, self.u.as_ref().subrows(0, m).subcols(0, t), at_a.as_ref(), -1.0, Par::Seq);
+                matmul(
+                    g,
+                    Accum::Add,
+                    self.u.as_ref().subrows(0, m).subcols(0, t),
+                    at_a.as_ref(),
+                    -1.0,
+                    Par::Seq,
+                );
             }
         }
         // Column j changes by -a * c_j with c_j = u_j / d.
@@ -188,7 +217,13 @@ impl<'a> ColumnGreedy<'a> {
         self.norms[p] = 0.0;
         self.dinv.push(dinv);
         let orig = self.active[p];
-        self.removed_dense_sq += self.layer.w.col_as_slice(orig).iter().map(|v| v * v).sum::<f64>();
+        self.removed_dense_sq += self
+            .layer
+            .w
+            .col_as_slice(orig)
+            .iter()
+            .map(|v| v * v)
+            .sum::<f64>();
         self.n_removed += 1;
         if self.dinv.len() == self.fold_every {
             self.fold();
@@ -208,8 +243,22 @@ impl<'a> ColumnGreedy<'a> {
         let mut hf = Mat::from_fn(k, k, |i, j| self.hf[(keep[i], keep[j])]);
         let mut wf = Mat::from_fn(self.wf.nrows(), k, |i, j| self.wf[(i, keep[j])]);
         if t > 0 {
-            matmul(hf.as_mut(), Accum::Add, uk.as_ref(), us.transpose(), -1.0, Par::Seq);
-            matmul(wf.as_mut(), Accum::Add, self.a.as_ref().subcols(0, t), us.transpose(), -1.0, Par::Seq);
+            matmul(
+                hf.as_mut(),
+                Accum::Add,
+                uk.as_ref(),
+                us.transpose(),
+                -1.0,
+                Par::Seq,
+            );
+            matmul(
+                wf.as_mut(),
+                Accum::Add,
+                self.a.as_ref().subcols(0, t),
+                us.transpose(),
+                -1.0,
+                Par::Seq,
+            );
         }
         self.hf = hf;
         self.wf = wf;
@@ -223,7 +272,12 @@ impl<'a> ColumnGreedy<'a> {
         self.fold();
         let mut s = self.removed_dense_sq;
         for (pos, &c) in self.active.iter().enumerate() {
-            for (a, b) in self.wf.col_as_slice(pos).iter().zip(self.layer.w.col_as_slice(c)) {
+            for (a, b) in self
+                .wf
+                .col_as_slice(pos)
+                .iter()
+                .zip(self.layer.w.col_as_slice(c))
+            {
                 s += (a - b) * (a - b);
             }
         }

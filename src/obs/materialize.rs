@@ -19,7 +19,9 @@ pub fn materialize(layer: &PreparedLayer, kept: &[usize]) -> Result<Mat<f64>> {
     let mut is_kept = vec![false; n];
     for &c in kept {
         if c >= n || std::mem::replace(&mut is_kept[c], true) {
-            return Err(Error::Invalid(format!("kept column {c} is out of range or repeated (n = {n})")));
+            return Err(Error::Invalid(format!(
+                "kept column {c} is out of range or repeated (n = {n})"
+            )));
         }
     }
     let removed: Vec<usize> = (0..n).filter(|&c| !is_kept[c]).collect();
@@ -30,12 +32,24 @@ pub fn materialize(layer: &PreparedLayer, kept: &[usize]) -> Result<Mat<f64>> {
     }
     let hkk = Mat::from_fn(kept.len(), kept.len(), |a, b| layer.h[(kept[a], kept[b])]);
     let llt = hkk.as_ref().llt(Side::Lower).map_err(|e| {
-        Error::numerical("materialising pruned weights", format!("kept Gram block is not positive definite ({e:?})"))
+        Error::numerical(
+            "materialising pruned weights",
+            format!("kept Gram block is not positive definite ({e:?})"),
+        )
     })?;
     // Z = H_KK^-1 H_KS   (|K| x |S|)
-    let mut z = Mat::from_fn(kept.len(), removed.len(), |a, s| layer.h[(kept[a], removed[s])]);
+    let mut z = Mat::from_fn(kept.len(), removed.len(), |a, s| {
+        layer.h[(kept[a], removed[s])]
+    });
     llt.solve_in_place(z.as_mut());
     let ws = Mat::from_fn(d_out, removed.len(), |i, s| layer.w[(i, removed[s])]);
-    matmul(out.as_mut(), Accum::Add, ws.as_ref(), z.transpose(), 1.0, Par::Seq);
+    matmul(
+        out.as_mut(),
+        Accum::Add,
+        ws.as_ref(),
+        z.transpose(),
+        1.0,
+        Par::Seq,
+    );
     Ok(out)
 }

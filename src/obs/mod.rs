@@ -61,7 +61,10 @@ pub struct RemovalTrace {
 impl RemovalTrace {
     /// The error recorded after `removed` groups, if that was a checkpoint.
     pub fn error_at(&self, removed: usize) -> Option<f64> {
-        self.checkpoints.iter().find(|c| c.removed == removed).map(|c| c.error)
+        self.checkpoints
+            .iter()
+            .find(|c| c.removed == removed)
+            .map(|c| c.error)
     }
 }
 
@@ -77,21 +80,34 @@ pub fn run_greedy(
     checkpoints: &[usize],
 ) -> Result<RemovalTrace> {
     let max_removed = max_removed.min(layout.groups.len());
-    let mut wanted: Vec<usize> = checkpoints.iter().copied().filter(|&c| c <= max_removed).collect();
+    let mut wanted: Vec<usize> = checkpoints
+        .iter()
+        .copied()
+        .filter(|&c| c <= max_removed)
+        .collect();
     wanted.sort_unstable();
     wanted.dedup();
     let singleton = layout.groups.len() == layer.n_inputs()
         && layout.groups.iter().all(|g| g.len() == 1)
         && layout.schedule == GroupSchedule::Free;
-    let mut trace = RemovalTrace { order: Vec::new(), scores: Vec::new(), checkpoints: Vec::new() };
+    let mut trace = RemovalTrace {
+        order: Vec::new(),
+        scores: Vec::new(),
+        checkpoints: Vec::new(),
+    };
     let mut e_damped = 0.0;
     let record = |trace: &mut RemovalTrace, e_damped: f64, delta_sq: f64| {
         let removed = trace.order.len();
-        trace.checkpoints.push(Checkpoint { removed, error: layer.normalised_error(e_damped, delta_sq) });
+        trace.checkpoints.push(Checkpoint {
+            removed,
+            error: layer.normalised_error(e_damped, delta_sq),
+        });
     };
     let mut next = 0;
     if singleton {
-        layout.validate(layer.n_inputs()).map_err(|e| crate::Error::Invalid(format!("group layout: {e}")))?;
+        layout
+            .validate(layer.n_inputs())
+            .map_err(|e| crate::Error::Invalid(format!("group layout: {e}")))?;
         // Column index -> group index (layouts need not list columns in order).
         let mut group_of = vec![usize::MAX; layer.n_inputs()];
         for (g, cols) in layout.groups.iter().enumerate() {
@@ -110,7 +126,10 @@ pub fn run_greedy(
             let Some(r) = greedy.step()? else { break };
             let g = group_of[r.group];
             if g == usize::MAX {
-                return Err(crate::Error::Invalid(format!("column {} belongs to no group", r.group)));
+                return Err(crate::Error::Invalid(format!(
+                    "column {} belongs to no group",
+                    r.group
+                )));
             }
             e_damped += r.score;
             trace.order.push(g);

@@ -41,12 +41,17 @@ impl PreparedLayer {
             )));
         }
         if !(dampening >= 0.0 && dampening.is_finite()) {
-            return Err(Error::Invalid(format!("dampening must be a finite number >= 0, got {dampening}")));
+            return Err(Error::Invalid(format!(
+                "dampening must be a finite number >= 0, got {dampening}"
+            )));
         }
         if let Some((i, j)) = find_non_finite(w) {
             return Err(Error::numerical(
                 "weights",
-                format!("weight ({i}, {j}) is {}: the model file holds NaN/Inf weights", w[(i, j)]),
+                format!(
+                    "weight ({i}, {j}) is {}: the model file holds NaN/Inf weights",
+                    w[(i, j)]
+                ),
             ));
         }
         let mut w = w.to_owned();
@@ -62,7 +67,14 @@ impl PreparedLayer {
         // Energy with the undampened H (dead columns hold zero weights, so their
         // placeholder diagonal does not count).
         let mut wh = Mat::<f64>::zeros(w.nrows(), n);
-        faer::linalg::matmul::matmul(wh.as_mut(), Accum::Replace, w.as_ref(), h.as_ref(), 1.0, Par::Seq);
+        faer::linalg::matmul::matmul(
+            wh.as_mut(),
+            Accum::Replace,
+            w.as_ref(),
+            h.as_ref(),
+            1.0,
+            Par::Seq,
+        );
         let energy: f64 = (0..n)
             .map(|j| {
                 let a = wh.col_as_slice(j);
@@ -75,7 +87,13 @@ impl PreparedLayer {
         for j in 0..n {
             h[(j, j)] += lambda;
         }
-        Ok(PreparedLayer { w, h, lambda, dead, energy: energy.max(0.0) })
+        Ok(PreparedLayer {
+            w,
+            h,
+            lambda,
+            dead,
+            energy: energy.max(0.0),
+        })
     }
 
     /// Number of inputs (columns).

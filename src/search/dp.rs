@@ -54,13 +54,22 @@ pub fn solve(stages: &[Vec<DpOption>], budget: f64, buckets: usize) -> Option<Dp
         return None;
     }
     // A zero budget only admits zero-time options: any positive beta works for them.
-    let beta = if budget > 0.0 { budget / buckets as f64 } else { 1.0 };
+    let beta = if budget > 0.0 {
+        budget / buckets as f64
+    } else {
+        1.0
+    };
     let limit = if budget > 0.0 { buckets } else { 0 };
     let times: Vec<Vec<Option<usize>>> = stages
         .iter()
         .map(|opts| {
-            assert!(opts.len() <= u16::MAX as usize, "too many options in one DP stage");
-            opts.iter().map(|o| bucket_of(o.time, beta, limit)).collect()
+            assert!(
+                opts.len() <= u16::MAX as usize,
+                "too many options in one DP stage"
+            );
+            opts.iter()
+                .map(|o| bucket_of(o.time, beta, limit))
+                .collect()
         })
         .collect();
 
@@ -102,7 +111,13 @@ pub fn solve(stages: &[Vec<DpOption>], budget: f64, buckets: usize) -> Option<Dp
         .iter()
         .enumerate()
         .filter(|(_, v)| v.is_finite())
-        .fold((usize::MAX, f64::INFINITY), |(bb, bv), (i, &v)| if v < bv { (i, v) } else { (bb, bv) });
+        .fold((usize::MAX, f64::INFINITY), |(bb, bv), (i, &v)| {
+            if v < bv {
+                (i, v)
+            } else {
+                (bb, bv)
+            }
+        });
     if b == usize::MAX {
         return None;
     }
@@ -112,9 +127,21 @@ pub fn solve(stages: &[Vec<DpOption>], budget: f64, buckets: usize) -> Option<Dp
         choices[l] = s;
         b -= times[l][s].expect("a chosen option fits");
     }
-    let cost = choices.iter().enumerate().map(|(l, &s)| stages[l][s].cost).sum();
-    let time = choices.iter().enumerate().map(|(l, &s)| stages[l][s].time).sum();
-    Some(DpSolution { choices, cost, time })
+    let cost = choices
+        .iter()
+        .enumerate()
+        .map(|(l, &s)| stages[l][s].cost)
+        .sum();
+    let time = choices
+        .iter()
+        .enumerate()
+        .map(|(l, &s)| stages[l][s].time)
+        .sum();
+    Some(DpSolution {
+        choices,
+        cost,
+        time,
+    })
 }
 
 #[cfg(test)]
@@ -159,7 +186,9 @@ mod tests {
     fn small_exhaustive_instances_match_brute_force() {
         let mut seed = 12345u64;
         let mut rnd = move || {
-            seed = seed.wrapping_mul(6364136223846793005).wrapping_add(1442695040888963407);
+            seed = seed
+                .wrapping_mul(6364136223846793005)
+                .wrapping_add(1442695040888963407);
             ((seed >> 33) as f64) / (1u64 << 31) as f64
         };
         for case in 0..200 {
@@ -167,7 +196,12 @@ mod tests {
             let stages: Vec<Vec<DpOption>> = (0..n_stages)
                 .map(|_| {
                     let n = 1 + (rnd() * 4.0) as usize;
-                    (0..n).map(|_| DpOption { time: (rnd() * 10.0).floor(), cost: rnd() }).collect()
+                    (0..n)
+                        .map(|_| DpOption {
+                            time: (rnd() * 10.0).floor(),
+                            cost: rnd(),
+                        })
+                        .collect()
                 })
                 .collect();
             let budget = 5.0 + (rnd() * 25.0).floor();
@@ -177,7 +211,11 @@ mod tests {
             match (dp, bf) {
                 (None, None) => {}
                 (Some(d), Some(b)) => {
-                    assert!((d.cost - b).abs() < 1e-12, "case {case}: dp {} brute {b}", d.cost);
+                    assert!(
+                        (d.cost - b).abs() < 1e-12,
+                        "case {case}: dp {} brute {b}",
+                        d.cost
+                    );
                     assert!(d.time <= budget);
                 }
                 (d, b) => panic!("case {case}: dp {d:?} brute {b:?}"),
@@ -187,10 +225,22 @@ mod tests {
 
     #[test]
     fn zero_budget_takes_zero_time_options() {
-        let stages = vec![vec![DpOption { time: 1.0, cost: 0.0 }, DpOption { time: 0.0, cost: 1.0 }]];
+        let stages = vec![vec![
+            DpOption {
+                time: 1.0,
+                cost: 0.0,
+            },
+            DpOption {
+                time: 0.0,
+                cost: 1.0,
+            },
+        ]];
         let s = solve(&stages, 0.0, 100).unwrap();
         assert_eq!(s.choices, vec![1]);
-        let stages = vec![vec![DpOption { time: 1.0, cost: 0.0 }]];
+        let stages = vec![vec![DpOption {
+            time: 1.0,
+            cost: 0.0,
+        }]];
         assert!(solve(&stages, 0.0, 100).is_none());
     }
 }

@@ -67,7 +67,9 @@ impl Budget {
             Budget::Speedup(v) => (v, "speedup"),
         };
         if !(v.is_finite() && v > 0.0) {
-            return Err(Error::Invalid(format!("the {what} must be a positive number, got {v}")));
+            return Err(Error::Invalid(format!(
+                "the {what} must be a positive number, got {v}"
+            )));
         }
         Ok(())
     }
@@ -117,18 +119,33 @@ impl SearchProblem {
     /// Checks candidates: a dense level first, finite non-negative errors and times.
     pub fn validate(&self) -> Result<()> {
         if self.blocks.is_empty() {
-            return Err(Error::Invalid("nothing to search: the model has no prunable blocks".into()));
+            return Err(Error::Invalid(
+                "nothing to search: the model has no prunable blocks".into(),
+            ));
         }
         if !(self.rest_ms.is_finite() && self.rest_ms >= 0.0) {
-            return Err(Error::Invalid(format!("fixed time must be finite and >= 0, got {}", self.rest_ms)));
+            return Err(Error::Invalid(format!(
+                "fixed time must be finite and >= 0, got {}",
+                self.rest_ms
+            )));
         }
         for b in &self.blocks {
             if b.levels.is_empty() {
-                return Err(Error::Invalid(format!("{} has no candidate level", b.block)));
+                return Err(Error::Invalid(format!(
+                    "{} has no candidate level",
+                    b.block
+                )));
             }
             for c in &b.levels {
-                if !(c.error.is_finite() && c.error >= 0.0 && c.time_ms.is_finite() && c.time_ms >= 0.0) {
-                    return Err(Error::Invalid(format!("{} has an invalid level {c:?}", b.block)));
+                if !(c.error.is_finite()
+                    && c.error >= 0.0
+                    && c.time_ms.is_finite()
+                    && c.time_ms >= 0.0)
+                {
+                    return Err(Error::Invalid(format!(
+                        "{} has an invalid level {c:?}",
+                        b.block
+                    )));
                 }
             }
         }
@@ -150,12 +167,22 @@ impl SearchProblem {
 
     /// Predicted latency of a selection.
     pub fn time_of(&self, sel: &Selection) -> f64 {
-        self.rest_ms + self.blocks.iter().zip(&sel.levels).map(|(b, &l)| b.levels[l].time_ms).sum::<f64>()
+        self.rest_ms
+            + self
+                .blocks
+                .iter()
+                .zip(&sel.levels)
+                .map(|(b, &l)| b.levels[l].time_ms)
+                .sum::<f64>()
     }
 
     /// Sum of normalised errors of a selection.
     pub fn error_of(&self, sel: &Selection) -> f64 {
-        self.blocks.iter().zip(&sel.levels).map(|(b, &l)| b.levels[l].error).sum()
+        self.blocks
+            .iter()
+            .zip(&sel.levels)
+            .map(|(b, &l)| b.levels[l].error)
+            .sum()
     }
 
     /// Checks a selection against the shape constraints (used by tests and when
@@ -174,7 +201,11 @@ impl SearchProblem {
                 return false;
             }
             if k > 0 {
-                if b.attention { heads.insert(k) } else { widths.insert(k) };
+                if b.attention {
+                    heads.insert(k)
+                } else {
+                    widths.insert(k)
+                };
             }
         }
         if (c.uniform_heads && heads.len() > 1) || (c.uniform_ffn_width && widths.len() > 1) {
@@ -182,8 +213,10 @@ impl SearchProblem {
         }
         if c.module_removal == ModuleRemoval::WholeLayerOnly {
             for b in &self.blocks {
-                let layer_kept: Vec<usize> =
-                    (0..self.blocks.len()).filter(|&j| self.blocks[j].layer == b.layer).map(kept).collect();
+                let layer_kept: Vec<usize> = (0..self.blocks.len())
+                    .filter(|&j| self.blocks[j].layer == b.layer)
+                    .map(kept)
+                    .collect();
                 let removed = layer_kept.iter().filter(|&&k| k == 0).count();
                 if removed != 0 && removed != layer_kept.len() {
                     return false;
@@ -229,7 +262,9 @@ impl SearchProblem {
         if removal == ModuleRemoval::WholeLayerOnly {
             let layers: BTreeSet<LayerIndex> = self.blocks.iter().map(|b| b.layer).collect();
             for layer in layers {
-                let members: Vec<usize> = (0..self.blocks.len()).filter(|&i| self.blocks[i].layer == layer).collect();
+                let members: Vec<usize> = (0..self.blocks.len())
+                    .filter(|&i| self.blocks[i].layer == layer)
+                    .collect();
                 let mut options: Vec<Vec<usize>> = vec![Vec::new()];
                 for &i in &members {
                     let levels = kept_levels(i);
@@ -238,17 +273,25 @@ impl SearchProblem {
                         .flat_map(|o| levels.iter().map(move |&l| [o.as_slice(), &[l]].concat()))
                         .collect();
                 }
-                if let Some(drop) = members.iter().map(|&i| removed_level(i)).collect::<Option<Vec<usize>>>() {
+                if let Some(drop) = members
+                    .iter()
+                    .map(|&i| removed_level(i))
+                    .collect::<Option<Vec<usize>>>()
+                {
                     options.push(drop);
                 }
                 if options.is_empty() {
                     return None;
                 }
-                stages.push(Stage { blocks: members, options });
+                stages.push(Stage {
+                    blocks: members,
+                    options,
+                });
             }
         } else {
             for i in 0..self.blocks.len() {
-                let mut options: Vec<Vec<usize>> = kept_levels(i).into_iter().map(|l| vec![l]).collect();
+                let mut options: Vec<Vec<usize>> =
+                    kept_levels(i).into_iter().map(|l| vec![l]).collect();
                 if removal == ModuleRemoval::Independent {
                     if let Some(r) = removed_level(i) {
                         options.push(vec![r]);
@@ -257,7 +300,10 @@ impl SearchProblem {
                 if options.is_empty() {
                     return None;
                 }
-                stages.push(Stage { blocks: vec![i], options });
+                stages.push(Stage {
+                    blocks: vec![i],
+                    options,
+                });
             }
         }
         Some(stages)
@@ -267,14 +313,18 @@ impl SearchProblem {
         let c = &self.constraints;
         let hs = self.tie_domain(true, c.uniform_heads);
         let ws = self.tie_domain(false, c.uniform_ffn_width);
-        hs.iter().flat_map(|&h| ws.iter().map(move |&w| (h, w))).collect()
+        hs.iter()
+            .flat_map(|&h| ws.iter().map(move |&w| (h, w)))
+            .collect()
     }
 
     /// The fastest admissible selection and its predicted time.
     pub fn fastest(&self) -> Option<(Selection, f64)> {
         let mut best: Option<(Selection, f64)> = None;
         for (h, w) in self.tie_combinations() {
-            let Some(stages) = self.stages_for(h, w) else { continue };
+            let Some(stages) = self.stages_for(h, w) else {
+                continue;
+            };
             let mut levels = vec![0; self.blocks.len()];
             for st in &stages {
                 let opt = st
@@ -296,7 +346,11 @@ impl SearchProblem {
     }
 
     fn option_time(&self, st: &Stage, opt: &[usize]) -> f64 {
-        st.blocks.iter().zip(opt).map(|(&b, &l)| self.blocks[b].levels[l].time_ms).sum()
+        st.blocks
+            .iter()
+            .zip(opt)
+            .map(|(&b, &l)| self.blocks[b].levels[l].time_ms)
+            .sum()
     }
 
     /// Minimises `sum alpha_b * e(b, level)` subject to predicted time <= budget.
@@ -308,21 +362,35 @@ impl SearchProblem {
         self.validate()?;
         budget.validate()?;
         if !alphas.is_empty() && alphas.len() != self.blocks.len() {
-            return Err(Error::Invalid(format!("{} coefficients for {} blocks", alphas.len(), self.blocks.len())));
+            return Err(Error::Invalid(format!(
+                "{} coefficients for {} blocks",
+                alphas.len(),
+                self.blocks.len()
+            )));
         }
         let alpha = |b: usize| if alphas.is_empty() { 1.0 } else { alphas[b] };
         let budget_ms = self.budget_ms(budget);
         let dense_ms = self.dense_ms();
         if dense_ms <= budget_ms {
             // The dense model already meets the budget: nothing to prune.
-            let selection = Selection { levels: vec![0; self.blocks.len()] };
-            return Ok(SearchOutcome { predicted_ms: dense_ms, error_sum: 0.0, selection, dense_ms, budget_ms });
+            let selection = Selection {
+                levels: vec![0; self.blocks.len()],
+            };
+            return Ok(SearchOutcome {
+                predicted_ms: dense_ms,
+                error_sum: 0.0,
+                selection,
+                dense_ms,
+                budget_ms,
+            });
         }
         let block_budget = budget_ms - self.rest_ms;
         let mut best: Option<(f64, f64, Selection)> = None;
         if block_budget >= 0.0 {
             for (h, w) in self.tie_combinations() {
-                let Some(stages) = self.stages_for(h, w) else { continue };
+                let Some(stages) = self.stages_for(h, w) else {
+                    continue;
+                };
                 let dp_stages: Vec<Vec<DpOption>> = stages
                     .iter()
                     .map(|st| {
@@ -330,12 +398,19 @@ impl SearchProblem {
                             .iter()
                             .map(|opt| DpOption {
                                 time: self.option_time(st, opt),
-                                cost: st.blocks.iter().zip(opt).map(|(&b, &l)| alpha(b) * self.blocks[b].levels[l].error).sum(),
+                                cost: st
+                                    .blocks
+                                    .iter()
+                                    .zip(opt)
+                                    .map(|(&b, &l)| alpha(b) * self.blocks[b].levels[l].error)
+                                    .sum(),
                             })
                             .collect()
                     })
                     .collect();
-                let Some(sol) = dp::solve(&dp_stages, block_budget, buckets) else { continue };
+                let Some(sol) = dp::solve(&dp_stages, block_budget, buckets) else {
+                    continue;
+                };
                 let mut levels = vec![0; self.blocks.len()];
                 for (st, &o) in stages.iter().zip(&sol.choices) {
                     for (&bi, &l) in st.blocks.iter().zip(&st.options[o]) {

@@ -32,7 +32,13 @@ pub struct RefineConfig {
 
 impl Default for RefineConfig {
     fn default() -> Self {
-        RefineConfig { restarts: 8, local_steps: 24, resample_fraction: 0.1, max_evaluations: 32, seed: 0 }
+        RefineConfig {
+            restarts: 8,
+            local_steps: 24,
+            resample_fraction: 0.1,
+            max_evaluations: 32,
+            seed: 0,
+        }
     }
 }
 
@@ -40,7 +46,11 @@ impl RefineConfig {
     /// Refinement with at most `evaluations` loss evaluations (`None` for 0: the plain
     /// error-sum DP).
     pub fn with_evaluations(evaluations: usize, seed: u64) -> Option<RefineConfig> {
-        (evaluations > 0).then(|| RefineConfig { max_evaluations: evaluations, seed, ..Default::default() })
+        (evaluations > 0).then(|| RefineConfig {
+            max_evaluations: evaluations,
+            seed,
+            ..Default::default()
+        })
     }
 }
 
@@ -95,18 +105,24 @@ pub fn refine(
         }
         let l = loss(&out.selection)?;
         scored.insert(out.selection.clone(), l);
-        history.push(Evaluation { error_sum: out.error_sum, loss: l, predicted_ms: out.predicted_ms });
+        history.push(Evaluation {
+            error_sum: out.error_sum,
+            loss: l,
+            predicted_ms: out.predicted_ms,
+        });
         Ok(Some((out, l)))
     };
 
     let ones = vec![1.0; n];
-    let (base_out, base_loss) =
-        evaluate(&ones, &mut scored, &mut history)?.expect("the first evaluation is always allowed");
+    let (base_out, base_loss) = evaluate(&ones, &mut scored, &mut history)?
+        .expect("the first evaluation is always allowed");
     let mut best = (base_out, base_loss, ones);
     let better = |l: f64, best: f64| l < best || (best.is_nan() && !l.is_nan());
     for _ in 0..config.restarts {
         let alphas: Vec<f64> = (0..n).map(|_| rng.random::<f64>()).collect();
-        let Some((out, l)) = evaluate(&alphas, &mut scored, &mut history)? else { break };
+        let Some((out, l)) = evaluate(&alphas, &mut scored, &mut history)? else {
+            break;
+        };
         if better(l, best.1) {
             best = (out, l, alphas);
         }
@@ -118,10 +134,18 @@ pub fn refine(
             let i = rng.random_range(0..n);
             alphas[i] = rng.random::<f64>();
         }
-        let Some((out, l)) = evaluate(&alphas, &mut scored, &mut history)? else { break };
+        let Some((out, l)) = evaluate(&alphas, &mut scored, &mut history)? else {
+            break;
+        };
         if better(l, best.1) {
             best = (out, l, alphas);
         }
     }
-    Ok(RefineOutcome { outcome: best.0, alphas: best.2, loss: best.1, baseline_loss: base_loss, history })
+    Ok(RefineOutcome {
+        outcome: best.0,
+        alphas: best.2,
+        loss: best.1,
+        baseline_loss: base_loss,
+        history,
+    })
 }

@@ -25,9 +25,17 @@ fn fast_job(model: &Path) -> PruneJob {
 fn job(model: &Path, dir: &Path) -> PruneJob {
     let mut job = fast_job(model);
     static RUN: std::sync::atomic::AtomicUsize = std::sync::atomic::AtomicUsize::new(0);
-    job.out_dir = dir.join(format!("out{}", RUN.fetch_add(1, std::sync::atomic::Ordering::SeqCst)));
+    job.out_dir = dir.join(format!(
+        "out{}",
+        RUN.fetch_add(1, std::sync::atomic::Ordering::SeqCst)
+    ));
     std::fs::create_dir_all(&job.out_dir).unwrap();
-    std::fs::write(job.out_dir.join(format!("{}.onnx", job.output_stem(&job.budgets[0]))), OLD).unwrap();
+    std::fs::write(
+        job.out_dir
+            .join(format!("{}.onnx", job.output_stem(&job.budgets[0]))),
+        OLD,
+    )
+    .unwrap();
     job
 }
 
@@ -43,7 +51,10 @@ fn fails_cleanly(job: &PruneJob, expect: &[&str]) -> String {
     for e in expect {
         assert!(err.contains(e), "expected `{e}` in: {err}");
     }
-    let names: Vec<_> = std::fs::read_dir(&job.out_dir).unwrap().map(|e| e.unwrap().file_name()).collect();
+    let names: Vec<_> = std::fs::read_dir(&job.out_dir)
+        .unwrap()
+        .map(|e| e.unwrap().file_name())
+        .collect();
     assert_eq!(names.len(), 1, "the failed run wrote {names:?}");
     assert_eq!(std::fs::read(job.out_dir.join(&names[0])).unwrap(), OLD);
     err
@@ -56,7 +67,15 @@ fn bert() -> PathBuf {
 /// A copy of the BERT fixture with the first value of its largest weight set to `v`.
 fn bert_with_weight(dir: &Path, v: f32) -> PathBuf {
     let mut file = OnnxFile::read(&bert()).unwrap();
-    let init = file.proto.graph.as_mut().unwrap().initializer.iter_mut().max_by_key(|t| t.dims.iter().product::<i64>()).unwrap();
+    let init = file
+        .proto
+        .graph
+        .as_mut()
+        .unwrap()
+        .initializer
+        .iter_mut()
+        .max_by_key(|t| t.dims.iter().product::<i64>())
+        .unwrap();
     if !init.raw_data.is_empty() {
         init.raw_data[..4].copy_from_slice(&v.to_le_bytes());
     } else {
@@ -85,7 +104,12 @@ fn with_text(mut job: PruneJob, dir: &Path, text: &str) -> PruneJob {
     let path = dir.join("calibration.txt");
     std::fs::write(&path, text).unwrap();
     job.tokenizer = Some(tokenizer(dir));
-    job.calibration = Some(CalibrationData { path, format: Some(DataFormat::Text), samples: 8, seq_len: 16 });
+    job.calibration = Some(CalibrationData {
+        path,
+        format: Some(DataFormat::Text),
+        samples: 8,
+        seq_len: 16,
+    });
     job
 }
 
@@ -95,7 +119,10 @@ fn broken_model_files() {
     let truncated = dir.path().join("truncated.onnx");
     let bytes = std::fs::read(bert()).unwrap();
     std::fs::write(&truncated, &bytes[..bytes.len() / 3]).unwrap();
-    fails_cleanly(&job(&truncated, dir.path()), &["truncated.onnx", "corrupt or truncated"]);
+    fails_cleanly(
+        &job(&truncated, dir.path()),
+        &["truncated.onnx", "corrupt or truncated"],
+    );
 
     let garbage = dir.path().join("garbage.onnx");
     std::fs::write(&garbage, b"this is not a protobuf \xff\xfe\x00").unwrap();
@@ -115,7 +142,10 @@ fn broken_model_files() {
 fn a_graph_without_transformer_blocks_is_named() {
     let dir = tempfile::tempdir().unwrap();
     let model = PathBuf::from(env!("CARGO_MANIFEST_DIR")).join("fixtures/bad/no-transformer.onnx");
-    fails_cleanly(&job(&model, dir.path()), &["no-transformer.onnx", "attention"]);
+    fails_cleanly(
+        &job(&model, dir.path()),
+        &["no-transformer.onnx", "attention"],
+    );
 }
 
 #[test]
@@ -132,8 +162,14 @@ fn non_finite_weights_and_activations() {
 fn unusable_calibration_data() {
     let dir = tempfile::tempdir().unwrap();
     let base = || job(&bert(), dir.path());
-    fails_cleanly(&with_text(base(), dir.path(), "\n  \n"), &["calibration.txt", "no text"]);
-    fails_cleanly(&with_text(base(), dir.path(), "the cat sat far"), &["token id 500", "vocabulary of 128"]);
+    fails_cleanly(
+        &with_text(base(), dir.path(), "\n  \n"),
+        &["calibration.txt", "no text"],
+    );
+    fails_cleanly(
+        &with_text(base(), dir.path(), "the cat sat far"),
+        &["token id 500", "vocabulary of 128"],
+    );
     let mut missing = with_text(base(), dir.path(), "the cat");
     missing.calibration.as_mut().unwrap().path = dir.path().join("nope.txt");
     fails_cleanly(&missing, &["nope.txt"]);
@@ -141,8 +177,14 @@ fn unusable_calibration_data() {
     no_tokenizer.tokenizer = None;
     fails_cleanly(&no_tokenizer, &["tokenizer.json", "--tokenizer"]);
     // Decoders calibrate on windows of the sequence length: too little text is an error.
-    let gpt2 = job(&super::tract_fixtures::fixture("tiny-gpt2-text-generation"), &dir.path().join("g"));
-    fails_cleanly(&with_text(gpt2, dir.path(), "the cat sat on the mat"), &["too short", "16 tokens"]);
+    let gpt2 = job(
+        &super::tract_fixtures::fixture("tiny-gpt2-text-generation"),
+        &dir.path().join("g"),
+    );
+    fails_cleanly(
+        &with_text(gpt2, dir.path(), "the cat sat on the mat"),
+        &["too short", "16 tokens"],
+    );
 }
 
 #[test]
@@ -160,8 +202,19 @@ fn budgets_the_model_cannot_meet_or_already_meets() {
     let mut easy = job(&bert(), &dir.path().join("easy"));
     easy.budgets = vec![Budget::LatencyMs(1e6)];
     let report = ziplm::backend::run_job(&easy, &ziplm::progress::Quiet).unwrap();
-    assert!(report.notes.iter().any(|n| n.contains("already meets")), "{:?}", report.notes);
-    assert_eq!(report.budgets[0].layers.iter().map(|l| l.heads.0).sum::<usize>(), 8);
+    assert!(
+        report.notes.iter().any(|n| n.contains("already meets")),
+        "{:?}",
+        report.notes
+    );
+    assert_eq!(
+        report.budgets[0]
+            .layers
+            .iter()
+            .map(|l| l.heads.0)
+            .sum::<usize>(),
+        8
+    );
 }
 
 #[test]
@@ -171,7 +224,9 @@ fn an_unwritable_output_path_is_an_error_not_a_panic() {
     std::fs::write(&file, b"x").unwrap();
     let mut j = fast_job(&bert());
     j.out_dir = file.join("out");
-    let err = ziplm::backend::run_job(&j, &ziplm::progress::Quiet).unwrap_err().to_string();
+    let err = ziplm::backend::run_job(&j, &ziplm::progress::Quiet)
+        .unwrap_err()
+        .to_string();
     assert!(err.contains("a-file"), "{err}");
     assert_eq!(std::fs::read(&file).unwrap(), b"x");
 }

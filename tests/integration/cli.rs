@@ -13,7 +13,13 @@ fn fixture(name: &str) -> String {
 /// Runs `ziplm prune ARGS --quiet --json --out OUT`; returns the exit code and the
 /// JSON report on stdout.
 fn prune_json(args: &[&str], out: &std::path::Path) -> (Option<i32>, serde_json::Value) {
-    let o = ziplm().arg("prune").args(args).args(["--quiet", "--json", "--out"]).arg(out).output().unwrap();
+    let o = ziplm()
+        .arg("prune")
+        .args(args)
+        .args(["--quiet", "--json", "--out"])
+        .arg(out)
+        .output()
+        .unwrap();
     let stderr = String::from_utf8_lossy(&o.stderr);
     let report = serde_json::from_slice(&o.stdout).unwrap_or_else(|e| panic!("{e}: {stderr}"));
     (o.status.code(), report)
@@ -21,11 +27,35 @@ fn prune_json(args: &[&str], out: &std::path::Path) -> (Option<i32>, serde_json:
 
 #[test]
 fn inspect_prints_the_structure_and_json() {
-    let out = ziplm().args(["inspect", &fixture("tiny-bert-feature-extraction"), "--seq-len", "16"]).output().unwrap();
-    assert!(out.status.success(), "{}", String::from_utf8_lossy(&out.stderr));
+    let out = ziplm()
+        .args([
+            "inspect",
+            &fixture("tiny-bert-feature-extraction"),
+            "--seq-len",
+            "16",
+        ])
+        .output()
+        .unwrap();
+    assert!(
+        out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
     let text = String::from_utf8(out.stdout).unwrap();
-    assert!(text.contains("architecture: bert") && text.contains("total: 8 heads, 256 FFN neurons"), "{text}");
-    let out = ziplm().args(["inspect", &fixture("tiny-llama-gqa-text-generation"), "--seq-len", "16", "--json"]).output().unwrap();
+    assert!(
+        text.contains("architecture: bert") && text.contains("total: 8 heads, 256 FFN neurons"),
+        "{text}"
+    );
+    let out = ziplm()
+        .args([
+            "inspect",
+            &fixture("tiny-llama-gqa-text-generation"),
+            "--seq-len",
+            "16",
+            "--json",
+        ])
+        .output()
+        .unwrap();
     let v: serde_json::Value = serde_json::from_slice(&out.stdout).unwrap();
     assert_eq!(v["layers"][0]["kv_heads"], 2);
 }
@@ -34,12 +64,26 @@ fn inspect_prints_the_structure_and_json() {
 fn prune_writes_models_plans_bundles_and_reports() {
     let dir = tempfile::tempdir().unwrap();
     let model = fixture("tiny-gpt2-text-generation");
-    let (code, report) = prune_json(&[&model, "--speedup", "1.2", "--speedup", "1.4", "--seq-len", "16"], dir.path());
+    let (code, report) = prune_json(
+        &[
+            &model,
+            "--speedup",
+            "1.2",
+            "--speedup",
+            "1.4",
+            "--seq-len",
+            "16",
+        ],
+        dir.path(),
+    );
     assert!(matches!(code, Some(0) | Some(1)), "{report}");
     assert_eq!(report["budgets"].as_array().unwrap().len(), 2);
     for stem in ["model.speedup-1.2", "model.speedup-1.4"] {
         for ext in ["onnx", "plan.json", "plan-bundle.json", "plan-bundle.bin"] {
-            assert!(dir.path().join(format!("{stem}.{ext}")).exists(), "{stem}.{ext} missing");
+            assert!(
+                dir.path().join(format!("{stem}.{ext}")).exists(),
+                "{stem}.{ext} missing"
+            );
         }
     }
     for f in ["report.json", "report.txt", "report.svg"] {
@@ -48,7 +92,11 @@ fn prune_writes_models_plans_bundles_and_reports() {
     let svg = std::fs::read_to_string(dir.path().join("report.svg")).unwrap();
     assert!(svg.starts_with("<svg") || svg.contains("<svg"));
     // Exit code 1 exactly when a verified budget was missed.
-    let missed = report["budgets"].as_array().unwrap().iter().any(|b| b["met"] == false);
+    let missed = report["budgets"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .any(|b| b["met"] == false);
     assert_eq!(code, Some(if missed { 1 } else { 0 }));
 }
 
@@ -60,14 +108,39 @@ fn bad_inputs_exit_2_with_a_clear_message() {
     bytes.truncate(bytes.len() / 3);
     std::fs::write(&corrupt, &bytes).unwrap();
     let cases: Vec<(Vec<String>, &str)> = vec![
-        (vec!["inspect".into(), corrupt.display().to_string()], "corrupt or truncated"),
-        (vec!["inspect".into(), "/nonexistent/model.onnx".into()], "/nonexistent/model.onnx"),
         (
-            vec!["prune".into(), fixture("tiny-bert-feature-extraction"), "--speedup=-2".into(), "--seq-len".into(), "16".into(), "--quiet".into(), "--out".into(), dir.path().join("o").display().to_string()],
+            vec!["inspect".into(), corrupt.display().to_string()],
+            "corrupt or truncated",
+        ),
+        (
+            vec!["inspect".into(), "/nonexistent/model.onnx".into()],
+            "/nonexistent/model.onnx",
+        ),
+        (
+            vec![
+                "prune".into(),
+                fixture("tiny-bert-feature-extraction"),
+                "--speedup=-2".into(),
+                "--seq-len".into(),
+                "16".into(),
+                "--quiet".into(),
+                "--out".into(),
+                dir.path().join("o").display().to_string(),
+            ],
             "speedup must be a positive number",
         ),
         (
-            vec!["prune".into(), fixture("tiny-bert-feature-extraction"), "--speedup".into(), "50".into(), "--seq-len".into(), "16".into(), "--quiet".into(), "--out".into(), dir.path().join("o").display().to_string()],
+            vec![
+                "prune".into(),
+                fixture("tiny-bert-feature-extraction"),
+                "--speedup".into(),
+                "50".into(),
+                "--seq-len".into(),
+                "16".into(),
+                "--quiet".into(),
+                "--out".into(),
+                dir.path().join("o").display().to_string(),
+            ],
             "cannot be met",
         ),
     ];
@@ -75,7 +148,10 @@ fn bad_inputs_exit_2_with_a_clear_message() {
         let out = ziplm().args(&args).output().unwrap();
         let stderr = String::from_utf8_lossy(&out.stderr);
         assert_eq!(out.status.code(), Some(2), "{args:?}: {stderr}");
-        assert!(stderr.contains(expect), "{args:?}: expected `{expect}` in: {stderr}");
+        assert!(
+            stderr.contains(expect),
+            "{args:?}: expected `{expect}` in: {stderr}"
+        );
         assert!(!stderr.contains("panicked"), "{args:?}: {stderr}");
     }
 }
@@ -84,10 +160,26 @@ fn bad_inputs_exit_2_with_a_clear_message() {
 fn spdy_refinement_scores_candidates_with_the_tract_loss_hook() {
     let dir = tempfile::tempdir().unwrap();
     let model = fixture("tiny-llama-gqa-text-generation");
-    let (_, report) = prune_json(&[&model, "--speedup", "1.4", "--seq-len", "16", "--refine", "6"], dir.path());
-    let losses = report["budgets"][0]["refined_loss"].as_array().unwrap_or_else(|| panic!("no refined loss: {report}"));
+    let (_, report) = prune_json(
+        &[
+            &model,
+            "--speedup",
+            "1.4",
+            "--seq-len",
+            "16",
+            "--refine",
+            "6",
+        ],
+        dir.path(),
+    );
+    let losses = report["budgets"][0]["refined_loss"]
+        .as_array()
+        .unwrap_or_else(|| panic!("no refined loss: {report}"));
     let (refined, plain) = (losses[0].as_f64().unwrap(), losses[1].as_f64().unwrap());
-    assert!(refined.is_finite() && plain.is_finite() && refined <= plain, "{refined} vs {plain}");
+    assert!(
+        refined.is_finite() && plain.is_finite() && refined <= plain,
+        "{refined} vs {plain}"
+    );
 }
 
 /// `ziplm profile` on the deployment machine, commit the table, build elsewhere: the
@@ -98,19 +190,47 @@ fn a_table_profiled_on_another_machine_is_used_as_is() {
     let dir = tempfile::tempdir().unwrap();
     let table = dir.path().join("deploy-cpu1.json");
     let model = fixture("tiny-bert-feature-extraction");
-    let out = ziplm().args(["profile", &model, "--seq-len", "16", "--quiet", "-o"]).arg(&table).output().unwrap();
-    assert!(out.status.success(), "{}", String::from_utf8_lossy(&out.stderr));
+    let out = ziplm()
+        .args(["profile", &model, "--seq-len", "16", "--quiet", "-o"])
+        .arg(&table)
+        .output()
+        .unwrap();
+    assert!(
+        out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
     // Pretend it came from the deployment machine.
     let mut t: serde_json::Value = serde_json::from_slice(&std::fs::read(&table).unwrap()).unwrap();
     t["key"]["target"]["device"] = "Deployment CPU [avx2] x86_64".into();
     std::fs::write(&table, serde_json::to_vec_pretty(&t).unwrap()).unwrap();
     let before = std::fs::read(&table).unwrap();
     let table_arg = table.display().to_string();
-    let (code, report) =
-        prune_json(&[&model, "--speedup", "1.3", "--seq-len", "16", "--latency-table", &table_arg], &dir.path().join("out"));
+    let (code, report) = prune_json(
+        &[
+            &model,
+            "--speedup",
+            "1.3",
+            "--seq-len",
+            "16",
+            "--latency-table",
+            &table_arg,
+        ],
+        &dir.path().join("out"),
+    );
     assert_eq!(code, Some(0), "{report}");
     assert_eq!(report["target"]["device"], "Deployment CPU [avx2] x86_64");
-    assert!(report["notes"][0].as_str().unwrap().contains("not verified"), "{report}");
+    assert!(
+        report["notes"][0]
+            .as_str()
+            .unwrap()
+            .contains("not verified"),
+        "{report}"
+    );
     assert!(report["budgets"][0]["measured_ms"].is_null());
-    assert_eq!(std::fs::read(&table).unwrap(), before, "a committed table is not rewritten");
+    assert_eq!(
+        std::fs::read(&table).unwrap(),
+        before,
+        "a committed table is not rewritten"
+    );
 }

@@ -28,7 +28,14 @@ pub fn correlated_inputs(r: &mut ChaCha8Rng, n: usize, tokens: usize) -> Mat<f64
     let mix = Mat::from_fn(n, k, |_, j| normal(r) / (1.0 + j as f64).sqrt());
     let z = randn(r, k, tokens);
     let mut x = Mat::<f64>::zeros(n, tokens);
-    faer::linalg::matmul::matmul(x.as_mut(), Accum::Replace, mix.as_ref(), z.as_ref(), 1.0, Par::Seq);
+    faer::linalg::matmul::matmul(
+        x.as_mut(),
+        Accum::Replace,
+        mix.as_ref(),
+        z.as_ref(),
+        1.0,
+        Par::Seq,
+    );
     for j in 0..tokens {
         for i in 0..n {
             x[(i, j)] += 0.05 * normal(r);

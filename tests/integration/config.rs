@@ -34,8 +34,18 @@ fn a_valid_config_becomes_jobs_with_resolved_paths() {
     assert_eq!(job.model, Path::new("/srv/app/models/model.onnx"));
     assert_eq!(job.device, Device::Cpu { threads: 2 });
     assert_eq!(job.workload.phase, Phase::Decode { kv_len: 256 });
-    assert_eq!(job.budgets, vec![Budget::Speedup(1.5), Budget::Speedup(2.0), Budget::LatencyMs(8.0)]);
-    assert_eq!(job.calibration.as_ref().unwrap().path, Path::new("/srv/app/data/train.jsonl"));
+    assert_eq!(
+        job.budgets,
+        vec![
+            Budget::Speedup(1.5),
+            Budget::Speedup(2.0),
+            Budget::LatencyMs(8.0)
+        ]
+    );
+    assert_eq!(
+        job.calibration.as_ref().unwrap().path,
+        Path::new("/srv/app/data/train.jsonl")
+    );
     assert_eq!(job.output_stem(&Budget::Speedup(1.5)), "minilm.speedup-1.5");
 }
 
@@ -44,19 +54,37 @@ fn unknown_keys_and_bad_values_name_file_line_and_key() {
     let file = Path::new("ziplm.toml");
     let typo = GOOD.replace("seq_len = 64", "seqlen = 64");
     let err = config::parse(&typo, file).unwrap_err().to_string();
-    assert!(err.contains("ziplm.toml") && err.contains("seqlen") && err.contains("line 9"), "{err}");
+    assert!(
+        err.contains("ziplm.toml") && err.contains("seqlen") && err.contains("line 9"),
+        "{err}"
+    );
 
     let cases = [
         (GOOD.replace("threads = 2", "threads = 0"), "target.threads"),
-        (GOOD.replace("speedup = [1.5, 2.0]", "speedup = [-1.0]"), "budget.speedup"),
-        (GOOD.replace("phase = \"decode\"", "phase = \"decoding\""), "workload.phase"),
+        (
+            GOOD.replace("speedup = [1.5, 2.0]", "speedup = [-1.0]"),
+            "budget.speedup",
+        ),
+        (
+            GOOD.replace("phase = \"decode\"", "phase = \"decoding\""),
+            "workload.phase",
+        ),
         (GOOD.replace("kv_len = 256\n", ""), "kv_len"),
-        (GOOD.replace("samples = 16", "samples = 0"), "calibration.samples"),
+        (
+            GOOD.replace("samples = 16", "samples = 0"),
+            "calibration.samples",
+        ),
     ];
     for (text, key) in cases {
         let cfg = config::parse(&text, file).unwrap();
-        let err = cfg.model[0].to_job(file, Path::new(".")).unwrap_err().to_string();
-        assert!(err.contains("ziplm.toml") && err.contains(key), "{key}: {err}");
+        let err = cfg.model[0]
+            .to_job(file, Path::new("."))
+            .unwrap_err()
+            .to_string();
+        assert!(
+            err.contains("ziplm.toml") && err.contains(key),
+            "{key}: {err}"
+        );
     }
     let negative = GOOD.replace("batch = 1", "batch = -1");
     let err = config::parse(&negative, file).unwrap_err().to_string();
@@ -69,5 +97,7 @@ fn cargo_metadata_table_of_the_example_app() {
     let jobs = config::load_jobs(&manifest).unwrap();
     assert_eq!(jobs.len(), 1);
     assert_eq!(jobs[0].display_name(), "tiny-bert");
-    assert!(jobs[0].model.ends_with("fixtures/onnx/tiny-bert-feature-extraction/model.onnx"));
+    assert!(jobs[0]
+        .model
+        .ends_with("fixtures/onnx/tiny-bert-feature-extraction/model.onnx"));
 }

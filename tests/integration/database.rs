@@ -8,16 +8,33 @@ use ziplm::search::Budget;
 use ziplm_plugin_api::*;
 
 fn structure(constraints: ShapeConstraints) -> ModelStructure {
-    let attn = BlockKind::Attention(AttentionShape { n_heads: 4, n_kv_heads: 2, head_dim: 8 });
-    let ffn = BlockKind::Ffn(FfnShape { width: 96, gated: true });
+    let attn = BlockKind::Attention(AttentionShape {
+        n_heads: 4,
+        n_kv_heads: 2,
+        head_dim: 8,
+    });
+    let ffn = BlockKind::Ffn(FfnShape {
+        width: 96,
+        gated: true,
+    });
     let mut blocks = Vec::new();
     for l in 0..2u32 {
         for kind in [attn, ffn] {
             let id = BlockId(blocks.len() as u32);
-            blocks.push(PrunableBlock { id, layer: LayerIndex(l), kind, hidden: 24, name: format!("layer{l}.{}", kind.label()) });
+            blocks.push(PrunableBlock {
+                id,
+                layer: LayerIndex(l),
+                kind,
+                hidden: 24,
+                name: format!("layer{l}.{}", kind.label()),
+            });
         }
     }
-    ModelStructure { architecture: "test".into(), blocks, constraints }
+    ModelStructure {
+        architecture: "test".into(),
+        blocks,
+        constraints,
+    }
 }
 
 fn database(constraints: ShapeConstraints) -> Database {
@@ -53,7 +70,12 @@ fn table(db: &Database) -> LatencyTable {
             workload: Workload::prefill(1, 16),
             model: "test".into(),
         },
-        rest: Timing { median_ms: 1.0, min_ms: 1.0, max_ms: 1.0, runs: 1 },
+        rest: Timing {
+            median_ms: 1.0,
+            min_ms: 1.0,
+            max_ms: 1.0,
+            runs: 1,
+        },
         entries: vec![],
     };
     for shape in db.shapes() {
@@ -61,7 +83,15 @@ fn table(db: &Database) -> LatencyTable {
             BlockShape::Attention { heads, .. } => 0.5 * heads as f64,
             BlockShape::Ffn { width, .. } => width as f64 / 32.0,
         };
-        t.insert(shape, Timing { median_ms: ms, min_ms: ms, max_ms: ms, runs: 1 });
+        t.insert(
+            shape,
+            Timing {
+                median_ms: ms,
+                min_ms: ms,
+                max_ms: ms,
+                runs: 1,
+            },
+        );
     }
     t
 }
@@ -71,16 +101,29 @@ fn levels_follow_the_grids() {
     let db = database(ShapeConstraints::default());
     // Attention, GQA 4 heads / 2 KV, equal per group: 4, 2, 0 heads.
     let a = &db.blocks[0];
-    assert_eq!(a.levels.iter().map(|l| l.kept).collect::<Vec<_>>(), vec![4, 2, 0]);
-    assert_eq!(a.levels.iter().map(|l| l.kept_kv).collect::<Vec<_>>(), vec![2, 2, 0]);
+    assert_eq!(
+        a.levels.iter().map(|l| l.kept).collect::<Vec<_>>(),
+        vec![4, 2, 0]
+    );
+    assert_eq!(
+        a.levels.iter().map(|l| l.kept_kv).collect::<Vec<_>>(),
+        vec![2, 2, 0]
+    );
     // FFN 96 on a grid of 32: 96, 64, 32, 0.
     let f = &db.blocks[1];
-    assert_eq!(f.levels.iter().map(|l| l.kept).collect::<Vec<_>>(), vec![96, 64, 32, 0]);
+    assert_eq!(
+        f.levels.iter().map(|l| l.kept).collect::<Vec<_>>(),
+        vec![96, 64, 32, 0]
+    );
     for b in &db.blocks {
         assert_eq!(b.levels[0].error, 0.0);
         assert_eq!(b.levels.last().unwrap().error, 1.0);
         for w in b.levels.windows(2) {
-            assert!(w[0].error <= w[1].error + 1e-12, "errors grow with pruning: {:?}", b.levels);
+            assert!(
+                w[0].error <= w[1].error + 1e-12,
+                "errors grow with pruning: {:?}",
+                b.levels
+            );
         }
     }
     assert_eq!(db.shapes().len(), 5); // attention 4, 2 heads; FFN 96, 64, 32
@@ -88,9 +131,18 @@ fn levels_follow_the_grids() {
 
 #[test]
 fn whole_kv_groups_remove_k_and_v_heads() {
-    let db = database(ShapeConstraints { gqa_policy: GqaPolicy::WholeKvGroups, ..Default::default() });
+    let db = database(ShapeConstraints {
+        gqa_policy: GqaPolicy::WholeKvGroups,
+        ..Default::default()
+    });
     let a = &db.blocks[0];
-    assert_eq!(a.levels.iter().map(|l| (l.kept, l.kept_kv)).collect::<Vec<_>>(), vec![(4, 2), (2, 1), (0, 0)]);
+    assert_eq!(
+        a.levels
+            .iter()
+            .map(|l| (l.kept, l.kept_kv))
+            .collect::<Vec<_>>(),
+        vec![(4, 2), (2, 1), (0, 0)]
+    );
     let p = db.block_plan(0, 1).unwrap();
     assert_eq!(p.kept.len(), 2);
     assert_eq!(p.kept_kv_heads.len(), 1);
@@ -124,7 +176,10 @@ fn search_plan_and_weights_fit_together() {
 
 #[test]
 fn database_is_deterministic_across_thread_counts() {
-    let one = rayon::ThreadPoolBuilder::new().num_threads(1).build().unwrap();
+    let one = rayon::ThreadPoolBuilder::new()
+        .num_threads(1)
+        .build()
+        .unwrap();
     let a = one.install(|| database(ShapeConstraints::default()));
     let b = database(ShapeConstraints::default());
     for (x, y) in a.blocks.iter().zip(&b.blocks) {

@@ -43,29 +43,52 @@ fn kept_after(layout: &GroupLayout, removed_groups: &[usize]) -> Vec<usize> {
 fn errors(c: &Case, kept: &[usize]) -> (f64, f64) {
     let n = c.w.ncols();
     let updated = expand(&materialize(&c.layer, kept).unwrap(), kept, n);
-    let zeroed = expand(&Mat::from_fn(c.w.nrows(), kept.len(), |i, a| c.w[(i, kept[a])]), kept, n);
-    (output_error(&updated, &c.w, &c.x), output_error(&zeroed, &c.w, &c.x))
+    let zeroed = expand(
+        &Mat::from_fn(c.w.nrows(), kept.len(), |i, a| c.w[(i, kept[a])]),
+        kept,
+        n,
+    );
+    (
+        output_error(&updated, &c.w, &c.x),
+        output_error(&zeroed, &c.w, &c.x),
+    )
 }
 
 #[test]
 fn obs_update_beats_plain_removal_of_the_same_columns() {
     for seed in 0..5 {
         let c = case(100 + seed, 32, 96);
-        let layout = GroupLayout::for_kind(&BlockKind::Ffn(FfnShape { width: 96, gated: false }), GqaPolicy::WholeKvGroups);
+        let layout = GroupLayout::for_kind(
+            &BlockKind::Ffn(FfnShape {
+                width: 96,
+                gated: false,
+            }),
+            GqaPolicy::WholeKvGroups,
+        );
         let trace = run_greedy(&c.layer, &layout, 72, &[]).unwrap();
         for k in [8, 24, 48, 72] {
             let kept = kept_after(&layout, &trace.order[..k]);
             let (obs, plain) = errors(&c, &kept);
-            assert!(obs < plain, "seed {seed}, {k} removed: OBS {obs} vs plain {plain}");
+            assert!(
+                obs < plain,
+                "seed {seed}, {k} removed: OBS {obs} vs plain {plain}"
+            );
         }
         // Heads too.
-        let shape = AttentionShape { n_heads: 8, n_kv_heads: 8, head_dim: 12 };
+        let shape = AttentionShape {
+            n_heads: 8,
+            n_kv_heads: 8,
+            head_dim: 12,
+        };
         let layout = GroupLayout::for_kind(&BlockKind::Attention(shape), GqaPolicy::WholeKvGroups);
         let trace = run_greedy(&c.layer, &layout, 6, &[]).unwrap();
         for k in 1..=6 {
             let kept = kept_after(&layout, &trace.order[..k]);
             let (obs, plain) = errors(&c, &kept);
-            assert!(obs < plain, "seed {seed}, {k} heads removed: OBS {obs} vs plain {plain}");
+            assert!(
+                obs < plain,
+                "seed {seed}, {k} heads removed: OBS {obs} vs plain {plain}"
+            );
         }
     }
 }
@@ -77,7 +100,13 @@ fn greedy_obs_order_beats_magnitude_order() {
     for seed in 0..5 {
         let c = case(200 + seed, 32, 96);
         let n = 96;
-        let layout = GroupLayout::for_kind(&BlockKind::Ffn(FfnShape { width: n, gated: false }), GqaPolicy::WholeKvGroups);
+        let layout = GroupLayout::for_kind(
+            &BlockKind::Ffn(FfnShape {
+                width: n,
+                gated: false,
+            }),
+            GqaPolicy::WholeKvGroups,
+        );
         let trace = run_greedy(&c.layer, &layout, 80, &[]).unwrap();
         // Magnitude order: smallest column norms first.
         let mut by_norm: Vec<usize> = (0..n).collect();
@@ -89,7 +118,10 @@ fn greedy_obs_order_beats_magnitude_order() {
             let (greedy_obs, _) = errors(&c, &greedy_kept);
             let (mag_obs, mag_plain) = errors(&c, &mag_kept);
             // Against magnitude order without the update, always.
-            assert!(greedy_obs < mag_plain, "seed {seed} k {k}: greedy {greedy_obs} vs magnitude {mag_plain}");
+            assert!(
+                greedy_obs < mag_plain,
+                "seed {seed} k {k}: greedy {greedy_obs} vs magnitude {mag_plain}"
+            );
             // Against magnitude order with the same OBS update: the order itself wins.
             total += 1;
             if greedy_obs < mag_obs {
@@ -97,5 +129,8 @@ fn greedy_obs_order_beats_magnitude_order() {
             }
         }
     }
-    assert_eq!(wins, total, "greedy order beat magnitude order (both OBS-updated) in {wins}/{total} cases");
+    assert_eq!(
+        wins, total,
+        "greedy order beat magnitude order (both OBS-updated) in {wins}/{total} cases"
+    );
 }

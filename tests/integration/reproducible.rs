@@ -14,7 +14,12 @@ fn files(dir: &Path) -> BTreeMap<String, Vec<u8>> {
         .unwrap()
         .map(|e| e.unwrap())
         .filter(|e| e.file_type().unwrap().is_file())
-        .map(|e| (e.file_name().to_string_lossy().into_owned(), std::fs::read(e.path()).unwrap()))
+        .map(|e| {
+            (
+                e.file_name().to_string_lossy().into_owned(),
+                std::fs::read(e.path()).unwrap(),
+            )
+        })
         .collect()
 }
 
@@ -34,7 +39,9 @@ fn report_without_stage_times(bytes: &[u8]) -> serde_json::Value {
 #[test]
 fn same_inputs_give_identical_outputs_whatever_the_thread_count() {
     let dir = tempfile::tempdir().unwrap();
-    let mut job = PruneJob::new(super::tract_fixtures::fixture("tiny-llama-gqa-text-generation"));
+    let mut job = PruneJob::new(super::tract_fixtures::fixture(
+        "tiny-llama-gqa-text-generation",
+    ));
     job.workload = ziplm_plugin_api::Workload::prefill(1, 16);
     job.random_samples = 16;
     job.budgets = vec![Budget::Speedup(1.3), Budget::Speedup(1.6)];
@@ -46,8 +53,12 @@ fn same_inputs_give_identical_outputs_whatever_the_thread_count() {
         // Run 0 profiles and writes the table; the others reuse it (a committed table).
         let mut j = job.clone();
         j.out_dir = dir.path().join(format!("run{i}"));
-        let pool = rayon::ThreadPoolBuilder::new().num_threads(threads).build().unwrap();
-        pool.install(|| ziplm::backend::run_job(&j, &ziplm::progress::Quiet)).unwrap();
+        let pool = rayon::ThreadPoolBuilder::new()
+            .num_threads(threads)
+            .build()
+            .unwrap();
+        pool.install(|| ziplm::backend::run_job(&j, &ziplm::progress::Quiet))
+            .unwrap();
         let mut f = files(&j.out_dir);
         let report = f.remove("report.json").unwrap();
         f.remove("report.txt");
@@ -55,13 +66,27 @@ fn same_inputs_give_identical_outputs_whatever_the_thread_count() {
         outputs.push((threads, f, report_without_stage_times(&report)));
     }
     let (_, first, first_report) = &outputs[0];
-    assert!(first.keys().any(|k| k.ends_with(".onnx")) && first.keys().any(|k| k.ends_with(".plan.json")), "{:?}", first.keys());
+    assert!(
+        first.keys().any(|k| k.ends_with(".onnx"))
+            && first.keys().any(|k| k.ends_with(".plan.json")),
+        "{:?}",
+        first.keys()
+    );
     for (threads, f, report) in &outputs[1..] {
-        assert_eq!(f.keys().collect::<Vec<_>>(), first.keys().collect::<Vec<_>>());
+        assert_eq!(
+            f.keys().collect::<Vec<_>>(),
+            first.keys().collect::<Vec<_>>()
+        );
         for (name, bytes) in f {
-            assert!(bytes == &first[name], "{name} differs with {threads} threads");
+            assert!(
+                bytes == &first[name],
+                "{name} differs with {threads} threads"
+            );
         }
-        assert_eq!(report, first_report, "report differs with {threads} threads");
+        assert_eq!(
+            report, first_report,
+            "report differs with {threads} threads"
+        );
     }
 }
 
@@ -72,8 +97,13 @@ const CHILD_ENV: &str = "ZIPLM_TEST_BUILD_CHILD";
 #[test]
 #[ignore = "child process of two_processes_share_one_cache"]
 fn build_child_process() {
-    let Some(config) = std::env::var_os(CHILD_ENV) else { return };
-    let built = ziplm::build::Builder::with_config(Path::new(&config)).unwrap().run().unwrap();
+    let Some(config) = std::env::var_os(CHILD_ENV) else {
+        return;
+    };
+    let built = ziplm::build::Builder::with_config(Path::new(&config))
+        .unwrap()
+        .run()
+        .unwrap();
     println!("CHILD cached={}", built[0].cached);
 }
 
@@ -97,7 +127,14 @@ fn two_processes_share_one_cache() {
             let out = dir.path().join(format!("out{i}"));
             std::fs::create_dir_all(&out).unwrap();
             let child = Command::new(std::env::current_exe().unwrap())
-                .args(["--exact", "reproducible::build_child_process", "--ignored", "--nocapture", "--test-threads", "1"])
+                .args([
+                    "--exact",
+                    "reproducible::build_child_process",
+                    "--ignored",
+                    "--nocapture",
+                    "--test-threads",
+                    "1",
+                ])
                 .env(CHILD_ENV, &config)
                 .env("OUT_DIR", &out)
                 .env("ZIPLM_CACHE_DIR", &cache)
@@ -113,7 +150,11 @@ fn two_processes_share_one_cache() {
     for (out, child) in children {
         let o = child.wait_with_output().unwrap();
         let stdout = String::from_utf8_lossy(&o.stdout);
-        assert!(o.status.success(), "{stdout}\n{}", String::from_utf8_lossy(&o.stderr));
+        assert!(
+            o.status.success(),
+            "{stdout}\n{}",
+            String::from_utf8_lossy(&o.stderr)
+        );
         cached.push(stdout.contains("CHILD cached=true"));
         assert!(stdout.contains("CHILD cached="), "{stdout}");
         let generated = std::fs::read_to_string(out.join("ziplm_models.rs")).unwrap();
@@ -123,13 +164,21 @@ fn two_processes_share_one_cache() {
     // Exactly one process pruned; the other waited for the lock and took the entry.
     cached.sort();
     assert_eq!(cached, vec![false, true]);
-    assert_eq!(std::fs::read(&models[0]).unwrap(), std::fs::read(&models[1]).unwrap());
+    assert_eq!(
+        std::fs::read(&models[0]).unwrap(),
+        std::fs::read(&models[1]).unwrap()
+    );
     // The cache holds one complete entry and its lock, no temporary folders.
-    let mut entries: Vec<String> =
-        std::fs::read_dir(&cache).unwrap().map(|e| e.unwrap().file_name().to_string_lossy().into_owned()).collect();
+    let mut entries: Vec<String> = std::fs::read_dir(&cache)
+        .unwrap()
+        .map(|e| e.unwrap().file_name().to_string_lossy().into_owned())
+        .collect();
     entries.sort();
     assert_eq!(entries.len(), 2, "{entries:?}");
     let key = entries.iter().find(|e| !e.ends_with(".lock")).unwrap();
     assert!(entries.contains(&format!("{key}.lock")), "{entries:?}");
-    assert_eq!(std::fs::read_to_string(cache.join(key).join(".complete")).unwrap(), *key);
+    assert_eq!(
+        std::fs::read_to_string(cache.join(key).join(".complete")).unwrap(),
+        *key
+    );
 }

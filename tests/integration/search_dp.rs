@@ -10,7 +10,10 @@ use ziplm_plugin_api::{BlockId, LayerIndex, ModuleRemoval, ShapeConstraints};
 
 fn stages_strategy() -> impl Strategy<Value = Vec<Vec<DpOption>>> {
     prop::collection::vec(
-        prop::collection::vec((0.0f64..10.0, 0.0f64..1.0).prop_map(|(time, cost)| DpOption { time, cost }), 1..6),
+        prop::collection::vec(
+            (0.0f64..10.0, 0.0f64..1.0).prop_map(|(time, cost)| DpOption { time, cost }),
+            1..6,
+        ),
         1..8,
     )
 }
@@ -81,7 +84,11 @@ fn problem(layers: usize, seed: u64, constraints: ShapeConstraints) -> SearchPro
     let mut blocks = Vec::new();
     for l in 0..layers {
         for attention in [true, false] {
-            let kepts: Vec<usize> = if attention { vec![4, 3, 2, 1, 0] } else { vec![128, 96, 64, 32, 0] };
+            let kepts: Vec<usize> = if attention {
+                vec![4, 3, 2, 1, 0]
+            } else {
+                vec![128, 96, 64, 32, 0]
+            };
             let full = kepts[0] as f64;
             let mut levels = Vec::new();
             let mut e: f64 = 0.0;
@@ -90,8 +97,16 @@ fn problem(layers: usize, seed: u64, constraints: ShapeConstraints) -> SearchPro
                     e = (e + 0.3 * u()).min(1.0);
                 }
                 let err = if k == 0 { 1.0 } else { e };
-                let time = if k == 0 { 0.0 } else { ((k as f64 / full) * 10.0 * (0.8 + 0.4 * u())).round() };
-                levels.push(Candidate { kept: k, error: err, time_ms: time });
+                let time = if k == 0 {
+                    0.0
+                } else {
+                    ((k as f64 / full) * 10.0 * (0.8 + 0.4 * u())).round()
+                };
+                levels.push(Candidate {
+                    kept: k,
+                    error: err,
+                    time_ms: time,
+                });
             }
             blocks.push(BlockCandidates {
                 block: BlockId(blocks.len() as u32),
@@ -101,7 +116,11 @@ fn problem(layers: usize, seed: u64, constraints: ShapeConstraints) -> SearchPro
             });
         }
     }
-    SearchProblem { blocks, rest_ms: 3.0, constraints }
+    SearchProblem {
+        blocks,
+        rest_ms: 3.0,
+        constraints,
+    }
 }
 
 fn brute(p: &SearchProblem, budget_ms: f64) -> Option<f64> {
@@ -109,7 +128,9 @@ fn brute(p: &SearchProblem, budget_ms: f64) -> Option<f64> {
     let mut idx = vec![0usize; n];
     let mut best: Option<f64> = None;
     loop {
-        let sel = Selection { levels: idx.clone() };
+        let sel = Selection {
+            levels: idx.clone(),
+        };
         if p.admits(&sel) && p.time_of(&sel) <= budget_ms + 1e-9 {
             let e = p.error_of(&sel);
             if best.is_none_or(|b| e < b) {
@@ -135,10 +156,24 @@ fn constraint_sets() -> Vec<ShapeConstraints> {
     let base = ShapeConstraints::default();
     vec![
         base.clone(),
-        ShapeConstraints { uniform_heads: true, ..base.clone() },
-        ShapeConstraints { module_removal: ModuleRemoval::WholeLayerOnly, uniform_heads: true, ..base.clone() },
-        ShapeConstraints { module_removal: ModuleRemoval::Never, uniform_ffn_width: true, ..base.clone() },
-        ShapeConstraints { module_removal: ModuleRemoval::WholeLayerOnly, ..base },
+        ShapeConstraints {
+            uniform_heads: true,
+            ..base.clone()
+        },
+        ShapeConstraints {
+            module_removal: ModuleRemoval::WholeLayerOnly,
+            uniform_heads: true,
+            ..base.clone()
+        },
+        ShapeConstraints {
+            module_removal: ModuleRemoval::Never,
+            uniform_ffn_width: true,
+            ..base.clone()
+        },
+        ShapeConstraints {
+            module_removal: ModuleRemoval::WholeLayerOnly,
+            ..base
+        },
     ]
 }
 
@@ -154,17 +189,30 @@ fn constrained_search_matches_brute_force() {
                 let bf = brute(&p, budget);
                 match (p.solve(Budget::LatencyMs(budget), &[], buckets), bf) {
                     (Ok(out), Some(b)) => {
-                        assert!(p.admits(&out.selection), "constraints {ci}: inadmissible {:?}", out.selection);
+                        assert!(
+                            p.admits(&out.selection),
+                            "constraints {ci}: inadmissible {:?}",
+                            out.selection
+                        );
                         assert!(out.predicted_ms <= budget + 1e-9);
-                        assert!((out.error_sum - b).abs() < 1e-9, "constraints {ci} seed {seed} frac {frac}: {} vs {b}", out.error_sum);
+                        assert!(
+                            (out.error_sum - b).abs() < 1e-9,
+                            "constraints {ci} seed {seed} frac {frac}: {} vs {b}",
+                            out.error_sum
+                        );
                     }
                     (Err(Error::ImpossibleBudget { fastest_ms, .. }), None) => {
-                        assert!(fastest_ms > budget, "fastest {fastest_ms} <= budget {budget}");
+                        assert!(
+                            fastest_ms > budget,
+                            "fastest {fastest_ms} <= budget {budget}"
+                        );
                         let (sel, t) = p.fastest().unwrap();
                         assert!(p.admits(&sel));
                         assert_eq!(t, fastest_ms);
                     }
-                    (r, b) => panic!("constraints {ci} seed {seed} frac {frac}: search {r:?}, brute force {b:?}"),
+                    (r, b) => panic!(
+                        "constraints {ci} seed {seed} frac {frac}: search {r:?}, brute force {b:?}"
+                    ),
                 }
             }
         }
@@ -173,13 +221,27 @@ fn constrained_search_matches_brute_force() {
 
 #[test]
 fn impossible_budget_names_the_fastest_time() {
-    let p = problem(2, 1, ShapeConstraints { module_removal: ModuleRemoval::Never, ..Default::default() });
+    let p = problem(
+        2,
+        1,
+        ShapeConstraints {
+            module_removal: ModuleRemoval::Never,
+            ..Default::default()
+        },
+    );
     let err = p.solve(Budget::Speedup(100.0), &[], 10_000).unwrap_err();
     let (fastest, _) = match &err {
-        Error::ImpossibleBudget { fastest_ms, dense_ms, .. } => (*fastest_ms, *dense_ms),
+        Error::ImpossibleBudget {
+            fastest_ms,
+            dense_ms,
+            ..
+        } => (*fastest_ms, *dense_ms),
         other => panic!("{other:?}"),
     };
-    assert!(err.to_string().contains(&format!("{fastest:.3} ms")), "{err}");
+    assert!(
+        err.to_string().contains(&format!("{fastest:.3} ms")),
+        "{err}"
+    );
     assert!(p.solve(Budget::LatencyMs(fastest), &[], 10_000).is_ok());
 }
 
@@ -187,7 +249,12 @@ fn impossible_budget_names_the_fastest_time() {
 fn dense_budget_keeps_everything() {
     let p = problem(3, 2, ShapeConstraints::default());
     let out = p.solve(Budget::Speedup(1.0), &[], 10_000).unwrap();
-    assert_eq!(out.selection, Selection { levels: vec![0; p.blocks.len()] });
+    assert_eq!(
+        out.selection,
+        Selection {
+            levels: vec![0; p.blocks.len()]
+        }
+    );
     assert_eq!(out.error_sum, 0.0);
 }
 
@@ -202,7 +269,13 @@ fn refinement_is_deterministic_bounded_and_never_worse() {
             .map(|(b, &l)| p.blocks[b].levels[l].error * (1.0 + b as f64))
             .sum()
     };
-    let cfg = RefineConfig { restarts: 6, local_steps: 20, resample_fraction: 0.1, max_evaluations: 15, seed: 7 };
+    let cfg = RefineConfig {
+        restarts: 6,
+        local_steps: 20,
+        resample_fraction: 0.1,
+        max_evaluations: 15,
+        seed: 7,
+    };
     let mut calls = 0;
     let mut hook = |s: &Selection| {
         calls += 1;

@@ -9,8 +9,10 @@ use ziplm::search::Selection;
 fn inspect_pruned_fixtures() {
     for name in FIXTURES {
         let mut m = load(name);
-        m.set_calibration(ziplm::data::random_samples(128, 16, 16, 1)).unwrap();
-        let db = Database::build(&mut m, &DatabaseConfig::default(), &ziplm::progress::Quiet).unwrap();
+        m.set_calibration(ziplm::data::random_samples(128, 16, 16, 1))
+            .unwrap();
+        let db =
+            Database::build(&mut m, &DatabaseConfig::default(), &ziplm::progress::Quiet).unwrap();
         // Layer 0: one level off attention, two off the FFN; layer 1: FFN removed.
         let levels: Vec<usize> = db
             .blocks
@@ -24,11 +26,19 @@ fn inspect_pruned_fixtures() {
             })
             .collect();
         let sel = Selection { levels };
-        let bytes = ziplm::backend::tract::onnx::emit(&m, &db.plan(&sel).unwrap(), &db.pruned_weights(&sel).unwrap()).unwrap();
+        let bytes = ziplm::backend::tract::onnx::emit(
+            &m,
+            &db.plan(&sel).unwrap(),
+            &db.pruned_weights(&sel).unwrap(),
+        )
+        .unwrap();
         let dir = tempfile::tempdir().unwrap();
         let path = dir.path().join("model.onnx");
         std::fs::write(&path, bytes).unwrap();
         let structure = ziplm::backend::load_structure(&path, &workload(name)).unwrap();
-        insta::assert_snapshot!(format!("inspect_{name}"), ziplm::cli::inspect_text(&structure));
+        insta::assert_snapshot!(
+            format!("inspect_{name}"),
+            ziplm::cli::inspect_text(&structure)
+        );
     }
 }

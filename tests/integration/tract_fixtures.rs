@@ -20,22 +20,35 @@ pub const FIXTURES: &[&str] = &[
 ];
 
 pub fn fixture(name: &str) -> PathBuf {
-    PathBuf::from(env!("CARGO_MANIFEST_DIR")).join("fixtures/onnx").join(name).join("model.onnx")
+    PathBuf::from(env!("CARGO_MANIFEST_DIR"))
+        .join("fixtures/onnx")
+        .join(name)
+        .join("model.onnx")
 }
 
 /// Prefill 1 x 16; the with-past exports are timed at decode-like shapes elsewhere but
 /// checked here with 8 cached positions and 16 new tokens.
 pub fn workload(name: &str) -> Workload {
     if name.ends_with("with-past") {
-        Workload { batch: 1, seq_len: 16, phase: Phase::Decode { kv_len: 8 } }
+        Workload {
+            batch: 1,
+            seq_len: 16,
+            phase: Phase::Decode { kv_len: 8 },
+        }
     } else {
         Workload::prefill(1, 16)
     }
 }
 
 pub fn load(name: &str) -> TractModel {
-    TractModel::load(&fixture(name), TractOptions { workload: workload(name), ..Default::default() })
-        .unwrap_or_else(|e| panic!("{name}: {e}"))
+    TractModel::load(
+        &fixture(name),
+        TractOptions {
+            workload: workload(name),
+            ..Default::default()
+        },
+    )
+    .unwrap_or_else(|e| panic!("{name}: {e}"))
 }
 
 fn ids(seed: u64, n: usize) -> Vec<i64> {
@@ -56,12 +69,22 @@ fn run(bytes: &[u8], w: &Workload, sample: &[i64]) -> Vec<f32> {
     let mask = vec![1i64; sample.len()];
     let inputs = inputs::build_inputs(&specs, w, sample, &mask).unwrap();
     let out = plan.run(inputs).unwrap();
-    out[0].cast_to::<f32>().unwrap().to_plain_array_view::<f32>().unwrap().iter().copied().collect()
+    out[0]
+        .cast_to::<f32>()
+        .unwrap()
+        .to_plain_array_view::<f32>()
+        .unwrap()
+        .iter()
+        .copied()
+        .collect()
 }
 
 fn max_abs_diff(a: &[f32], b: &[f32]) -> f32 {
     assert_eq!(a.len(), b.len());
-    a.iter().zip(b).map(|(x, y)| (x - y).abs()).fold(0.0, f32::max)
+    a.iter()
+        .zip(b)
+        .map(|(x, y)| (x - y).abs())
+        .fold(0.0, f32::max)
 }
 
 #[test]
@@ -94,7 +117,8 @@ fn dense_plan_reproduces_the_original() {
     for name in FIXTURES {
         let m = load(name);
         let plan = Plan::dense(m.structure());
-        let bytes = ziplm::backend::tract::onnx::emit(&m, &plan, &PrunedWeights::default()).unwrap();
+        let bytes =
+            ziplm::backend::tract::onnx::emit(&m, &plan, &PrunedWeights::default()).unwrap();
         let w = workload(name);
         let sample = ids(1, 16);
         let original = std::fs::read(fixture(name)).unwrap();
@@ -119,7 +143,11 @@ fn some_plan(m: &TractModel) -> Plan {
                 }
             }
             BlockKind::Ffn(_) => {
-                bp.kept = if bp.block.0 == 3 { vec![] } else { (0..128).filter(|j| j % 3 != 1).collect() };
+                bp.kept = if bp.block.0 == 3 {
+                    vec![]
+                } else {
+                    (0..128).filter(|j| j % 3 != 1).collect()
+                };
             }
         }
     }
@@ -141,7 +169,10 @@ fn pruning_without_update_equals_the_masked_dense_model() {
             let d = max_abs_diff(&run(&pruned, &w, &sample), &run(&masked, &w, &sample));
             assert!(d <= 1e-4, "{name}: max abs diff {d}");
         }
-        assert!(pruned.len() < std::fs::read(fixture(name)).unwrap().len(), "{name}: the pruned file is not smaller");
+        assert!(
+            pruned.len() < std::fs::read(fixture(name)).unwrap().len(),
+            "{name}: the pruned file is not smaller"
+        );
     }
 }
 
@@ -153,11 +184,16 @@ fn gqa_equal_heads_per_group_equals_the_masked_model() {
         for bp in plan.blocks.iter_mut() {
             if let BlockKind::Attention(_) = bp.kind {
                 // One query head kept in each KV group: the repeat factor goes 2 -> 1.
-                bp.kept = if bp.block.0 == 0 { vec![1, 2] } else { vec![0, 3] };
+                bp.kept = if bp.block.0 == 0 {
+                    vec![1, 2]
+                } else {
+                    vec![0, 3]
+                };
                 bp.kept_kv_heads = vec![0, 1];
             }
         }
-        let pruned = ziplm::backend::tract::onnx::emit(&m, &plan, &PrunedWeights::default()).unwrap();
+        let pruned =
+            ziplm::backend::tract::onnx::emit(&m, &plan, &PrunedWeights::default()).unwrap();
         let masked = emit_masked(&m, &plan).unwrap();
         let w = workload(name);
         let sample = ids(7, 16);
@@ -170,10 +206,14 @@ fn gqa_equal_heads_per_group_equals_the_masked_model() {
 fn obs_weights_land_where_the_engine_computed_them() {
     for name in FIXTURES {
         let mut m = load(name);
-        m.set_calibration((0..16).map(|s| ids(100 + s, 16)).collect()).unwrap();
-        let db = Database::build(&mut m, &DatabaseConfig::default(), &ziplm::progress::Quiet).unwrap();
+        m.set_calibration((0..16).map(|s| ids(100 + s, 16)).collect())
+            .unwrap();
+        let db =
+            Database::build(&mut m, &DatabaseConfig::default(), &ziplm::progress::Quiet).unwrap();
         // Second level of every block (one head / KV group or 32 neurons fewer).
-        let selection = Selection { levels: db.blocks.iter().map(|_| 1).collect() };
+        let selection = Selection {
+            levels: db.blocks.iter().map(|_| 1).collect(),
+        };
         let plan = db.plan(&selection).unwrap();
         let weights = db.pruned_weights(&selection).unwrap();
         let bytes = ziplm::backend::tract::onnx::emit(&m, &plan, &weights).unwrap();
@@ -181,12 +221,22 @@ fn obs_weights_land_where_the_engine_computed_them() {
         let dir = tempfile::tempdir().unwrap();
         let path = dir.path().join("pruned.onnx");
         std::fs::write(&path, &bytes).unwrap();
-        let pruned = TractModel::load(&path, TractOptions { workload: workload(name), ..Default::default() })
-            .unwrap_or_else(|e| panic!("{name}: emitted model does not load: {e}"));
+        let pruned = TractModel::load(
+            &path,
+            TractOptions {
+                workload: workload(name),
+                ..Default::default()
+            },
+        )
+        .unwrap_or_else(|e| panic!("{name}: emitted model does not load: {e}"));
         for (bi, bp) in plan.blocks.iter().enumerate() {
             let got = pruned.out_projection(BlockId(bi as u32)).unwrap();
             let want = &weights.out_projections[&bp.block];
-            assert_eq!((got.rows, got.cols), (want.rows, want.cols), "{name} block {bi}");
+            assert_eq!(
+                (got.rows, got.cols),
+                (want.rows, want.cols),
+                "{name} block {bi}"
+            );
             let d = max_abs_diff(&got.data, &want.data);
             assert!(d == 0.0, "{name} block {bi}: emitted weights differ by {d}");
             // The error of these weights on the calibration statistics is the level's.
@@ -199,17 +249,35 @@ fn obs_weights_land_where_the_engine_computed_them() {
                     full[(r, c)] = got.data[r * got.cols + a] as f64;
                 }
             }
-            let delta = faer::Mat::from_fn(full.nrows(), n, |i, j| full[(i, j)] - b.layer.w[(i, j)]);
+            let delta =
+                faer::Mat::from_fn(full.nrows(), n, |i, j| full[(i, j)] - b.layer.w[(i, j)]);
             let mut hd = faer::Mat::<f64>::zeros(delta.nrows(), n);
             // Undampened H = dampened - lambda I.
             let mut h = b.layer.h.clone();
             for j in 0..n {
                 h[(j, j)] -= b.layer.lambda;
             }
-            faer::linalg::matmul::matmul(hd.as_mut(), faer::Accum::Replace, delta.as_ref(), h.as_ref(), 1.0, faer::Par::Seq);
-            let err: f64 = (0..n).map(|j| (0..delta.nrows()).map(|i| hd[(i, j)] * delta[(i, j)]).sum::<f64>()).sum::<f64>() / b.layer.energy;
+            faer::linalg::matmul::matmul(
+                hd.as_mut(),
+                faer::Accum::Replace,
+                delta.as_ref(),
+                h.as_ref(),
+                1.0,
+                faer::Par::Seq,
+            );
+            let err: f64 = (0..n)
+                .map(|j| {
+                    (0..delta.nrows())
+                        .map(|i| hd[(i, j)] * delta[(i, j)])
+                        .sum::<f64>()
+                })
+                .sum::<f64>()
+                / b.layer.energy;
             let predicted = b.levels[1].error;
-            assert!((err - predicted).abs() <= 1e-5 * predicted.max(1e-3), "{name} block {bi}: {err} vs {predicted}");
+            assert!(
+                (err - predicted).abs() <= 1e-5 * predicted.max(1e-3),
+                "{name} block {bi}: {err} vs {predicted}"
+            );
         }
     }
 }
@@ -226,8 +294,10 @@ fn tract_ort_export() {
     let dir = PathBuf::from(dir);
     for name in FIXTURES {
         let mut m = load(name);
-        m.set_calibration((0..16).map(|s| ids(300 + s, 16)).collect()).unwrap();
-        let db = Database::build(&mut m, &DatabaseConfig::default(), &ziplm::progress::Quiet).unwrap();
+        m.set_calibration((0..16).map(|s| ids(300 + s, 16)).collect())
+            .unwrap();
+        let db =
+            Database::build(&mut m, &DatabaseConfig::default(), &ziplm::progress::Quiet).unwrap();
         let mut levels: Vec<usize> = db.blocks.iter().map(|_| 1).collect();
         levels[1] = db.blocks[1].levels.len() - 1; // remove the first FFN
         let selection = Selection { levels };
@@ -245,9 +315,25 @@ fn tract_ort_export() {
         let mut ins = vec![];
         for (spec, t) in specs.iter().zip(&tensors) {
             let (dtype, data): (&str, Vec<f64>) = if t.datum_type() == i64::datum_type() {
-                ("int64", t.to_plain_array_view::<i64>().unwrap().iter().map(|&v| v as f64).collect())
+                (
+                    "int64",
+                    t.to_plain_array_view::<i64>()
+                        .unwrap()
+                        .iter()
+                        .map(|&v| v as f64)
+                        .collect(),
+                )
             } else {
-                ("float32", t.cast_to::<f32>().unwrap().to_plain_array_view::<f32>().unwrap().iter().map(|&v| v as f64).collect())
+                (
+                    "float32",
+                    t.cast_to::<f32>()
+                        .unwrap()
+                        .to_plain_array_view::<f32>()
+                        .unwrap()
+                        .iter()
+                        .map(|&v| v as f64)
+                        .collect(),
+                )
             };
             ins.push(serde_json::json!({ "name": spec.name, "dtype": dtype, "shape": t.shape(), "data": data }));
         }
@@ -269,16 +355,28 @@ fn nnef_archive_of_a_pruned_model_runs_like_its_onnx() {
     for name in FIXTURES {
         let m = load(name);
         let plan = some_plan(&m);
-        let onnx_bytes = ziplm::backend::tract::onnx::emit(&m, &plan, &PrunedWeights::default()).unwrap();
+        let onnx_bytes =
+            ziplm::backend::tract::onnx::emit(&m, &plan, &PrunedWeights::default()).unwrap();
         let w = workload(name);
         let tar = nnef::to_nnef(&onnx_bytes, &w).unwrap_or_else(|e| panic!("{name}: {e}"));
-        let model = nnef::framework().model_for_read(&mut &tar[..]).unwrap_or_else(|e| panic!("{name}: {e:#}"));
+        let model = nnef::framework()
+            .model_for_read(&mut &tar[..])
+            .unwrap_or_else(|e| panic!("{name}: {e:#}"));
         let runnable = model.into_optimized().unwrap().into_runnable().unwrap();
         let (_, specs) = runnable_from_bytes(&onnx_bytes, &w).unwrap();
         let sample = ids(3, 16);
         let mask = vec![1i64; sample.len()];
-        let out = runnable.run(inputs::build_inputs(&specs, &w, &sample, &mask).unwrap()).unwrap();
-        let got: Vec<f32> = out[0].cast_to::<f32>().unwrap().to_plain_array_view::<f32>().unwrap().iter().copied().collect();
+        let out = runnable
+            .run(inputs::build_inputs(&specs, &w, &sample, &mask).unwrap())
+            .unwrap();
+        let got: Vec<f32> = out[0]
+            .cast_to::<f32>()
+            .unwrap()
+            .to_plain_array_view::<f32>()
+            .unwrap()
+            .iter()
+            .copied()
+            .collect();
         let d = max_abs_diff(&got, &run(&onnx_bytes, &w, &sample));
         assert!(d <= 1e-5, "{name}: NNEF vs ONNX max abs diff {d}");
     }

@@ -16,7 +16,8 @@ fn run(path: &str) -> TractResult<Vec<usize>> {
         .with_input_fact(2, i64::fact([1, SEQ]).into())?
         .into_optimized()?
         .into_runnable()?;
-    let ids = tract_ndarray::Array2::from_shape_fn((1, SEQ), |(_, j)| (j as i64 * 7) % 128).into_tensor();
+    let ids =
+        tract_ndarray::Array2::from_shape_fn((1, SEQ), |(_, j)| (j as i64 * 7) % 128).into_tensor();
     let mask = tract_ndarray::Array2::<i64>::ones((1, SEQ)).into_tensor();
     let types = tract_ndarray::Array2::<i64>::zeros((1, SEQ)).into_tensor();
     let out = model.run(tvec![ids.into(), mask.into(), types.into()])?;

@@ -34,9 +34,17 @@ pub struct TractRun {
 pub fn calibration_samples(job: &PruneJob, model: &TractModel) -> Result<Vec<Vec<i64>>> {
     let Some(cal) = &job.calibration else {
         let vocab = model.vocab().ok_or_else(|| {
-            Error::Invalid("no calibration data given and the vocabulary size is unknown; pass --calibration".into())
+            Error::Invalid(
+                "no calibration data given and the vocabulary size is unknown; pass --calibration"
+                    .into(),
+            )
         })?;
-        return Ok(data::random_samples(vocab, job.random_samples, job.workload.seq_len, job.seed));
+        return Ok(data::random_samples(
+            vocab,
+            job.random_samples,
+            job.workload.seq_len,
+            job.seed,
+        ));
     };
     let tok_path = job.tokenizer.clone().or_else(|| Tokenizer::next_to(&job.model)).ok_or_else(|| {
         Error::Invalid(format!(
@@ -45,10 +53,22 @@ pub fn calibration_samples(job: &PruneJob, model: &TractModel) -> Result<Vec<Vec
         ))
     })?;
     let tok = Tokenizer::from_file(&tok_path)?;
-    let format = cal.format.unwrap_or_else(|| DataFormat::from_path(&cal.path));
+    let format = cal
+        .format
+        .unwrap_or_else(|| DataFormat::from_path(&cal.path));
     let texts = data::read_texts(&cal.path, format)?;
-    let mode = if model.structure().architecture == "bert" { SampleMode::PerText } else { SampleMode::Windows };
-    data::make_samples(&tok, &texts, mode, cal.samples, cal.seq_len.min(job.workload.seq_len.max(cal.seq_len)))
+    let mode = if model.structure().architecture == "bert" {
+        SampleMode::PerText
+    } else {
+        SampleMode::Windows
+    };
+    data::make_samples(
+        &tok,
+        &texts,
+        mode,
+        cal.samples,
+        cal.seq_len.min(job.workload.seq_len.max(cal.seq_len)),
+    )
 }
 
 fn threads(job: &PruneJob) -> Result<usize> {
@@ -60,7 +80,6 @@ fn threads(job: &PruneJob) -> Result<usize> {
         )),
     }
 }
-
 
 /// Calibration samples the SPDY loss hook scores candidates on.
 const LOSS_SAMPLES: usize = 64;
@@ -84,7 +103,14 @@ impl EmitAndMeasure for Backend<'_> {
     }
     fn measure(&mut self, emitted: &EmitSummary) -> Result<(Timing, Timing)> {
         let t = Instant::now();
-        let r = time_pair(self.model, &self.job.model, &emitted.path, &self.job.workload, self.threads, &self.job.verify_settings)?;
+        let r = time_pair(
+            self.model,
+            &self.job.model,
+            &emitted.path,
+            &self.job.workload,
+            self.threads,
+            &self.job.verify_settings,
+        )?;
         self.verify_s += t.elapsed().as_secs_f64();
         Ok(r)
     }
@@ -98,7 +124,9 @@ impl EmitAndMeasure for Backend<'_> {
 /// `report.txt`, `report.svg`) into the job's output folder.
 pub fn run(job: &PruneJob, progress: &dyn Progress) -> Result<TractRun> {
     if job.budgets.is_empty() {
-        return Err(Error::Invalid("no budget given: ask for a latency (ms) or a speedup".into()));
+        return Err(Error::Invalid(
+            "no budget given: ask for a latency (ms) or a speedup".into(),
+        ));
     }
     for b in &job.budgets {
         b.validate()?;
@@ -106,7 +134,13 @@ pub fn run(job: &PruneJob, progress: &dyn Progress) -> Result<TractRun> {
     let threads = threads(job)?;
     let mut stages = StageTimes::default();
     let t = Instant::now();
-    let mut model = TractModel::load(&job.model, TractOptions { workload: job.workload, gqa_policy: job.gqa_policy })?;
+    let mut model = TractModel::load(
+        &job.model,
+        TractOptions {
+            workload: job.workload,
+            gqa_policy: job.gqa_policy,
+        },
+    )?;
     stages.load_s = t.elapsed().as_secs_f64();
     let samples = calibration_samples(job, &model)?;
     model.set_calibration(samples)?;
@@ -134,7 +168,14 @@ pub fn run(job: &PruneJob, progress: &dyn Progress) -> Result<TractRun> {
                     });
                 }
                 if committed.key.target == key.target {
-                    let t = profile::build_table(&mut profiler, &job.workload, &shapes, &job.profile, Some(&committed), progress)?;
+                    let t = profile::build_table(
+                        &mut profiler,
+                        &job.workload,
+                        &shapes,
+                        &job.profile,
+                        Some(&committed),
+                        progress,
+                    )?;
                     if t != committed {
                         profile::save_table(&t, path)?;
                     }
@@ -163,7 +204,14 @@ pub fn run(job: &PruneJob, progress: &dyn Progress) -> Result<TractRun> {
                 }
             }
             None => {
-                let t = profile::build_table(&mut profiler, &job.workload, &shapes, &job.profile, None, progress)?;
+                let t = profile::build_table(
+                    &mut profiler,
+                    &job.workload,
+                    &shapes,
+                    &job.profile,
+                    None,
+                    progress,
+                )?;
                 if let Some(p) = &job.latency_table {
                     profile::save_table(&t, p)?;
                 }
@@ -186,7 +234,12 @@ pub fn run(job: &PruneJob, progress: &dyn Progress) -> Result<TractRun> {
                 ziplm_plugin_api::Phase::Prefill => job.workload.seq_len,
                 ziplm_plugin_api::Phase::Decode { .. } => 128,
             };
-            Some(OutputLoss::new(&model, model.calibration_samples(), LOSS_SAMPLES, cap)?)
+            Some(OutputLoss::new(
+                &model,
+                model.calibration_samples(),
+                LOSS_SAMPLES,
+                cap,
+            )?)
         }
         None => None,
     };
@@ -196,22 +249,51 @@ pub fn run(job: &PruneJob, progress: &dyn Progress) -> Result<TractRun> {
     let t_search = Instant::now();
     let (mut emit_s, mut verify_s) = (0.0, 0.0);
     for budget in &job.budgets {
-        let dest = job.out_dir.join(format!("{}.onnx", job.output_stem(budget)));
-        let mut backend = Backend { model: &model, loss: loss.as_ref(), job, threads, dest, emit_s: 0.0, verify_s: 0.0 };
-        let outcome = pipeline::prune_to_budget(&database, &table, *budget, &job.search, verify, &mut backend)?;
+        let dest = job
+            .out_dir
+            .join(format!("{}.onnx", job.output_stem(budget)));
+        let mut backend = Backend {
+            model: &model,
+            loss: loss.as_ref(),
+            job,
+            threads,
+            dest,
+            emit_s: 0.0,
+            verify_s: 0.0,
+        };
+        let outcome = pipeline::prune_to_budget(
+            &database,
+            &table,
+            *budget,
+            &job.search,
+            verify,
+            &mut backend,
+        )?;
         emit_s += backend.emit_s;
         verify_s += backend.verify_s;
         if job.nnef {
-            let onnx_bytes = std::fs::read(&outcome.emitted.path).map_err(|e| Error::io(&outcome.emitted.path, e))?;
-            let nnef_path = job.out_dir.join(format!("{}.nnef.tar", job.output_stem(budget)));
+            let onnx_bytes = std::fs::read(&outcome.emitted.path)
+                .map_err(|e| Error::io(&outcome.emitted.path, e))?;
+            let nnef_path = job
+                .out_dir
+                .join(format!("{}.nnef.tar", job.output_stem(budget)));
             super::nnef::write_nnef(&onnx_bytes, &job.workload, &nnef_path)?;
         }
-        let plan_path = job.out_dir.join(format!("{}.plan.json", job.output_stem(budget)));
+        let plan_path = job
+            .out_dir
+            .join(format!("{}.plan.json", job.output_stem(budget)));
         crate::fsutil::write_json_atomic(&plan_path, &outcome.plan)?;
         // The bundle for the load-time tract transform (same model as the ONNX).
         let weights = database.pruned_weights(&outcome.search.selection)?;
-        let bundle_path = job.out_dir.join(format!("{}.plan-bundle.json", job.output_stem(budget)));
-        super::hook::write_bundle(&bundle_path, &outcome.plan, &weights, super::onnx::keeps_bias_when_removed(&model)?)?;
+        let bundle_path = job
+            .out_dir
+            .join(format!("{}.plan-bundle.json", job.output_stem(budget)));
+        super::hook::write_bundle(
+            &bundle_path,
+            &outcome.plan,
+            &weights,
+            super::onnx::keeps_bias_when_removed(&model)?,
+        )?;
         if outcome.search.selection == database.dense_selection() {
             notes.push(format!(
                 "{}: the dense model already meets this budget (predicted {:.3} ms <= {:.3} ms); emitted it unpruned",
@@ -241,5 +323,11 @@ pub fn run(job: &PruneJob, progress: &dyn Progress) -> Result<TractRun> {
         notes,
     };
     report.write(&job.out_dir, "report")?;
-    Ok(TractRun { report, database, table, outcomes, model })
+    Ok(TractRun {
+        report,
+        database,
+        table,
+        outcomes,
+        model,
+    })
 }

@@ -24,12 +24,16 @@ fn err(context: &str, e: impl std::fmt::Display) -> Error {
 impl SentenceEncoder {
     /// Prepares the model (ONNX bytes) for `batch` sentences of up to `max_len` tokens.
     pub fn new(onnx: &[u8], batch: usize, max_len: usize) -> Result<SentenceEncoder> {
-        let mut lens: Vec<usize> = [16, 32, 64, 128, 256, 512].into_iter().filter(|&l| l < max_len).collect();
+        let mut lens: Vec<usize> = [16, 32, 64, 128, 256, 512]
+            .into_iter()
+            .filter(|&l| l < max_len)
+            .collect();
         lens.push(max_len);
         let mut plans = vec![];
         for len in lens {
             let w = Workload::prefill(batch, len);
-            let (plan, specs) = runnable_from_bytes(onnx, &w).map_err(|e| err("preparing the encoder", e))?;
+            let (plan, specs) =
+                runnable_from_bytes(onnx, &w).map_err(|e| err("preparing the encoder", e))?;
             plans.push((w, plan, specs));
         }
         Ok(SentenceEncoder { plans })
@@ -52,7 +56,11 @@ impl SentenceEncoder {
         let batch = self.plans[0].0.batch;
         for chunk in tokens.chunks(batch) {
             let longest = chunk.iter().map(|(_, t)| t.len()).max().unwrap_or(1);
-            let (w, plan, specs) = self.plans.iter().find(|p| p.0.seq_len >= longest).expect("max length");
+            let (w, plan, specs) = self
+                .plans
+                .iter()
+                .find(|p| p.0.seq_len >= longest)
+                .expect("max length");
             let s = w.seq_len;
             let mut ids = vec![0i64; batch * s];
             let mut mask = vec![0i64; batch * s];
@@ -62,13 +70,21 @@ impl SentenceEncoder {
                     mask[i * s + j] = 1;
                 }
             }
-            let ins = inputs::build_inputs(specs, w, &ids, &mask).map_err(|e| err("encoder inputs", e))?;
+            let ins = inputs::build_inputs(specs, w, &ids, &mask)
+                .map_err(|e| err("encoder inputs", e))?;
             let res = plan.run(ins).map_err(|e| err("running the encoder", e))?;
-            let hidden = res[0].cast_to::<f32>().map_err(|e| err("encoder output", e))?;
-            let view = hidden.to_plain_array_view::<f32>().map_err(|e| err("encoder output", e))?;
+            let hidden = res[0]
+                .cast_to::<f32>()
+                .map_err(|e| err("encoder output", e))?;
+            let view = hidden
+                .to_plain_array_view::<f32>()
+                .map_err(|e| err("encoder output", e))?;
             let shape = view.shape().to_vec();
             if shape.len() != 3 || shape[0] != batch || shape[1] != s {
-                return Err(Error::numerical("encoder output", format!("expected [batch, seq, hidden], got {shape:?}")));
+                return Err(Error::numerical(
+                    "encoder output",
+                    format!("expected [batch, seq, hidden], got {shape:?}"),
+                ));
             }
             let d = shape[2];
             for (i, (orig, _)) in chunk.iter().enumerate() {

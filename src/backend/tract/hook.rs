@@ -60,12 +60,22 @@ pub struct PlanBundle {
 }
 
 /// Writes `path` (JSON) and its `.bin` atomically.
-pub fn write_bundle(path: &Path, plan: &Plan, weights: &PrunedWeights, keep_bias: Vec<bool>) -> crate::Result<()> {
+pub fn write_bundle(
+    path: &Path,
+    plan: &Plan,
+    weights: &PrunedWeights,
+    keep_bias: Vec<bool>,
+) -> crate::Result<()> {
     let bin = path.with_extension("bin");
     let mut index = vec![];
     let mut offset = 0;
     for (b, w) in &weights.out_projections {
-        index.push(BundleWeight { block: *b, rows: w.rows, cols: w.cols, offset });
+        index.push(BundleWeight {
+            block: *b,
+            rows: w.rows,
+            cols: w.cols,
+            offset,
+        });
         offset += w.data.len();
     }
     crate::fsutil::write_atomic_with(&bin, |f| {
@@ -82,28 +92,64 @@ pub fn write_bundle(path: &Path, plan: &Plan, weights: &PrunedWeights, keep_bias
         plan: plan.clone(),
         keep_bias_when_removed: keep_bias,
         weights: index,
-        weights_file: bin.file_name().and_then(|n| n.to_str()).unwrap_or_default().to_string(),
+        weights_file: bin
+            .file_name()
+            .and_then(|n| n.to_str())
+            .unwrap_or_default()
+            .to_string(),
     };
     crate::fsutil::write_json_atomic(path, &bundle)
 }
 
 /// Reads a bundle and its weights.
 pub fn read_bundle(path: &Path) -> TractResult<(PlanBundle, PrunedWeights)> {
-    let bundle: PlanBundle = serde_json::from_slice(&std::fs::read(path).with_context(|| format!("reading {}", path.display()))?)
-        .with_context(|| format!("{} is not a ziplm plan bundle", path.display()))?;
+    let bundle: PlanBundle = serde_json::from_slice(
+        &std::fs::read(path).with_context(|| format!("reading {}", path.display()))?,
+    )
+    .with_context(|| format!("{} is not a ziplm plan bundle", path.display()))?;
     if bundle.format_version != FORMAT_VERSION {
-        bail!("{}: bundle format {} is not the supported {FORMAT_VERSION}", path.display(), bundle.format_version);
+        bail!(
+            "{}: bundle format {} is not the supported {FORMAT_VERSION}",
+            path.display(),
+            bundle.format_version
+        );
     }
-    let bin_path = path.parent().unwrap_or(Path::new(".")).join(&bundle.weights_file);
-    let bytes = std::fs::read(&bin_path).with_context(|| format!("reading {}", bin_path.display()))?;
-    let values: Vec<f32> = bytes.chunks_exact(4).map(|c| f32::from_le_bytes([c[0], c[1], c[2], c[3]])).collect();
+    let bin_path = path
+        .parent()
+        .unwrap_or(Path::new("."))
+        .join(&bundle.weights_file);
+    let bytes =
+        std::fs::read(&bin_path).with_context(|| format!("reading {}", bin_path.display()))?;
+    let values: Vec<f32> = bytes
+        .chunks_exact(4)
+        .map(|c| f32::from_le_bytes([c[0], c[1], c[2], c[3]]))
+        .collect();
     let mut weights = PrunedWeights::default();
     for w in &bundle.weights {
-        let end = w.rows.checked_mul(w.cols).and_then(|n| n.checked_add(w.offset));
+        let end = w
+            .rows
+            .checked_mul(w.cols)
+            .and_then(|n| n.checked_add(w.offset));
         let data = end
             .and_then(|end| values.get(w.offset..end))
-            .with_context(|| format!("{}: weights of {} ({} x {} at {}) lie beyond its end", bin_path.display(), w.block, w.rows, w.cols, w.offset))?;
-        weights.out_projections.insert(w.block, WeightMatrix { rows: w.rows, cols: w.cols, data: data.to_vec() });
+            .with_context(|| {
+                format!(
+                    "{}: weights of {} ({} x {} at {}) lie beyond its end",
+                    bin_path.display(),
+                    w.block,
+                    w.rows,
+                    w.cols,
+                    w.offset
+                )
+            })?;
+        weights.out_projections.insert(
+            w.block,
+            WeightMatrix {
+                rows: w.rows,
+                cols: w.cols,
+                data: data.to_vec(),
+            },
+        );
     }
     Ok((bundle, weights))
 }
@@ -125,7 +171,9 @@ pub struct ZiplmTransform {
 impl ZiplmTransform {
     /// From the transform's parameters.
     pub fn new(config: ZiplmTransformConfig) -> TractResult<ZiplmTransform> {
-        Ok(ZiplmTransform { bundle: config.plan.as_deref().map(read_bundle).transpose()? })
+        Ok(ZiplmTransform {
+            bundle: config.plan.as_deref().map(read_bundle).transpose()?,
+        })
     }
 }
 
@@ -141,7 +189,11 @@ impl ModelTransform for ZiplmTransform {
         let decluttered = model.clone().into_decluttered()?;
         let blocks = recognize::recognize(&decluttered)?;
         if blocks.len() != bundle.plan.blocks.len() {
-            bail!("the plan has {} blocks, the model {}", bundle.plan.blocks.len(), blocks.len());
+            bail!(
+                "the plan has {} blocks, the model {}",
+                bundle.plan.blocks.len(),
+                blocks.len()
+            );
         }
         let mut edits = vec![];
         for (i, (b, bp)) in blocks.iter().zip(&bundle.plan.blocks).enumerate() {
@@ -149,7 +201,11 @@ impl ModelTransform for ZiplmTransform {
                 block: b,
                 plan: bp,
                 weights: weights.out_projections.get(&bp.block),
-                keep_bias_when_removed: bundle.keep_bias_when_removed.get(i).copied().unwrap_or(false),
+                keep_bias_when_removed: bundle
+                    .keep_bias_when_removed
+                    .get(i)
+                    .copied()
+                    .unwrap_or(false),
             });
         }
         *model = surgery::apply(&decluttered, &edits)?;
@@ -157,13 +213,16 @@ impl ModelTransform for ZiplmTransform {
     }
 }
 
-tract_onnx::tract_core::register_model_transform!("ziplm", ZiplmTransformConfig, |config| Ok(Box::new(ZiplmTransform::new(config)?)));
+tract_onnx::tract_core::register_model_transform!("ziplm", ZiplmTransformConfig, |config| Ok(
+    Box::new(ZiplmTransform::new(config)?)
+));
 
 /// The registered `ziplm` transform for a bundle (what tract's registry returns for
 /// `{ name = "ziplm", plan = ... }`).
 pub fn transform_for(bundle: impl AsRef<Path>) -> TractResult<Box<dyn ModelTransform>> {
     let json = serde_json::json!({ "plan": bundle.as_ref() });
     let mut de = <dyn erased_serde::Deserializer>::erase(json);
-    tract_onnx::tract_core::transform::get_transform_with_params("ziplm", &mut de)?
-        .ok_or_else(|| anyhow!("the ziplm transform is not registered (is the ziplm crate linked?)"))
+    tract_onnx::tract_core::transform::get_transform_with_params("ziplm", &mut de)?.ok_or_else(
+        || anyhow!("the ziplm transform is not registered (is the ziplm crate linked?)"),
+    )
 }

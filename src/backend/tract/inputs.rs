@@ -72,7 +72,11 @@ pub fn input_specs(model: &InferenceModel) -> TractResult<Vec<InputSpec>> {
                  token_type_ids, position_ids or past_key_values.N.key/value, as Hugging Face exporters write)"
             );
         };
-        specs.push(InputSpec { name, role, datum_type });
+        specs.push(InputSpec {
+            name,
+            role,
+            datum_type,
+        });
     }
     if !specs.iter().any(|s| s.role == InputRole::Ids) {
         bail!("the model has no `input_ids` input");
@@ -100,9 +104,16 @@ pub fn shape_for(spec: &InputSpec, workload: &Workload) -> Vec<usize> {
 
 /// Sets concrete input facts for a workload (decoder exports need them: their causal
 /// masks cannot be analysed with symbolic lengths).
-pub fn set_input_facts(model: &mut InferenceModel, specs: &[InputSpec], workload: &Workload) -> TractResult<()> {
+pub fn set_input_facts(
+    model: &mut InferenceModel,
+    specs: &[InputSpec],
+    workload: &Workload,
+) -> TractResult<()> {
     for (ix, spec) in specs.iter().enumerate() {
-        model.set_input_fact(ix, InferenceFact::dt_shape(spec.datum_type, shape_for(spec, workload)))?;
+        model.set_input_fact(
+            ix,
+            InferenceFact::dt_shape(spec.datum_type, shape_for(spec, workload)),
+        )?;
     }
     Ok(())
 }
@@ -110,21 +121,40 @@ pub fn set_input_facts(model: &mut InferenceModel, specs: &[InputSpec], workload
 /// Builds the input tensors for token ids `ids` (`batch x seq`, row-major) with a
 /// mask (1 = real token). KV caches are zero-filled at the workload's past length
 /// with the mask covering them as real positions.
-pub fn build_inputs(specs: &[InputSpec], workload: &Workload, ids: &[i64], mask: &[i64]) -> TractResult<TVec<TValue>> {
+pub fn build_inputs(
+    specs: &[InputSpec],
+    workload: &Workload,
+    ids: &[i64],
+    mask: &[i64],
+) -> TractResult<TVec<TValue>> {
     let (b, s, p) = (workload.batch, workload.seq_len, past_len(workload));
     if ids.len() != b * s || mask.len() != b * s {
-        bail!("expected {} token ids for batch {b} x {s} tokens, got {}", b * s, ids.len());
+        bail!(
+            "expected {} token ids for batch {b} x {s} tokens, got {}",
+            b * s,
+            ids.len()
+        );
     }
     let mut out = tvec![];
     for spec in specs {
         let t: Tensor = match spec.role {
-            InputRole::Ids => tract_ndarray::Array2::from_shape_vec((b, s), ids.to_vec())?.into_tensor(),
+            InputRole::Ids => {
+                tract_ndarray::Array2::from_shape_vec((b, s), ids.to_vec())?.into_tensor()
+            }
             InputRole::TokenTypes => tract_ndarray::Array2::<i64>::zeros((b, s)).into_tensor(),
-            InputRole::Positions => tract_ndarray::Array2::from_shape_fn((b, s), |(_, j)| (p + j) as i64).into_tensor(),
-            InputRole::AttentionMask => tract_ndarray::Array2::from_shape_fn((b, p + s), |(i, j)| {
-                if j < p { 1 } else { mask[i * s + j - p] }
-            })
-            .into_tensor(),
+            InputRole::Positions => {
+                tract_ndarray::Array2::from_shape_fn((b, s), |(_, j)| (p + j) as i64).into_tensor()
+            }
+            InputRole::AttentionMask => {
+                tract_ndarray::Array2::from_shape_fn((b, p + s), |(i, j)| {
+                    if j < p {
+                        1
+                    } else {
+                        mask[i * s + j - p]
+                    }
+                })
+                .into_tensor()
+            }
             InputRole::Past { heads, head_dim } => {
                 tract_ndarray::Array4::<f32>::zeros((b, heads, p, head_dim)).into_tensor()
             }

@@ -30,49 +30,91 @@ fn runtime(context: &str, e: impl std::fmt::Display) -> AdapterError {
 impl OutputLoss {
     /// Takes the first `samples` calibration samples (cut to `seq_len` tokens), runs the
     /// dense model on them and keeps its outputs.
-    pub fn new(model: &TractModel, calibration: &[Vec<i64>], samples: usize, seq_len: usize) -> AdapterResult<OutputLoss> {
-        let held: Vec<Vec<i64>> =
-            calibration.iter().filter(|s| !s.is_empty()).take(samples.max(1)).map(|s| s[..s.len().min(seq_len)].to_vec()).collect();
+    pub fn new(
+        model: &TractModel,
+        calibration: &[Vec<i64>],
+        samples: usize,
+        seq_len: usize,
+    ) -> AdapterResult<OutputLoss> {
+        let held: Vec<Vec<i64>> = calibration
+            .iter()
+            .filter(|s| !s.is_empty())
+            .take(samples.max(1))
+            .map(|s| s[..s.len().min(seq_len)].to_vec())
+            .collect();
         if held.is_empty() {
-            return Err(AdapterError::Calibration("the loss needs at least one calibration sample".into()));
+            return Err(AdapterError::Calibration(
+                "the loss needs at least one calibration sample".into(),
+            ));
         }
         let seq = held.iter().map(Vec::len).max().unwrap_or(1);
         let batch = LOSS_BATCH.min(held.len());
         let workload = Workload::prefill(batch, seq);
-        let batches: Vec<(Vec<i64>, Vec<i64>)> = held.chunks(batch).map(|c| pad_batch(c, batch, seq)).collect();
-        let mut loss = OutputLoss { workload, batches, dense: vec![] };
+        let batches: Vec<(Vec<i64>, Vec<i64>)> = held
+            .chunks(batch)
+            .map(|c| pad_batch(c, batch, seq))
+            .collect();
+        let mut loss = OutputLoss {
+            workload,
+            batches,
+            dense: vec![],
+        };
         loss.dense = loss.outputs(&model.file().to_bytes())?;
         Ok(loss)
     }
 
     /// The first output of the model in `bytes` on every batch.
     fn outputs(&self, bytes: &[u8]) -> AdapterResult<Vec<(Vec<f32>, Vec<usize>)>> {
-        let (plan, specs) = runnable_from_bytes(bytes, &self.workload).map_err(|e| runtime("loading a candidate for the loss", e))?;
+        let (plan, specs) = runnable_from_bytes(bytes, &self.workload)
+            .map_err(|e| runtime("loading a candidate for the loss", e))?;
         let mut out = vec![];
         for (ids, mask) in &self.batches {
-            let inputs = inputs::build_inputs(&specs, &self.workload, ids, mask).map_err(|e| runtime("building loss inputs", e))?;
-            let result = plan.run(inputs).map_err(|e| runtime("running a candidate for the loss", e))?;
-            let t = result[0].cast_to::<f32>().map_err(|e| runtime("reading the output", e))?;
+            let inputs = inputs::build_inputs(&specs, &self.workload, ids, mask)
+                .map_err(|e| runtime("building loss inputs", e))?;
+            let result = plan
+                .run(inputs)
+                .map_err(|e| runtime("running a candidate for the loss", e))?;
+            let t = result[0]
+                .cast_to::<f32>()
+                .map_err(|e| runtime("reading the output", e))?;
             let shape = t.shape().to_vec();
-            let data: Vec<f32> =
-                t.to_plain_array_view::<f32>().map_err(|e| runtime("reading the output", e))?.iter().copied().collect();
+            let data: Vec<f32> = t
+                .to_plain_array_view::<f32>()
+                .map_err(|e| runtime("reading the output", e))?
+                .iter()
+                .copied()
+                .collect();
             out.push((data, shape));
         }
         Ok(out)
     }
 
     /// Relative squared output error of a plan with its compensated weights.
-    pub fn loss(&self, model: &TractModel, plan: &Plan, weights: &PrunedWeights) -> AdapterResult<f64> {
+    pub fn loss(
+        &self,
+        model: &TractModel,
+        plan: &Plan,
+        weights: &PrunedWeights,
+    ) -> AdapterResult<f64> {
         let bytes = onnx::emit(model, plan, weights)?;
         let pruned = self.outputs(&bytes)?;
         let (mut num, mut den) = (0f64, 0f64);
-        for (((p, p_shape), (d, d_shape)), (_, mask)) in pruned.iter().zip(&self.dense).zip(&self.batches) {
+        for (((p, p_shape), (d, d_shape)), (_, mask)) in
+            pruned.iter().zip(&self.dense).zip(&self.batches)
+        {
             if p_shape != d_shape {
-                return Err(AdapterError::runtime("scoring a candidate", format!("output shape {p_shape:?}, dense {d_shape:?}")));
+                return Err(AdapterError::runtime(
+                    "scoring a candidate",
+                    format!("output shape {p_shape:?}, dense {d_shape:?}"),
+                ));
             }
             // Token-major outputs ([batch, seq, ...]) are compared on real tokens only.
             let tokens = mask.len();
-            let per_token = if d_shape.len() >= 2 && d_shape[0] * d_shape[1] == tokens { d.len() / tokens } else { 0 };
+            let per_token = if d_shape.len() >= 2 && d_shape[0] * d_shape[1] == tokens {
+                d.len() / tokens
+            } else {
+                0
+            };
             for (i, (&a, &b)) in p.iter().zip(d).enumerate() {
                 if per_token > 0 && mask[i / per_token] == 0 {
                     continue;
@@ -82,7 +124,10 @@ impl OutputLoss {
             }
         }
         if !(num.is_finite() && den > 0.0) {
-            return Err(AdapterError::runtime("scoring a candidate", format!("loss {num} / {den} is not finite")));
+            return Err(AdapterError::runtime(
+                "scoring a candidate",
+                format!("loss {num} / {den} is not finite"),
+            ));
         }
         Ok(num / den)
     }
@@ -97,15 +142,29 @@ mod tests {
 
     #[test]
     fn dense_plan_has_zero_loss_and_pruning_has_some() {
-        let path = PathBuf::from(env!("CARGO_MANIFEST_DIR")).join("fixtures/onnx/tiny-bert-feature-extraction/model.onnx");
-        let model = TractModel::load(&path, super::super::TractOptions { workload: Workload::prefill(1, 16), ..Default::default() }).unwrap();
+        let path = PathBuf::from(env!("CARGO_MANIFEST_DIR"))
+            .join("fixtures/onnx/tiny-bert-feature-extraction/model.onnx");
+        let model = TractModel::load(
+            &path,
+            super::super::TractOptions {
+                workload: Workload::prefill(1, 16),
+                ..Default::default()
+            },
+        )
+        .unwrap();
         let samples = random_samples(128, 8, 16, 1);
         let loss = OutputLoss::new(&model, &samples, 8, 16).unwrap();
         let dense = Plan::dense(model.structure());
-        assert!(loss.loss(&model, &dense, &PrunedWeights::default()).unwrap() < 1e-10);
+        assert!(
+            loss.loss(&model, &dense, &PrunedWeights::default())
+                .unwrap()
+                < 1e-10
+        );
         let mut pruned = dense.clone();
         pruned.blocks[1].kept.truncate(64);
-        let l = loss.loss(&model, &pruned, &PrunedWeights::default()).unwrap();
+        let l = loss
+            .loss(&model, &pruned, &PrunedWeights::default())
+            .unwrap();
         assert!(l > 1e-6 && l.is_finite(), "{l}");
     }
 }

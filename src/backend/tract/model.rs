@@ -8,9 +8,9 @@ use tract_onnx::prelude::*;
 #[allow(unused_imports)]
 use tract_onnx::tract_core::internal::{bail, DimLike, TractErrorContext};
 use ziplm_plugin_api::{
-    ActivationSink, AdapterError, AdapterResult, AttentionShape, BlockId, BlockKind, EmitSummary, FfnShape,
-    GqaPolicy, LayerIndex, ModelAdapter, ModelStructure, ModuleRemoval, Phase, Plan, PrunableBlock, PrunedWeights,
-    ShapeConstraints, WeightMatrix, Workload,
+    ActivationSink, AdapterError, AdapterResult, AttentionShape, BlockId, BlockKind, EmitSummary,
+    FfnShape, GqaPolicy, LayerIndex, ModelAdapter, ModelStructure, ModuleRemoval, Phase, Plan,
+    PrunableBlock, PrunedWeights, ShapeConstraints, WeightMatrix, Workload,
 };
 
 /// How to load a model.
@@ -24,7 +24,10 @@ pub struct TractOptions {
 
 impl Default for TractOptions {
     fn default() -> Self {
-        TractOptions { workload: Workload::prefill(1, 128), gqa_policy: GqaPolicy::WholeKvGroups }
+        TractOptions {
+            workload: Workload::prefill(1, 128),
+            gqa_policy: GqaPolicy::WholeKvGroups,
+        }
     }
 }
 
@@ -47,7 +50,11 @@ fn runtime(context: &str, e: impl std::fmt::Display) -> AdapterError {
 }
 
 /// Parses, sets the workload's input facts and declutters.
-pub(crate) fn typed_at(file: &OnnxFile, specs: &[InputSpec], workload: &Workload) -> TractResult<TypedModel> {
+pub(crate) fn typed_at(
+    file: &OnnxFile,
+    specs: &[InputSpec],
+    workload: &Workload,
+) -> TractResult<TypedModel> {
     let mut model = file.inference_model()?;
     inputs::set_input_facts(&mut model, specs, workload)?;
     model.into_typed()?.into_decluttered()
@@ -57,21 +64,35 @@ impl TractModel {
     /// Loads `path`, makes the inputs concrete for the workload and recognises the
     /// prunable blocks.
     pub fn load(path: &Path, options: TractOptions) -> AdapterResult<TractModel> {
-        options.workload.validate().map_err(AdapterError::InvalidRequest)?;
+        options
+            .workload
+            .validate()
+            .map_err(AdapterError::InvalidRequest)?;
         let file = OnnxFile::read(path)?;
         let inference = file
             .inference_model()
-            .map_err(|e| AdapterError::InvalidModel { path: path.into(), detail: format!("{e:#}") })?;
-        let specs = inputs::input_specs(&inference)
-            .map_err(|e| AdapterError::Unsupported { what: "model inputs".into(), detail: format!("{e:#}"), hint: "export the model with the Hugging Face exporter (optimum)".into() })?;
-        let typed = typed_at(&file, &specs, &options.workload).map_err(|e| AdapterError::InvalidModel {
-            path: path.into(),
-            detail: format!("tract cannot analyse the graph at {}: {e:#}", options.workload),
+            .map_err(|e| AdapterError::InvalidModel {
+                path: path.into(),
+                detail: format!("{e:#}"),
+            })?;
+        let specs = inputs::input_specs(&inference).map_err(|e| AdapterError::Unsupported {
+            what: "model inputs".into(),
+            detail: format!("{e:#}"),
+            hint: "export the model with the Hugging Face exporter (optimum)".into(),
         })?;
+        let typed =
+            typed_at(&file, &specs, &options.workload).map_err(|e| AdapterError::InvalidModel {
+                path: path.into(),
+                detail: format!(
+                    "tract cannot analyse the graph at {}: {e:#}",
+                    options.workload
+                ),
+            })?;
         let blocks = recognize::recognize(&typed).map_err(|e| AdapterError::Unsupported {
             what: "graph".into(),
             detail: format!("{e:#}"),
-            hint: "ziplm recognises BERT, GPT-2 and Llama style blocks as exported by optimum".into(),
+            hint: "ziplm recognises BERT, GPT-2 and Llama style blocks as exported by optimum"
+                .into(),
         })?;
         if blocks.is_empty() {
             return Err(AdapterError::Unsupported {
@@ -82,7 +103,17 @@ impl TractModel {
         }
         let structure = structure_of(&blocks, &options, &file)?;
         let vocab = vocab_size(&typed);
-        Ok(TractModel { path: path.into(), file, options, inputs: specs, typed, blocks, structure, vocab, calibration: vec![] })
+        Ok(TractModel {
+            path: path.into(),
+            file,
+            options,
+            inputs: specs,
+            typed,
+            blocks,
+            structure,
+            vocab,
+            calibration: vec![],
+        })
     }
 
     /// The ONNX file this model was loaded from.
@@ -127,14 +158,18 @@ impl TractModel {
 
     /// True when the model takes a KV cache.
     pub fn has_kv_cache(&self) -> bool {
-        self.inputs.iter().any(|s| matches!(s.role, InputRole::Past { .. }))
+        self.inputs
+            .iter()
+            .any(|s| matches!(s.role, InputRole::Past { .. }))
     }
 
     /// Sets the calibration samples (token id sequences; each is truncated or padded
     /// to the workload's sequence length). Fails on ids beyond the vocabulary.
     pub fn set_calibration(&mut self, samples: Vec<Vec<i64>>) -> AdapterResult<()> {
         if samples.iter().all(|s| s.is_empty()) {
-            return Err(AdapterError::Calibration("no calibration samples (or only empty ones)".into()));
+            return Err(AdapterError::Calibration(
+                "no calibration samples (or only empty ones)".into(),
+            ));
         }
         if let Some(v) = self.vocab {
             for (i, s) in samples.iter().enumerate() {
@@ -165,28 +200,42 @@ impl TractModel {
         } else {
             let t = typed_at(&self.file, &self.inputs, &cal_workload)
                 .map_err(|e| runtime(&format!("preparing calibration at {cal_workload}"), e))?;
-            let b = recognize::recognize(&t).map_err(|e| runtime("recognising the calibration graph", e))?;
+            let b = recognize::recognize(&t)
+                .map_err(|e| runtime("recognising the calibration graph", e))?;
             if b.len() != self.blocks.len() {
                 return Err(AdapterError::runtime(
                     "recognising the calibration graph",
-                    format!("{} blocks at {cal_workload}, {} at the serving workload", b.len(), self.blocks.len()),
+                    format!(
+                        "{} blocks at {cal_workload}, {} at the serving workload",
+                        b.len(),
+                        self.blocks.len()
+                    ),
                 ));
             }
             (t, b)
         };
         let mut outlets = vec![];
         for id in capture {
-            let b = blocks.get(id.index()).ok_or_else(|| AdapterError::InvalidRequest(format!("no {id}")))?;
+            let b = blocks
+                .get(id.index())
+                .ok_or_else(|| AdapterError::InvalidRequest(format!("no {id}")))?;
             let o = b.out_proj();
             outlets.push(typed.node(o.node).inputs[o.act_slot]);
         }
-        let plan = self.runnable_with(&typed, &outlets).map_err(|e| runtime("optimising the calibration model", e))?;
-        let n_outputs = typed.output_outlets().map_err(|e| runtime("model outputs", e))?.len();
+        let plan = self
+            .runnable_with(&typed, &outlets)
+            .map_err(|e| runtime("optimising the calibration model", e))?;
+        let n_outputs = typed
+            .output_outlets()
+            .map_err(|e| runtime("model outputs", e))?
+            .len();
         for chunk in samples.chunks(batch) {
             let (ids, mask) = pad_batch(chunk, batch, seq);
             let inputs = inputs::build_inputs(&self.inputs, &cal_workload, &ids, &mask)
                 .map_err(|e| runtime("building calibration inputs", e))?;
-            let outs = plan.run(inputs).map_err(|e| runtime("running calibration", e))?;
+            let outs = plan
+                .run(inputs)
+                .map_err(|e| runtime("running calibration", e))?;
             for (k, id) in capture.iter().enumerate() {
                 let o = blocks[id.index()].out_proj();
                 let act = &outs[n_outputs + k];
@@ -200,7 +249,11 @@ impl TractModel {
 
     /// Builds a runnable plan of `model` with extra outputs (in order after the
     /// model's own).
-    fn runnable_with(&self, model: &TypedModel, extra: &[OutletId]) -> TractResult<Arc<TypedSimplePlan>> {
+    fn runnable_with(
+        &self,
+        model: &TypedModel,
+        extra: &[OutletId],
+    ) -> TractResult<Arc<TypedSimplePlan>> {
         let mut m = model.clone();
         let mut outs = m.output_outlets()?.to_vec();
         outs.extend_from_slice(extra);
@@ -210,11 +263,14 @@ impl TractModel {
 
     /// Runs the dense model at the serving workload and returns every output.
     pub fn run_dense(&self, ids: &[i64], mask: &[i64]) -> AdapterResult<TVec<TValue>> {
-        let plan = self.runnable_with(&self.typed, &[]).map_err(|e| runtime("optimising the model", e))?;
-        let inputs = inputs::build_inputs(&self.inputs, &self.options.workload, ids, mask).map_err(|e| runtime("building inputs", e))?;
-        plan.run(inputs).map_err(|e| runtime("running the model", e))
+        let plan = self
+            .runnable_with(&self.typed, &[])
+            .map_err(|e| runtime("optimising the model", e))?;
+        let inputs = inputs::build_inputs(&self.inputs, &self.options.workload, ids, mask)
+            .map_err(|e| runtime("building inputs", e))?;
+        plan.run(inputs)
+            .map_err(|e| runtime("running the model", e))
     }
-
 }
 
 /// Samples per calibration pass.
@@ -236,7 +292,12 @@ pub fn pad_batch(samples: &[Vec<i64>], batch: usize, seq: usize) -> (Vec<i64>, V
 
 fn vocab_size(model: &TypedModel) -> Option<usize> {
     use tract_onnx::tract_core::ops::array::Gather;
-    let ids = model.input_outlets().ok()?.iter().copied().find(|o| model.node(o.node).name == "input_ids")?;
+    let ids = model
+        .input_outlets()
+        .ok()?
+        .iter()
+        .copied()
+        .find(|o| model.node(o.node).name == "input_ids")?;
     for succ in model.outlet_successors(ids) {
         let node = model.node(succ.node);
         if node.op_is::<Gather>() && succ.slot == 1 {
@@ -247,14 +308,28 @@ fn vocab_size(model: &TypedModel) -> Option<usize> {
     None
 }
 
-fn structure_of(blocks: &[RecognizedBlock], options: &TractOptions, file: &OnnxFile) -> AdapterResult<ModelStructure> {
+fn structure_of(
+    blocks: &[RecognizedBlock],
+    options: &TractOptions,
+    file: &OnnxFile,
+) -> AdapterResult<ModelStructure> {
     let mut out = vec![];
     for (i, b) in blocks.iter().enumerate() {
         let kind = match &b.kind {
-            RecognizedKind::Attention { n_heads, n_kv_heads, head_dim, .. } => {
-                BlockKind::Attention(AttentionShape { n_heads: *n_heads, n_kv_heads: *n_kv_heads, head_dim: *head_dim })
-            }
-            RecognizedKind::Ffn { ups, down } => BlockKind::Ffn(FfnShape { width: down.inputs(), gated: ups.len() == 2 }),
+            RecognizedKind::Attention {
+                n_heads,
+                n_kv_heads,
+                head_dim,
+                ..
+            } => BlockKind::Attention(AttentionShape {
+                n_heads: *n_heads,
+                n_kv_heads: *n_kv_heads,
+                head_dim: *head_dim,
+            }),
+            RecognizedKind::Ffn { ups, down } => BlockKind::Ffn(FfnShape {
+                width: down.inputs(),
+                gated: ups.len() == 2,
+            }),
         };
         out.push(PrunableBlock {
             id: BlockId(i as u32),
@@ -264,7 +339,10 @@ fn structure_of(blocks: &[RecognizedBlock], options: &TractOptions, file: &OnnxF
             name: b.name.clone(),
         });
     }
-    let architecture = if out.iter().any(|b| matches!(b.kind, BlockKind::Ffn(FfnShape { gated: true, .. }))) {
+    let architecture = if out
+        .iter()
+        .any(|b| matches!(b.kind, BlockKind::Ffn(FfnShape { gated: true, .. })))
+    {
         "llama"
     } else if file.has_layer_norm_after_residual() {
         "bert"
@@ -289,9 +367,15 @@ impl ModelAdapter for TractModel {
         &self.structure
     }
 
-    fn calibrate(&mut self, capture: &[BlockId], sink: &mut dyn ActivationSink) -> AdapterResult<()> {
+    fn calibrate(
+        &mut self,
+        capture: &[BlockId],
+        sink: &mut dyn ActivationSink,
+    ) -> AdapterResult<()> {
         if self.calibration.is_empty() {
-            return Err(AdapterError::Calibration("no calibration samples set".into()));
+            return Err(AdapterError::Calibration(
+                "no calibration samples set".into(),
+            ));
         }
         // Calibrate with prefill passes sized for the samples (not the serving
         // workload: decode workloads have one token). Samples are sorted by length and
@@ -301,19 +385,30 @@ impl ModelAdapter for TractModel {
             Phase::Prefill => self.options.workload.seq_len,
             Phase::Decode { .. } => usize::MAX,
         };
-        let mut samples: Vec<&Vec<i64>> = self.calibration.iter().filter(|s| !s.is_empty()).collect();
+        let mut samples: Vec<&Vec<i64>> =
+            self.calibration.iter().filter(|s| !s.is_empty()).collect();
         samples.sort_by_key(|s| s.len());
         let longest = samples.last().map(|s| s.len()).unwrap_or(1).min(cap);
-        let mut lengths: Vec<usize> = [16, 32, 64, 128, 256, 512].into_iter().filter(|&l| l < longest).collect();
+        let mut lengths: Vec<usize> = [16, 32, 64, 128, 256, 512]
+            .into_iter()
+            .filter(|&l| l < longest)
+            .collect();
         lengths.push(longest);
         let batch = CALIBRATION_BATCH.min(samples.len()).max(1);
         let mut next = 0;
         for &len in &lengths {
-            let end = next + samples[next..].iter().take_while(|s| s.len().min(cap) <= len).count();
+            let end = next
+                + samples[next..]
+                    .iter()
+                    .take_while(|s| s.len().min(cap) <= len)
+                    .count();
             if end == next {
                 continue;
             }
-            let group: Vec<Vec<i64>> = samples[next..end].iter().map(|s| s[..s.len().min(len)].to_vec()).collect();
+            let group: Vec<Vec<i64>> = samples[next..end]
+                .iter()
+                .map(|s| s[..s.len().min(len)].to_vec())
+                .collect();
             next = end;
             self.calibrate_at(len, batch, &group, capture, sink)?;
         }
@@ -321,7 +416,10 @@ impl ModelAdapter for TractModel {
     }
 
     fn out_projection(&self, block: BlockId) -> AdapterResult<WeightMatrix> {
-        let b = self.blocks.get(block.index()).ok_or_else(|| AdapterError::InvalidRequest(format!("no {block}")))?;
+        let b = self
+            .blocks
+            .get(block.index())
+            .ok_or_else(|| AdapterError::InvalidRequest(format!("no {block}")))?;
         let o = b.out_proj();
         let (n_in, n_out) = (o.inputs(), o.outputs);
         // canonical is [in, out]; the engine wants [out, in].
@@ -331,11 +429,21 @@ impl ModelAdapter for TractModel {
                 data[j * n_in + i] = o.canonical[i * n_out + j];
             }
         }
-        Ok(WeightMatrix { rows: n_out, cols: n_in, data })
+        Ok(WeightMatrix {
+            rows: n_out,
+            cols: n_in,
+            data,
+        })
     }
 
-    fn emit(&self, plan: &Plan, weights: &PrunedWeights, dest: &Path) -> AdapterResult<EmitSummary> {
-        plan.validate_for(&self.structure).map_err(AdapterError::InvalidRequest)?;
+    fn emit(
+        &self,
+        plan: &Plan,
+        weights: &PrunedWeights,
+        dest: &Path,
+    ) -> AdapterResult<EmitSummary> {
+        plan.validate_for(&self.structure)
+            .map_err(AdapterError::InvalidRequest)?;
         let bytes = onnx::emit(self, plan, weights)?;
         crate::fsutil::write_atomic(dest, &bytes).map_err(|e| match e {
             crate::Error::Io { path, source } => AdapterError::Io { path, source },
@@ -347,9 +455,12 @@ impl ModelAdapter for TractModel {
                 .zip(&self.structure.blocks)
                 .map(|(bp, b)| match b.kind {
                     BlockKind::Attention(a) => {
-                        (b.hidden * a.head_dim * (2 * bp.kept.len() + 2 * bp.kept_kv_heads.len())) as u64
+                        (b.hidden * a.head_dim * (2 * bp.kept.len() + 2 * bp.kept_kv_heads.len()))
+                            as u64
                     }
-                    BlockKind::Ffn(f) => (b.hidden * bp.kept.len() * if f.gated { 3 } else { 2 }) as u64,
+                    BlockKind::Ffn(f) => {
+                        (b.hidden * bp.kept.len() * if f.gated { 3 } else { 2 }) as u64
+                    }
                 })
                 .sum()
         };
@@ -364,7 +475,12 @@ impl ModelAdapter for TractModel {
 
 /// Rearranges an activation tensor to token-major rows of features (in weight order),
 /// keeping the tokens whose mask is 1.
-fn token_rows(act: &TValue, token_axes: &[usize], feature_axes: &[usize], mask: &[i64]) -> TractResult<Vec<f32>> {
+fn token_rows(
+    act: &TValue,
+    token_axes: &[usize],
+    feature_axes: &[usize],
+    mask: &[i64],
+) -> TractResult<Vec<f32>> {
     let t = act.cast_to::<f32>()?;
     let view = t.to_plain_array_view::<f32>()?;
     let perm: Vec<usize> = token_axes.iter().chain(feature_axes).copied().collect();
@@ -390,8 +506,12 @@ fn token_rows(act: &TValue, token_axes: &[usize], feature_axes: &[usize], mask: 
 
 /// Loads ONNX bytes (an emitted model) at a workload and returns its runnable plan and
 /// input specs.
-pub fn runnable_from_bytes(bytes: &[u8], workload: &Workload) -> TractResult<(Arc<TypedSimplePlan>, Vec<InputSpec>)> {
-    let file = OnnxFile::from_bytes(bytes, Path::new("<memory>")).map_err(|e| tract_onnx::tract_core::internal::anyhow!("{e}"))?;
+pub fn runnable_from_bytes(
+    bytes: &[u8],
+    workload: &Workload,
+) -> TractResult<(Arc<TypedSimplePlan>, Vec<InputSpec>)> {
+    let file = OnnxFile::from_bytes(bytes, Path::new("<memory>"))
+        .map_err(|e| tract_onnx::tract_core::internal::anyhow!("{e}"))?;
     let inference = file.inference_model()?;
     let specs = inputs::input_specs(&inference)?;
     let typed = typed_at(&file, &specs, workload)?;

@@ -35,7 +35,9 @@ pub fn to_nnef(bytes: &[u8], workload: &Workload) -> AdapterResult<Vec<u8>> {
         Ok(typed)
     })()
     .map_err(nnef_error)?;
-    framework().write_to_tar(&typed, Vec::new()).map_err(nnef_error)
+    framework()
+        .write_to_tar(&typed, Vec::new())
+        .map_err(nnef_error)
 }
 
 /// Replaces every `GeluExact` node by `0.5 * x * (1 + erf(x / sqrt 2))`.
@@ -46,18 +48,29 @@ fn expand_gelu_exact(model: &mut TypedModel) -> TractResult<()> {
     let gelus: Vec<usize> = model
         .nodes()
         .iter()
-        .filter(|n| n.op_as::<ElementWiseOp>().is_some_and(|e| e.0.is::<GeluExact>()))
+        .filter(|n| {
+            n.op_as::<ElementWiseOp>()
+                .is_some_and(|e| e.0.is::<GeluExact>())
+        })
         .map(|n| n.id)
         .collect();
     for id in gelus {
         let node = model.node(id).clone();
         let fact = model.outlet_fact(node.inputs[0])?.clone();
         let rank = fact.rank();
-        let scalar = |v: f32| -> TractResult<Tensor> { tensor0(v).cast_to_dt(fact.datum_type)?.into_owned().broadcast_into_rank(rank) };
+        let scalar = |v: f32| -> TractResult<Tensor> {
+            tensor0(v)
+                .cast_to_dt(fact.datum_type)?
+                .into_owned()
+                .broadcast_into_rank(rank)
+        };
         let mut patch = TypedModelPatch::default();
         let x = patch.tap_model(model, node.inputs[0])?;
         let name = &node.name;
-        let c = patch.add_const(format!("{name}.inv_sqrt2"), scalar(std::f32::consts::FRAC_1_SQRT_2)?)?;
+        let c = patch.add_const(
+            format!("{name}.inv_sqrt2"),
+            scalar(std::f32::consts::FRAC_1_SQRT_2)?,
+        )?;
         let one = patch.add_const(format!("{name}.one"), scalar(1.0)?)?;
         let half = patch.add_const(format!("{name}.half"), scalar(0.5)?)?;
         let scaled = patch.wire_node(format!("{name}.scaled"), math::mul(), &[x, c])?[0];

@@ -18,8 +18,8 @@ use std::time::{Duration, Instant};
 use tract_linalg::multithread::{multithread_tract_scope, Executor};
 use tract_onnx::prelude::*;
 use ziplm_plugin_api::{
-    AdapterError, AdapterResult, BlockKind, BlockShape, LatencyProfiler, Measured, ModelAdapter, Plan, PrunedWeights,
-    TargetFingerprint, TimedRun, Workload,
+    AdapterError, AdapterResult, BlockKind, BlockShape, LatencyProfiler, Measured, ModelAdapter,
+    Plan, PrunedWeights, TargetFingerprint, TimedRun, Workload,
 };
 
 /// A model ready to run repeatedly on fixed inputs.
@@ -34,10 +34,15 @@ impl Prepared {
     fn new(bytes: &[u8], workload: &Workload, vocab: usize) -> TractResult<Prepared> {
         let (plan, specs) = runnable_from_bytes(bytes, workload)?;
         let n = workload.batch * workload.seq_len;
-        let ids: Vec<i64> = (0..n).map(|i| ((i * 7919 + 13) % vocab.max(2)) as i64).collect();
+        let ids: Vec<i64> = (0..n)
+            .map(|i| ((i * 7919 + 13) % vocab.max(2)) as i64)
+            .collect();
         let mask = vec![1i64; n];
         let inputs = inputs::build_inputs(&specs, workload, &ids, &mask)?;
-        Ok(Prepared { state: plan.spawn()?, inputs })
+        Ok(Prepared {
+            state: plan.spawn()?,
+            inputs,
+        })
     }
 
     fn time(&mut self, executor: &Executor) -> TractResult<Duration> {
@@ -62,15 +67,29 @@ impl<'m> TractProfiler<'m> {
     /// A profiler running tract on `threads` threads (1 = single-threaded kernels).
     pub fn new(model: &'m TractModel, threads: usize) -> TractProfiler<'m> {
         let threads = threads.max(1);
-        let executor = if threads == 1 { Executor::SingleThread } else { Executor::multithread(threads) };
-        TractProfiler { model, threads, executor, baselines: HashMap::new() }
+        let executor = if threads == 1 {
+            Executor::SingleThread
+        } else {
+            Executor::multithread(threads)
+        };
+        TractProfiler {
+            model,
+            threads,
+            executor,
+            baselines: HashMap::new(),
+        }
     }
 
     fn vocab(&self) -> usize {
         self.model.vocab().unwrap_or(2)
     }
 
-    fn variant(&self, shape: Option<&BlockShape>, remove_attention: bool, remove_ffn: bool) -> AdapterResult<Vec<u8>> {
+    fn variant(
+        &self,
+        shape: Option<&BlockShape>,
+        remove_attention: bool,
+        remove_ffn: bool,
+    ) -> AdapterResult<Vec<u8>> {
         let mut plan = Plan::dense(self.model.structure());
         for bp in plan.blocks.iter_mut() {
             match bp.kind {
@@ -78,8 +97,17 @@ impl<'m> TractProfiler<'m> {
                     if remove_attention {
                         bp.kept.clear();
                         bp.kept_kv_heads.clear();
-                    } else if let Some(BlockShape::Attention { heads, kv_heads, head_dim, .. }) = shape {
-                        if a.head_dim == *head_dim && *heads <= a.n_heads && *kv_heads <= a.n_kv_heads {
+                    } else if let Some(BlockShape::Attention {
+                        heads,
+                        kv_heads,
+                        head_dim,
+                        ..
+                    }) = shape
+                    {
+                        if a.head_dim == *head_dim
+                            && *heads <= a.n_heads
+                            && *kv_heads <= a.n_kv_heads
+                        {
                             // Same shape as a real plan: whole KV groups or equal heads per group.
                             let per = heads / kv_heads.max(&1);
                             bp.kept = (0..*kv_heads)
@@ -102,7 +130,8 @@ impl<'m> TractProfiler<'m> {
     }
 
     fn prepare_bytes(&self, bytes: &[u8], workload: &Workload) -> AdapterResult<Prepared> {
-        Prepared::new(bytes, workload, self.vocab()).map_err(|e| AdapterError::runtime("preparing a model to time", e))
+        Prepared::new(bytes, workload, self.vocab())
+            .map_err(|e| AdapterError::runtime("preparing a model to time", e))
     }
 }
 
@@ -116,8 +145,14 @@ struct DiffRun<'p> {
 
 impl TimedRun for DiffRun<'_> {
     fn run(&mut self) -> AdapterResult<Duration> {
-        let v = self.variant.time(&self.executor).map_err(|e| AdapterError::runtime("timing", e))?;
-        let b = self.baseline.time(&self.executor).map_err(|e| AdapterError::runtime("timing", e))?;
+        let v = self
+            .variant
+            .time(&self.executor)
+            .map_err(|e| AdapterError::runtime("timing", e))?;
+        let b = self
+            .baseline
+            .time(&self.executor)
+            .map_err(|e| AdapterError::runtime("timing", e))?;
         Ok(v.saturating_sub(b) / self.blocks.max(1))
     }
 }
@@ -130,7 +165,9 @@ struct WholeRun {
 
 impl TimedRun for WholeRun {
     fn run(&mut self) -> AdapterResult<Duration> {
-        self.model.time(&self.executor).map_err(|e| AdapterError::runtime("timing", e))
+        self.model
+            .time(&self.executor)
+            .map_err(|e| AdapterError::runtime("timing", e))
     }
 }
 
@@ -159,21 +196,36 @@ impl LatencyProfiler for TractProfiler<'_> {
         )
     }
 
-    fn prepare<'a>(&'a mut self, what: &Measured, workload: &Workload) -> AdapterResult<Box<dyn TimedRun + 'a>> {
+    fn prepare<'a>(
+        &'a mut self,
+        what: &Measured,
+        workload: &Workload,
+    ) -> AdapterResult<Box<dyn TimedRun + 'a>> {
         let executor = self.executor.clone();
         match what {
             Measured::Rest => {
                 let bytes = self.variant(None, true, true)?;
-                Ok(Box::new(WholeRun { model: self.prepare_bytes(&bytes, workload)?, executor }))
+                Ok(Box::new(WholeRun {
+                    model: self.prepare_bytes(&bytes, workload)?,
+                    executor,
+                }))
             }
             Measured::Model(path) => {
                 let bytes = std::fs::read(path).map_err(|e| AdapterError::io(path, e))?;
-                Ok(Box::new(WholeRun { model: self.prepare_bytes(&bytes, workload)?, executor }))
+                Ok(Box::new(WholeRun {
+                    model: self.prepare_bytes(&bytes, workload)?,
+                    executor,
+                }))
             }
             Measured::Block(shape) => {
                 let attention = matches!(shape, BlockShape::Attention { .. });
-                let blocks =
-                    self.model.structure().blocks.iter().filter(|b| b.kind.is_attention() == attention).count() as u32;
+                let blocks = self
+                    .model
+                    .structure()
+                    .blocks
+                    .iter()
+                    .filter(|b| b.kind.is_attention() == attention)
+                    .count() as u32;
                 let variant_bytes = self.variant(Some(shape), false, false)?;
                 let variant = self.prepare_bytes(&variant_bytes, workload)?;
                 if !self.baselines.contains_key(&(attention, *workload)) {
@@ -181,8 +233,16 @@ impl LatencyProfiler for TractProfiler<'_> {
                     let p = self.prepare_bytes(&bytes, workload)?;
                     self.baselines.insert((attention, *workload), p);
                 }
-                let baseline = self.baselines.get_mut(&(attention, *workload)).expect("inserted");
-                Ok(Box::new(DiffRun { variant, baseline, blocks, executor }))
+                let baseline = self
+                    .baselines
+                    .get_mut(&(attention, *workload))
+                    .expect("inserted");
+                Ok(Box::new(DiffRun {
+                    variant,
+                    baseline,
+                    blocks,
+                    executor,
+                }))
             }
         }
     }
@@ -212,5 +272,8 @@ pub fn time_pair(
         ta.push(pa.time(&profiler.executor).map_err(err)?.as_secs_f64() * 1e3);
         tb.push(pb.time(&profiler.executor).map_err(err)?.as_secs_f64() * 1e3);
     }
-    Ok((crate::profile::timing_of(&mut ta), crate::profile::timing_of(&mut tb)))
+    Ok((
+        crate::profile::timing_of(&mut ta),
+        crate::profile::timing_of(&mut tb),
+    ))
 }

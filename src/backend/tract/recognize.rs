@@ -18,10 +18,10 @@ use std::collections::{BTreeSet, HashSet};
 use tract_onnx::prelude::*;
 #[allow(unused_imports)]
 use tract_onnx::tract_core::internal::{bail, DimLike, TractErrorContext};
+use tract_onnx::tract_core::ops::binary::TypedBinOp;
 use tract_onnx::tract_core::ops::change_axes::AxisOp;
 use tract_onnx::tract_core::ops::einsum::EinSum;
 use tract_onnx::tract_core::ops::element_wise::ElementWiseOp;
-use tract_onnx::tract_core::ops::binary::TypedBinOp;
 use tract_onnx::tract_core::ops::nn::Softmax;
 
 /// A linear layer: an einsum of an activation with a constant weight.
@@ -156,7 +156,11 @@ pub fn weight_einsum(model: &TypedModel, node: usize) -> Option<WeightEinsum> {
     let shape = weight.shape();
     let in_dims: Vec<usize> = contracted.iter().map(|&(w, _)| shape[w]).collect();
     let outputs: usize = outs.iter().map(|&w| shape[w]).product();
-    let perm: Vec<usize> = contracted.iter().map(|&(w, _)| w).chain(outs.iter().copied()).collect();
+    let perm: Vec<usize> = contracted
+        .iter()
+        .map(|&(w, _)| w)
+        .chain(outs.iter().copied())
+        .collect();
     if perm.len() != shape.len() {
         return None; // size-1 weight axes besides: keep it simple
     }
@@ -207,7 +211,11 @@ fn ffn_sources(model: &TypedModel, start: OutletId) -> Option<Vec<usize>> {
 
 /// Everything upstream of `start` down to (and including) weight einsums, sources
 /// and constants.
-fn upstream(model: &TypedModel, start: OutletId, stop_at_weights: bool) -> (Vec<usize>, Vec<usize>) {
+fn upstream(
+    model: &TypedModel,
+    start: OutletId,
+    stop_at_weights: bool,
+) -> (Vec<usize>, Vec<usize>) {
     let mut stack = vec![start];
     let mut seen = HashSet::new();
     let mut weights = BTreeSet::new();
@@ -256,7 +264,9 @@ fn feeds_residual(model: &TypedModel, node: usize) -> bool {
         for outlet in frontier {
             for s in model.outlet_successors(outlet) {
                 let succ = model.node(s.node);
-                let is_add = succ.op_as::<TypedBinOp>().is_some_and(|b| b.0.name() == "Add");
+                let is_add = succ
+                    .op_as::<TypedBinOp>()
+                    .is_some_and(|b| b.0.name() == "Add");
                 if is_add && succ.inputs.iter().all(|&i| konst(model, i).is_none()) {
                     return true;
                 }
@@ -282,7 +292,9 @@ pub fn recognize(model: &TypedModel) -> TractResult<Vec<RecognizedBlock>> {
         if used.contains(&n) {
             continue;
         }
-        let Some(down) = weight_einsum(model, n) else { continue };
+        let Some(down) = weight_einsum(model, n) else {
+            continue;
+        };
         if !feeds_residual(model, n) {
             continue;
         }
@@ -290,9 +302,13 @@ pub fn recognize(model: &TypedModel) -> TractResult<Vec<RecognizedBlock>> {
         let act = node.inputs[down.act_slot];
         // FFN?
         if let Some(ups) = ffn_sources(model, act) {
-            let ups: Vec<WeightEinsum> = ups.iter().filter_map(|&u| weight_einsum(model, u)).collect();
+            let ups: Vec<WeightEinsum> = ups
+                .iter()
+                .filter_map(|&u| weight_einsum(model, u))
+                .collect();
             let same_input = ups.windows(2).all(|w| {
-                model.node(w[0].node).inputs[w[0].act_slot] == model.node(w[1].node).inputs[w[1].act_slot]
+                model.node(w[0].node).inputs[w[0].act_slot]
+                    == model.node(w[1].node).inputs[w[1].act_slot]
             });
             if !ups.is_empty()
                 && ups.len() <= 2
@@ -318,7 +334,11 @@ pub fn recognize(model: &TypedModel) -> TractResult<Vec<RecognizedBlock>> {
         }
         // Attention?
         let (weights, region) = upstream(model, act, true);
-        let softmaxes: Vec<usize> = region.iter().copied().filter(|&r| model.node(r).op_is::<Softmax>()).collect();
+        let softmaxes: Vec<usize> = region
+            .iter()
+            .copied()
+            .filter(|&r| model.node(r).op_is::<Softmax>())
+            .collect();
         if softmaxes.is_empty() {
             continue; // a projection that is neither (embedding, head): not prunable
         }
@@ -335,7 +355,11 @@ pub fn recognize(model: &TypedModel) -> TractResult<Vec<RecognizedBlock>> {
         let softmax = softmaxes[0];
         // The value projection is not upstream of the softmax.
         let (before_softmax, _) = upstream(model, OutletId::new(softmax, 0), true);
-        let v_nodes: Vec<usize> = weights.iter().copied().filter(|w| !before_softmax.contains(w)).collect();
+        let v_nodes: Vec<usize> = weights
+            .iter()
+            .copied()
+            .filter(|w| !before_softmax.contains(w))
+            .collect();
         if v_nodes.len() != 1 || before_softmax.len() != 2 {
             bail!(
                 "attention before node {} ({}): cannot tell the value projection from Q and K \
@@ -346,7 +370,10 @@ pub fn recognize(model: &TypedModel) -> TractResult<Vec<RecognizedBlock>> {
             );
         }
         let o = down;
-        let mut qk: Vec<WeightEinsum> = before_softmax.iter().filter_map(|&w| weight_einsum(model, w)).collect();
+        let mut qk: Vec<WeightEinsum> = before_softmax
+            .iter()
+            .filter_map(|&w| weight_einsum(model, w))
+            .collect();
         let v = weight_einsum(model, v_nodes[0]).expect("checked above");
         // Q has as many outputs as the out-projection has inputs; with MHA both do.
         if qk[0].outputs != o.inputs() && qk[1].outputs == o.inputs() {
@@ -362,8 +389,13 @@ pub fn recognize(model: &TypedModel) -> TractResult<Vec<RecognizedBlock>> {
                 q.outputs
             );
         };
-        let (n_kv_heads, kv_dim) = head_split(model, k.node, k.outputs).unwrap_or((k.outputs / head_dim, head_dim));
-        if kv_dim != head_dim || n_heads * head_dim != o.inputs() || v.outputs != k.outputs || n_heads % n_kv_heads != 0 {
+        let (n_kv_heads, kv_dim) =
+            head_split(model, k.node, k.outputs).unwrap_or((k.outputs / head_dim, head_dim));
+        if kv_dim != head_dim
+            || n_heads * head_dim != o.inputs()
+            || v.outputs != k.outputs
+            || n_heads % n_kv_heads != 0
+        {
             bail!(
                 "attention before node {} ({}): inconsistent shapes (Q {} = {n_heads}x{head_dim}, K {} = {n_kv_heads}x{kv_dim}, \
                  V {}, out-projection inputs {})",
@@ -376,7 +408,19 @@ pub fn recognize(model: &TypedModel) -> TractResult<Vec<RecognizedBlock>> {
             );
         }
         used.extend([q.node, k.node, v.node, n]);
-        found.push((n, RecognizedKind::Attention { q, k, v, o, n_heads, n_kv_heads, head_dim }, node.name.clone()));
+        found.push((
+            n,
+            RecognizedKind::Attention {
+                q,
+                k,
+                v,
+                o,
+                n_heads,
+                n_kv_heads,
+                head_dim,
+            },
+            node.name.clone(),
+        ));
     }
     // Layers: an attention block opens a layer; an FFN after an FFN opens one too.
     let mut layer = 0usize;

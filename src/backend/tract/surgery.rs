@@ -15,13 +15,13 @@ use tract_onnx::prelude::*;
 use tract_onnx::tract_core::internal::{bail, DimLike, TractErrorContext};
 use tract_onnx::tract_core::ops::array::{MultiBroadcastTo, Slice, TypedConcat};
 use tract_onnx::tract_core::ops::binary::TypedBinOp;
+use tract_onnx::tract_core::ops::cast::Cast;
 use tract_onnx::tract_core::ops::change_axes::AxisOp;
 use tract_onnx::tract_core::ops::einsum::EinSum;
 use tract_onnx::tract_core::ops::element_wise::ElementWiseOp;
 use tract_onnx::tract_core::ops::konst::Const;
 use tract_onnx::tract_core::ops::logic::Iff;
 use tract_onnx::tract_core::ops::nn::Softmax;
-use tract_onnx::tract_core::ops::cast::Cast;
 use tract_onnx::tract_core::ops::source::TypedSource;
 use ziplm_plugin_api::{BlockChoice, BlockKind, BlockPlan, WeightMatrix};
 
@@ -53,11 +53,21 @@ struct Edits {
 }
 
 fn shape_of(model: &TypedModel, o: OutletId) -> TractResult<Vec<usize>> {
-    model.outlet_fact(o)?.shape.iter().map(|d| d.to_usize()).collect::<Result<Vec<_>, _>>().map_err(|e| tract_onnx::tract_core::internal::anyhow!("{e:?}"))
+    model
+        .outlet_fact(o)?
+        .shape
+        .iter()
+        .map(|d| d.to_usize())
+        .collect::<Result<Vec<_>, _>>()
+        .map_err(|e| tract_onnx::tract_core::internal::anyhow!("{e:?}"))
 }
 
 fn kept_for(plan: &BlockPlan, kind: &BlockKind, role: Role) -> TractResult<Vec<usize>> {
-    let heads = |hs: &[usize], hd: usize| hs.iter().flat_map(|&h| h * hd..(h + 1) * hd).collect::<Vec<_>>();
+    let heads = |hs: &[usize], hd: usize| {
+        hs.iter()
+            .flat_map(|&h| h * hd..(h + 1) * hd)
+            .collect::<Vec<_>>()
+    };
     Ok(match (kind, role) {
         (BlockKind::Attention(a), Role::QPacked) => heads(&plan.kept, a.head_dim),
         (BlockKind::Attention(a), Role::KvPacked) => heads(&plan.kept_kv_heads, a.head_dim),
@@ -65,9 +75,19 @@ fn kept_for(plan: &BlockPlan, kind: &BlockKind, role: Role) -> TractResult<Vec<u
         (BlockKind::Attention(_), Role::KvHeads) => plan.kept_kv_heads.clone(),
         (BlockKind::Attention(a), Role::NRep) => {
             let per = a.heads_per_kv();
-            let first: Vec<usize> = plan.kept.iter().filter(|&&h| h / per == plan.kept.first().map_or(0, |f| f / per)).map(|h| h % per).collect();
+            let first: Vec<usize> = plan
+                .kept
+                .iter()
+                .filter(|&&h| h / per == plan.kept.first().map_or(0, |f| f / per))
+                .map(|h| h % per)
+                .collect();
             for g in &plan.kept_kv_heads {
-                let these: Vec<usize> = plan.kept.iter().filter(|&&h| h / per == *g).map(|h| h % per).collect();
+                let these: Vec<usize> = plan
+                    .kept
+                    .iter()
+                    .filter(|&&h| h / per == *g)
+                    .map(|h| h % per)
+                    .collect();
                 if these != first {
                     bail!("the plan keeps different heads in different KV groups; the tract transform needs the same ones");
                 }
@@ -83,7 +103,10 @@ fn slice_tensor(t: &Tensor, axis: usize, kept: &[usize]) -> TractResult<Tensor> 
     let t32 = t.cast_to::<f32>()?;
     let view = t32.to_plain_array_view::<f32>()?;
     let sliced = view.select(tract_ndarray::Axis(axis), kept);
-    sliced.into_tensor().cast_to_dt(t.datum_type()).map(|c| c.into_owned())
+    sliced
+        .into_tensor()
+        .cast_to_dt(t.datum_type())
+        .map(|c| c.into_owned())
 }
 
 fn const_value(model: &TypedModel, outlet: OutletId) -> Option<Arc<Tensor>> {
@@ -97,16 +120,29 @@ fn proj_output_axis(model: &TypedModel, w: &WeightEinsum) -> TractResult<usize> 
     let axes: Vec<usize> = op
         .axes
         .iter_all_axes()
-        .filter(|a| !a.inputs[wslot].is_empty() && a.inputs[w.act_slot].is_empty() && !a.outputs[0].is_empty())
+        .filter(|a| {
+            !a.inputs[wslot].is_empty()
+                && a.inputs[w.act_slot].is_empty()
+                && !a.outputs[0].is_empty()
+        })
         .map(|a| a.outputs[0][0])
         .collect();
     match axes.as_slice() {
         [a] => Ok(*a),
-        _ => bail!("projection {} has {} output axes from its weight, expected one", model.node(w.node).name, axes.len()),
+        _ => bail!(
+            "projection {} has {} output axes from its weight, expected one",
+            model.node(w.node).name,
+            axes.len()
+        ),
     }
 }
 
-fn slice_projection_weight(model: &TypedModel, w: &WeightEinsum, kept: &[usize], edits: &mut Edits) -> TractResult<()> {
+fn slice_projection_weight(
+    model: &TypedModel,
+    w: &WeightEinsum,
+    kept: &[usize],
+    edits: &mut Edits,
+) -> TractResult<()> {
     let node = model.node(w.node);
     let wslot = 1 - w.act_slot;
     let op = node.op_as::<EinSum>().context("einsum")?;
@@ -116,16 +152,26 @@ fn slice_projection_weight(model: &TypedModel, w: &WeightEinsum, kept: &[usize],
         .filter(|a| !a.inputs[wslot].is_empty() && a.inputs[w.act_slot].is_empty())
         .map(|a| a.inputs[wslot][0])
         .collect();
-    let [axis] = waxis.as_slice() else { bail!("projection weight with several output axes") };
+    let [axis] = waxis.as_slice() else {
+        bail!("projection weight with several output axes")
+    };
     let src = node.inputs[wslot];
     let t = const_value(model, src).context("weight const")?;
-    edits.const_uses.insert((w.node, wslot), slice_tensor(&t, *axis, kept)?);
+    edits
+        .const_uses
+        .insert((w.node, wslot), slice_tensor(&t, *axis, kept)?);
     Ok(())
 }
 
 /// New out-projection weight: contracted axes sliced by role, values replaced by the
 /// compensated matrix when given.
-fn out_weight(model: &TypedModel, o: &WeightEinsum, roles: &[Role], e: &BlockEdit, edits: &mut Edits) -> TractResult<()> {
+fn out_weight(
+    model: &TypedModel,
+    o: &WeightEinsum,
+    roles: &[Role],
+    e: &BlockEdit,
+    edits: &mut Edits,
+) -> TractResult<()> {
     let node = model.node(o.node);
     let wslot = 1 - o.act_slot;
     let op = node.op_as::<EinSum>().context("einsum")?;
@@ -133,7 +179,9 @@ fn out_weight(model: &TypedModel, o: &WeightEinsum, roles: &[Role], e: &BlockEdi
     let mut out = t.as_ref().clone();
     // Contracted axes of the weight in weight order, with the activation's roles.
     for axis in op.axes.iter_all_axes() {
-        if let (Some(&wa), Some(&aa)) = (axis.inputs[wslot].first(), axis.inputs[o.act_slot].first()) {
+        if let (Some(&wa), Some(&aa)) =
+            (axis.inputs[wslot].first(), axis.inputs[o.act_slot].first())
+        {
             let role = roles[aa];
             if role != Role::None {
                 out = slice_tensor(&out, wa, &kept_for(e.plan, &e.block_kind(), role)?)?;
@@ -148,7 +196,11 @@ fn out_weight(model: &TypedModel, o: &WeightEinsum, roles: &[Role], e: &BlockEdi
         let n_out = o.outputs;
         let total: usize = dims.iter().product();
         if total != w.rows * w.cols || w.rows != n_out {
-            bail!("compensated weights are {}x{}, the sliced weight has {total} values", w.rows, w.cols);
+            bail!(
+                "compensated weights are {}x{}, the sliced weight has {total} values",
+                w.rows,
+                w.cols
+            );
         }
         // The canonical layout (contracted first, then outputs) must be the tensor's.
         let mut vals = vec![0f32; total];
@@ -157,7 +209,10 @@ fn out_weight(model: &TypedModel, o: &WeightEinsum, roles: &[Role], e: &BlockEdi
                 vals[i * n_out + j] = w.data[j * w.cols + i];
             }
         }
-        out = tract_ndarray::ArrayD::from_shape_vec(dims, vals)?.into_tensor().cast_to_dt(t.datum_type())?.into_owned();
+        out = tract_ndarray::ArrayD::from_shape_vec(dims, vals)?
+            .into_tensor()
+            .cast_to_dt(t.datum_type())?
+            .into_owned();
     }
     edits.const_uses.insert((o.node, wslot), out);
     Ok(())
@@ -173,18 +228,53 @@ impl BlockEdit<'_> {
 fn edit_block(model: &TypedModel, e: &BlockEdit, edits: &mut Edits) -> TractResult<()> {
     let kind = e.plan.kind;
     let (starts, end): (Vec<(&WeightEinsum, Role)>, &WeightEinsum) = match &e.block.kind {
-        RecognizedKind::Attention { q, k, v, o, n_heads, n_kv_heads, .. } => {
-            let kv_role = if n_heads == n_kv_heads { Role::QPacked } else { Role::KvPacked };
+        RecognizedKind::Attention {
+            q,
+            k,
+            v,
+            o,
+            n_heads,
+            n_kv_heads,
+            ..
+        } => {
+            let kv_role = if n_heads == n_kv_heads {
+                Role::QPacked
+            } else {
+                Role::KvPacked
+            };
             (vec![(q, Role::QPacked), (k, kv_role), (v, kv_role)], o)
         }
         RecognizedKind::Ffn { ups, down } => (ups.iter().map(|u| (u, Role::Ffn)).collect(), down),
     };
     let (old, new) = match kind {
         BlockKind::Attention(a) => (
-            Dims { heads: a.n_heads, kv: a.n_kv_heads, head_dim: a.head_dim, ffn: 0 },
-            Dims { heads: e.plan.kept.len(), kv: e.plan.kept_kv_heads.len(), head_dim: a.head_dim, ffn: 0 },
+            Dims {
+                heads: a.n_heads,
+                kv: a.n_kv_heads,
+                head_dim: a.head_dim,
+                ffn: 0,
+            },
+            Dims {
+                heads: e.plan.kept.len(),
+                kv: e.plan.kept_kv_heads.len(),
+                head_dim: a.head_dim,
+                ffn: 0,
+            },
         ),
-        BlockKind::Ffn(f) => (Dims { heads: 0, kv: 0, head_dim: 0, ffn: f.width }, Dims { heads: 0, kv: 0, head_dim: 0, ffn: e.plan.kept.len() }),
+        BlockKind::Ffn(f) => (
+            Dims {
+                heads: 0,
+                kv: 0,
+                head_dim: 0,
+                ffn: f.width,
+            },
+            Dims {
+                heads: 0,
+                kv: 0,
+                head_dim: 0,
+                ffn: e.plan.kept.len(),
+            },
+        ),
     };
     let mut roles: HashMap<OutletId, Vec<Role>> = HashMap::new();
     for (w, role) in &starts {
@@ -204,7 +294,13 @@ fn edit_block(model: &TypedModel, e: &BlockEdit, edits: &mut Edits) -> TractResu
         if in_roles.iter().all(|r| r.is_none()) {
             continue;
         }
-        let ctx = || format!("following heads/neurons through node #{n} `{}` ({})", node.name, node.op.name());
+        let ctx = || {
+            format!(
+                "following heads/neurons through node #{n} `{}` ({})",
+                node.name,
+                node.op.name()
+            )
+        };
         let out_shape = shape_of(model, OutletId::new(n, 0))?;
         let get = |i: usize| -> TractResult<Vec<Role>> {
             Ok(match in_roles[i] {
@@ -214,7 +310,10 @@ fn edit_block(model: &TypedModel, e: &BlockEdit, edits: &mut Edits) -> TractResu
         };
         let out: Vec<Role> = if let Some(op) = node.op_as::<EinSum>() {
             if node.inputs.iter().any(|&i| const_value(model, i).is_some()) {
-                bail!("{}: a projection inside the block that is not its output projection", ctx());
+                bail!(
+                    "{}: a projection inside the block that is not its output projection",
+                    ctx()
+                );
             }
             let mut out = vec![Role::None; out_shape.len()];
             for axis in op.axes.iter_all_axes() {
@@ -232,12 +331,20 @@ fn edit_block(model: &TypedModel, e: &BlockEdit, edits: &mut Edits) -> TractResu
                 }
                 match axis.outputs[0].first() {
                     Some(&p) => out[p] = r,
-                    None if r != Role::None => bail!("{}: contracting an axis that carries heads or neurons", ctx()),
+                    None if r != Role::None => bail!(
+                        "{}: contracting an axis that carries heads or neurons",
+                        ctx()
+                    ),
                     None => {}
                 }
             }
             out
-        } else if node.op_is::<TypedBinOp>() || node.op_is::<Iff>() || node.op_is::<ElementWiseOp>() || node.op_is::<Cast>() || node.op_is::<Softmax>() {
+        } else if node.op_is::<TypedBinOp>()
+            || node.op_is::<Iff>()
+            || node.op_is::<ElementWiseOp>()
+            || node.op_is::<Cast>()
+            || node.op_is::<Softmax>()
+        {
             let mut out = vec![Role::None; out_shape.len()];
             for slot in 0..node.inputs.len() {
                 let r = get(slot)?;
@@ -253,8 +360,12 @@ fn edit_block(model: &TypedModel, e: &BlockEdit, edits: &mut Edits) -> TractResu
                 if let Some(t) = const_value(model, node.inputs[slot]) {
                     let off = out.len() - t.rank();
                     for a in 0..t.rank() {
-                        if out[off + a] != Role::None && t.shape()[a] == out_shape[off + a] && t.shape()[a] > 1 {
-                            let sliced = slice_tensor(&t, a, &kept_for(e.plan, &kind, out[off + a])?)?;
+                        if out[off + a] != Role::None
+                            && t.shape()[a] == out_shape[off + a]
+                            && t.shape()[a] > 1
+                        {
+                            let sliced =
+                                slice_tensor(&t, a, &kept_for(e.plan, &kind, out[off + a])?)?;
                             edits.const_uses.insert((n, slot), sliced);
                         }
                     }
@@ -281,13 +392,44 @@ fn edit_block(model: &TypedModel, e: &BlockEdit, edits: &mut Edits) -> TractResu
                     o
                 }
                 AxisOp::Reshape(at, from, to) => {
-                    let from_u: Vec<usize> = from.iter().map(|d| d.to_usize()).collect::<Result<_, _>>().map_err(|e| tract_onnx::tract_core::internal::anyhow!("{e:?}"))?;
-                    let to_u: Vec<usize> = to.iter().map(|d| d.to_usize()).collect::<Result<_, _>>().map_err(|e| tract_onnx::tract_core::internal::anyhow!("{e:?}"))?;
-                    let group_roles = reshape_roles(&from_u, &r[*at..*at + from.len()], &to_u).with_context(ctx)?;
-                    let new_from: TVec<TDim> = from_u.iter().zip(&r[*at..*at + from.len()]).map(|(&d, &ro)| if ro == Role::None { d.to_dim() } else { new.size(ro).to_dim() }).collect();
-                    let new_to: TVec<TDim> = to_u.iter().zip(&group_roles).map(|(&d, &ro)| if ro == Role::None { d.to_dim() } else { new.size(ro).to_dim() }).collect();
+                    let from_u: Vec<usize> = from
+                        .iter()
+                        .map(|d| d.to_usize())
+                        .collect::<Result<_, _>>()
+                        .map_err(|e| tract_onnx::tract_core::internal::anyhow!("{e:?}"))?;
+                    let to_u: Vec<usize> = to
+                        .iter()
+                        .map(|d| d.to_usize())
+                        .collect::<Result<_, _>>()
+                        .map_err(|e| tract_onnx::tract_core::internal::anyhow!("{e:?}"))?;
+                    let group_roles = reshape_roles(&from_u, &r[*at..*at + from.len()], &to_u)
+                        .with_context(ctx)?;
+                    let new_from: TVec<TDim> = from_u
+                        .iter()
+                        .zip(&r[*at..*at + from.len()])
+                        .map(|(&d, &ro)| {
+                            if ro == Role::None {
+                                d.to_dim()
+                            } else {
+                                new.size(ro).to_dim()
+                            }
+                        })
+                        .collect();
+                    let new_to: TVec<TDim> = to_u
+                        .iter()
+                        .zip(&group_roles)
+                        .map(|(&d, &ro)| {
+                            if ro == Role::None {
+                                d.to_dim()
+                            } else {
+                                new.size(ro).to_dim()
+                            }
+                        })
+                        .collect();
                     if new_from != *from || new_to != *to {
-                        edits.ops.insert(n, Box::new(AxisOp::Reshape(*at, new_from, new_to)));
+                        edits
+                            .ops
+                            .insert(n, Box::new(AxisOp::Reshape(*at, new_from, new_to)));
                     }
                     let mut o = r[..*at].to_vec();
                     o.extend(group_roles);
@@ -311,9 +453,18 @@ fn edit_block(model: &TypedModel, e: &BlockEdit, edits: &mut Edits) -> TractResu
                     o[p] = Role::NRep;
                 }
             }
-            let new_shape: Vec<usize> = out_shape.iter().zip(&o).map(|(&d, &ro)| if ro == Role::None { d } else { new.size(ro) }).collect();
+            let new_shape: Vec<usize> = out_shape
+                .iter()
+                .zip(&o)
+                .map(|(&d, &ro)| if ro == Role::None { d } else { new.size(ro) })
+                .collect();
             if new_shape != out_shape {
-                edits.ops.insert(n, Box::new(MultiBroadcastTo { shape: new_shape.into() }));
+                edits.ops.insert(
+                    n,
+                    Box::new(MultiBroadcastTo {
+                        shape: new_shape.into(),
+                    }),
+                );
             }
             let _ = op;
             o
@@ -340,21 +491,34 @@ fn edit_block(model: &TypedModel, e: &BlockEdit, edits: &mut Edits) -> TractResu
                 }
                 if model.node(i.node).op_is::<TypedSource>() {
                     let s = shape_of(model, i)?;
-                    let new_shape: Vec<usize> = s.iter().zip(&out).map(|(&d, &ro)| if ro == Role::None { d } else { new.size(ro) }).collect();
+                    let new_shape: Vec<usize> = s
+                        .iter()
+                        .zip(&out)
+                        .map(|(&d, &ro)| if ro == Role::None { d } else { new.size(ro) })
+                        .collect();
                     edits.sources.insert(i.node, new_shape);
                 } else {
-                    bail!("{}: concatenation with a tensor that does not carry the block's heads", ctx());
+                    bail!(
+                        "{}: concatenation with a tensor that does not carry the block's heads",
+                        ctx()
+                    );
                 }
             }
             out
         } else {
-            bail!("{}: unsupported op on a tensor carrying heads or neurons", ctx());
+            bail!(
+                "{}: unsupported op on a tensor carrying heads or neurons",
+                ctx()
+            );
         };
         let _ = &old;
         roles.insert(OutletId::new(n, 0), out);
     }
     let end_in = model.node(end.node).inputs[end.act_slot];
-    let end_roles = roles.get(&end_in).context("the output projection's input is not reached from the projections")?.clone();
+    let end_roles = roles
+        .get(&end_in)
+        .context("the output projection's input is not reached from the projections")?
+        .clone();
     out_weight(model, end, &end_roles, e, edits)
 }
 
@@ -365,7 +529,12 @@ fn bypass(model: &TypedModel, e: &BlockEdit, edits: &mut Edits) -> TractResult<(
     let mut bias: Option<OutletId> = None;
     for _ in 0..6 {
         let succ = model.outlet_successors(outlet);
-        let [s] = succ else { bail!("block output has {} consumers, expected the residual sum", succ.len()) };
+        let [s] = succ else {
+            bail!(
+                "block output has {} consumers, expected the residual sum",
+                succ.len()
+            )
+        };
         let node = model.node(s.node);
         let other = node.inputs.get(1 - s.slot.min(1)).copied();
         if node.op_is::<TypedBinOp>() {
@@ -375,12 +544,18 @@ fn bypass(model: &TypedModel, e: &BlockEdit, edits: &mut Edits) -> TractResult<(
                 outlet = OutletId::new(s.node, 0);
                 continue;
             }
-            edits.bypass.insert(s.node, (other, if e.keep_bias_when_removed { bias } else { None }));
+            edits.bypass.insert(
+                s.node,
+                (other, if e.keep_bias_when_removed { bias } else { None }),
+            );
             return Ok(());
         } else if node.op_is::<AxisOp>() {
             outlet = OutletId::new(s.node, 0);
         } else {
-            bail!("expected a residual sum after the block, found {}", node.op.name());
+            bail!(
+                "expected a residual sum after the block, found {}",
+                node.op.name()
+            );
         }
     }
     bail!("no residual sum after the block")
@@ -392,8 +567,10 @@ pub fn apply(model: &TypedModel, blocks: &[BlockEdit]) -> TractResult<TypedModel
     for e in blocks {
         match e.plan.choice() {
             BlockChoice::Dense => {}
-            BlockChoice::Removed => bypass(model, e, &mut edits).with_context(|| format!("removing {}", e.block.name))?,
-            BlockChoice::Pruned => edit_block(model, e, &mut edits).with_context(|| format!("pruning {}", e.block.name))?,
+            BlockChoice::Removed => bypass(model, e, &mut edits)
+                .with_context(|| format!("removing {}", e.block.name))?,
+            BlockChoice::Pruned => edit_block(model, e, &mut edits)
+                .with_context(|| format!("pruning {}", e.block.name))?,
         }
     }
     let mut new = TypedModel::default();
@@ -413,7 +590,12 @@ pub fn apply(model: &TypedModel, blocks: &[BlockEdit]) -> TractResult<TypedModel
             continue;
         }
         if let Some(c) = node.op_as::<Const>() {
-            let t = edits.consts.get(&n).cloned().map(Arc::new).unwrap_or_else(|| c.val().clone());
+            let t = edits
+                .consts
+                .get(&n)
+                .cloned()
+                .map(Arc::new)
+                .unwrap_or_else(|| c.val().clone());
             map.insert(OutletId::new(n, 0), new.add_const(&node.name, t)?);
             continue;
         }
@@ -433,12 +615,21 @@ pub fn apply(model: &TypedModel, blocks: &[BlockEdit]) -> TractResult<TypedModel
         let mut inputs: TVec<OutletId> = tvec![];
         for (slot, &i) in node.inputs.iter().enumerate() {
             match edits.const_uses.get(&(n, slot)) {
-                Some(t) => inputs.push(new.add_const(format!("{}.ziplm-{slot}", node.name), t.clone().into_arc_tensor())?),
+                Some(t) => inputs.push(new.add_const(
+                    format!("{}.ziplm-{slot}", node.name),
+                    t.clone().into_arc_tensor(),
+                )?),
                 None => inputs.push(map[&i]),
             }
         }
-        let op = edits.ops.get(&n).cloned().unwrap_or_else(|| node.op.clone());
-        let outs = new.wire_node(&node.name, op, &inputs).with_context(|| format!("rewiring node `{}`", node.name))?;
+        let op = edits
+            .ops
+            .get(&n)
+            .cloned()
+            .unwrap_or_else(|| node.op.clone());
+        let outs = new
+            .wire_node(&node.name, op, &inputs)
+            .with_context(|| format!("rewiring node `{}`", node.name))?;
         for (slot, o) in outs.into_iter().enumerate() {
             map.insert(OutletId::new(n, slot), o);
         }

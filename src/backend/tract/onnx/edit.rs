@@ -10,7 +10,9 @@ use tract_onnx::pb;
 use tract_onnx::prelude::*;
 #[allow(unused_imports)]
 use tract_onnx::tract_core::internal::{bail, TractErrorContext};
-use ziplm_plugin_api::{AdapterError, AdapterResult, BlockChoice, BlockKind, ModelAdapter, Plan, PrunedWeights};
+use ziplm_plugin_api::{
+    AdapterError, AdapterResult, BlockChoice, BlockKind, ModelAdapter, Plan, PrunedWeights,
+};
 
 /// Kept indices along an axis of each role, for one block.
 struct Kept {
@@ -19,7 +21,10 @@ struct Kept {
 
 impl Kept {
     fn get(&self, r: Role) -> TractResult<&[usize]> {
-        self.by_role.get(&r).map(|v| v.as_slice()).with_context(|| format!("no kept indices for an axis of role {r:?}"))
+        self.by_role
+            .get(&r)
+            .map(|v| v.as_slice())
+            .with_context(|| format!("no kept indices for an axis of role {r:?}"))
     }
 }
 
@@ -54,7 +59,12 @@ impl Edits {
 
 /// Writes the ONNX model pruned by `plan`, with the out-projections of `weights`.
 pub fn emit(model: &TractModel, plan: &Plan, weights: &PrunedWeights) -> AdapterResult<Vec<u8>> {
-    emit_inner(model, plan, weights).map_err(|e| super::emit_error(&format!("writing the pruned ONNX of {}", model.path().display()), e))
+    emit_inner(model, plan, weights).map_err(|e| {
+        super::emit_error(
+            &format!("writing the pruned ONNX of {}", model.path().display()),
+            e,
+        )
+    })
 }
 
 fn emit_inner(model: &TractModel, plan: &Plan, weights: &PrunedWeights) -> TractResult<Vec<u8>> {
@@ -63,13 +73,19 @@ fn emit_inner(model: &TractModel, plan: &Plan, weights: &PrunedWeights) -> Tract
     let index = GraphIndex::new(graph);
     let specs = model.input_specs();
     let workload = model.options().workload;
-    let input_shapes: Vec<(DatumType, Vec<usize>)> =
-        specs.iter().map(|s| (s.datum_type, inputs::shape_for(s, &workload))).collect();
+    let input_shapes: Vec<(DatumType, Vec<usize>)> = specs
+        .iter()
+        .map(|s| (s.datum_type, inputs::shape_for(s, &workload)))
+        .collect();
     let shapes = model.file().tensor_shapes(&input_shapes)?;
     let mut mats = Matrices::default();
     let mut edits = Edits::default();
     let structure = model.structure();
-    for (bp, (block, rec)) in plan.blocks.iter().zip(structure.blocks.iter().zip(model.blocks())) {
+    for (bp, (block, rec)) in plan
+        .blocks
+        .iter()
+        .zip(structure.blocks.iter().zip(model.blocks()))
+    {
         let choice = bp.choice();
         if choice == BlockChoice::Dense {
             continue;
@@ -81,7 +97,8 @@ fn emit_inner(model: &TractModel, plan: &Plan, weights: &PrunedWeights) -> Tract
                 OnnxBlock::Attention { o, .. } => o,
                 OnnxBlock::Ffn { down, .. } => down,
             };
-            bypass(graph, &index, out, &mut edits).with_context(|| format!("removing {}", ctx()))?;
+            bypass(graph, &index, out, &mut edits)
+                .with_context(|| format!("removing {}", ctx()))?;
             continue;
         }
         let compensated = weights.out_projections.get(&block.id);
@@ -98,7 +115,11 @@ fn emit_inner(model: &TractModel, plan: &Plan, weights: &PrunedWeights) -> Tract
                             let (qw, kw) = (a.n_heads * hd, a.n_kv_heads * hd);
                             let mut f = expand_heads(&bp.kept, hd);
                             f.extend(expand_heads(&bp.kept_kv_heads, hd).iter().map(|c| c + qw));
-                            f.extend(expand_heads(&bp.kept_kv_heads, hd).iter().map(|c| c + qw + kw));
+                            f.extend(
+                                expand_heads(&bp.kept_kv_heads, hd)
+                                    .iter()
+                                    .map(|c| c + qw + kw),
+                            );
                             f
                         }),
                     ]),
@@ -106,24 +127,61 @@ fn emit_inner(model: &TractModel, plan: &Plan, weights: &PrunedWeights) -> Tract
                 if a.n_kv_heads != a.n_heads {
                     // Equal heads per KV group: the repeat factor changes, the same in every group.
                     let per = bp.kept.len() / bp.kept_kv_heads.len().max(1);
-                    let counts: BTreeMap<usize, usize> = bp.kept.iter().fold(BTreeMap::new(), |mut m, h| {
-                        *m.entry(h / a.heads_per_kv()).or_insert(0) += 1;
-                        m
-                    });
+                    let counts: BTreeMap<usize, usize> =
+                        bp.kept.iter().fold(BTreeMap::new(), |mut m, h| {
+                            *m.entry(h / a.heads_per_kv()).or_insert(0) += 1;
+                            m
+                        });
                     if counts.values().any(|&c| c != per) {
-                        bail!("{}: kept heads {:?} are not the same number in every KV group", ctx(), bp.kept);
+                        bail!(
+                            "{}: kept heads {:?} are not the same number in every KV group",
+                            ctx(),
+                            bp.kept
+                        );
                     }
                 }
-                slice_projections(graph, &index, &mut mats, &[(q, Role::QPacked), (k, Role::KvPacked), (v, Role::KvPacked)], &kept, &mut edits)
-                    .with_context(|| format!("slicing the projections of {}", ctx()))?;
-                slice_out(graph, &index, &mut mats, o, kept.get(Role::QPacked)?, compensated, &mut edits)?;
-                let old = Dims { heads: a.n_heads, kv: a.n_kv_heads, head_dim: hd, ffn: 0 };
-                let new = Dims { heads: bp.kept.len(), kv: bp.kept_kv_heads.len(), head_dim: hd, ffn: 0 };
+                slice_projections(
+                    graph,
+                    &index,
+                    &mut mats,
+                    &[(q, Role::QPacked), (k, Role::KvPacked), (v, Role::KvPacked)],
+                    &kept,
+                    &mut edits,
+                )
+                .with_context(|| format!("slicing the projections of {}", ctx()))?;
+                slice_out(
+                    graph,
+                    &index,
+                    &mut mats,
+                    o,
+                    kept.get(Role::QPacked)?,
+                    compensated,
+                    &mut edits,
+                )?;
+                let old = Dims {
+                    heads: a.n_heads,
+                    kv: a.n_kv_heads,
+                    head_dim: hd,
+                    ffn: 0,
+                };
+                let new = Dims {
+                    heads: bp.kept.len(),
+                    kv: bp.kept_kv_heads.len(),
+                    head_dim: hd,
+                    ffn: 0,
+                };
                 let fused = q.weight == k.weight;
                 // Without GQA the KV heads are the query heads: one role for both.
-                let kv_role = if a.n_kv_heads == a.n_heads { Role::QPacked } else { Role::KvPacked };
+                let kv_role = if a.n_kv_heads == a.n_heads {
+                    Role::QPacked
+                } else {
+                    Role::KvPacked
+                };
                 if fused && a.n_kv_heads != a.n_heads {
-                    bail!("{}: fused QKV projections with grouped-query attention are not supported", ctx());
+                    bail!(
+                        "{}: fused QKV projections with grouped-query attention are not supported",
+                        ctx()
+                    );
                 }
                 let starts: Vec<(String, Role)> = if fused {
                     vec![(graph.node[q.node].output[0].clone(), Role::Fused)]
@@ -134,18 +192,47 @@ fn emit_inner(model: &TractModel, plan: &Plan, weights: &PrunedWeights) -> Tract
                         (graph.node[v.node].output[0].clone(), kv_role),
                     ]
                 };
-                region_edits(graph, &index, &shapes, &starts, o, &old, &new, &kept, &mut edits).with_context(ctx)?;
+                region_edits(
+                    graph, &index, &shapes, &starts, o, &old, &new, &kept, &mut edits,
+                )
+                .with_context(ctx)?;
             }
             (BlockKind::Ffn(f), OnnxBlock::Ffn { ups, down }) => {
-                let kept = Kept { by_role: HashMap::from([(Role::Ffn, bp.kept.clone())]) };
+                let kept = Kept {
+                    by_role: HashMap::from([(Role::Ffn, bp.kept.clone())]),
+                };
                 let projs: Vec<(&OnnxProj, Role)> = ups.iter().map(|u| (u, Role::Ffn)).collect();
                 slice_projections(graph, &index, &mut mats, &projs, &kept, &mut edits)
                     .with_context(|| format!("slicing the projections of {}", ctx()))?;
-                slice_out(graph, &index, &mut mats, down, &bp.kept, compensated, &mut edits)?;
-                let old = Dims { heads: 0, kv: 0, head_dim: 0, ffn: f.width };
-                let new = Dims { heads: 0, kv: 0, head_dim: 0, ffn: bp.kept.len() };
-                let starts: Vec<(String, Role)> = ups.iter().map(|u| (graph.node[u.node].output[0].clone(), Role::Ffn)).collect();
-                region_edits(graph, &index, &shapes, &starts, down, &old, &new, &kept, &mut edits).with_context(ctx)?;
+                slice_out(
+                    graph,
+                    &index,
+                    &mut mats,
+                    down,
+                    &bp.kept,
+                    compensated,
+                    &mut edits,
+                )?;
+                let old = Dims {
+                    heads: 0,
+                    kv: 0,
+                    head_dim: 0,
+                    ffn: f.width,
+                };
+                let new = Dims {
+                    heads: 0,
+                    kv: 0,
+                    head_dim: 0,
+                    ffn: bp.kept.len(),
+                };
+                let starts: Vec<(String, Role)> = ups
+                    .iter()
+                    .map(|u| (graph.node[u.node].output[0].clone(), Role::Ffn))
+                    .collect();
+                region_edits(
+                    graph, &index, &shapes, &starts, down, &old, &new, &kept, &mut edits,
+                )
+                .with_context(ctx)?;
             }
             _ => bail!("{}: the plan's block kind does not match the file", ctx()),
         }
@@ -153,7 +240,10 @@ fn emit_inner(model: &TractModel, plan: &Plan, weights: &PrunedWeights) -> Tract
     apply(&mut proto, &index, edits)?;
     prune_dead(proto.graph.as_mut().expect("graph"));
     proto.metadata_props.retain(|p| p.key != "ziplm.plan");
-    proto.metadata_props.push(pb::StringStringEntryProto { key: "ziplm.plan".into(), value: plan_summary(plan) });
+    proto.metadata_props.push(pb::StringStringEntryProto {
+        key: "ziplm.plan".into(),
+        value: plan_summary(plan),
+    });
     use prost::Message;
     Ok(proto.encode_to_vec())
 }
@@ -191,7 +281,11 @@ fn slice_projections(
         parts.sort_by_key(|(p, _)| p.offset);
         let t = index.const_proto(graph, weight).context("weight")?;
         let dims = tensors::dims(t);
-        let (out_axis, total) = if parts[0].0.transposed { (0, dims[0]) } else { (1, dims[1]) };
+        let (out_axis, total) = if parts[0].0.transposed {
+            (0, dims[0])
+        } else {
+            (1, dims[1])
+        };
         let mut cols = vec![];
         let mut covered = 0;
         for (p, r) in &parts {
@@ -243,7 +337,13 @@ fn slice_out(
     if let Some(w) = compensated {
         // w is outputs x kept inputs.
         if w.cols != kept.len() || w.rows != o.width {
-            bail!("compensated weights are {}x{}, expected {}x{}", w.rows, w.cols, o.width, kept.len());
+            bail!(
+                "compensated weights are {}x{}, expected {}x{}",
+                w.rows,
+                w.cols,
+                o.width,
+                kept.len()
+            );
         }
         for i in 0..kept.len() {
             for j in 0..o.width {
@@ -275,13 +375,17 @@ fn region_edits(
     let region = roles::propagate(graph, index, shapes, starts, &ends)?;
     // The out-projection must read the kept axis.
     let act = &graph.node[end.node].input[0];
-    let act_roles = region.roles.get(act).with_context(|| format!("the output projection's input `{act}` is not reached from the projections"))?;
+    let act_roles = region.roles.get(act).with_context(|| {
+        format!("the output projection's input `{act}` is not reached from the projections")
+    })?;
     let last = *act_roles.last().unwrap_or(&Role::None);
     if !matches!(last, Role::QPacked | Role::Ffn) {
         bail!("the output projection reads an axis of role {last:?}, expected the packed heads or the FFN width");
     }
     for cs in &region.const_slices {
-        let t = index.const_proto(graph, &cs.tensor).context("constant operand")?;
+        let t = index
+            .const_proto(graph, &cs.tensor)
+            .context("constant operand")?;
         let d = tensors::dims(t);
         let v = tensors::read_f32(t)?;
         let (nd, nv) = tensors::slice_axis(&v, &d, cs.axis, kept.get(cs.role)?);
@@ -290,8 +394,14 @@ fn region_edits(
         tensors::write_f32(&mut nt, &nd, &nv)?;
         edits.rewires.push((cs.node, cs.slot, nt));
     }
-    edits.shape.extend(roles::shape_edits(graph, index, shapes, &region, old, new)?);
-    for (name, r) in region.graph_inputs.iter().chain(region.graph_outputs.iter()) {
+    edits
+        .shape
+        .extend(roles::shape_edits(graph, index, shapes, &region, old, new)?);
+    for (name, r) in region
+        .graph_inputs
+        .iter()
+        .chain(region.graph_outputs.iter())
+    {
         let e = edits.io_dims.entry(name.clone()).or_default();
         for (axis, role) in r.iter().enumerate() {
             if *role != Role::None {
@@ -303,16 +413,28 @@ fn region_edits(
 }
 
 /// Finds the residual sum fed by the block's output and records how to bypass it.
-fn bypass(graph: &pb::GraphProto, index: &GraphIndex, out: &OnnxProj, edits: &mut Edits) -> TractResult<()> {
+fn bypass(
+    graph: &pb::GraphProto,
+    index: &GraphIndex,
+    out: &OnnxProj,
+    edits: &mut Edits,
+) -> TractResult<()> {
     let mut t = graph.node[out.node].output[0].clone();
     let mut bias = out.bias.clone();
     for _ in 0..6 {
         let consumers = index.consumers.get(&t).cloned().unwrap_or_default();
         let [(n, slot)] = consumers.as_slice() else {
-            bail!("the block's output `{t}` has {} consumers, expected the residual sum", consumers.len());
+            bail!(
+                "the block's output `{t}` has {} consumers, expected the residual sum",
+                consumers.len()
+            );
         };
         let node = &graph.node[*n];
-        let other = node.input.get(1 - slot.min(&1)).cloned().unwrap_or_default();
+        let other = node
+            .input
+            .get(1 - slot.min(&1))
+            .cloned()
+            .unwrap_or_default();
         match node.op_type.as_str() {
             "Add" if index.resolve_const(graph, &other).is_some() => {
                 bias = Some(other);
@@ -321,13 +443,20 @@ fn bypass(graph: &pb::GraphProto, index: &GraphIndex, out: &OnnxProj, edits: &mu
             "Add" => {
                 // The residual sum. Post-LN (only LayerNorms read it): keep the bias.
                 let post_ln = index.consumers.get(&node.output[0]).is_some_and(|c| {
-                    !c.is_empty() && c.iter().all(|&(m, _)| graph.node[m].op_type == "LayerNormalization")
+                    !c.is_empty()
+                        && c.iter()
+                            .all(|&(m, _)| graph.node[m].op_type == "LayerNormalization")
                 });
-                edits.bypass.push((*n, *slot, if post_ln { bias } else { None }));
+                edits
+                    .bypass
+                    .push((*n, *slot, if post_ln { bias } else { None }));
                 return Ok(());
             }
             "Reshape" | "Identity" | "Cast" => t = node.output[0].clone(),
-            other => bail!("expected a residual sum after the block, found {other} (`{}`)", node.name),
+            other => bail!(
+                "expected a residual sum after the block, found {other} (`{}`)",
+                node.name
+            ),
         }
     }
     bail!("no residual sum found after the block")
@@ -344,7 +473,10 @@ fn apply(proto: &mut pb::ModelProto, index: &GraphIndex, edits: Edits) -> TractR
     // Shape constants: copy on write, one new initializer per (node, slot).
     let mut grouped: BTreeMap<(usize, usize), Vec<(usize, i64)>> = BTreeMap::new();
     for e in &edits.shape {
-        grouped.entry((e.node, e.slot)).or_default().push((e.index, e.value));
+        grouped
+            .entry((e.node, e.slot))
+            .or_default()
+            .push((e.index, e.value));
     }
     let mut counter = 0;
     for ((node, slot), changes) in grouped {
@@ -353,7 +485,12 @@ fn apply(proto: &mut pb::ModelProto, index: &GraphIndex, edits: Edits) -> TractR
             let loc = *index.consts.get(&name).context("shape constant")?;
             match loc {
                 ConstLoc::Initializer(i) => graph.initializer[i].clone(),
-                ConstLoc::ConstantNode(n) => graph.node[n].attribute.iter().find(|a| a.name == "value").and_then(|a| a.t.clone()).context("constant value")?,
+                ConstLoc::ConstantNode(n) => graph.node[n]
+                    .attribute
+                    .iter()
+                    .find(|a| a.name == "value")
+                    .and_then(|a| a.t.clone())
+                    .context("constant value")?,
             }
         };
         let mut values = tensors::read_i64(&src)?;
@@ -367,7 +504,9 @@ fn apply(proto: &mut pb::ModelProto, index: &GraphIndex, edits: Edits) -> TractR
                 break candidate;
             }
         };
-        graph.initializer.push(tensors::i64_like(&src, &new_name, &values));
+        graph
+            .initializer
+            .push(tensors::i64_like(&src, &new_name, &values));
         graph.node[node].input[slot] = new_name;
     }
     for (node, slot, mut tensor) in edits.rewires {
@@ -384,13 +523,25 @@ fn apply(proto: &mut pb::ModelProto, index: &GraphIndex, edits: Edits) -> TractR
         graph.node[node].input[slot] = new_name;
     }
     for (name, dims) in &edits.io_dims {
-        for vi in graph.input.iter_mut().chain(graph.output.iter_mut()).filter(|v| &v.name == name) {
-            if let Some(pb::type_proto::Value::TensorType(tt)) = vi.r#type.as_mut().and_then(|t| t.value.as_mut()) {
+        for vi in graph
+            .input
+            .iter_mut()
+            .chain(graph.output.iter_mut())
+            .filter(|v| &v.name == name)
+        {
+            if let Some(pb::type_proto::Value::TensorType(tt)) =
+                vi.r#type.as_mut().and_then(|t| t.value.as_mut())
+            {
                 if let Some(shape) = tt.shape.as_mut() {
                     for &(axis, size) in dims {
                         if let Some(d) = shape.dim.get_mut(axis) {
-                            if matches!(d.value, Some(pb::tensor_shape_proto::dimension::Value::DimValue(_))) {
-                                d.value = Some(pb::tensor_shape_proto::dimension::Value::DimValue(size as i64));
+                            if matches!(
+                                d.value,
+                                Some(pb::tensor_shape_proto::dimension::Value::DimValue(_))
+                            ) {
+                                d.value = Some(pb::tensor_shape_proto::dimension::Value::DimValue(
+                                    size as i64,
+                                ));
                             }
                         }
                     }
@@ -441,7 +592,8 @@ fn _unused(_: &AdapterError, _: AdapterResult<()>) {}
 /// without compensation must reproduce. Removed blocks are masked whole; in pre-LN
 /// models their out-projection bias is zeroed too, as the bypass drops it.
 pub fn emit_masked(model: &TractModel, plan: &Plan) -> AdapterResult<Vec<u8>> {
-    masked_inner(model, plan).map_err(|e| super::emit_error("writing the masked reference model", e))
+    masked_inner(model, plan)
+        .map_err(|e| super::emit_error("writing the masked reference model", e))
 }
 
 fn masked_inner(model: &TractModel, plan: &Plan) -> TractResult<Vec<u8>> {
@@ -450,7 +602,11 @@ fn masked_inner(model: &TractModel, plan: &Plan) -> TractResult<Vec<u8>> {
     let index = GraphIndex::new(graph);
     let mut mats = Matrices::default();
     let mut edits = Edits::default();
-    for (bp, (block, rec)) in plan.blocks.iter().zip(model.structure().blocks.iter().zip(model.blocks())) {
+    for (bp, (block, rec)) in plan
+        .blocks
+        .iter()
+        .zip(model.structure().blocks.iter().zip(model.blocks()))
+    {
         if bp.choice() == BlockChoice::Dense {
             continue;
         }
@@ -470,7 +626,11 @@ fn masked_inner(model: &TractModel, plan: &Plan) -> TractResult<Vec<u8>> {
         let keep: HashSet<usize> = kept_rows.into_iter().collect();
         for i in (0..n_in).filter(|i| !keep.contains(i)) {
             for j in 0..o.width {
-                let at = if o.transposed { j * n_in + i } else { i * o.width + j };
+                let at = if o.transposed {
+                    j * n_in + i
+                } else {
+                    i * o.width + j
+                };
                 v[at] = 0.0;
             }
         }
@@ -499,11 +659,18 @@ fn masked_inner(model: &TractModel, plan: &Plan) -> TractResult<Vec<u8>> {
 
 /// Constant biases between an out-projection and its residual sum (Gemm's C input
 /// and constant `Add`s), as (reading node, slot, constant).
-fn chain_biases(graph: &pb::GraphProto, index: &GraphIndex, out: &OnnxProj) -> Vec<(usize, usize, String)> {
-    let mut found: Vec<(usize, usize, String)> = out.bias.iter().map(|b| (out.node, 2, b.clone())).collect();
+fn chain_biases(
+    graph: &pb::GraphProto,
+    index: &GraphIndex,
+    out: &OnnxProj,
+) -> Vec<(usize, usize, String)> {
+    let mut found: Vec<(usize, usize, String)> =
+        out.bias.iter().map(|b| (out.node, 2, b.clone())).collect();
     let mut t = graph.node[out.node].output[0].clone();
     for _ in 0..6 {
-        let Some([(n, slot)]) = index.consumers.get(&t).map(|c| c.as_slice()) else { break };
+        let Some([(n, slot)]) = index.consumers.get(&t).map(|c| c.as_slice()) else {
+            break;
+        };
         let node = &graph.node[*n];
         let other_slot = 1 - (*slot).min(1);
         let other = node.input.get(other_slot).cloned().unwrap_or_default();
@@ -530,13 +697,15 @@ pub fn keeps_bias_when_removed(model: &TractModel) -> AdapterResult<Vec<bool>> {
     let mut mats = Matrices::default();
     let mut out = vec![];
     for rec in model.blocks() {
-        let located = locate::locate(graph, &index, &mut mats, rec).map_err(|e| super::emit_error("locating blocks", e))?;
+        let located = locate::locate(graph, &index, &mut mats, rec)
+            .map_err(|e| super::emit_error("locating blocks", e))?;
         let o = match &located {
             OnnxBlock::Attention { o, .. } => o,
             OnnxBlock::Ffn { down, .. } => down,
         };
         let mut probe = Edits::default();
-        bypass(graph, &index, o, &mut probe).map_err(|e| super::emit_error("finding residual sums", e))?;
+        bypass(graph, &index, o, &mut probe)
+            .map_err(|e| super::emit_error("finding residual sums", e))?;
         out.push(probe.bypass[0].2.is_some());
     }
     Ok(out)

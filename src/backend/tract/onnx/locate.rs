@@ -55,7 +55,12 @@ pub struct Matrices {
 }
 
 impl Matrices {
-    fn get(&mut self, graph: &pb::GraphProto, index: &GraphIndex, name: &str) -> Option<&(Vec<usize>, Vec<f32>)> {
+    fn get(
+        &mut self,
+        graph: &pb::GraphProto,
+        index: &GraphIndex,
+        name: &str,
+    ) -> Option<&(Vec<usize>, Vec<f32>)> {
         self.cache
             .entry(name.to_string())
             .or_insert_with(|| {
@@ -70,33 +75,62 @@ impl Matrices {
     }
 }
 
-fn matches_at(values: &[f32], dims: &[usize], w: &WeightEinsum, transposed: bool, off: usize) -> bool {
+fn matches_at(
+    values: &[f32],
+    dims: &[usize],
+    w: &WeightEinsum,
+    transposed: bool,
+    off: usize,
+) -> bool {
     let (n_in, n_out) = (w.inputs(), w.outputs);
-    let at = |i: usize, j: usize| if transposed { values[(off + j) * dims[1] + i] } else { values[i * dims[1] + off + j] };
+    let at = |i: usize, j: usize| {
+        if transposed {
+            values[(off + j) * dims[1] + i]
+        } else {
+            values[i * dims[1] + off + j]
+        }
+    };
     // Cheap probes first.
     for &(i, j) in &[(0, 0), (n_in - 1, n_out - 1), (n_in / 2, n_out / 2)] {
         if at(i, j).to_bits() != w.canonical[i * n_out + j].to_bits() {
             return false;
         }
     }
-    (0..n_in).all(|i| (0..n_out).all(|j| at(i, j).to_bits() == w.canonical[i * n_out + j].to_bits()))
+    (0..n_in)
+        .all(|i| (0..n_out).all(|j| at(i, j).to_bits() == w.canonical[i * n_out + j].to_bits()))
 }
 
 /// Finds the projection whose weight holds exactly `w`'s values.
-pub fn find_proj(graph: &pb::GraphProto, index: &GraphIndex, mats: &mut Matrices, w: &WeightEinsum) -> TractResult<OnnxProj> {
+pub fn find_proj(
+    graph: &pb::GraphProto,
+    index: &GraphIndex,
+    mats: &mut Matrices,
+    w: &WeightEinsum,
+) -> TractResult<OnnxProj> {
     let (n_in, n_out) = (w.inputs(), w.outputs);
     let mut found = vec![];
     let names: Vec<String> = index.consts.keys().cloned().collect();
     for name in names {
-        let Some(consumers) = index.consumers.get(&name) else { continue };
-        let users: Vec<(usize, usize)> =
-            consumers.iter().copied().filter(|&(n, _)| matches!(graph.node[n].op_type.as_str(), "MatMul" | "Gemm")).collect();
+        let Some(consumers) = index.consumers.get(&name) else {
+            continue;
+        };
+        let users: Vec<(usize, usize)> = consumers
+            .iter()
+            .copied()
+            .filter(|&(n, _)| matches!(graph.node[n].op_type.as_str(), "MatMul" | "Gemm"))
+            .collect();
         if users.is_empty() {
             continue;
         }
-        let Some((dims, values)) = mats.get(graph, index, &name) else { continue };
+        let Some((dims, values)) = mats.get(graph, index, &name) else {
+            continue;
+        };
         for transposed in [false, true] {
-            let (rows_in, outs) = if transposed { (dims[1], dims[0]) } else { (dims[0], dims[1]) };
+            let (rows_in, outs) = if transposed {
+                (dims[1], dims[0])
+            } else {
+                (dims[0], dims[1])
+            };
             if rows_in != n_in || outs < n_out {
                 continue;
             }
@@ -117,25 +151,57 @@ pub fn find_proj(graph: &pb::GraphProto, index: &GraphIndex, mats: &mut Matrices
     let &(node, slot) = users.first().expect("non-empty");
     let pn = &graph.node[node];
     if pn.op_type == "MatMul" && (slot != 1 || *transposed) {
-        bail!("projection `{}`: the weight must be MatMul's second input, stored [in, out]", pn.name);
+        bail!(
+            "projection `{}`: the weight must be MatMul's second input, stored [in, out]",
+            pn.name
+        );
     }
     if pn.op_type == "Gemm" {
-        let attr = |n: &str| pn.attribute.iter().find(|a| a.name == n).map(|a| a.i).unwrap_or(0);
+        let attr = |n: &str| {
+            pn.attribute
+                .iter()
+                .find(|a| a.name == n)
+                .map(|a| a.i)
+                .unwrap_or(0)
+        };
         if slot != 1 || attr("transA") != 0 || (attr("transB") != 0) != *transposed {
             bail!("projection `{}`: unsupported Gemm layout", pn.name);
         }
     }
     if users.len() != 1 {
-        bail!("weight `{name}` is used by {} nodes; ziplm cannot slice a shared weight", users.len());
+        bail!(
+            "weight `{name}` is used by {} nodes; ziplm cannot slice a shared weight",
+            users.len()
+        );
     }
-    let bias = if pn.op_type == "Gemm" { pn.input.get(2).filter(|b| !b.is_empty()).and_then(|b| index.resolve_const(graph, b)) } else { None };
-    Ok(OnnxProj { node, weight: name.clone(), transposed: *transposed, offset: *offset, width: n_out, bias })
+    let bias = if pn.op_type == "Gemm" {
+        pn.input
+            .get(2)
+            .filter(|b| !b.is_empty())
+            .and_then(|b| index.resolve_const(graph, b))
+    } else {
+        None
+    };
+    Ok(OnnxProj {
+        node,
+        weight: name.clone(),
+        transposed: *transposed,
+        offset: *offset,
+        width: n_out,
+        bias,
+    })
 }
 
 /// Locates every projection of a recognised block.
-pub fn locate(graph: &pb::GraphProto, index: &GraphIndex, mats: &mut Matrices, block: &RecognizedBlock) -> TractResult<OnnxBlock> {
+pub fn locate(
+    graph: &pb::GraphProto,
+    index: &GraphIndex,
+    mats: &mut Matrices,
+    block: &RecognizedBlock,
+) -> TractResult<OnnxBlock> {
     let f = |mats: &mut Matrices, w: &WeightEinsum, what: &str| {
-        find_proj(graph, index, mats, w).with_context(|| format!("finding the {what} of {} in the ONNX file", block.name))
+        find_proj(graph, index, mats, w)
+            .with_context(|| format!("finding the {what} of {} in the ONNX file", block.name))
     };
     Ok(match &block.kind {
         RecognizedKind::Attention { q, k, v, o, .. } => OnnxBlock::Attention {
@@ -145,7 +211,10 @@ pub fn locate(graph: &pb::GraphProto, index: &GraphIndex, mats: &mut Matrices, b
             o: f(mats, o, "output projection")?,
         },
         RecognizedKind::Ffn { ups, down } => OnnxBlock::Ffn {
-            ups: ups.iter().map(|u| f(mats, u, "up projection")).collect::<TractResult<_>>()?,
+            ups: ups
+                .iter()
+                .map(|u| f(mats, u, "up projection"))
+                .collect::<TractResult<_>>()?,
             down: f(mats, down, "down projection")?,
         },
     })

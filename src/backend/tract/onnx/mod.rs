@@ -51,9 +51,15 @@ impl OnnxFile {
             detail: format!("not a valid ONNX protobuf ({e}); the file is corrupt or truncated, re-export or re-download it"),
         })?;
         if proto.graph.as_ref().is_none_or(|g| g.node.is_empty()) {
-            return Err(AdapterError::InvalidModel { path: path.into(), detail: "the ONNX model has no graph nodes".into() });
+            return Err(AdapterError::InvalidModel {
+                path: path.into(),
+                detail: "the ONNX model has no graph nodes".into(),
+            });
         }
-        Ok(OnnxFile { proto, path: path.into() })
+        Ok(OnnxFile {
+            proto,
+            path: path.into(),
+        })
     }
 
     /// The graph.
@@ -75,7 +81,10 @@ impl OnnxFile {
 
     /// Concrete shapes of every tensor of the graph at the given input shapes,
     /// from tract's analysis (keys are ONNX tensor names).
-    pub fn tensor_shapes(&self, input_shapes: &[(DatumType, Vec<usize>)]) -> TractResult<HashMap<String, Vec<usize>>> {
+    pub fn tensor_shapes(
+        &self,
+        input_shapes: &[(DatumType, Vec<usize>)],
+    ) -> TractResult<HashMap<String, Vec<usize>>> {
         use tract_onnx::tract_hir::infer::{Factoid, InferenceModelExt};
         let mut model = self.inference_model()?;
         for (ix, (dt, shape)) in input_shapes.iter().enumerate() {
@@ -86,9 +95,16 @@ impl OnnxFile {
         for node in model.nodes() {
             for (slot, o) in node.outputs.iter().enumerate() {
                 let outlet = OutletId::new(node.id, slot);
-                let Some(label) = model.outlet_label(outlet) else { continue };
+                let Some(label) = model.outlet_label(outlet) else {
+                    continue;
+                };
                 if let Some(dims) = o.fact.shape.concretize() {
-                    if let Ok(d) = dims.iter().map(|d| d.to_usize().ok()).collect::<Option<Vec<usize>>>().ok_or(()) {
+                    if let Ok(d) = dims
+                        .iter()
+                        .map(|d| d.to_usize().ok())
+                        .collect::<Option<Vec<usize>>>()
+                        .ok_or(())
+                    {
                         out.insert(label.to_string(), d);
                     }
                 }
@@ -106,7 +122,9 @@ impl OnnxFile {
         let normalised_sums = g.node.iter().filter(|n| {
             n.op_type == "Add"
                 && idx.consumers.get(&n.output[0]).is_some_and(|c| {
-                    !c.is_empty() && c.iter().all(|&(m, _)| g.node[m].op_type == "LayerNormalization")
+                    !c.is_empty()
+                        && c.iter()
+                            .all(|&(m, _)| g.node[m].op_type == "LayerNormalization")
                 })
                 && n.input.iter().any(|i| idx.producer_op(g, i) == Some("Add"))
         });
@@ -116,7 +134,10 @@ impl OnnxFile {
 
 /// Emits with a generic error context.
 pub(crate) fn emit_error(context: &str, e: impl std::fmt::Display) -> AdapterError {
-    AdapterError::Runtime { context: context.into(), detail: format!("{e:#}") }
+    AdapterError::Runtime {
+        context: context.into(),
+        detail: format!("{e:#}"),
+    }
 }
 
 #[allow(unused)]

@@ -115,18 +115,47 @@ pub struct Region {
 }
 
 const UNARY: &[&str] = &[
-    "Cast", "Neg", "Sqrt", "Reciprocal", "Softmax", "LogSoftmax", "IsNaN", "IsInf", "Erf", "Sigmoid", "Tanh", "Relu",
-    "Gelu", "Identity", "Dropout", "Exp", "Log", "Abs", "Not", "Sin", "Cos", "Elu", "Softplus", "Clip", "HardSigmoid",
+    "Cast",
+    "Neg",
+    "Sqrt",
+    "Reciprocal",
+    "Softmax",
+    "LogSoftmax",
+    "IsNaN",
+    "IsInf",
+    "Erf",
+    "Sigmoid",
+    "Tanh",
+    "Relu",
+    "Gelu",
+    "Identity",
+    "Dropout",
+    "Exp",
+    "Log",
+    "Abs",
+    "Not",
+    "Sin",
+    "Cos",
+    "Elu",
+    "Softplus",
+    "Clip",
+    "HardSigmoid",
 ];
-const BROADCAST: &[&str] =
-    &["Add", "Sub", "Mul", "Div", "Pow", "Where", "Equal", "And", "Or", "Max", "Min", "Greater", "Less", "Mod", "PRelu"];
+const BROADCAST: &[&str] = &[
+    "Add", "Sub", "Mul", "Div", "Pow", "Where", "Equal", "And", "Or", "Max", "Min", "Greater",
+    "Less", "Mod", "PRelu",
+];
 
 fn attr<'a>(node: &'a pb::NodeProto, name: &str) -> Option<&'a pb::AttributeProto> {
     node.attribute.iter().find(|a| a.name == name)
 }
 
 fn norm_axis(a: i64, rank: usize) -> usize {
-    if a < 0 { (a + rank as i64) as usize } else { a as usize }
+    if a < 0 {
+        (a + rank as i64) as usize
+    } else {
+        a as usize
+    }
 }
 
 struct Ctx<'a> {
@@ -137,10 +166,17 @@ struct Ctx<'a> {
 
 impl Ctx<'_> {
     fn shape(&self, t: &str) -> TractResult<Vec<usize>> {
-        if let Some(c) = self.index.resolve_const(self.graph, t).and_then(|c| self.index.const_proto(self.graph, &c)) {
+        if let Some(c) = self
+            .index
+            .resolve_const(self.graph, t)
+            .and_then(|c| self.index.const_proto(self.graph, &c))
+        {
             return Ok(tensors::dims(c));
         }
-        self.shapes.get(t).cloned().with_context(|| format!("no shape known for tensor `{t}`"))
+        self.shapes
+            .get(t)
+            .cloned()
+            .with_context(|| format!("no shape known for tensor `{t}`"))
     }
     fn const_i64(&self, t: &str) -> Option<Vec<i64>> {
         tensors::read_i64(self.index.const_proto(self.graph, t)?).ok()
@@ -159,7 +195,11 @@ pub fn propagate(
     starts: &[(String, Role)],
     ends: &HashSet<usize>,
 ) -> TractResult<Region> {
-    let cx = Ctx { graph, index, shapes };
+    let cx = Ctx {
+        graph,
+        index,
+        shapes,
+    };
     let mut region = Region::default();
     for (t, r) in starts {
         let rank = cx.shape(t)?.len();
@@ -176,7 +216,10 @@ pub fn propagate(
             continue;
         }
         let outs = step(&cx, n, node, &mut region).with_context(|| {
-            format!("following heads/neurons through node `{}` ({})", node.name, node.op_type)
+            format!(
+                "following heads/neurons through node `{}` ({})",
+                node.name, node.op_type
+            )
         })?;
         region.nodes.push(n);
         for (t, roles) in node.output.iter().zip(outs) {
@@ -194,10 +237,19 @@ pub fn propagate(
 }
 
 fn roles_of(region: &Region, t: &str, rank: usize) -> Vec<Role> {
-    region.roles.get(t).cloned().unwrap_or_else(|| vec![Role::None; rank])
+    region
+        .roles
+        .get(t)
+        .cloned()
+        .unwrap_or_else(|| vec![Role::None; rank])
 }
 
-fn step(cx: &Ctx, _n: usize, node: &pb::NodeProto, region: &mut Region) -> TractResult<Vec<Vec<Role>>> {
+fn step(
+    cx: &Ctx,
+    _n: usize,
+    node: &pb::NodeProto,
+    region: &mut Region,
+) -> TractResult<Vec<Vec<Role>>> {
     let op = node.op_type.as_str();
     let out_shape = |i: usize| cx.shape(&node.output[i]);
     if UNARY.contains(&op) {
@@ -221,7 +273,11 @@ fn step(cx: &Ctx, _n: usize, node: &pb::NodeProto, region: &mut Region) -> Tract
             for (a, (&d, &role)) in s.iter().zip(&r).enumerate() {
                 if role != Role::None && d == os[off + a] {
                     if out[off + a] != Role::None && out[off + a] != role {
-                        bail!("operands disagree on axis {}: {:?} vs {role:?}", off + a, out[off + a]);
+                        bail!(
+                            "operands disagree on axis {}: {:?} vs {role:?}",
+                            off + a,
+                            out[off + a]
+                        );
                     }
                     out[off + a] = role;
                 }
@@ -229,13 +285,24 @@ fn step(cx: &Ctx, _n: usize, node: &pb::NodeProto, region: &mut Region) -> Tract
         }
         // Constant operands spanning a role axis are sliced with it (biases).
         for (slot, inp) in node.input.iter().enumerate() {
-            let Some(c) = (!inp.is_empty()).then(|| cx.index.resolve_const(cx.graph, inp)).flatten() else { continue };
+            let Some(c) = (!inp.is_empty())
+                .then(|| cx.index.resolve_const(cx.graph, inp))
+                .flatten()
+            else {
+                continue;
+            };
             let s = cx.shape(inp)?;
             let off = rank - s.len();
             for (a, &d) in s.iter().enumerate() {
                 let role = out[off + a];
                 if role != Role::None && d == os[off + a] && d > 1 {
-                    region.const_slices.push(ConstSlice { node: _n, slot, tensor: c.clone(), axis: a, role });
+                    region.const_slices.push(ConstSlice {
+                        node: _n,
+                        slot,
+                        tensor: c.clone(),
+                        axis: a,
+                        role,
+                    });
                 }
             }
         }
@@ -256,7 +323,11 @@ fn step(cx: &Ctx, _n: usize, node: &pb::NodeProto, region: &mut Region) -> Tract
             let out_rank = out_shape(0)?.len();
             let axes: Vec<i64> = match attr(node, "axes") {
                 Some(a) => a.ints.clone(),
-                None => node.input.get(1).and_then(|t| cx.const_i64(t)).unwrap_or_default(),
+                None => node
+                    .input
+                    .get(1)
+                    .and_then(|t| cx.const_i64(t))
+                    .unwrap_or_default(),
             };
             if op == "Unsqueeze" {
                 let mut axes: Vec<usize> = axes.iter().map(|&a| norm_axis(a, out_rank)).collect();
@@ -273,7 +344,12 @@ fn step(cx: &Ctx, _n: usize, node: &pb::NodeProto, region: &mut Region) -> Tract
                 } else {
                     axes.iter().map(|&a| norm_axis(a, in_rank)).collect()
                 };
-                Ok(vec![r.iter().enumerate().filter(|(a, _)| !axes.contains(a)).map(|(_, &x)| x).collect()])
+                Ok(vec![r
+                    .iter()
+                    .enumerate()
+                    .filter(|(a, _)| !axes.contains(a))
+                    .map(|(_, &x)| x)
+                    .collect()])
             }
         }
         "Reshape" | "Flatten" => {
@@ -324,7 +400,12 @@ fn step(cx: &Ctx, _n: usize, node: &pb::NodeProto, region: &mut Region) -> Tract
                 for ax in 0..s.len().saturating_sub(2) {
                     if r[ax] != Role::None && s[ax] == os[off + ax] {
                         if out[off + ax] != Role::None && out[off + ax] != r[ax] {
-                            bail!("operands disagree on batch axis {}: {:?} vs {:?}", off + ax, out[off + ax], r[ax]);
+                            bail!(
+                                "operands disagree on batch axis {}: {:?} vs {:?}",
+                                off + ax,
+                                out[off + ax],
+                                r[ax]
+                            );
                         }
                         out[off + ax] = r[ax];
                     }
@@ -346,7 +427,9 @@ fn step(cx: &Ctx, _n: usize, node: &pb::NodeProto, region: &mut Region) -> Tract
                     }
                     match &out {
                         None => out = Some(r.clone()),
-                        Some(o) if o != r => bail!("concatenated tensors disagree on their heads axes"),
+                        Some(o) if o != r => {
+                            bail!("concatenated tensors disagree on their heads axes")
+                        }
                         _ => {}
                     }
                 }
@@ -367,14 +450,16 @@ fn step(cx: &Ctx, _n: usize, node: &pb::NodeProto, region: &mut Region) -> Tract
             let axis = norm_axis(attr(node, "axis").map(|a| a.i).unwrap_or(0), is.len());
             let outs: Vec<Vec<Role>> = match r[axis] {
                 Role::None => vec![r.clone(); node.output.len()],
-                Role::Fused if node.output.len() == 3 => [Role::QPacked, Role::QPacked, Role::QPacked]
-                    .iter()
-                    .map(|&x| {
-                        let mut o = r.clone();
-                        o[axis] = x;
-                        o
-                    })
-                    .collect(),
+                Role::Fused if node.output.len() == 3 => {
+                    [Role::QPacked, Role::QPacked, Role::QPacked]
+                        .iter()
+                        .map(|&x| {
+                            let mut o = r.clone();
+                            o[axis] = x;
+                            o
+                        })
+                        .collect()
+                }
                 other => bail!("splitting an axis of role {other:?}"),
             };
             Ok(outs)
@@ -401,22 +486,40 @@ pub fn reshape_roles(is: &[usize], ir: &[Role], os: &[usize]) -> TractResult<Vec
     let (mut i, mut j) = (0usize, 0usize);
     while i < is.len() || j < os.len() {
         let (gi, gj) = (i, j);
-        let mut pi: usize = if i < is.len() { i += 1; is[i - 1] } else { 1 };
-        let mut pj: usize = if j < os.len() { j += 1; os[j - 1] } else { 1 };
+        let mut pi: usize = if i < is.len() {
+            i += 1;
+            is[i - 1]
+        } else {
+            1
+        };
+        let mut pj: usize = if j < os.len() {
+            j += 1;
+            os[j - 1]
+        } else {
+            1
+        };
         while pi != pj {
             if pi < pj {
-                if i >= is.len() { bail!("reshape {is:?} -> {os:?}: sizes do not match"); }
+                if i >= is.len() {
+                    bail!("reshape {is:?} -> {os:?}: sizes do not match");
+                }
                 pi *= is[i];
                 i += 1;
             } else {
-                if j >= os.len() { bail!("reshape {is:?} -> {os:?}: sizes do not match"); }
+                if j >= os.len() {
+                    bail!("reshape {is:?} -> {os:?}: sizes do not match");
+                }
                 pj *= os[j];
                 j += 1;
             }
         }
         // Absorb trailing size-1 axes into this group.
-        while i < is.len() && is[i] == 1 && (j >= os.len() || os[j] != 1) { i += 1; }
-        while j < os.len() && os[j] == 1 && (i >= is.len() || is[i] != 1) { j += 1; }
+        while i < is.len() && is[i] == 1 && (j >= os.len() || os[j] != 1) {
+            i += 1;
+        }
+        while j < os.len() && os[j] == 1 && (i >= is.len() || is[i] != 1) {
+            j += 1;
+        }
         let in_axes: Vec<usize> = (gi..i).filter(|&a| is[a] != 1).collect();
         let out_axes: Vec<usize> = (gj..j).filter(|&a| os[a] != 1).collect();
         let in_roles: Vec<Role> = in_axes.iter().map(|&a| ir[a]).collect();
@@ -450,14 +553,24 @@ pub fn reshape_roles(is: &[usize], ir: &[Role], os: &[usize]) -> TractResult<Vec
 /// Where an element of a shape vector comes from.
 #[derive(Clone, Debug, PartialEq)]
 enum Prov {
-    Leaf { node: usize, slot: usize, index: usize, value: i64 },
-    ShapeOf { tensor: String, axis: usize },
+    Leaf {
+        node: usize,
+        slot: usize,
+        index: usize,
+        value: i64,
+    },
+    ShapeOf {
+        tensor: String,
+        axis: usize,
+    },
     Mul(Box<Prov>, Box<Prov>),
     Unknown(String),
 }
 
 fn length(cx: &Ctx, t: &str) -> usize {
-    cx.shape(t).map(|s| s.first().copied().unwrap_or(1)).unwrap_or(1)
+    cx.shape(t)
+        .map(|s| s.first().copied().unwrap_or(1))
+        .unwrap_or(1)
 }
 
 fn prov(cx: &Ctx, node: usize, slot: usize, elem: usize, depth: usize) -> Prov {
@@ -468,11 +581,18 @@ fn prov(cx: &Ctx, node: usize, slot: usize, elem: usize, depth: usize) -> Prov {
     if let Some(vals) = cx.const_i64(t) {
         let index = if vals.len() == 1 { 0 } else { elem };
         return match vals.get(index) {
-            Some(&value) => Prov::Leaf { node, slot, index, value },
+            Some(&value) => Prov::Leaf {
+                node,
+                slot,
+                index,
+                value,
+            },
             None => Prov::Unknown(format!("index {elem} out of `{t}`")),
         };
     }
-    let Some(&(p, _)) = cx.index.producer.get(t) else { return Prov::Unknown(format!("`{t}` has no producer")) };
+    let Some(&(p, _)) = cx.index.producer.get(t) else {
+        return Prov::Unknown(format!("`{t}` has no producer"));
+    };
     let pn = &cx.graph.node[p];
     match pn.op_type.as_str() {
         "Concat" => {
@@ -486,19 +606,28 @@ fn prov(cx: &Ctx, node: usize, slot: usize, elem: usize, depth: usize) -> Prov {
             }
             Prov::Unknown("concat too short".into())
         }
-        "Unsqueeze" | "Squeeze" | "Identity" | "Cast" | "Reshape" | "Flatten" => prov(cx, p, 0, elem, depth + 1),
+        "Unsqueeze" | "Squeeze" | "Identity" | "Cast" | "Reshape" | "Flatten" => {
+            prov(cx, p, 0, elem, depth + 1)
+        }
         "Gather" => {
             let Some(idx) = pn.input.get(1).and_then(|i| cx.const_i64(i)) else {
                 return Prov::Unknown("gather with computed indices".into());
             };
-            let i = if idx.len() == 1 { idx[0] } else { idx.get(elem).copied().unwrap_or(0) };
+            let i = if idx.len() == 1 {
+                idx[0]
+            } else {
+                idx.get(elem).copied().unwrap_or(0)
+            };
             let data = &pn.input[0];
             if let Some(&(s, _)) = cx.index.producer.get(data) {
                 let sn = &cx.graph.node[s];
                 if sn.op_type == "Shape" {
                     let rank = cx.shape(&sn.input[0]).map(|v| v.len()).unwrap_or(0);
                     let start = attr(sn, "start").map(|a| norm_axis(a.i, rank)).unwrap_or(0);
-                    return Prov::ShapeOf { tensor: sn.input[0].clone(), axis: start + norm_axis(i, rank - start) };
+                    return Prov::ShapeOf {
+                        tensor: sn.input[0].clone(),
+                        axis: start + norm_axis(i, rank - start),
+                    };
                 }
             }
             Prov::Unknown("gather from a computed vector".into())
@@ -506,26 +635,48 @@ fn prov(cx: &Ctx, node: usize, slot: usize, elem: usize, depth: usize) -> Prov {
         "Shape" => {
             let rank = cx.shape(&pn.input[0]).map(|v| v.len()).unwrap_or(0);
             let start = attr(pn, "start").map(|a| norm_axis(a.i, rank)).unwrap_or(0);
-            Prov::ShapeOf { tensor: pn.input[0].clone(), axis: start + elem }
+            Prov::ShapeOf {
+                tensor: pn.input[0].clone(),
+                axis: start + elem,
+            }
         }
         "Slice" => {
             let data = &pn.input[0];
             let starts = pn.input.get(1).and_then(|i| cx.const_i64(i));
-            match (cx.index.producer.get(data).map(|&(s, _)| &cx.graph.node[s]), starts) {
+            match (
+                cx.index.producer.get(data).map(|&(s, _)| &cx.graph.node[s]),
+                starts,
+            ) {
                 (Some(sn), Some(st)) if sn.op_type == "Shape" => {
                     let rank = cx.shape(&sn.input[0]).map(|v| v.len()).unwrap_or(0);
-                    Prov::ShapeOf { tensor: sn.input[0].clone(), axis: norm_axis(st[0].max(-(rank as i64)), rank) + elem }
+                    Prov::ShapeOf {
+                        tensor: sn.input[0].clone(),
+                        axis: norm_axis(st[0].max(-(rank as i64)), rank) + elem,
+                    }
                 }
                 _ => Prov::Unknown("slice of a computed vector".into()),
             }
         }
         "Mul" => {
-            let e = |i: usize| if length(cx, &pn.input[i]) == 1 { 0 } else { elem };
-            Prov::Mul(Box::new(prov(cx, p, 0, e(0), depth + 1)), Box::new(prov(cx, p, 1, e(1), depth + 1)))
+            let e = |i: usize| {
+                if length(cx, &pn.input[i]) == 1 {
+                    0
+                } else {
+                    elem
+                }
+            };
+            Prov::Mul(
+                Box::new(prov(cx, p, 0, e(0), depth + 1)),
+                Box::new(prov(cx, p, 1, e(1), depth + 1)),
+            )
         }
         "Where" => {
             let from_ones = cx.index.producer_op(cx.graph, &pn.input[1]) == Some("ConstantOfShape");
-            if from_ones { prov(cx, p, 2, elem, depth + 1) } else { Prov::Unknown("where".into()) }
+            if from_ones {
+                prov(cx, p, 2, elem, depth + 1)
+            } else {
+                Prov::Unknown("where".into())
+            }
         }
         other => Prov::Unknown(format!("computed by {other}")),
     }
@@ -541,7 +692,11 @@ pub fn shape_edits(
     old: &Dims,
     new: &Dims,
 ) -> TractResult<Vec<ShapeEdit>> {
-    let cx = Ctx { graph, index, shapes };
+    let cx = Ctx {
+        graph,
+        index,
+        shapes,
+    };
     let mut edits = vec![];
     for &n in &region.nodes {
         let node = &graph.node[n];
@@ -549,7 +704,9 @@ pub fn shape_edits(
         let ctx = || format!("rewriting the shape of node `{}` ({op})", node.name);
         match op {
             "Reshape" | "Expand" => {
-                let Some(out_roles) = region.roles.get(&node.output[0]) else { continue };
+                let Some(out_roles) = region.roles.get(&node.output[0]) else {
+                    continue;
+                };
                 for (p, &role) in out_roles.iter().enumerate() {
                     if role == Role::None {
                         continue;
@@ -560,12 +717,17 @@ pub fn shape_edits(
                     }
                     let pv = prov(&cx, n, 1, p, 0);
                     resolve(&cx, region, &pv, o, w, old, new, &mut edits).with_context(|| {
-                        format!("{}: element {p} of the target shape ({role:?}: {o} -> {w})", ctx())
+                        format!(
+                            "{}: element {p} of the target shape ({role:?}: {o} -> {w})",
+                            ctx()
+                        )
                     })?;
                 }
             }
             "Split" => {
-                let Some(first) = node.output.first().and_then(|t| region.roles.get(t)) else { continue };
+                let Some(first) = node.output.first().and_then(|t| region.roles.get(t)) else {
+                    continue;
+                };
                 let rank = first.len();
                 let axis = norm_axis(attr(node, "axis").map(|a| a.i).unwrap_or(0), rank);
                 for (i, out) in node.output.iter().enumerate() {
@@ -576,9 +738,13 @@ pub fn shape_edits(
                     let (o, w) = (old.size(role) as i64, new.size(role) as i64);
                     if node.input.len() > 1 && !node.input[1].is_empty() {
                         let pv = prov(&cx, n, 1, i, 0);
-                        resolve(&cx, region, &pv, o, w, old, new, &mut edits).with_context(|| format!("{}: split size {i}", ctx()))?;
+                        resolve(&cx, region, &pv, o, w, old, new, &mut edits)
+                            .with_context(|| format!("{}: split size {i}", ctx()))?;
                     } else if o != w {
-                        bail!("{}: split sizes given as an attribute (opset < 13) are not supported", ctx());
+                        bail!(
+                            "{}: split sizes given as an attribute (opset < 13) are not supported",
+                            ctx()
+                        );
                     }
                 }
             }
@@ -601,25 +767,50 @@ fn resolve(
 ) -> TractResult<()> {
     match pv {
         Prov::Leaf { value, .. } if *value == -1 || *value == 0 => Ok(()),
-        Prov::Leaf { node, slot, index, value } => {
+        Prov::Leaf {
+            node,
+            slot,
+            index,
+            value,
+        } => {
             if *value != old {
                 bail!("found constant {value}, expected {old}");
             }
-            edits.push(ShapeEdit { node: *node, slot: *slot, index: *index, value: new });
+            edits.push(ShapeEdit {
+                node: *node,
+                slot: *slot,
+                index: *index,
+                value: new,
+            });
             Ok(())
         }
         Prov::ShapeOf { .. } => Ok(()),
         Prov::Mul(a, b) => {
             let (leaf, dynamic) = match (a.as_ref(), b.as_ref()) {
-                (l @ Prov::Leaf { .. }, Prov::ShapeOf { tensor, axis }) | (Prov::ShapeOf { tensor, axis }, l @ Prov::Leaf { .. }) => {
-                    (l, (tensor, *axis))
-                }
+                (l @ Prov::Leaf { .. }, Prov::ShapeOf { tensor, axis })
+                | (Prov::ShapeOf { tensor, axis }, l @ Prov::Leaf { .. }) => (l, (tensor, *axis)),
                 _ => bail!("a product that is not (shape of a tensor) x (constant)"),
             };
-            let Prov::Leaf { node, slot, index, value } = leaf else { unreachable!() };
+            let Prov::Leaf {
+                node,
+                slot,
+                index,
+                value,
+            } = leaf
+            else {
+                unreachable!()
+            };
             let dyn_old = cx.shape(dynamic.0)?[dynamic.1] as i64;
-            let role = region.roles.get(dynamic.0).map(|r| r[dynamic.1]).unwrap_or(Role::None);
-            let dyn_new = if role == Role::None { dyn_old } else { new_dims.size(role) as i64 };
+            let role = region
+                .roles
+                .get(dynamic.0)
+                .map(|r| r[dynamic.1])
+                .unwrap_or(Role::None);
+            let dyn_new = if role == Role::None {
+                dyn_old
+            } else {
+                new_dims.size(role) as i64
+            };
             let _ = old_dims;
             if value * dyn_old != old {
                 bail!("{value} x {dyn_old} is not the expected {old}");
@@ -627,7 +818,12 @@ fn resolve(
             if dyn_new == 0 || new % dyn_new != 0 {
                 bail!("{new} is not a multiple of {dyn_new}");
             }
-            edits.push(ShapeEdit { node: *node, slot: *slot, index: *index, value: new / dyn_new });
+            edits.push(ShapeEdit {
+                node: *node,
+                slot: *slot,
+                index: *index,
+                value: new / dyn_new,
+            });
             Ok(())
         }
         Prov::Unknown(why) => bail!("cannot trace where this size comes from ({why})"),
@@ -641,13 +837,27 @@ mod tests {
 
     #[test]
     fn reshape_splits_and_merges_heads() {
-        assert_eq!(reshape_roles(&[1, 16, 64], &[None, None, QPacked], &[1, 16, 4, 16]).unwrap(), vec![None, None, Heads, None]);
-        assert_eq!(reshape_roles(&[1, 16, 4, 16], &[None, None, Heads, None], &[1, 16, 64]).unwrap(), vec![None, None, QPacked]);
         assert_eq!(
-            reshape_roles(&[1, 2, 2, 24, 16], &[None, KvHeads, NRep, None, None], &[1, 4, 24, 16]).unwrap(),
+            reshape_roles(&[1, 16, 64], &[None, None, QPacked], &[1, 16, 4, 16]).unwrap(),
+            vec![None, None, Heads, None]
+        );
+        assert_eq!(
+            reshape_roles(&[1, 16, 4, 16], &[None, None, Heads, None], &[1, 16, 64]).unwrap(),
+            vec![None, None, QPacked]
+        );
+        assert_eq!(
+            reshape_roles(
+                &[1, 2, 2, 24, 16],
+                &[None, KvHeads, NRep, None, None],
+                &[1, 4, 24, 16]
+            )
+            .unwrap(),
             vec![None, Heads, None, None]
         );
-        assert_eq!(reshape_roles(&[16, 192], &[None, Fused], &[1, 16, 192]).unwrap(), vec![None, None, Fused]);
+        assert_eq!(
+            reshape_roles(&[16, 192], &[None, Fused], &[1, 16, 192]).unwrap(),
+            vec![None, None, Fused]
+        );
         assert!(reshape_roles(&[1, 16, 64], &[None, None, Ffn], &[1, 16, 2, 32]).is_err());
     }
 }

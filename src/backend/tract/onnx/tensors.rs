@@ -49,25 +49,45 @@ impl GraphIndex {
                     consumers.entry(inp.clone()).or_default().push((n, slot));
                 }
             }
-            if node.op_type == "Constant" && node.attribute.iter().any(|a| a.name == "value" && a.t.is_some()) {
+            if node.op_type == "Constant"
+                && node
+                    .attribute
+                    .iter()
+                    .any(|a| a.name == "value" && a.t.is_some())
+            {
                 consts.insert(node.output[0].clone(), ConstLoc::ConstantNode(n));
             }
         }
-        let init_names: std::collections::HashSet<&str> = graph.initializer.iter().map(|i| i.name.as_str()).collect();
+        let init_names: std::collections::HashSet<&str> =
+            graph.initializer.iter().map(|i| i.name.as_str()).collect();
         GraphIndex {
             producer,
             consumers,
             consts,
-            inputs: graph.input.iter().map(|i| i.name.clone()).filter(|n| !init_names.contains(n.as_str())).collect(),
+            inputs: graph
+                .input
+                .iter()
+                .map(|i| i.name.clone())
+                .filter(|n| !init_names.contains(n.as_str()))
+                .collect(),
             outputs: graph.output.iter().map(|o| o.name.clone()).collect(),
         }
     }
 
     /// The tensor proto of a constant.
-    pub fn const_proto<'g>(&self, graph: &'g pb::GraphProto, name: &str) -> Option<&'g pb::TensorProto> {
+    pub fn const_proto<'g>(
+        &self,
+        graph: &'g pb::GraphProto,
+        name: &str,
+    ) -> Option<&'g pb::TensorProto> {
         match self.consts.get(name)? {
             ConstLoc::Initializer(i) => graph.initializer.get(*i),
-            ConstLoc::ConstantNode(n) => graph.node[*n].attribute.iter().find(|a| a.name == "value")?.t.as_ref(),
+            ConstLoc::ConstantNode(n) => graph.node[*n]
+                .attribute
+                .iter()
+                .find(|a| a.name == "value")?
+                .t
+                .as_ref(),
         }
     }
 
@@ -90,15 +110,25 @@ impl GraphIndex {
 
     /// The producing node's op type, if any.
     pub fn producer_op<'g>(&self, graph: &'g pb::GraphProto, name: &str) -> Option<&'g str> {
-        self.producer.get(name).map(|&(n, _)| graph.node[n].op_type.as_str())
+        self.producer
+            .get(name)
+            .map(|&(n, _)| graph.node[n].op_type.as_str())
     }
 }
 
 /// A mutable handle to a constant tensor.
-pub fn const_proto_mut<'g>(graph: &'g mut pb::GraphProto, loc: ConstLoc) -> Option<&'g mut pb::TensorProto> {
+pub fn const_proto_mut<'g>(
+    graph: &'g mut pb::GraphProto,
+    loc: ConstLoc,
+) -> Option<&'g mut pb::TensorProto> {
     match loc {
         ConstLoc::Initializer(i) => graph.initializer.get_mut(i),
-        ConstLoc::ConstantNode(n) => graph.node[n].attribute.iter_mut().find(|a| a.name == "value")?.t.as_mut(),
+        ConstLoc::ConstantNode(n) => graph.node[n]
+            .attribute
+            .iter_mut()
+            .find(|a| a.name == "value")?
+            .t
+            .as_mut(),
     }
 }
 
@@ -125,21 +155,38 @@ pub fn read_f32(t: &pb::TensorProto) -> TractResult<Vec<f32>> {
     let dt = t.data_type;
     let v: Vec<f32> = if dt == DataType::Float as i32 {
         if !t.raw_data.is_empty() {
-            t.raw_data.chunks_exact(4).map(|c| f32::from_le_bytes([c[0], c[1], c[2], c[3]])).collect()
+            t.raw_data
+                .chunks_exact(4)
+                .map(|c| f32::from_le_bytes([c[0], c[1], c[2], c[3]]))
+                .collect()
         } else {
             t.float_data.clone()
         }
     } else if dt == DataType::Float16 as i32 {
         if !t.raw_data.is_empty() {
-            t.raw_data.chunks_exact(2).map(|c| f16::from_bits(u16::from_le_bytes([c[0], c[1]])).to_f32()).collect()
+            t.raw_data
+                .chunks_exact(2)
+                .map(|c| f16::from_bits(u16::from_le_bytes([c[0], c[1]])).to_f32())
+                .collect()
         } else {
-            t.int32_data.iter().map(|&b| f16::from_bits(b as u16).to_f32()).collect()
+            t.int32_data
+                .iter()
+                .map(|&b| f16::from_bits(b as u16).to_f32())
+                .collect()
         }
     } else {
-        bail!("tensor `{}` has data type {dt}, expected float32 or float16", t.name);
+        bail!(
+            "tensor `{}` has data type {dt}, expected float32 or float16",
+            t.name
+        );
     };
     if v.len() != n {
-        bail!("tensor `{}` holds {} values for dims {:?}", t.name, v.len(), t.dims);
+        bail!(
+            "tensor `{}` holds {} values for dims {:?}",
+            t.name,
+            v.len(),
+            t.dims
+        );
     }
     Ok(v)
 }
@@ -157,7 +204,10 @@ pub fn write_f32(t: &mut pb::TensorProto, dims: &[usize], values: &[f32]) -> Tra
     t.float_data.clear();
     t.int32_data.clear();
     t.raw_data = if t.data_type == DataType::Float16 as i32 {
-        values.iter().flat_map(|&v| f16::from_f32(v).to_bits().to_le_bytes()).collect()
+        values
+            .iter()
+            .flat_map(|&v| f16::from_f32(v).to_bits().to_le_bytes())
+            .collect()
     } else {
         values.iter().flat_map(|v| v.to_le_bytes()).collect()
     };
@@ -170,26 +220,43 @@ pub fn read_i64(t: &pb::TensorProto) -> TractResult<Vec<i64>> {
     let dt = t.data_type;
     if dt == DataType::Int64 as i32 {
         Ok(if !t.raw_data.is_empty() {
-            t.raw_data.chunks_exact(8).map(|c| i64::from_le_bytes(c.try_into().unwrap())).collect()
+            t.raw_data
+                .chunks_exact(8)
+                .map(|c| i64::from_le_bytes(c.try_into().unwrap()))
+                .collect()
         } else {
             t.int64_data.clone()
         })
     } else if dt == DataType::Int32 as i32 {
         Ok(if !t.raw_data.is_empty() {
-            t.raw_data.chunks_exact(4).map(|c| i32::from_le_bytes(c.try_into().unwrap()) as i64).collect()
+            t.raw_data
+                .chunks_exact(4)
+                .map(|c| i32::from_le_bytes(c.try_into().unwrap()) as i64)
+                .collect()
         } else {
             t.int32_data.iter().map(|&v| v as i64).collect()
         })
     } else {
-        bail!("tensor `{}` has data type {dt}, expected an integer type", t.name)
+        bail!(
+            "tensor `{}` has data type {dt}, expected an integer type",
+            t.name
+        )
     }
 }
 
 /// A new int64 tensor with the same dims and type as `like` and values `values`.
 pub fn i64_like(like: &pb::TensorProto, name: &str, values: &[i64]) -> pb::TensorProto {
-    let mut t = pb::TensorProto { name: name.to_string(), dims: like.dims.clone(), data_type: like.data_type, ..Default::default() };
+    let mut t = pb::TensorProto {
+        name: name.to_string(),
+        dims: like.dims.clone(),
+        data_type: like.data_type,
+        ..Default::default()
+    };
     if like.data_type == DataType::Int32 as i32 {
-        t.raw_data = values.iter().flat_map(|&v| (v as i32).to_le_bytes()).collect();
+        t.raw_data = values
+            .iter()
+            .flat_map(|&v| (v as i32).to_le_bytes())
+            .collect();
     } else {
         t.raw_data = values.iter().flat_map(|v| v.to_le_bytes()).collect();
     }
@@ -197,7 +264,12 @@ pub fn i64_like(like: &pb::TensorProto, name: &str, values: &[i64]) -> pb::Tenso
 }
 
 /// Keeps `kept` indices along `axis` of a row-major array of shape `dims`.
-pub fn slice_axis(values: &[f32], dims: &[usize], axis: usize, kept: &[usize]) -> (Vec<usize>, Vec<f32>) {
+pub fn slice_axis(
+    values: &[f32],
+    dims: &[usize],
+    axis: usize,
+    kept: &[usize],
+) -> (Vec<usize>, Vec<f32>) {
     let outer: usize = dims[..axis].iter().product();
     let inner: usize = dims[axis + 1..].iter().product();
     let n = dims[axis];
@@ -228,7 +300,11 @@ mod tests {
 
     #[test]
     fn f32_round_trip_and_f16() {
-        let mut t = pb::TensorProto { name: "w".into(), data_type: DataType::Float as i32, ..Default::default() };
+        let mut t = pb::TensorProto {
+            name: "w".into(),
+            data_type: DataType::Float as i32,
+            ..Default::default()
+        };
         write_f32(&mut t, &[2, 2], &[1.0, 2.0, 3.0, 4.5]).unwrap();
         assert_eq!(read_f32(&t).unwrap(), vec![1.0, 2.0, 3.0, 4.5]);
         t.data_type = DataType::Float16 as i32;
