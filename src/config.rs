@@ -176,7 +176,7 @@ pub struct OutputConfig {
     #[serde(default = "default_out")]
     pub dir: PathBuf,
     /// Output format (`onnx` for tract, or `nnef` for ONNX plus a tract NNEF archive;
-    /// `gguf` or `safetensors` for mistralrs).
+    /// for mistralrs `gguf` (f32 projections), `gguf-f16`, `gguf-q8_0` or `gguf-q4_k`).
     #[serde(default)]
     pub format: Option<String>,
 }
@@ -353,7 +353,17 @@ impl ModelConfig {
                     f == "onnx" || f == "nnef"
                 }
                 BackendKind::Mistralrs => {
-                    ["gguf", "gguf-q8_0", "gguf-q4_k", "safetensors"].contains(&f.as_str())
+                    let d = match f.as_str() {
+                        "gguf" => Some(crate::job::GgufDType::F32),
+                        "gguf-f16" => Some(crate::job::GgufDType::F16),
+                        "gguf-q8_0" => Some(crate::job::GgufDType::Q8_0),
+                        "gguf-q4_k" => Some(crate::job::GgufDType::Q4K),
+                        _ => None,
+                    };
+                    if let Some(d) = d {
+                        job.gguf_dtype = d;
+                    }
+                    d.is_some()
                 }
             };
             if !ok {

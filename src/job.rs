@@ -36,6 +36,23 @@ pub enum Device {
     },
 }
 
+/// The tensor type of the pruned projections in an emitted GGUF file (mistral.rs
+/// backend). Norms are always F32; embeddings keep their stored type.
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq, Hash, Serialize, Deserialize)]
+#[serde(rename_all = "snake_case")]
+pub enum GgufDType {
+    /// 32-bit floats: exact, and fast on any CPU (candle's f32 matmul picks its SIMD
+    /// kernels at run time).
+    #[default]
+    F32,
+    /// 16-bit floats.
+    F16,
+    /// ggml Q8_0 (32-wide blocks).
+    Q8_0,
+    /// ggml Q4_K (256-wide super-blocks: FFN widths become multiples of 256).
+    Q4K,
+}
+
 /// Everything a prune run needs, resolved.
 #[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
 pub struct PruneJob {
@@ -80,6 +97,9 @@ pub struct PruneJob {
     /// Also write each emitted model as a tract NNEF archive (`.nnef.tar`).
     #[serde(default)]
     pub nnef: bool,
+    /// Tensor type of the pruned projections in emitted GGUF files.
+    #[serde(default)]
+    pub gguf_dtype: GgufDType,
 }
 
 impl PruneJob {
@@ -116,6 +136,7 @@ impl PruneJob {
                 runs: 15,
             },
             nnef: false,
+            gguf_dtype: GgufDType::F32,
         }
     }
 

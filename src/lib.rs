@@ -27,6 +27,7 @@ pub mod database;
 pub mod error;
 pub mod frontier;
 pub mod fsutil;
+pub mod gguf_header;
 pub mod job;
 pub mod obs;
 pub mod pipeline;

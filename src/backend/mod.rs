@@ -2,7 +2,10 @@
 //! and measures, emits and verifies with its runtime.
 //!
 //! - [`tract`]: ONNX transformers on CPU with tract.
+//! - [`mistralrs`] (feature `mistralrs`): Llama GGUF models, verified in mistral.rs.
 
+#[cfg(feature = "mistralrs")]
+pub mod mistralrs;
 pub mod tract;
 
 use crate::error::{Error, Result};
@@ -48,19 +51,37 @@ pub fn run_mistralrs(job: &PruneJob, _progress: &dyn Progress) -> Result<PruneRe
 
 #[cfg(feature = "mistralrs")]
 fn mistralrs_structure(model: &Path) -> Result<ModelStructure> {
-    Err(Error::Invalid(format!(
-        "{}: the mistralrs backend is not implemented yet",
-        model.display()
-    )))
+    match model.extension().and_then(|e| e.to_str()) {
+        Some("gguf") => {
+            let m = mistralrs::LlamaModel::load(model, Default::default())?;
+            Ok(ziplm_plugin_api::ModelAdapter::structure(&m).clone())
+        }
+        _ => Err(unsupported_file(model)),
+    }
+}
+
+#[cfg(feature = "mistralrs")]
+fn unsupported_file(model: &Path) -> Error {
+    if model.is_dir() {
+        Error::Invalid(format!(
+            "{}: safetensors model folders are not supported yet by the mistralrs backend; convert the model to GGUF (llama.cpp's convert_hf_to_gguf.py) and give the .gguf file",
+            model.display()
+        ))
+    } else {
+        Error::Invalid(format!(
+            "{}: not a model ziplm knows (give an .onnx or a .gguf file)",
+            model.display()
+        ))
+    }
 }
 
 #[cfg(feature = "mistralrs")]
 /// Runs a job with the mistral.rs backend.
-pub fn run_mistralrs(job: &PruneJob, _progress: &dyn Progress) -> Result<PruneReport> {
-    Err(Error::Invalid(format!(
-        "{}: the mistralrs backend is not implemented yet",
-        job.model.display()
-    )))
+pub fn run_mistralrs(job: &PruneJob, progress: &dyn Progress) -> Result<PruneReport> {
+    match job.model.extension().and_then(|e| e.to_str()) {
+        Some("gguf") => Ok(mistralrs::driver::run(job, progress)?.report),
+        _ => Err(unsupported_file(&job.model)),
+    }
 }
 
 /// Runs a job with its backend (writes models and report into `job.out_dir`).

@@ -52,6 +52,21 @@ pub enum GqaArg {
     EqualPerKvGroup,
 }
 
+/// GGUF tensor type on the command line.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, clap::ValueEnum)]
+pub enum GgufDTypeArg {
+    /// 32-bit floats.
+    F32,
+    /// 16-bit floats.
+    F16,
+    /// ggml Q8_0.
+    #[value(name = "q8_0")]
+    Q8_0,
+    /// ggml Q4_K (FFN widths in multiples of 256).
+    #[value(name = "q4_k")]
+    Q4K,
+}
+
 /// Calibration data format.
 #[derive(ValueEnum, Clone, Copy, Debug)]
 pub enum FormatArg {
@@ -119,6 +134,9 @@ pub struct PruneArgs {
     /// evaluations per search; 0 = the plain error-sum DP.
     #[arg(long, default_value_t = 32)]
     pub refine: usize,
+    /// Tensor type of the pruned projections in emitted GGUF files (mistralrs backend).
+    #[arg(long, value_enum, default_value_t = GgufDTypeArg::F32)]
+    pub gguf_dtype: GgufDTypeArg,
     /// Print the report as JSON on stdout.
     #[arg(long)]
     pub json: bool,

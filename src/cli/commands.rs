@@ -1,7 +1,8 @@
 //! Running each command.
 
 use super::args::{
-    Cli, Command, EvalArgs, FormatArg, GqaArg, InspectArgs, ProfileArgs, PruneArgs, WorkloadArgs,
+    Cli, Command, EvalArgs, FormatArg, GgufDTypeArg, GqaArg, InspectArgs, ProfileArgs, PruneArgs,
+    WorkloadArgs,
 };
 use super::inspect;
 use crate::data::{CalibrationData, DataFormat};
@@ -84,6 +85,12 @@ fn job_from_args(a: &PruneArgs) -> anyhow::Result<Vec<PruneJob>> {
     job.database.ffn_width_multiple = a.ffn_multiple;
     job.verify = !a.no_verify;
     job.nnef = a.nnef;
+    job.gguf_dtype = match a.gguf_dtype {
+        GgufDTypeArg::F32 => crate::job::GgufDType::F32,
+        GgufDTypeArg::F16 => crate::job::GgufDType::F16,
+        GgufDTypeArg::Q8_0 => crate::job::GgufDType::Q8_0,
+        GgufDTypeArg::Q4K => crate::job::GgufDType::Q4K,
+    };
     job.search.refine = crate::search::spdy::RefineConfig::with_evaluations(a.refine, a.seed);
     Ok(vec![job])
 }

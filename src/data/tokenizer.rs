@@ -29,6 +29,20 @@ impl Tokenizer {
         })
     }
 
+    /// Wraps a tokenizer built in memory (e.g. from a GGUF file's metadata); `origin`
+    /// names it in errors.
+    pub fn from_tokenizer(mut inner: tokenizers::Tokenizer, origin: &Path) -> Result<Tokenizer> {
+        inner.with_padding(None);
+        inner.with_truncation(None).map_err(|e| Error::Format {
+            path: origin.into(),
+            detail: format!("cannot disable truncation: {e}"),
+        })?;
+        Ok(Tokenizer {
+            inner,
+            path: origin.into(),
+        })
+    }
+
     /// The `tokenizer.json` next to a model file, if there is one.
     pub fn next_to(model: &Path) -> Option<PathBuf> {
         let p = model.parent()?.join("tokenizer.json");

@@ -131,11 +131,16 @@ fn broken_model_files() {
     let missing = dir.path().join("missing.onnx");
     fails_cleanly(&job(&missing, dir.path()), &["missing.onnx"]);
 
-    // GGUF / safetensors go to the mistral.rs backend, which is not there yet: a clear
-    // error, not a crash on the bytes.
+    // GGUF goes to the mistral.rs backend: a clear error, not a crash on the bytes
+    // (without the feature: build with it).
     let gguf = dir.path().join("model.gguf");
     std::fs::write(&gguf, b"GGUF\x03\x00\x00\x00truncated").unwrap();
-    fails_cleanly(&job(&gguf, dir.path()), &["model.gguf", "mistralrs"]);
+    let expect = if cfg!(feature = "mistralrs") {
+        "truncated or corrupt"
+    } else {
+        "mistralrs"
+    };
+    fails_cleanly(&job(&gguf, dir.path()), &["model.gguf", expect]);
 }
 
 #[test]

@@ -6,6 +6,8 @@ mod cli;
 mod common;
 mod config;
 mod database;
+#[cfg(feature = "mistralrs")]
+mod mistralrs_backend;
 mod obs_identities;
 mod obs_quality;
 mod reproducible;

@@ -153,71 +153,12 @@ pub fn run(job: &PruneJob, progress: &dyn Progress) -> Result<TractRun> {
     let mut verify = job.verify;
     let table = {
         let mut profiler = TractProfiler::new(&model, threads);
-        let key = profile::table_key(&profiler, &job.workload);
-        let shapes = database.shapes();
-        match job.latency_table.as_deref().filter(|p| p.exists()) {
-            Some(path) => {
-                let committed = profile::load_table(path)?;
-                if committed.key.workload != key.workload || committed.key.model != key.model {
-                    return Err(Error::Format {
-                        path: path.into(),
-                        detail: format!(
-                            "the latency table is for {} / {}, this job is {} / {}; profile again with `ziplm profile`",
-                            committed.key.workload, committed.key.model, key.workload, key.model
-                        ),
-                    });
-                }
-                if committed.key.target == key.target {
-                    let t = profile::build_table(
-                        &mut profiler,
-                        &job.workload,
-                        &shapes,
-                        &job.profile,
-                        Some(&committed),
-                        progress,
-                    )?;
-                    if t != committed {
-                        profile::save_table(&t, path)?;
-                    }
-                    t
-                } else {
-                    // A table measured on the deployment machine: it defines the target.
-                    if let Some(missing) = shapes.iter().find(|s| committed.get(s).is_none()) {
-                        return Err(Error::Format {
-                            path: path.into(),
-                            detail: format!(
-                                "the latency table (measured on {}) has no timing for {missing:?}; run `ziplm profile` on that machine with the same --ffn-multiple",
-                                committed.key.target
-                            ),
-                        });
-                    }
-                    if verify {
-                        verify = false;
-                        notes.push(format!(
-                            "not verified: latencies come from {} (measured on {}); this machine is {}",
-                            path.display(),
-                            committed.key.target,
-                            key.target
-                        ));
-                    }
-                    committed
-                }
-            }
-            None => {
-                let t = profile::build_table(
-                    &mut profiler,
-                    &job.workload,
-                    &shapes,
-                    &job.profile,
-                    None,
-                    progress,
-                )?;
-                if let Some(p) = &job.latency_table {
-                    profile::save_table(&t, p)?;
-                }
-                t
-            }
+        let acquired = profile::acquire_table(job, &mut profiler, &database.shapes(), progress)?;
+        if !acquired.verify_here {
+            verify = false;
         }
+        notes.extend(acquired.notes);
+        acquired.table
     };
     stages.profile_s = t.elapsed().as_secs_f64();
 

@@ -1,0 +1,81 @@
+//! The whole pruning pass on SmolLM2-135M-Instruct with the mistral.rs backend (prefill
+//! 1 x 512, CPU): calibration on 16 windows of 512 WikiText-2 valid tokens, database,
+//! profiling of every shape (candle), search (plain DP unless `ZIPLM_BENCH_REFINE=N`) and
+//! GGUF emit for 1.25x and 1.5x; no verification in mistral.rs (that is evidence, not
+//! the pass). Stage times of the last run are printed with the issue's goal: the pass
+//! should cost at most 1.5x its own calibration forward pass plus the profiling runs.
+//!
+//! `python3 scripts/fetch_smollm2.py && ZIPLM_SHARED=../shared cargo bench --features mistralrs --bench smollm2_pass`
+//! (skips without the model).
+
+use criterion::{criterion_group, criterion_main, Criterion, SamplingMode};
+use std::path::PathBuf;
+use std::time::{Duration, Instant};
+use ziplm::data::{CalibrationData, DataFormat};
+use ziplm::job::PruneJob;
+use ziplm::search::Budget;
+
+fn pass(c: &mut Criterion) {
+    let shared =
+        PathBuf::from(std::env::var("ZIPLM_SHARED").unwrap_or_else(|_| "../shared".into()));
+    let model = PathBuf::from(env!("CARGO_MANIFEST_DIR"))
+        .join("models/smollm2-135m/SmolLM2-135M-Instruct.Q4_1.gguf");
+    let valid = shared.join("data/wikitext-2/valid.txt");
+    if !model.exists() || !valid.exists() {
+        eprintln!(
+            "skipped: {} or {} not found (scripts/fetch_smollm2.py, ZIPLM_SHARED)",
+            model.display(),
+            valid.display()
+        );
+        return;
+    }
+    let out = tempfile::tempdir().unwrap();
+    let mut job = PruneJob::new(&model);
+    job.workload = ziplm_plugin_api::Workload::prefill(1, 512);
+    job.budgets = vec![Budget::Speedup(1.25), Budget::Speedup(1.5)];
+    job.calibration = Some(CalibrationData {
+        path: valid,
+        format: Some(DataFormat::Text),
+        samples: 16,
+        seq_len: 512,
+    });
+    job.out_dir = out.path().to_path_buf();
+    job.verify = false;
+    job.search.refine = std::env::var("ZIPLM_BENCH_REFINE")
+        .ok()
+        .and_then(|v| v.parse().ok())
+        .and_then(|n| ziplm::search::spdy::RefineConfig::with_evaluations(n, 0));
+    job.profile = ziplm::profile::ProfileSettings { warmup: 1, runs: 5 };
+    let mut last = None;
+    let mut group = c.benchmark_group("smollm2_pass");
+    group
+        .sample_size(10)
+        .sampling_mode(SamplingMode::Flat)
+        .warm_up_time(Duration::from_millis(1));
+    group.bench_function("calibrate_database_profile_search_emit", |b| {
+        b.iter_custom(|iters| {
+            let start = Instant::now();
+            for _ in 0..iters {
+                last = Some(
+                    ziplm::backend::mistralrs::driver::run(&job, &ziplm::progress::Quiet)
+                        .unwrap()
+                        .report,
+                );
+            }
+            start.elapsed()
+        })
+    });
+    group.finish();
+    if let Some(r) = last {
+        let s = &r.stages;
+        let total = s.load_s + s.calibrate_s + s.database_s + s.profile_s + s.search_s + s.emit_s;
+        eprintln!(
+            "stages (last run): load {:.2}s calibrate {:.2}s database {:.2}s profile {:.2}s search {:.2}s emit {:.2}s; total {:.2}s; \
+             goal 1.5 x (calibrate + profile) = {:.2}s",
+            s.load_s, s.calibrate_s, s.database_s, s.profile_s, s.search_s, s.emit_s, total, 1.5 * (s.calibrate_s + s.profile_s)
+        );
+    }
+}
+
+criterion_group!(benches, pass);
+criterion_main!(benches);

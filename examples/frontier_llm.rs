@@ -1,0 +1,266 @@
+//! The quality-vs-speed frontier of SmolLM2-135M-Instruct on this CPU (mistral.rs,
+//! prefill of 512 tokens, batch 1): ZipLM against the baselines at speedup targets,
+//! every speedup measured in mistral.rs (dense and pruned GGUF files, same tensor type,
+//! timed alternately in the same run, engine prefill time, medians), every quality
+//! figure a WikiText-2 test perplexity of the emitted weights.
+//!
+//! ```sh
+//! python3 scripts/fetch_smollm2.py
+//! ZIPLM_SHARED=../shared cargo run --features mistralrs --example frontier_llm -- target/frontier-llm
+//! ```
+//!
+//! Perplexity: `wiki.test.raw` tokenised whole without BOS by the model's own tokenizer
+//! (built from the GGUF metadata as mistral.rs builds it), non-overlapping windows of
+//! 1024 tokens, mean NLL over every predicted token, computed with ziplm's candle forward
+//! of the emitted weights (the same file mistral.rs serves; the tiny-model test shows the
+//! two forwards agree to 1e-4). `--ppl-windows N` evaluates the first N windows only
+//! (default: all). Calibration: `wikitext-2/valid.txt`, windows of 512 tokens.
+//!
+//! Methods: `ziplm` (OBS database, DP refined by SPDY, OBS-updated weights, verified and
+//! corrected in mistral.rs); `magnitude` (ZipLM's per-layer shapes, neurons kept by
+//! weight norm, no OBS update); `uniform` (the same width in every layer, OBS-updated);
+//! `layer-drop` (whole layers dropped). Baselines get ZipLM's final millisecond budget.
+
+use anyhow::Context;
+use clap::Parser;
+use std::path::{Path, PathBuf};
+use ziplm::backend::mistralrs::{driver, eval, LlamaModel, LlamaOptions, LoadedModel};
+use ziplm::baselines;
+use ziplm::data::{CalibrationData, DataFormat};
+use ziplm::frontier::{self, FrontierPoint};
+use ziplm::job::PruneJob;
+use ziplm::search::{Budget, Selection};
+use ziplm_plugin_api::{ModelAdapter, PrunedWeights, Workload};
+
+const METRIC: &str = "WikiText-2 test perplexity";
+
+#[derive(Parser)]
+struct Args {
+    /// Output folder.
+    #[arg(default_value = "target/frontier-llm")]
+    out: PathBuf,
+    /// Speedup targets.
+    #[arg(long, value_delimiter = ',', default_value = "1.25,1.5")]
+    targets: Vec<f64>,
+    /// Methods to measure besides ziplm.
+    #[arg(long, value_delimiter = ',', default_value = "magnitude,uniform")]
+    methods: Vec<String>,
+    /// Calibration windows of 512 tokens (WikiText-2 valid).
+    #[arg(long, default_value_t = 32)]
+    samples: usize,
+    /// Perplexity windows of 1024 tokens to evaluate (default: the whole test set).
+    #[arg(long)]
+    ppl_windows: Option<usize>,
+    /// SPDY refinement: loss evaluations (0 = plain DP).
+    #[arg(long, default_value_t = 16)]
+    refine: usize,
+    /// Fail when ZipLM's perplexity is worse than magnitude's at some target.
+    #[arg(long)]
+    check: bool,
+    /// The GGUF model (default: models/smollm2-135m/SmolLM2-135M-Instruct.Q4_1.gguf).
+    #[arg(long)]
+    model: Option<PathBuf>,
+}
+
+fn main() -> anyhow::Result<()> {
+    let args = Args::parse();
+    for m in &args.methods {
+        anyhow::ensure!(
+            ["magnitude", "uniform", "layer-drop"].contains(&m.as_str()),
+            "unknown method `{m}`: use magnitude, uniform or layer-drop"
+        );
+    }
+    let shared =
+        PathBuf::from(std::env::var("ZIPLM_SHARED").unwrap_or_else(|_| "../shared".into()));
+    let model_path = args
+        .model
+        .clone()
+        .unwrap_or_else(|| PathBuf::from("models/smollm2-135m/SmolLM2-135M-Instruct.Q4_1.gguf"));
+    if !model_path.exists() {
+        eprintln!(
+            "skipped: {} not found (run scripts/fetch_smollm2.py)",
+            model_path.display()
+        );
+        return Ok(());
+    }
+    let test_text = shared.join("data/wikitext-2-raw/wiki.test.raw");
+    std::fs::create_dir_all(&args.out)?;
+    let mut job = PruneJob::new(&model_path);
+    job.workload = Workload::prefill(1, 512);
+    job.budgets = args.targets.iter().map(|&s| Budget::Speedup(s)).collect();
+    job.calibration = Some(CalibrationData {
+        path: shared.join("data/wikitext-2/valid.txt"),
+        format: Some(DataFormat::Text),
+        samples: args.samples,
+        seq_len: 512,
+    });
+    job.out_dir = args.out.clone();
+    job.latency_table = Some(args.out.join("latency-table.json"));
+    job.search.refine = ziplm::search::spdy::RefineConfig::with_evaluations(args.refine, job.seed);
+    job.profile = ziplm::profile::ProfileSettings { warmup: 1, runs: 5 };
+    job.verify_settings = ziplm::profile::ProfileSettings { warmup: 2, runs: 9 };
+    let run = driver::run(&job, &ziplm::progress::Bars::default())?;
+    println!("{}", run.report.to_text());
+
+    // The whole test text, tokenised once without BOS.
+    let tok = driver::tokenizer_for(&job, &run.model)?;
+    let text = std::fs::read_to_string(&test_text)
+        .with_context(|| format!("reading {}", test_text.display()))?;
+    let ids: Vec<u32> = tok
+        .encode(&text, false)?
+        .iter()
+        .map(|&i| i as u32)
+        .collect();
+    eprintln!("WikiText-2 test: {} tokens", ids.len());
+    let ppl = |path: &Path| -> anyhow::Result<eval::Perplexity> {
+        let m = LlamaModel::load(path, LlamaOptions::default())?;
+        let t = std::time::Instant::now();
+        let p = eval::perplexity(&m.weights, &ids, 1024, args.ppl_windows)?;
+        eprintln!(
+            "{}: perplexity {:.3} over {} tokens ({} windows) in {:.1} s",
+            path.display(),
+            p.ppl,
+            p.tokens,
+            p.windows,
+            t.elapsed().as_secs_f64()
+        );
+        Ok(p)
+    };
+    let problem = run.database.search_problem(&run.table)?;
+    let dense_gguf = args.out.join("dense.gguf");
+    run.model.emit(
+        &ziplm_plugin_api::Plan::dense(run.model.structure()),
+        &PrunedWeights::default(),
+        &dense_gguf,
+    )?;
+    let dense_rt = LoadedModel::load(&dense_gguf)?;
+    let prompt: Vec<u32> = ids.iter().take(512).copied().collect();
+    let measure = |path: &Path| -> anyhow::Result<(f64, f64)> {
+        let rt = LoadedModel::load(path)?;
+        let (d, m) = driver::time_pair_loaded(&dense_rt, &rt, &prompt, &job.verify_settings)?;
+        Ok((d.median_ms, m.median_ms))
+    };
+
+    let dense_ppl = ppl(&dense_gguf)?;
+    let mut points = vec![];
+    let mut dense_ms = vec![];
+    for outcome in &run.outcomes {
+        let Budget::Speedup(target) = outcome.budget else {
+            unreachable!("speedup budgets only")
+        };
+        let last = outcome.attempts.last().context("no attempt")?;
+        let (zd, zm) = (
+            last.measured_dense.context("verification is on")?,
+            last.measured.context("verification is on")?,
+        );
+        dense_ms.push(zd.median_ms);
+        points.push(FrontierPoint {
+            method: "ziplm".into(),
+            target,
+            predicted_ms: outcome.search.predicted_ms,
+            dense_ms: zd.median_ms,
+            measured_ms: zm.median_ms,
+            quality: ppl(&outcome.emitted.path)?.ppl,
+            metric: METRIC.into(),
+        });
+        let stem = outcome.emitted.path.with_extension("");
+        let budget = Budget::LatencyMs(last.search_budget_ms);
+        for method in &args.methods {
+            let (selection, plan, weights) = match method.as_str() {
+                "magnitude" => (
+                    outcome.search.selection.clone(),
+                    baselines::magnitude_plan(&run.database, &outcome.search.selection)?,
+                    PrunedWeights::default(),
+                ),
+                _ => {
+                    let found = match method.as_str() {
+                        "uniform" => baselines::uniform_selection(&problem, budget),
+                        _ => baselines::layer_drop_selection(&problem, budget),
+                    };
+                    let sel: Selection = match found {
+                        Ok(s) => s,
+                        Err(e) => {
+                            eprintln!("{method} at {target}x: {e}; no point");
+                            continue;
+                        }
+                    };
+                    (
+                        sel.clone(),
+                        run.database.plan(&sel)?,
+                        run.database.pruned_weights(&sel)?,
+                    )
+                }
+            };
+            let path = PathBuf::from(format!("{}.{method}.gguf", stem.display()));
+            run.model.emit(&plan, &weights, &path)?;
+            let (d, m) = measure(&path)?;
+            dense_ms.push(d);
+            points.push(FrontierPoint {
+                method: method.clone(),
+                target,
+                predicted_ms: problem.time_of(&selection),
+                dense_ms: d,
+                measured_ms: m,
+                quality: ppl(&path)?.ppl,
+                metric: METRIC.into(),
+            });
+        }
+    }
+    dense_ms.sort_by(f64::total_cmp);
+    let dense_med = dense_ms
+        .get(dense_ms.len() / 2)
+        .copied()
+        .unwrap_or(f64::NAN);
+    points.insert(
+        0,
+        FrontierPoint {
+            method: "dense".into(),
+            target: 1.0,
+            predicted_ms: problem.dense_ms(),
+            dense_ms: dense_med,
+            measured_ms: dense_med,
+            quality: dense_ppl.ppl,
+            metric: METRIC.into(),
+        },
+    );
+    frontier::write(
+        &args.out,
+        "frontier",
+        "SmolLM2-135M on mistral.rs (CPU, f32, prefill 1 x 512): perplexity vs measured speedup",
+        &points,
+    )?;
+    println!(
+        "\nperplexity over {} tokens ({} windows of 1024)",
+        dense_ppl.tokens, dense_ppl.windows
+    );
+    println!("\n| method | target | measured speedup | predicted ms | measured ms | {METRIC} |");
+    println!("|---|---|---|---|---|---|");
+    for p in &points {
+        println!(
+            "| {} | {:.2}x | {:.2}x | {:.1} | {:.1} | {:.3} |",
+            p.method,
+            p.target,
+            p.speedup(),
+            p.predicted_ms,
+            p.measured_ms,
+            p.quality
+        );
+    }
+    if args.check {
+        for z in points.iter().filter(|p| p.method == "ziplm") {
+            if let Some(m) = points
+                .iter()
+                .find(|p| p.method == "magnitude" && p.target == z.target)
+            {
+                anyhow::ensure!(
+                    z.quality <= m.quality,
+                    "ZipLM's perplexity ({:.3}) is worse than magnitude's ({:.3}) at {}x",
+                    z.quality,
+                    m.quality,
+                    z.target
+                );
+            }
+        }
+    }
+    Ok(())
+}

@@ -1,0 +1,306 @@
+//! Running a [`PruneJob`] on a Llama GGUF model: load -> calibrate -> database ->
+//! profile (candle) -> search -> emit (GGUF) -> verify (mistral.rs), and the report.
+
+use super::loss::HiddenLoss;
+use super::model::{LlamaModel, LlamaOptions};
+use super::profile::CandleProfiler;
+use super::runtime::LoadedModel;
+use crate::data::{self, tokenizer::Tokenizer, DataFormat, SampleMode};
+use crate::database::Database;
+use crate::error::{Error, Result};
+use crate::job::{Device, PruneJob};
+use crate::pipeline::{self, BudgetOutcome, EmitAndMeasure};
+use crate::profile;
+use crate::progress::Progress;
+use crate::report::{self, PruneReport, StageTimes};
+use std::path::{Path, PathBuf};
+use std::time::Instant;
+use ziplm_plugin_api::{
+    EmitSummary, LatencyTable, ModelAdapter, Plan, PrunedWeights, Timing, Workload,
+};
+
+/// Everything a mistral.rs run produced.
+pub struct MistralRun {
+    /// The report (also written to the output folder).
+    pub report: PruneReport,
+    /// The database (reusable for more budgets).
+    pub database: Database,
+    /// The latency table used.
+    pub table: LatencyTable,
+    /// Per-budget outcomes.
+    pub outcomes: Vec<BudgetOutcome>,
+    /// The loaded model.
+    pub model: LlamaModel,
+}
+
+/// Calibration windows held out for the SPDY loss, and their length cap.
+const LOSS_SAMPLES: usize = 4;
+const LOSS_TOKENS: usize = 256;
+/// The prompt verification replies to (greedy, in the report).
+pub const CHAT_PROMPT: &str = "What is the capital of France?";
+
+/// The tokenizer of a job: `--tokenizer`, a `tokenizer.json` next to the model, or the
+/// one in the GGUF metadata.
+pub fn tokenizer_for(job: &PruneJob, model: &LlamaModel) -> Result<Tokenizer> {
+    if let Some(p) = job
+        .tokenizer
+        .clone()
+        .or_else(|| Tokenizer::next_to(&job.model))
+    {
+        return Tokenizer::from_file(&p);
+    }
+    let inner = super::tokenizer::from_gguf(&model.gguf).map_err(|e| Error::Format {
+        path: job.model.clone(),
+        detail: e,
+    })?;
+    Tokenizer::from_tokenizer(inner, &job.model)
+}
+
+/// Calibration windows for a job: tokenised text cut into windows, or random ids.
+pub fn calibration_samples(job: &PruneJob, model: &LlamaModel) -> Result<Vec<Vec<i64>>> {
+    let Some(cal) = &job.calibration else {
+        return Ok(data::random_samples(
+            model.weights.config.vocab,
+            job.random_samples,
+            job.workload.seq_len,
+            job.seed,
+        ));
+    };
+    let tok = tokenizer_for(job, model)?;
+    let format = cal
+        .format
+        .unwrap_or_else(|| DataFormat::from_path(&cal.path));
+    let texts = data::read_texts(&cal.path, format)?;
+    data::make_samples(&tok, &texts, SampleMode::Windows, cal.samples, cal.seq_len)
+}
+
+/// Prompt ids for timing: calibration tokens repeated to the workload's length.
+fn timing_prompt(model: &LlamaModel, workload: &Workload) -> Vec<u32> {
+    let pool: Vec<u32> = model
+        .calibration_samples()
+        .iter()
+        .flatten()
+        .copied()
+        .collect();
+    (0..workload.seq_len)
+        .map(|i| pool.get(i % pool.len().max(1)).copied().unwrap_or(1))
+        .collect()
+}
+
+/// Times two loaded models on the same prompt, alternating; the engine's own prefill
+/// seconds, as milliseconds.
+pub fn time_pair_loaded(
+    a: &LoadedModel,
+    b: &LoadedModel,
+    prompt: &[u32],
+    settings: &profile::ProfileSettings,
+) -> ziplm_plugin_api::AdapterResult<(Timing, Timing)> {
+    for _ in 0..settings.warmup {
+        a.prefill(prompt)?;
+        b.prefill(prompt)?;
+    }
+    let (mut ta, mut tb) = (vec![], vec![]);
+    for _ in 0..settings.runs.max(1) {
+        ta.push(a.prefill(prompt)?.0 * 1e3);
+        tb.push(b.prefill(prompt)?.0 * 1e3);
+    }
+    Ok((profile::timing_of(&mut ta), profile::timing_of(&mut tb)))
+}
+
+struct Backend<'a> {
+    model: &'a LlamaModel,
+    loss: Option<&'a HiddenLoss>,
+    job: &'a PruneJob,
+    dest: PathBuf,
+    dense: &'a mut Option<LoadedModel>,
+    dense_path: &'a Path,
+    prompt: &'a [u32],
+    emit_s: f64,
+    verify_s: f64,
+}
+
+impl EmitAndMeasure for Backend<'_> {
+    fn emit(&mut self, plan: &Plan, weights: &PrunedWeights) -> Result<EmitSummary> {
+        let t = Instant::now();
+        let s = self.model.emit(plan, weights, &self.dest)?;
+        self.emit_s += t.elapsed().as_secs_f64();
+        Ok(s)
+    }
+    fn measure(&mut self, emitted: &EmitSummary) -> Result<(Timing, Timing)> {
+        let t = Instant::now();
+        if self.dense.is_none() {
+            *self.dense = Some(LoadedModel::load(self.dense_path)?);
+        }
+        let pruned = LoadedModel::load(&emitted.path)?;
+        let dense = self.dense.as_ref().expect("loaded above");
+        let r = time_pair_loaded(dense, &pruned, self.prompt, &self.job.verify_settings)?;
+        self.verify_s += t.elapsed().as_secs_f64();
+        Ok(r)
+    }
+    fn loss(&mut self, plan: &Plan, weights: &PrunedWeights) -> Option<Result<f64>> {
+        let loss = self.loss?;
+        Some(loss.loss(self.model, plan, weights).map_err(Into::into))
+    }
+}
+
+/// Runs a job end to end and writes the models (`NAME.BUDGET.gguf`) and the report into
+/// the job's output folder.
+pub fn run(job: &PruneJob, progress: &dyn Progress) -> Result<MistralRun> {
+    if job.budgets.is_empty() {
+        return Err(Error::Invalid(
+            "no budget given: ask for a latency (ms) or a speedup".into(),
+        ));
+    }
+    for b in &job.budgets {
+        b.validate()?;
+    }
+    if let Device::Cuda { .. } = job.device {
+        return Err(Error::Invalid(
+            "CUDA targets are not built into this ziplm: the mistralrs backend profiles and verifies on the CPU (target.device = \"cpu\")".into(),
+        ));
+    }
+    job.workload.validate().map_err(Error::Invalid)?;
+    let mut stages = StageTimes::default();
+    let t = Instant::now();
+    let mut model = LlamaModel::load(
+        &job.model,
+        LlamaOptions {
+            gqa_policy: job.gqa_policy,
+            output_dtype: job.gguf_dtype,
+        },
+    )?;
+    stages.load_s = t.elapsed().as_secs_f64();
+    if job.workload.seq_len > model.weights.config.context_length {
+        return Err(Error::Invalid(format!(
+            "the workload has {} tokens, the model's context is {}",
+            job.workload.seq_len, model.weights.config.context_length
+        )));
+    }
+    let samples = calibration_samples(job, &model)?;
+    model.set_calibration(samples)?;
+    let database = Database::build(&mut model, &job.database, progress)?;
+    stages.calibrate_s = database.timings.calibrate_s;
+    stages.database_s = database.timings.database_s;
+
+    let t = Instant::now();
+    let mut notes = vec![format!(
+        "latencies: blocks timed with candle {} kernels ({} threads); verification times whole models in mistral.rs (engine prefill time)",
+        super::profile::CANDLE_VERSION,
+        super::profile::candle_threads()
+    )];
+    let acquired = {
+        let mut profiler = CandleProfiler::new(&model, job.gguf_dtype);
+        profile::acquire_table(job, &mut profiler, &database.shapes(), progress)?
+    };
+    let verify = job.verify && acquired.verify_here;
+    notes.extend(acquired.notes);
+    let table = acquired.table;
+    stages.profile_s = t.elapsed().as_secs_f64();
+
+    // Every budget is checked before anything is written.
+    let problem = database.search_problem(&table)?;
+    for budget in &job.budgets {
+        problem.solve(*budget, &[], job.search.buckets)?;
+    }
+    let loss = match job.search.refine {
+        Some(_) => Some(HiddenLoss::new(&model, LOSS_SAMPLES, LOSS_TOKENS)?),
+        None => None,
+    };
+    std::fs::create_dir_all(&job.out_dir).map_err(|e| Error::io(&job.out_dir, e))?;
+    // The dense model through the same emitter (same tensor types), for timing.
+    let scratch = tempfile::Builder::new()
+        .prefix(".ziplm-dense-")
+        .tempdir_in(&job.out_dir)
+        .map_err(|e| Error::io(&job.out_dir, e))?;
+    let dense_path = scratch.path().join("dense.gguf");
+    if verify {
+        model.emit(
+            &Plan::dense(model.structure()),
+            &PrunedWeights::default(),
+            &dense_path,
+        )?;
+    }
+    let prompt = timing_prompt(&model, &job.workload);
+    let mut dense_loaded: Option<LoadedModel> = None;
+    let mut outcomes = vec![];
+    let mut budgets = vec![];
+    let t_search = Instant::now();
+    let (mut emit_s, mut verify_s) = (0.0, 0.0);
+    for budget in &job.budgets {
+        let dest = job
+            .out_dir
+            .join(format!("{}.gguf", job.output_stem(budget)));
+        let mut backend = Backend {
+            model: &model,
+            loss: loss.as_ref(),
+            job,
+            dest,
+            dense: &mut dense_loaded,
+            dense_path: &dense_path,
+            prompt: &prompt,
+            emit_s: 0.0,
+            verify_s: 0.0,
+        };
+        let outcome = pipeline::prune_to_budget(
+            &database,
+            &table,
+            *budget,
+            &job.search,
+            verify,
+            &mut backend,
+        )?;
+        emit_s += backend.emit_s;
+        verify_s += backend.verify_s;
+        let plan_path = job
+            .out_dir
+            .join(format!("{}.plan.json", job.output_stem(budget)));
+        crate::fsutil::write_json_atomic(&plan_path, &outcome.plan)?;
+        if outcome.search.selection == database.dense_selection() {
+            notes.push(format!(
+                "{}: the dense model already meets this budget (predicted {:.3} ms <= {:.3} ms); emitted it unpruned",
+                PruneJob::budget_label(budget),
+                outcome.search.predicted_ms,
+                outcome.search.budget_ms
+            ));
+        }
+        if verify {
+            let t = Instant::now();
+            let reply = LoadedModel::load(&outcome.emitted.path)?.chat(CHAT_PROMPT, 24)?;
+            verify_s += t.elapsed().as_secs_f64();
+            notes.push(format!(
+                "{}: mistral.rs reply to {CHAT_PROMPT:?}: {:?}",
+                PruneJob::budget_label(budget),
+                reply.text
+            ));
+        }
+        budgets.push(report::budget_report(&database, &table, &outcome)?);
+        outcomes.push(outcome);
+    }
+    drop(dense_loaded);
+    drop(scratch);
+    stages.emit_s = emit_s;
+    stages.verify_s = verify_s;
+    stages.search_s = (t_search.elapsed().as_secs_f64() - emit_s - verify_s).max(0.0);
+    let report = PruneReport {
+        ziplm_version: env!("CARGO_PKG_VERSION").into(),
+        model: job.model.display().to_string(),
+        architecture: model.structure().architecture.clone(),
+        target: table.key.target.clone(),
+        workload: job.workload,
+        calibration_tokens: database.calibration_tokens,
+        profiled_shapes: table.entries.len(),
+        rest_ms: table.rest.median_ms,
+        stages,
+        dense_quality: vec![],
+        budgets,
+        notes,
+    };
+    report.write(&job.out_dir, "report")?;
+    Ok(MistralRun {
+        report,
+        database,
+        table,
+        outcomes,
+        model,
+    })
+}

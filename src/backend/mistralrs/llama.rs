@@ -1,0 +1,324 @@
+//! A Llama decoder in candle: the weights ziplm prunes and the forward pass it
+//! calibrates with.
+//!
+//! The forward follows mistral.rs's GGUF `quantized_llama` exactly (RMSNorm, interleaved
+//! RoPE as llama.cpp stores Q/K, grouped-query attention with query head `h` reading KV
+//! head `h / (heads / kv_heads)`, SwiGLU, tied or separate output head), in f32, so its
+//! logits can be compared with mistral.rs on the same file. Hooks see the inputs of
+//! every `attn_output` (o_proj) and `ffn_down` (down_proj) multiplication.
+
+use candle_core::{DType, Device, Tensor, D};
+
+/// Shapes and constants of a Llama model.
+#[derive(Clone, Debug, PartialEq)]
+pub struct LlamaConfig {
+    /// Decoder layers.
+    pub n_layers: usize,
+    /// Model (residual) width.
+    pub hidden: usize,
+    /// Query heads per layer.
+    pub n_heads: usize,
+    /// Key/value heads per layer.
+    pub n_kv_heads: usize,
+    /// Width of one head.
+    pub head_dim: usize,
+    /// FFN width of the original model (per layer widths live in the weights).
+    pub ffn_width: usize,
+    /// Rotated dimensions per head.
+    pub rope_dim: usize,
+    /// RoPE frequency base.
+    pub rope_base: f32,
+    /// RMSNorm epsilon.
+    pub rms_eps: f32,
+    /// Vocabulary size.
+    pub vocab: usize,
+    /// Longest context the model supports.
+    pub context_length: usize,
+}
+
+/// One decoder layer's weights, f32, `[out, in]` like the GGUF and safetensors files.
+#[derive(Clone, Debug)]
+pub struct LayerWeights {
+    /// Pre-attention RMSNorm weight `[hidden]`.
+    pub attn_norm: Tensor,
+    /// Query projection `[heads * head_dim, hidden]`.
+    pub wq: Tensor,
+    /// Key projection `[kv_heads * head_dim, hidden]`.
+    pub wk: Tensor,
+    /// Value projection `[kv_heads * head_dim, hidden]`.
+    pub wv: Tensor,
+    /// Output projection `[hidden, heads * head_dim]`.
+    pub wo: Tensor,
+    /// Pre-FFN RMSNorm weight `[hidden]`.
+    pub ffn_norm: Tensor,
+    /// Gate projection `[width, hidden]`.
+    pub gate: Tensor,
+    /// Up projection `[width, hidden]`.
+    pub up: Tensor,
+    /// Down projection `[hidden, width]`.
+    pub down: Tensor,
+}
+
+impl LayerWeights {
+    /// Query heads of this layer.
+    pub fn n_heads(&self, head_dim: usize) -> usize {
+        self.wq.dims()[0] / head_dim
+    }
+    /// KV heads of this layer.
+    pub fn n_kv_heads(&self, head_dim: usize) -> usize {
+        self.wk.dims()[0] / head_dim
+    }
+    /// FFN width of this layer.
+    pub fn ffn_width(&self) -> usize {
+        self.gate.dims()[0]
+    }
+}
+
+/// A whole Llama model in f32.
+#[derive(Clone, Debug)]
+pub struct LlamaWeights {
+    /// Shapes of the original model.
+    pub config: LlamaConfig,
+    /// Token embeddings `[vocab, hidden]`.
+    pub embed: Tensor,
+    /// Final RMSNorm `[hidden]`.
+    pub norm: Tensor,
+    /// Output head `[vocab, hidden]`; `None` when tied to the embeddings.
+    pub output: Option<Tensor>,
+    /// Decoder layers, in order.
+    pub layers: Vec<LayerWeights>,
+}
+
+/// Where a hook sees activations.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum Site {
+    /// The input of the attention output projection `[tokens, heads * head_dim]`.
+    AttnOut,
+    /// The input of the FFN down projection `[tokens, width]`.
+    FfnDown,
+}
+
+/// Called with (layer, site, activation rows); an error stops the forward.
+pub type Hook<'a> = dyn FnMut(usize, Site, &Tensor) -> candle_core::Result<()> + 'a;
+
+/// cos / sin tables for interleaved RoPE, as mistral.rs builds them.
+fn rope_tables(cfg: &LlamaConfig, len: usize) -> candle_core::Result<(Tensor, Tensor)> {
+    let inv: Vec<f32> = (0..cfg.rope_dim)
+        .step_by(2)
+        .map(|i| 1f32 / cfg.rope_base.powf(i as f32 / cfg.rope_dim as f32))
+        .collect();
+    let n = inv.len();
+    let inv = Tensor::from_vec(inv, (1, n), &Device::Cpu)?;
+    let t = Tensor::arange(0u32, len as u32, &Device::Cpu)?
+        .to_dtype(DType::F32)?
+        .reshape((len, 1))?;
+    let freqs = t.matmul(&inv)?;
+    Ok((freqs.cos()?, freqs.sin()?))
+}
+
+/// `x @ w^T` for `x: [t, in]`, `w: [out, in]`.
+pub fn linear(x: &Tensor, w: &Tensor) -> candle_core::Result<Tensor> {
+    x.matmul(&w.t()?)
+}
+
+/// Additive causal mask `[t, t]`: 0 on and below the diagonal, -inf above.
+fn causal_mask(t: usize) -> candle_core::Result<Tensor> {
+    let v: Vec<f32> = (0..t)
+        .flat_map(|i| (0..t).map(move |j| if j > i { f32::NEG_INFINITY } else { 0.0 }))
+        .collect();
+    Tensor::from_vec(v, (t, t), &Device::Cpu)
+}
+
+/// The attention sub-layer on normed input `h: [t, hidden]`; returns the o_proj input
+/// `[t, heads * head_dim]`.
+pub fn attention_core(
+    cfg: &LlamaConfig,
+    layer: &LayerWeights,
+    h: &Tensor,
+    cos: &Tensor,
+    sin: &Tensor,
+    mask: &Tensor,
+) -> candle_core::Result<Tensor> {
+    let t = h.dims()[0];
+    let hd = cfg.head_dim;
+    let nh = layer.n_heads(hd);
+    let nkv = layer.n_kv_heads(hd);
+    let q = linear(h, &layer.wq)?
+        .reshape((1, t, nh, hd))?
+        .transpose(1, 2)?
+        .contiguous()?;
+    let k = linear(h, &layer.wk)?
+        .reshape((1, t, nkv, hd))?
+        .transpose(1, 2)?
+        .contiguous()?;
+    let v = linear(h, &layer.wv)?
+        .reshape((1, t, nkv, hd))?
+        .transpose(1, 2)?
+        .contiguous()?;
+    let q = candle_nn::rotary_emb::rope_i(&q, cos, sin)?;
+    let k = candle_nn::rotary_emb::rope_i(&k, cos, sin)?;
+    // Repeat each KV head for the query heads of its group.
+    let group = nh / nkv.max(1);
+    let (k, v) = if group > 1 {
+        let rep = |x: &Tensor| -> candle_core::Result<Tensor> {
+            x.unsqueeze(2)?
+                .expand((1, nkv, group, t, hd))?
+                .reshape((1, nh, t, hd))
+        };
+        (rep(&k)?, rep(&v)?)
+    } else {
+        (k, v)
+    };
+    let scale = 1.0 / (hd as f64).sqrt();
+    let scores = (q.matmul(&k.t()?)? * scale)?.broadcast_add(mask)?;
+    let probs = candle_nn::ops::softmax_last_dim(&scores)?;
+    probs
+        .matmul(&v)?
+        .transpose(1, 2)?
+        .reshape((t, nh * hd))?
+        .contiguous()
+}
+
+/// The SwiGLU core on normed input `h`: the down_proj input `[t, width]`.
+pub fn ffn_core(layer: &LayerWeights, h: &Tensor) -> candle_core::Result<Tensor> {
+    let g = candle_nn::ops::silu(&linear(h, &layer.gate)?)?;
+    let u = linear(h, &layer.up)?;
+    g * u
+}
+
+impl LlamaWeights {
+    /// Runs `ids` (one sequence, positions from 0) through the model. Returns the logits
+    /// `[t, vocab]` of every position when `logits`, else the final hidden states.
+    pub fn forward(
+        &self,
+        ids: &[u32],
+        logits: bool,
+        hook: &mut Hook<'_>,
+    ) -> candle_core::Result<Tensor> {
+        let cfg = &self.config;
+        let t = ids.len();
+        let ids_t = Tensor::new(ids, &Device::Cpu)?;
+        let mut x = self.embed.index_select(&ids_t, 0)?;
+        let (cos, sin) = rope_tables(cfg, t)?;
+        let mask = causal_mask(t)?;
+        let eps = cfg.rms_eps;
+        for (i, layer) in self.layers.iter().enumerate() {
+            let h = candle_nn::ops::rms_norm(&x, &layer.attn_norm, eps)?;
+            let a = attention_core(cfg, layer, &h, &cos, &sin, &mask)?;
+            hook(i, Site::AttnOut, &a)?;
+            x = (&x + linear(&a, &layer.wo)?)?;
+            let h = candle_nn::ops::rms_norm(&x, &layer.ffn_norm, eps)?;
+            let f = ffn_core(layer, &h)?;
+            hook(i, Site::FfnDown, &f)?;
+            x = (&x + linear(&f, &layer.down)?)?;
+        }
+        let x = candle_nn::ops::rms_norm(&x, &self.norm, eps)?;
+        if !logits {
+            return Ok(x);
+        }
+        linear(&x, self.output.as_ref().unwrap_or(&self.embed))
+    }
+
+    /// Sum of negative log-likelihoods of each next token and their count, for one
+    /// window of ids (position 0 is not predicted).
+    pub fn window_nll(&self, ids: &[u32]) -> candle_core::Result<(f64, usize)> {
+        if ids.len() < 2 {
+            return Ok((0.0, 0));
+        }
+        let logits = self.forward(ids, true, &mut |_, _, _| Ok(()))?;
+        let n = ids.len() - 1;
+        let logits = logits.narrow(0, 0, n)?;
+        let logp = candle_nn::ops::log_softmax(&logits, D::Minus1)?;
+        let target = Tensor::new(&ids[1..], &Device::Cpu)?.unsqueeze(1)?;
+        let picked = logp.gather(&target, 1)?.sum_all()?.to_scalar::<f32>()?;
+        Ok((-(picked as f64), n))
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn rand(shape: &[usize], seed: u64) -> Tensor {
+        use rand::{Rng, SeedableRng};
+        let mut r = rand_chacha::ChaCha8Rng::seed_from_u64(seed);
+        let n: usize = shape.iter().product();
+        let v: Vec<f32> = (0..n).map(|_| r.random_range(-0.3f32..0.3)).collect();
+        Tensor::from_vec(v, shape, &Device::Cpu).unwrap()
+    }
+
+    /// A reference attention written head by head with explicit loops.
+    #[test]
+    fn gqa_attention_matches_a_per_head_reference() {
+        let cfg = LlamaConfig {
+            n_layers: 1,
+            hidden: 16,
+            n_heads: 4,
+            n_kv_heads: 2,
+            head_dim: 4,
+            ffn_width: 8,
+            rope_dim: 4,
+            rope_base: 10000.0,
+            rms_eps: 1e-5,
+            vocab: 10,
+            context_length: 64,
+        };
+        let layer = LayerWeights {
+            attn_norm: Tensor::ones(16, DType::F32, &Device::Cpu).unwrap(),
+            wq: rand(&[16, 16], 1),
+            wk: rand(&[8, 16], 2),
+            wv: rand(&[8, 16], 3),
+            wo: rand(&[16, 16], 4),
+            ffn_norm: Tensor::ones(16, DType::F32, &Device::Cpu).unwrap(),
+            gate: rand(&[8, 16], 5),
+            up: rand(&[8, 16], 6),
+            down: rand(&[16, 8], 7),
+        };
+        let t = 5;
+        let h = rand(&[t, 16], 8);
+        let (cos, sin) = rope_tables(&cfg, t).unwrap();
+        let mask = causal_mask(t).unwrap();
+        let got = attention_core(&cfg, &layer, &h, &cos, &sin, &mask)
+            .unwrap()
+            .to_vec2::<f32>()
+            .unwrap();
+        // Reference: rotate pairs (2i, 2i+1) by angle pos * base^(-2i/d).
+        let q = linear(&h, &layer.wq).unwrap().to_vec2::<f32>().unwrap();
+        let k = linear(&h, &layer.wk).unwrap().to_vec2::<f32>().unwrap();
+        let v = linear(&h, &layer.wv).unwrap().to_vec2::<f32>().unwrap();
+        let rot = |row: &[f32], pos: usize| -> Vec<f32> {
+            let mut o = row.to_vec();
+            for i in 0..2 {
+                let th = pos as f32 * 10000f32.powf(-((2 * i) as f32) / 4.0);
+                let (a, b) = (row[2 * i], row[2 * i + 1]);
+                o[2 * i] = a * th.cos() - b * th.sin();
+                o[2 * i + 1] = a * th.sin() + b * th.cos();
+            }
+            o
+        };
+        for head in 0..4 {
+            let kv = head / 2;
+            for i in 0..t {
+                let qi = rot(&q[i][head * 4..head * 4 + 4], i);
+                let mut w: Vec<f32> = (0..=i)
+                    .map(|j| {
+                        let kj = rot(&k[j][kv * 4..kv * 4 + 4], j);
+                        qi.iter().zip(&kj).map(|(a, b)| a * b).sum::<f32>() / 2.0
+                    })
+                    .collect();
+                let m = w.iter().cloned().fold(f32::MIN, f32::max);
+                let s: f32 = w
+                    .iter_mut()
+                    .map(|x| {
+                        *x = (*x - m).exp();
+                        *x
+                    })
+                    .sum();
+                for d in 0..4 {
+                    let want: f32 = (0..=i).map(|j| w[j] / s * v[j][kv * 4 + d]).sum();
+                    assert!((got[i][head * 4 + d] - want).abs() < 1e-5);
+                }
+            }
+        }
+    }
+}

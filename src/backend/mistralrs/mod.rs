@@ -1,0 +1,37 @@
+//! The mistral.rs backend: Llama-architecture GGUF models (SmolLM2, TinyLlama, Llama)
+//! read and calibrated with candle, emitted as GGUF files stock mistralrs-core loads,
+//! and verified in mistralrs-core itself.
+//!
+//! - [`gguf`]: bounds-checked header walk, then candle's reader and dequantisation.
+//! - [`llama`]: the f32 Llama forward (mistral.rs's `quantized_llama` semantics) with
+//!   hooks at the o_proj / down_proj inputs.
+//! - [`tokenizer`]: the GGUF-metadata tokenizer, built as mistral.rs builds it.
+//! - [`model`]: the [`ziplm_plugin_api::ModelAdapter`]: structure, shape constraints,
+//!   calibration, pruned weights.
+//! - [`emit`]: writing the pruned GGUF file.
+//! - [`profile`]: timing block shapes with candle's kernels.
+//! - [`loss`]: the SPDY loss hook.
+//! - [`runtime`]: mistralrs-core: load, logits, prefill timing, chat.
+//! - [`driver`]: a whole prune job.
+//! - [`eval`]: perplexity.
+
+pub mod driver;
+pub mod emit;
+pub mod eval;
+pub mod gguf;
+pub mod llama;
+pub mod loss;
+pub mod model;
+pub mod profile;
+pub mod runtime;
+pub mod tokenizer;
+
+pub use model::{LlamaModel, LlamaOptions};
+pub use runtime::LoadedModel;
+
+/// Loads an artifact ziplm emitted (a GGUF file) in mistral.rs, ready to serve: the one
+/// call where an app's build step (`ziplm::build` writes the file into `OUT_DIR`) and its
+/// serving code meet.
+pub fn load_for_serving(path: &std::path::Path) -> crate::Result<LoadedModel> {
+    Ok(LoadedModel::load(path)?)
+}

@@ -1,0 +1,554 @@
+//! A Llama GGUF model as the engine sees it: loading, the prunable structure with the
+//! shape constraints stock mistral.rs serves, calibration, and the pruned weights.
+
+use super::gguf::GgufFile;
+use super::llama::{LayerWeights, LlamaConfig, LlamaWeights, Site};
+use candle_core::{Device, Tensor};
+use std::path::{Path, PathBuf};
+use ziplm_plugin_api::{
+    ActivationSink, AdapterError, AdapterResult, AttentionShape, BlockId, BlockKind, FfnShape,
+    GqaPolicy, LayerIndex, ModelStructure, ModuleRemoval, Plan, PrunableBlock, PrunedWeights,
+    ShapeConstraints, WeightMatrix,
+};
+
+pub use crate::job::GgufDType as OutputDType;
+
+/// The candle type of an output type.
+pub fn ggml_dtype(d: OutputDType) -> candle_core::quantized::GgmlDType {
+    use candle_core::quantized::GgmlDType as G;
+    match d {
+        OutputDType::F32 => G::F32,
+        OutputDType::F16 => G::F16,
+        OutputDType::Q8_0 => G::Q8_0,
+        OutputDType::Q4K => G::Q4K,
+    }
+}
+
+/// Options for loading a Llama model.
+#[derive(Clone, Copy, Debug, PartialEq)]
+pub struct LlamaOptions {
+    /// How GQA heads may be removed.
+    pub gqa_policy: GqaPolicy,
+    /// Type of the emitted projections.
+    pub output_dtype: OutputDType,
+}
+
+impl Default for LlamaOptions {
+    fn default() -> Self {
+        LlamaOptions {
+            gqa_policy: GqaPolicy::EqualPerKvGroup,
+            output_dtype: OutputDType::F32,
+        }
+    }
+}
+
+/// A loaded Llama model: f32 weights, the source file and calibration samples.
+pub struct LlamaModel {
+    /// The source file.
+    pub path: PathBuf,
+    /// The GGUF file (metadata and stored embeddings are copied on emit).
+    pub gguf: GgufFile,
+    /// Dense weights in f32.
+    pub weights: LlamaWeights,
+    /// Options given at load.
+    pub options: LlamaOptions,
+    structure: ModelStructure,
+    samples: Vec<Vec<u32>>,
+}
+
+fn invalid(path: &Path, detail: impl Into<String>) -> AdapterError {
+    AdapterError::InvalidModel {
+        path: path.into(),
+        detail: detail.into(),
+    }
+}
+
+fn candle_err<'a>(path: &'a Path, what: &str) -> impl Fn(candle_core::Error) -> AdapterError + 'a {
+    let what = what.to_string();
+    move |e| invalid(path, format!("{what}: {e}"))
+}
+
+/// Reads the Llama hyper-parameters from GGUF metadata.
+fn config_from(g: &GgufFile) -> Result<LlamaConfig, String> {
+    let arch = g
+        .string("general.architecture")
+        .ok_or("general.architecture is missing")?;
+    if arch != "llama" {
+        return Err(format!(
+            "architecture `{arch}` is not supported: the mistral.rs backend prunes `llama` GGUF models (Llama, SmolLM, TinyLlama, Mistral-style dense models)"
+        ));
+    }
+    let req = |k: &str| {
+        g.uint(&format!("llama.{k}"))
+            .ok_or(format!("llama.{k} is missing"))
+    };
+    if g.uint("llama.expert_count").unwrap_or(0) > 0 {
+        return Err("mixture-of-experts llama models are not supported".into());
+    }
+    let n_layers = req("block_count")? as usize;
+    let hidden = req("embedding_length")? as usize;
+    let n_heads = req("attention.head_count")? as usize;
+    let n_kv_heads = g
+        .uint("llama.attention.head_count_kv")
+        .unwrap_or(n_heads as u64) as usize;
+    if n_layers == 0 || hidden == 0 || n_heads == 0 || n_kv_heads == 0 {
+        return Err("block_count, embedding_length and head counts must be positive".into());
+    }
+    if n_heads % n_kv_heads != 0 {
+        return Err(format!(
+            "{n_heads} query heads are not a multiple of {n_kv_heads} KV heads"
+        ));
+    }
+    let head_dim = g
+        .uint("llama.attention.key_length")
+        .map(|v| v as usize)
+        .unwrap_or(hidden / n_heads);
+    let rope_dim = g
+        .uint("llama.rope.dimension_count")
+        .map(|v| v as usize)
+        .unwrap_or(head_dim);
+    if rope_dim != head_dim {
+        return Err(format!(
+            "partial rotary embeddings (rope.dimension_count {rope_dim} != head dim {head_dim}) are not supported"
+        ));
+    }
+    Ok(LlamaConfig {
+        n_layers,
+        hidden,
+        n_heads,
+        n_kv_heads,
+        head_dim,
+        ffn_width: req("feed_forward_length")? as usize,
+        rope_dim,
+        rope_base: g.float("llama.rope.freq_base").unwrap_or(10_000.0) as f32,
+        rms_eps: g
+            .float("llama.attention.layer_norm_rms_epsilon")
+            .ok_or("llama.attention.layer_norm_rms_epsilon is missing")? as f32,
+        vocab: 0,
+        context_length: req("context_length")? as usize,
+    })
+}
+
+/// Loads one tensor as f32 and checks its shape.
+fn load(g: &GgufFile, name: &str, shape: &[usize]) -> Result<Tensor, String> {
+    let got = g.shape(name).ok_or(format!("tensor `{name}` is missing"))?;
+    if got != shape {
+        return Err(format!(
+            "tensor `{name}` has shape {got:?}, the metadata implies {shape:?}"
+        ));
+    }
+    g.f32_tensor(name)
+}
+
+/// Loads and checks every weight of a Llama GGUF file.
+fn weights_from(g: &GgufFile, mut cfg: LlamaConfig) -> Result<LlamaWeights, String> {
+    let embed_shape = g
+        .shape("token_embd.weight")
+        .ok_or("tensor `token_embd.weight` is missing")?;
+    if embed_shape.len() != 2 || embed_shape[1] != cfg.hidden {
+        return Err(format!(
+            "token_embd.weight has shape {embed_shape:?}, expected [vocab, {}]",
+            cfg.hidden
+        ));
+    }
+    cfg.vocab = embed_shape[0];
+    let (h, hd) = (cfg.hidden, cfg.head_dim);
+    let embed = g.f32_tensor("token_embd.weight")?;
+    let norm = load(g, "output_norm.weight", &[h])?;
+    let output = if g.has_tensor("output.weight") {
+        Some(load(g, "output.weight", &[cfg.vocab, h])?)
+    } else {
+        None
+    };
+    let mut layers = vec![];
+    for i in 0..cfg.n_layers {
+        let p = |n: &str| format!("blk.{i}.{n}.weight");
+        let width = g
+            .shape(&p("ffn_gate"))
+            .and_then(|s| s.first().copied())
+            .ok_or(format!("tensor `{}` is missing", p("ffn_gate")))?;
+        layers.push(LayerWeights {
+            attn_norm: load(g, &p("attn_norm"), &[h])?,
+            wq: load(g, &p("attn_q"), &[cfg.n_heads * hd, h])?,
+            wk: load(g, &p("attn_k"), &[cfg.n_kv_heads * hd, h])?,
+            wv: load(g, &p("attn_v"), &[cfg.n_kv_heads * hd, h])?,
+            wo: load(g, &p("attn_output"), &[h, cfg.n_heads * hd])?,
+            ffn_norm: load(g, &p("ffn_norm"), &[h])?,
+            gate: load(g, &p("ffn_gate"), &[width, h])?,
+            up: load(g, &p("ffn_up"), &[width, h])?,
+            down: load(g, &p("ffn_down"), &[h, width])?,
+        });
+    }
+    Ok(LlamaWeights {
+        config: cfg,
+        embed,
+        norm,
+        output,
+        layers,
+    })
+}
+
+/// The prunable blocks of a Llama model and what stock mistral.rs serves after pruning:
+/// one head count for every layer (GGUF stores a single `head_count`), per-layer FFN
+/// widths in whole quantisation blocks, and whole layers dropped (not attention or FFN
+/// alone).
+pub fn structure_of(w: &LlamaWeights, options: &LlamaOptions) -> ModelStructure {
+    let cfg = &w.config;
+    let mut blocks = vec![];
+    for (i, l) in w.layers.iter().enumerate() {
+        blocks.push(PrunableBlock {
+            id: BlockId(blocks.len() as u32),
+            layer: LayerIndex(i as u32),
+            kind: BlockKind::Attention(AttentionShape {
+                n_heads: l.n_heads(cfg.head_dim),
+                n_kv_heads: l.n_kv_heads(cfg.head_dim),
+                head_dim: cfg.head_dim,
+            }),
+            hidden: cfg.hidden,
+            name: format!("blk.{i}.attn"),
+        });
+        blocks.push(PrunableBlock {
+            id: BlockId(blocks.len() as u32),
+            layer: LayerIndex(i as u32),
+            kind: BlockKind::Ffn(FfnShape {
+                width: l.ffn_width(),
+                gated: true,
+            }),
+            hidden: cfg.hidden,
+            name: format!("blk.{i}.ffn"),
+        });
+    }
+    ModelStructure {
+        architecture: "llama".into(),
+        blocks,
+        constraints: ShapeConstraints {
+            gqa_policy: options.gqa_policy,
+            uniform_heads: true,
+            uniform_ffn_width: false,
+            // 32 keeps the number of widths to profile small; K-quants need 256.
+            ffn_width_multiple: ggml_dtype(options.output_dtype).block_size().max(32),
+            module_removal: ModuleRemoval::WholeLayerOnly,
+        },
+    }
+}
+
+impl LlamaModel {
+    /// Loads a Llama GGUF file.
+    pub fn load(path: &Path, options: LlamaOptions) -> AdapterResult<LlamaModel> {
+        if !path.is_file() {
+            return Err(AdapterError::Io {
+                path: path.into(),
+                source: std::io::Error::new(std::io::ErrorKind::NotFound, "no such model file"),
+            });
+        }
+        let gguf = GgufFile::open(path).map_err(|e| invalid(path, e))?;
+        let cfg = config_from(&gguf).map_err(|e| {
+            if e.contains("not supported") {
+                AdapterError::Unsupported {
+                    what: "model".into(),
+                    detail: format!("{}: {e}", path.display()),
+                    hint: "give a llama-architecture GGUF file".into(),
+                }
+            } else {
+                invalid(path, e)
+            }
+        })?;
+        let weights = weights_from(&gguf, cfg).map_err(|e| invalid(path, e))?;
+        check_finite(&weights).map_err(|e| invalid(path, e))?;
+        let structure = structure_of(&weights, &options);
+        Ok(LlamaModel {
+            path: path.into(),
+            gguf,
+            weights,
+            options,
+            structure,
+            samples: vec![],
+        })
+    }
+
+    /// Sets the calibration samples (token ids below the vocabulary size).
+    pub fn set_calibration(&mut self, samples: Vec<Vec<i64>>) -> AdapterResult<()> {
+        let vocab = self.weights.config.vocab as i64;
+        let mut out = vec![];
+        for s in samples {
+            if let Some(bad) = s.iter().find(|&&t| t < 0 || t >= vocab) {
+                return Err(AdapterError::Calibration(format!(
+                    "token id {bad} is outside the vocabulary (0..{vocab}); the tokenizer does not match the model"
+                )));
+            }
+            if s.len() > self.weights.config.context_length {
+                return Err(AdapterError::Calibration(format!(
+                    "a sample of {} tokens is longer than the model's context ({})",
+                    s.len(),
+                    self.weights.config.context_length
+                )));
+            }
+            if !s.is_empty() {
+                out.push(s.into_iter().map(|t| t as u32).collect());
+            }
+        }
+        if out.is_empty() {
+            return Err(AdapterError::Calibration(
+                "no calibration samples; give calibration text".into(),
+            ));
+        }
+        self.samples = out;
+        Ok(())
+    }
+
+    /// The calibration samples.
+    pub fn calibration_samples(&self) -> &[Vec<u32>] {
+        &self.samples
+    }
+
+    /// The f32 weights of the model a plan describes, with compensated out-projections.
+    pub fn pruned_weights(
+        &self,
+        plan: &Plan,
+        compensated: &PrunedWeights,
+    ) -> AdapterResult<LlamaWeights> {
+        plan.validate_for(&self.structure)
+            .map_err(AdapterError::InvalidRequest)?;
+        prune(&self.weights, &self.structure, plan, compensated)
+    }
+}
+
+fn check_finite(w: &LlamaWeights) -> Result<(), String> {
+    let bad = |t: &Tensor| -> bool {
+        t.flatten_all()
+            .and_then(|t| t.to_vec1::<f32>())
+            .map(|v| v.iter().any(|x| !x.is_finite()))
+            .unwrap_or(true)
+    };
+    for (i, l) in w.layers.iter().enumerate() {
+        for (name, t) in [
+            ("attn_q", &l.wq),
+            ("attn_k", &l.wk),
+            ("attn_v", &l.wv),
+            ("attn_output", &l.wo),
+            ("ffn_gate", &l.gate),
+            ("ffn_up", &l.up),
+            ("ffn_down", &l.down),
+        ] {
+            if bad(t) {
+                return Err(format!(
+                    "tensor `blk.{i}.{name}.weight` holds NaN or infinite values"
+                ));
+            }
+        }
+    }
+    Ok(())
+}
+
+fn rows(t: &Tensor, idx: &[usize]) -> candle_core::Result<Tensor> {
+    let idx: Vec<u32> = idx.iter().map(|&i| i as u32).collect();
+    t.index_select(&Tensor::new(idx.as_slice(), &Device::Cpu)?, 0)
+}
+
+fn cols(t: &Tensor, idx: &[usize]) -> candle_core::Result<Tensor> {
+    let idx: Vec<u32> = idx.iter().map(|&i| i as u32).collect();
+    t.index_select(&Tensor::new(idx.as_slice(), &Device::Cpu)?, 1)?
+        .contiguous()
+}
+
+fn matrix(m: &WeightMatrix) -> candle_core::Result<Tensor> {
+    Tensor::from_slice(&m.data, (m.rows, m.cols), &Device::Cpu)
+}
+
+/// Applies a plan: rows of Q/K/V and gate/up removed, out-projection columns kept or
+/// replaced by the compensated ones, layers with nothing kept dropped. Refuses plans
+/// stock mistral.rs cannot load (attention or FFN removed alone, differing head counts,
+/// a head that no longer reads its own KV head).
+pub fn prune(
+    dense: &LlamaWeights,
+    structure: &ModelStructure,
+    plan: &Plan,
+    compensated: &PrunedWeights,
+) -> AdapterResult<LlamaWeights> {
+    let hd = dense.config.head_dim;
+    let ce = |e: candle_core::Error| AdapterError::runtime("pruning weights", e);
+    let mut layers = vec![];
+    let mut heads: Option<(usize, usize)> = None;
+    for (i, layer) in dense.layers.iter().enumerate() {
+        let find = |attn: bool| {
+            structure
+                .blocks
+                .iter()
+                .find(|b| b.layer.0 as usize == i && b.kind.is_attention() == attn)
+                .map(|b| &plan.blocks[b.id.index()])
+                .ok_or_else(|| AdapterError::InvalidRequest(format!("layer {i} has no blocks")))
+        };
+        let (pa, pf) = (find(true)?, find(false)?);
+        match (pa.kept.is_empty(), pf.kept.is_empty()) {
+            (true, true) => continue,
+            (false, false) => {}
+            _ => {
+                return Err(AdapterError::InvalidRequest(format!(
+                    "layer {i}: removing only its attention or only its FFN cannot be served by mistral.rs (whole layers only)"
+                )))
+            }
+        }
+        let BlockKind::Attention(a) = pa.kind else {
+            return Err(AdapterError::InvalidRequest(
+                "block kinds out of order".into(),
+            ));
+        };
+        let (nh, nkv) = (pa.kept.len(), pa.kept_kv_heads.len());
+        if nh % nkv != 0 {
+            return Err(AdapterError::InvalidRequest(format!(
+                "layer {i}: {nh} heads over {nkv} KV heads"
+            )));
+        }
+        // mistral.rs maps new head j to new KV head j / (nh / nkv): that must be the KV
+        // head it used before.
+        for (j, &h) in pa.kept.iter().enumerate() {
+            if pa.kept_kv_heads[j / (nh / nkv)] != h / a.heads_per_kv() {
+                return Err(AdapterError::InvalidRequest(format!(
+                    "layer {i}: kept heads {:?} do not keep the same number of heads in every KV group",
+                    pa.kept
+                )));
+            }
+        }
+        match heads {
+            None => heads = Some((nh, nkv)),
+            Some(h) if h != (nh, nkv) => {
+                return Err(AdapterError::InvalidRequest(format!(
+                    "layer {i} keeps {nh} heads / {nkv} KV heads, an earlier layer {} / {}: GGUF has one head count for all layers",
+                    h.0, h.1
+                )))
+            }
+            _ => {}
+        }
+        let head_rows = |hs: &[usize]| -> Vec<usize> {
+            hs.iter().flat_map(|&h| h * hd..(h + 1) * hd).collect()
+        };
+        let q_rows = head_rows(&pa.kept);
+        let kv_rows = head_rows(&pa.kept_kv_heads);
+        let wo = match compensated.out_projections.get(&pa.block) {
+            Some(m) => matrix(m).map_err(ce)?,
+            None => cols(&layer.wo, &q_rows).map_err(ce)?,
+        };
+        let down = match compensated.out_projections.get(&pf.block) {
+            Some(m) => matrix(m).map_err(ce)?,
+            None => cols(&layer.down, &pf.kept).map_err(ce)?,
+        };
+        layers.push(LayerWeights {
+            attn_norm: layer.attn_norm.clone(),
+            wq: rows(&layer.wq, &q_rows).map_err(ce)?,
+            wk: rows(&layer.wk, &kv_rows).map_err(ce)?,
+            wv: rows(&layer.wv, &kv_rows).map_err(ce)?,
+            wo,
+            ffn_norm: layer.ffn_norm.clone(),
+            gate: rows(&layer.gate, &pf.kept).map_err(ce)?,
+            up: rows(&layer.up, &pf.kept).map_err(ce)?,
+            down,
+        });
+    }
+    if layers.is_empty() {
+        return Err(AdapterError::InvalidRequest(
+            "the plan removes every layer".into(),
+        ));
+    }
+    Ok(LlamaWeights {
+        config: dense.config.clone(),
+        embed: dense.embed.clone(),
+        norm: dense.norm.clone(),
+        output: dense.output.clone(),
+        layers,
+    })
+}
+
+impl ziplm_plugin_api::ModelAdapter for LlamaModel {
+    fn structure(&self) -> &ModelStructure {
+        &self.structure
+    }
+
+    fn calibrate(
+        &mut self,
+        capture: &[BlockId],
+        sink: &mut dyn ActivationSink,
+    ) -> AdapterResult<()> {
+        if self.samples.is_empty() {
+            return Err(AdapterError::Calibration(
+                "no calibration samples were set".into(),
+            ));
+        }
+        let wanted = |layer: usize, site: Site| -> Option<BlockId> {
+            capture.iter().copied().find(|b| {
+                let blk = &self.structure.blocks[b.index()];
+                blk.layer.0 as usize == layer && blk.kind.is_attention() == (site == Site::AttnOut)
+            })
+        };
+        let mut failure: Option<AdapterError> = None;
+        for s in &self.samples {
+            let mut hook = |layer: usize, site: Site, x: &Tensor| -> candle_core::Result<()> {
+                let Some(b) = wanted(layer, site) else {
+                    return Ok(());
+                };
+                let width = x.dims()[1];
+                let v = x.flatten_all()?.to_vec1::<f32>()?;
+                if let Err(e) = sink.accept(b, &v, width) {
+                    failure = Some(e);
+                    return Err(candle_core::Error::Msg("calibration stopped".into()));
+                }
+                Ok(())
+            };
+            let r = self.weights.forward(s, false, &mut hook);
+            if let Some(e) = failure.take() {
+                return Err(e);
+            }
+            r.map_err(|e| AdapterError::runtime("the calibration forward pass", e))?;
+        }
+        Ok(())
+    }
+
+    fn out_projection(&self, block: BlockId) -> AdapterResult<WeightMatrix> {
+        let b = self
+            .structure
+            .block(block)
+            .ok_or_else(|| AdapterError::InvalidRequest(format!("no {block}")))?;
+        let l = &self.weights.layers[b.layer.0 as usize];
+        let t = if b.kind.is_attention() {
+            &l.wo
+        } else {
+            &l.down
+        };
+        let (r, c) = t.dims2().map_err(candle_err(&self.path, "weights"))?;
+        let data = t
+            .flatten_all()
+            .and_then(|t| t.to_vec1::<f32>())
+            .map_err(candle_err(&self.path, "weights"))?;
+        Ok(WeightMatrix {
+            rows: r,
+            cols: c,
+            data,
+        })
+    }
+
+    fn emit(
+        &self,
+        plan: &Plan,
+        weights: &PrunedWeights,
+        dest: &Path,
+    ) -> AdapterResult<ziplm_plugin_api::EmitSummary> {
+        let pruned = self.pruned_weights(plan, weights)?;
+        let bytes = super::emit::write_gguf(&self.gguf, &pruned, self.options.output_dtype, dest)?;
+        let params = |w: &LlamaWeights| -> u64 {
+            w.layers
+                .iter()
+                .map(|l| {
+                    [&l.wq, &l.wk, &l.wv, &l.wo, &l.gate, &l.up, &l.down]
+                        .iter()
+                        .map(|t| t.elem_count() as u64)
+                        .sum::<u64>()
+                })
+                .sum()
+        };
+        Ok(ziplm_plugin_api::EmitSummary {
+            path: dest.into(),
+            bytes,
+            params_before: params(&self.weights),
+            params_after: params(&pruned),
+        })
+    }
+}

@@ -1,0 +1,235 @@
+//! mistral.rs itself: loading an emitted GGUF file with stock mistralrs-core, raw logits,
+//! prefill timing and chat replies. This is what verification and the app helper use;
+//! nothing here knows about pruning.
+
+use candle_core::Device;
+use either::Either;
+use indexmap::IndexMap;
+use mistralrs_core::{
+    AutoDeviceMapParams, Constraint, DefaultSchedulerMethod, DeviceMapSetting, GGUFLoaderBuilder,
+    GGUFSpecificConfig, MistralRs, MistralRsBuilder, ModelDType, NormalRequest, Request,
+    RequestMessage, Response, SamplingParams, SchedulerConfig, TokenSource,
+};
+use std::num::NonZeroUsize;
+use std::path::Path;
+use std::sync::Arc;
+use tokio::sync::mpsc::channel;
+use ziplm_plugin_api::{AdapterError, AdapterResult};
+
+fn err(context: &str) -> impl Fn(String) -> AdapterError + '_ {
+    move |e| AdapterError::runtime(format!("mistral.rs {context}"), e)
+}
+
+/// A GGUF model loaded in mistral.rs (CPU, f32 activations), with its own async runtime.
+pub struct LoadedModel {
+    engine: Arc<MistralRs>,
+    rt: tokio::runtime::Runtime,
+    next_id: std::sync::atomic::AtomicUsize,
+}
+
+impl std::fmt::Debug for LoadedModel {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("LoadedModel").finish_non_exhaustive()
+    }
+}
+
+/// A reply and the engine's own timings.
+#[derive(Clone, Debug, PartialEq)]
+pub struct Reply {
+    /// Generated text.
+    pub text: String,
+    /// Prompt tokens.
+    pub prompt_tokens: usize,
+    /// Generated tokens.
+    pub completion_tokens: usize,
+    /// Seconds the engine spent on the prompt (prefill).
+    pub prompt_s: f64,
+    /// Seconds the engine spent generating.
+    pub completion_s: f64,
+}
+
+impl LoadedModel {
+    /// Loads a GGUF file the way `mistralrs` serves it: stock GGUF loader, tokenizer and
+    /// chat template from the file's metadata, f32 on the CPU, no prefix cache.
+    pub fn load(path: &Path) -> AdapterResult<LoadedModel> {
+        let rt = tokio::runtime::Builder::new_multi_thread()
+            .worker_threads(1)
+            .enable_all()
+            .build()
+            .map_err(|e| AdapterError::runtime("starting an async runtime", e))?;
+        let dir = path
+            .parent()
+            .filter(|p| !p.as_os_str().is_empty())
+            .unwrap_or(Path::new("."));
+        let file = path.file_name().and_then(|f| f.to_str()).ok_or_else(|| {
+            AdapterError::InvalidRequest(format!("{}: not a file name", path.display()))
+        })?;
+        let loader = GGUFLoaderBuilder::new(
+            None,
+            None,
+            dir.to_string_lossy().into_owned(),
+            vec![file.to_string()],
+            GGUFSpecificConfig { topology: None },
+            false,
+            None,
+        )
+        .build();
+        let pipeline = rt
+            .block_on(async {
+                loader.load_model_from_hf(
+                    None,
+                    TokenSource::None,
+                    &ModelDType::F32,
+                    &Device::Cpu,
+                    true,
+                    DeviceMapSetting::Auto(AutoDeviceMapParams::default_text()),
+                    None,
+                    None,
+                )
+            })
+            .map_err(|e| {
+                AdapterError::runtime(
+                    format!("mistral.rs loading {}", path.display()),
+                    format!("{e:#}"),
+                )
+            })?;
+        let engine = rt.block_on(async {
+            MistralRsBuilder::new(
+                pipeline,
+                SchedulerConfig::DefaultScheduler {
+                    method: DefaultSchedulerMethod::Fixed(NonZeroUsize::new(1).expect("1 > 0")),
+                },
+                false,
+                None,
+            )
+            .with_no_prefix_cache(true)
+            .build()
+            .await
+        });
+        Ok(LoadedModel {
+            engine,
+            rt,
+            next_id: 0.into(),
+        })
+    }
+
+    fn send(&self, messages: RequestMessage, max_len: usize, raw: bool) -> AdapterResult<Response> {
+        let (tx, mut rx) = channel(16);
+        let mut sampling = SamplingParams::deterministic();
+        sampling.max_len = Some(max_len);
+        let id = self
+            .next_id
+            .fetch_add(1, std::sync::atomic::Ordering::Relaxed);
+        let request = Request::Normal(Box::new(NormalRequest {
+            messages,
+            sampling_params: sampling,
+            response: tx,
+            return_logprobs: false,
+            is_streaming: false,
+            id,
+            constraint: Constraint::None,
+            suffix: None,
+            tools: None,
+            tool_choice: None,
+            logits_processors: None,
+            return_raw_logits: raw,
+            web_search_options: None,
+            model_id: None,
+            truncate_sequence: false,
+        }));
+        let sender = self
+            .engine
+            .get_sender(None)
+            .map_err(|e| AdapterError::runtime("mistral.rs engine", format!("{e:?}")))?;
+        self.rt.block_on(async {
+            sender
+                .send(request)
+                .await
+                .map_err(|e| err("request")(e.to_string()))?;
+            rx.recv()
+                .await
+                .ok_or_else(|| err("request")("the engine closed the response channel".into()))
+        })
+    }
+
+    /// The logits of every position of `ids` (one row of `vocab` values per token).
+    pub fn logits(&self, ids: &[u32]) -> AdapterResult<Vec<Vec<f32>>> {
+        match self.send(RequestMessage::CompletionTokens(ids.to_vec()), 1, true)? {
+            Response::Raw { logits_chunks, .. } => {
+                let mut rows = vec![];
+                for chunk in logits_chunks {
+                    let chunk = chunk
+                        .to_dtype(candle_core::DType::F32)
+                        .and_then(|c| {
+                            let v = c.dims().last().copied().unwrap_or(0);
+                            c.reshape(((), v))
+                        })
+                        .and_then(|c| c.to_vec2::<f32>())
+                        .map_err(|e| err("logits")(e.to_string()))?;
+                    rows.extend(chunk);
+                }
+                Ok(rows)
+            }
+            other => Err(unexpected(other)),
+        }
+    }
+
+    /// Runs a prompt of token ids with one generated token; returns the engine's
+    /// prefill seconds and the wall seconds of the whole request.
+    pub fn prefill(&self, ids: &[u32]) -> AdapterResult<(f64, f64)> {
+        let start = std::time::Instant::now();
+        match self.send(RequestMessage::CompletionTokens(ids.to_vec()), 1, false)? {
+            Response::CompletionDone(r) => Ok((
+                r.usage.total_prompt_time_sec as f64,
+                start.elapsed().as_secs_f64(),
+            )),
+            other => Err(unexpected(other)),
+        }
+    }
+
+    /// Greedy reply to one user message, through the model's chat template.
+    pub fn chat(&self, user: &str, max_tokens: usize) -> AdapterResult<Reply> {
+        let mut m = IndexMap::new();
+        m.insert("role".to_string(), Either::Left("user".to_string()));
+        m.insert("content".to_string(), Either::Left(user.to_string()));
+        let msg = RequestMessage::Chat {
+            messages: vec![m],
+            enable_thinking: None,
+            reasoning_effort: None,
+        };
+        match self.send(msg, max_tokens, false)? {
+            Response::Done(r) => Ok(Reply {
+                text: r
+                    .choices
+                    .first()
+                    .and_then(|c| c.message.content.clone())
+                    .unwrap_or_default(),
+                prompt_tokens: r.usage.prompt_tokens,
+                completion_tokens: r.usage.completion_tokens,
+                prompt_s: r.usage.total_prompt_time_sec as f64,
+                completion_s: r.usage.total_completion_time_sec as f64,
+            }),
+            other => Err(unexpected(other)),
+        }
+    }
+}
+
+fn unexpected(r: Response) -> AdapterError {
+    let what = match r {
+        Response::InternalError(e) => format!("internal error: {e}"),
+        Response::ValidationError(e) => format!("validation error: {e}"),
+        Response::ModelError(e, _) | Response::CompletionModelError(e, _) => {
+            format!("model error: {e}")
+        }
+        _ => "an unexpected kind of response".into(),
+    };
+    AdapterError::runtime("mistral.rs request", what)
+}
+
+impl Drop for LoadedModel {
+    fn drop(&mut self) {
+        if let Ok(sender) = self.engine.get_sender(None) {
+            let _ = self.rt.block_on(sender.send(Request::Terminate));
+        }
+    }
+}

@@ -1,0 +1,389 @@
+//! The mistral.rs backend on the tiny Llama fixture (`fixtures/gguf/tiny-llama-gqa.gguf`,
+//! written by gguf-py from the Hugging Face fixture, see `scripts/make_tiny_llama_gguf.py`)
+//! and, when it has been fetched, the real SmolLM2-135M.
+
+use std::path::{Path, PathBuf};
+use ziplm::backend::mistralrs::{self as mrs, LlamaModel, LlamaOptions, LoadedModel};
+use ziplm::job::PruneJob;
+use ziplm::search::Budget;
+use ziplm_plugin_api::{ModelAdapter, Plan, PrunedWeights, WeightMatrix};
+
+fn tiny() -> PathBuf {
+    Path::new(env!("CARGO_MANIFEST_DIR")).join("fixtures/gguf/tiny-llama-gqa.gguf")
+}
+
+fn max_abs_diff(a: &[Vec<f32>], b: &[Vec<f32>]) -> f32 {
+    assert_eq!(a.len(), b.len(), "row counts differ");
+    a.iter()
+        .zip(b)
+        .flat_map(|(x, y)| {
+            assert_eq!(x.len(), y.len());
+            x.iter().zip(y).map(|(p, q)| (p - q).abs())
+        })
+        .fold(0.0, f32::max)
+}
+
+fn our_logits(model: &LlamaModel, ids: &[u32]) -> Vec<Vec<f32>> {
+    model
+        .weights
+        .forward(ids, true, &mut |_, _, _| Ok(()))
+        .unwrap()
+        .to_vec2::<f32>()
+        .unwrap()
+}
+
+#[test]
+fn tiny_llama_forward_matches_an_independent_numpy_reference() {
+    let reference: serde_json::Value = serde_json::from_slice(
+        &std::fs::read(tiny().with_file_name("tiny-llama-gqa.logits.json")).unwrap(),
+    )
+    .unwrap();
+    let ids: Vec<u32> = reference["ids"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .map(|v| v.as_u64().unwrap() as u32)
+        .collect();
+    let want: Vec<Vec<f32>> = serde_json::from_value(reference["logits"].clone()).unwrap();
+    let model = LlamaModel::load(&tiny(), LlamaOptions::default()).unwrap();
+    let got = our_logits(&model, &ids);
+    let d = max_abs_diff(&got, &want);
+    assert!(d < 1e-4, "max |diff| to the numpy reference: {d}");
+}
+
+/// A plan that keeps 1 query head per KV group (2 of 4 heads), FFN widths 96 and 64,
+/// with the out-projections replaced by arbitrary matrices (as OBS would).
+fn a_pruned_plan(model: &LlamaModel) -> (Plan, PrunedWeights) {
+    let s = model.structure();
+    let mut plan = Plan::dense(s);
+    let mut weights = PrunedWeights::default();
+    for (bp, b) in plan.blocks.iter_mut().zip(&s.blocks) {
+        if b.kind.is_attention() {
+            bp.kept = vec![0, 2];
+        } else {
+            bp.kept = (0..if b.layer.0 == 0 { 96 } else { 64 }).collect();
+        }
+        let cols = bp.kept_columns().len();
+        let data = (0..b.hidden * cols)
+            .map(|i| ((i * 31 % 17) as f32 - 8.0) / 40.0)
+            .collect();
+        weights
+            .out_projections
+            .insert(b.id, WeightMatrix::new(b.hidden, cols, data).unwrap());
+    }
+    (plan, weights)
+}
+
+#[test]
+fn a_pruned_tiny_llama_loads_in_mistralrs_with_ziplms_logits() {
+    let dir = tempfile::tempdir().unwrap();
+    let model = LlamaModel::load(&tiny(), LlamaOptions::default()).unwrap();
+    let ids: Vec<u32> = (0..20).map(|i| (i * 13 + 3) % 128).collect();
+
+    // Dense: mistral.rs on the fixture itself.
+    let dense_rt = LoadedModel::load(&tiny()).unwrap();
+    let d = max_abs_diff(&dense_rt.logits(&ids).unwrap(), &our_logits(&model, &ids));
+    eprintln!("dense tiny llama: max |ziplm - mistral.rs| logit diff {d:e}");
+    assert!(d < 1e-4, "dense logits differ by {d}");
+
+    // Pruned: emitted file in mistral.rs vs ziplm's forward of the pruned weights.
+    let (plan, weights) = a_pruned_plan(&model);
+    let dest = dir.path().join("pruned.gguf");
+    let summary = model.emit(&plan, &weights, &dest).unwrap();
+    assert!(summary.params_after < summary.params_before);
+    let ours = model.pruned_weights(&plan, &weights).unwrap();
+    let want = ours
+        .forward(&ids, true, &mut |_, _, _| Ok(()))
+        .unwrap()
+        .to_vec2::<f32>()
+        .unwrap();
+    // The emitted file read back by ziplm has the pruned shapes.
+    let back = LlamaModel::load(&dest, LlamaOptions::default()).unwrap();
+    assert_eq!(back.weights.config.n_heads, 2);
+    assert_eq!(back.weights.config.n_kv_heads, 2);
+    assert_eq!(back.weights.layers[0].ffn_width(), 96);
+    assert_eq!(back.weights.layers[1].ffn_width(), 64);
+    assert!(max_abs_diff(&our_logits(&back, &ids), &want) < 1e-5);
+    let rt = LoadedModel::load(&dest).unwrap();
+    let d = max_abs_diff(&rt.logits(&ids).unwrap(), &want);
+    eprintln!("pruned tiny llama: max |ziplm - mistral.rs| logit diff {d:e}");
+    assert!(d < 1e-4, "pruned logits differ by {d}");
+}
+
+#[test]
+fn dropping_a_whole_layer_loads_and_matches() {
+    let dir = tempfile::tempdir().unwrap();
+    let model = LlamaModel::load(&tiny(), LlamaOptions::default()).unwrap();
+    let mut plan = Plan::dense(model.structure());
+    for bp in plan.blocks.iter_mut().take(2) {
+        bp.kept.clear();
+        bp.kept_kv_heads.clear();
+    }
+    let dest = dir.path().join("one-layer.gguf");
+    model.emit(&plan, &PrunedWeights::default(), &dest).unwrap();
+    let ids: Vec<u32> = (0..12).map(|i| (i * 7 + 1) % 128).collect();
+    let want = model
+        .pruned_weights(&plan, &PrunedWeights::default())
+        .unwrap()
+        .forward(&ids, true, &mut |_, _, _| Ok(()))
+        .unwrap()
+        .to_vec2::<f32>()
+        .unwrap();
+    assert_eq!(
+        LlamaModel::load(&dest, LlamaOptions::default())
+            .unwrap()
+            .weights
+            .layers
+            .len(),
+        1
+    );
+    let d = max_abs_diff(
+        &LoadedModel::load(&dest).unwrap().logits(&ids).unwrap(),
+        &want,
+    );
+    assert!(d < 1e-4, "logits differ by {d}");
+
+    // Attention alone cannot be removed: a clear refusal, nothing written.
+    let mut half = Plan::dense(model.structure());
+    half.blocks[0].kept.clear();
+    half.blocks[0].kept_kv_heads.clear();
+    let dest = dir.path().join("half.gguf");
+    let e = model
+        .emit(&half, &PrunedWeights::default(), &dest)
+        .unwrap_err()
+        .to_string();
+    assert!(e.contains("whole layers only"), "{e}");
+    assert!(!dest.exists());
+}
+
+#[test]
+fn the_same_plan_gives_byte_identical_gguf_files() {
+    let dir = tempfile::tempdir().unwrap();
+    let model = LlamaModel::load(&tiny(), LlamaOptions::default()).unwrap();
+    let (plan, weights) = a_pruned_plan(&model);
+    let a = dir.path().join("a.gguf");
+    let b = dir.path().join("b.gguf");
+    model.emit(&plan, &weights, &a).unwrap();
+    LlamaModel::load(&tiny(), LlamaOptions::default())
+        .unwrap()
+        .emit(&plan, &weights, &b)
+        .unwrap();
+    assert_eq!(std::fs::read(a).unwrap(), std::fs::read(b).unwrap());
+}
+
+#[test]
+fn a_prune_job_on_the_tiny_llama_is_verified_in_mistralrs() {
+    let dir = tempfile::tempdir().unwrap();
+    let mut job = PruneJob::new(tiny());
+    job.workload = ziplm_plugin_api::Workload::prefill(1, 32);
+    job.random_samples = 16;
+    job.budgets = vec![Budget::Speedup(1.2)];
+    job.profile = ziplm::profile::ProfileSettings { warmup: 1, runs: 5 };
+    job.verify_settings = ziplm::profile::ProfileSettings { warmup: 1, runs: 5 };
+    job.search.retries = 1;
+    job.out_dir = dir.path().join("out");
+    let report = ziplm::backend::run_job(&job, &ziplm::progress::Quiet).unwrap();
+    let b = &report.budgets[0];
+    assert!(Path::new(&b.output).exists());
+    assert!(b.measured_ms.is_some(), "verification ran in mistral.rs");
+    assert!(b.params.1 <= b.params.0);
+    assert!(report.notes.iter().any(|n| n.contains("mistral.rs reply")));
+    // The emitted file loads in mistral.rs and in ziplm.
+    LlamaModel::load(Path::new(&b.output), LlamaOptions::default()).unwrap();
+    // No scratch files left behind.
+    for e in std::fs::read_dir(&job.out_dir).unwrap() {
+        let name = e.unwrap().file_name().to_string_lossy().into_owned();
+        assert!(!name.starts_with(".ziplm"), "left {name}");
+    }
+}
+
+#[test]
+fn bad_gguf_inputs_get_clear_errors() {
+    let dir = tempfile::tempdir().unwrap();
+    let bytes = std::fs::read(tiny()).unwrap();
+    let err = |p: &Path| match LlamaModel::load(p, LlamaOptions::default()) {
+        Ok(_) => panic!("{} loaded", p.display()),
+        Err(e) => e.to_string(),
+    };
+    // Truncated in the tensor data and in the header.
+    for (name, len) in [("data.gguf", bytes.len() - 100), ("head.gguf", 300)] {
+        let p = dir.path().join(name);
+        std::fs::write(&p, &bytes[..len]).unwrap();
+        let e = err(&p);
+        assert!(e.contains(name) && e.contains("truncated"), "{e}");
+    }
+    // An unsupported architecture, written with candle's writer.
+    let g = mrs::gguf::GgufFile::open(&tiny()).unwrap();
+    let mut meta: Vec<(String, candle_core::quantized::gguf_file::Value)> = g
+        .metadata()
+        .iter()
+        .map(|(k, v)| (k.clone(), v.clone()))
+        .collect();
+    for (k, v) in meta.iter_mut() {
+        if k == "general.architecture" {
+            *v = candle_core::quantized::gguf_file::Value::String("qwen2".into());
+        }
+    }
+    let names: Vec<String> = g.content.tensor_infos.keys().cloned().collect();
+    let tensors: Vec<(String, candle_core::quantized::QTensor)> = names
+        .iter()
+        .map(|n| (n.clone(), g.qtensor(n).unwrap()))
+        .collect();
+    let p = dir.path().join("qwen.gguf");
+    let mut f = std::fs::File::create(&p).unwrap();
+    candle_core::quantized::gguf_file::write(
+        &mut f,
+        &meta
+            .iter()
+            .map(|(k, v)| (k.as_str(), v))
+            .collect::<Vec<_>>(),
+        &tensors
+            .iter()
+            .map(|(k, t)| (k.as_str(), t))
+            .collect::<Vec<_>>(),
+    )
+    .unwrap();
+    let e = err(&p);
+    assert!(e.contains("qwen2") && e.contains("llama"), "{e}");
+    // NaN in a projection.
+    let mut nan = tensors;
+    let t = candle_core::Tensor::full(f32::NAN, (64, 64), &candle_core::Device::Cpu).unwrap();
+    for (k, v) in nan.iter_mut() {
+        if k == "blk.1.attn_q.weight" {
+            *v = candle_core::quantized::QTensor::quantize(
+                &t,
+                candle_core::quantized::GgmlDType::F32,
+            )
+            .unwrap();
+        }
+    }
+    for (k, v) in meta.iter_mut() {
+        if k == "general.architecture" {
+            *v = candle_core::quantized::gguf_file::Value::String("llama".into());
+        }
+    }
+    let p = dir.path().join("nan.gguf");
+    let mut f = std::fs::File::create(&p).unwrap();
+    candle_core::quantized::gguf_file::write(
+        &mut f,
+        &meta
+            .iter()
+            .map(|(k, v)| (k.as_str(), v))
+            .collect::<Vec<_>>(),
+        &nan.iter().map(|(k, t)| (k.as_str(), t)).collect::<Vec<_>>(),
+    )
+    .unwrap();
+    let e = err(&p);
+    assert!(
+        e.contains("blk.1.attn_q.weight") && e.contains("NaN"),
+        "{e}"
+    );
+    // A safetensors folder: named, with what to do.
+    let job = PruneJob::new(Path::new(env!("CARGO_MANIFEST_DIR")).join("fixtures"));
+    let e = ziplm::backend::run_job(&job, &ziplm::progress::Quiet)
+        .unwrap_err()
+        .to_string();
+    assert!(e.contains("GGUF"), "{e}");
+}
+
+/// SmolLM2-135M-Instruct, fetched by `scripts/fetch_smollm2.py`.
+pub fn smollm2() -> Option<PathBuf> {
+    let p = std::env::var_os("ZIPLM_SMOLLM2")
+        .map(PathBuf::from)
+        .unwrap_or_else(|| {
+            Path::new(env!("CARGO_MANIFEST_DIR"))
+                .join("models/smollm2-135m/SmolLM2-135M-Instruct.Q4_1.gguf")
+        });
+    if p.is_file() {
+        Some(p)
+    } else {
+        eprintln!(
+            "skipped: SmolLM2-135M not found at {} (run scripts/fetch_smollm2.py)",
+            p.display()
+        );
+        None
+    }
+}
+
+#[test]
+fn smollm2_logits_agree_with_mistralrs_and_the_tokenizer_too() {
+    let Some(path) = smollm2() else { return };
+    let model = LlamaModel::load(&path, LlamaOptions::default()).unwrap();
+    let c = &model.weights.config;
+    assert_eq!(
+        (
+            c.n_layers,
+            c.hidden,
+            c.n_heads,
+            c.n_kv_heads,
+            c.head_dim,
+            c.ffn_width,
+            c.vocab
+        ),
+        (30, 576, 9, 3, 64, 1536, 49152)
+    );
+    let tok = mrs::tokenizer::from_gguf(&model.gguf).unwrap();
+    let ids = tok
+        .encode("The capital of France is Paris. It is known for", false)
+        .unwrap()
+        .get_ids()
+        .to_vec();
+    assert!(ids.len() > 5 && ids.iter().all(|&i| i < 49152));
+    let rt = LoadedModel::load(&path).unwrap();
+    let theirs = rt.logits(&ids).unwrap();
+    let ours = our_logits(&model, &ids);
+    let d = max_abs_diff(&theirs, &ours);
+    let scale = ours.iter().flatten().fold(0f32, |m, x| m.max(x.abs()));
+    eprintln!("SmolLM2 dense: max |ziplm - mistral.rs| logit diff {d:e} (max |logit| {scale})");
+    // mistral.rs multiplies the Q4_1 weights with quantised kernels (activations
+    // quantised to Q8_1), ziplm with dequantised f32: close, not identical.
+    assert!(d < 0.05 * scale, "logits differ by {d}");
+    let argmax = |r: &Vec<f32>| {
+        r.iter()
+            .enumerate()
+            .max_by(|a, b| a.1.total_cmp(b.1))
+            .unwrap()
+            .0
+    };
+    let agree = theirs
+        .iter()
+        .zip(&ours)
+        .filter(|(a, b)| argmax(a) == argmax(b))
+        .count();
+    assert!(
+        agree * 10 >= ids.len() * 9,
+        "{agree}/{} argmax agree",
+        ids.len()
+    );
+}
+
+#[test]
+fn q8_0_output_loads_in_mistralrs_and_stays_close() {
+    let dir = tempfile::tempdir().unwrap();
+    let options = LlamaOptions {
+        output_dtype: ziplm::job::GgufDType::Q8_0,
+        ..Default::default()
+    };
+    let model = LlamaModel::load(&tiny(), options).unwrap();
+    let (plan, weights) = a_pruned_plan(&model);
+    let dest = dir.path().join("q8.gguf");
+    model.emit(&plan, &weights, &dest).unwrap();
+    let g = mrs::gguf::GgufFile::open(&dest).unwrap();
+    assert_eq!(
+        g.qtensor("blk.0.ffn_down.weight").unwrap().dtype(),
+        candle_core::quantized::GgmlDType::Q8_0
+    );
+    let ids: Vec<u32> = (0..16).map(|i| (i * 5 + 2) % 128).collect();
+    let want = model
+        .pruned_weights(&plan, &weights)
+        .unwrap()
+        .forward(&ids, true, &mut |_, _, _| Ok(()))
+        .unwrap()
+        .to_vec2::<f32>()
+        .unwrap();
+    let got = LoadedModel::load(&dest).unwrap().logits(&ids).unwrap();
+    let scale = want.iter().flatten().fold(0f32, |m, x| m.max(x.abs()));
+    let d = max_abs_diff(&got, &want);
+    eprintln!("Q8_0 tiny llama: max |diff| {d:e} (max |logit| {scale})");
+    assert!(d < 0.05 * scale.max(1.0), "Q8_0 logits differ by {d}");
+}
