@@ -1,7 +1,7 @@
 //! The quality-vs-speed frontier of SmolLM2-135M-Instruct on this CPU (mistral.rs,
 //! prefill of 512 tokens, batch 1): ZipLM against the baselines at speedup targets,
 //! every speedup measured in mistral.rs (dense and pruned GGUF files, same tensor type,
-//! timed alternately in the same run, engine prefill time, medians), every quality
+//! timed alternately in the same run, wall time of a one-token request, medians), every quality
 //! figure a WikiText-2 test perplexity of the emitted weights.
 //!
 //! ```sh

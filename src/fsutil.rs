@@ -30,12 +30,19 @@ pub fn write_atomic_with(
             ),
         ));
     }
-    let mut tmp = tempfile::Builder::new()
-        .prefix(&format!(
-            ".{}.",
-            dest.file_name().and_then(|n| n.to_str()).unwrap_or("ziplm")
-        ))
-        .suffix(".tmp")
+    let prefix = format!(
+        ".{}.",
+        dest.file_name().and_then(|n| n.to_str()).unwrap_or("ziplm")
+    );
+    let mut builder = tempfile::Builder::new();
+    builder.prefix(&prefix).suffix(".tmp");
+    // Outputs are ordinary files (readable by the serving user), not 0600 temp files.
+    #[cfg(unix)]
+    {
+        use std::os::unix::fs::PermissionsExt;
+        builder.permissions(std::fs::Permissions::from_mode(0o644));
+    }
+    let mut tmp = builder
         .tempfile_in(dir)
         .map_err(|e| Error::io(dir, e))?;
     fill(tmp.as_file_mut()).map_err(|e| Error::io(dest, e))?;

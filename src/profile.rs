@@ -134,8 +134,11 @@ pub fn load_table(path: &Path) -> Result<LatencyTable> {
     Ok(table)
 }
 
-/// Writes a latency table atomically as pretty JSON.
+/// Writes a latency table atomically as pretty JSON (creating its folder).
 pub fn save_table(table: &LatencyTable, path: &Path) -> Result<()> {
+    if let Some(dir) = path.parent().filter(|d| !d.as_os_str().is_empty()) {
+        std::fs::create_dir_all(dir).map_err(|e| Error::io(dir, e))?;
+    }
     fsutil::write_json_atomic(path, table)
 }
 

@@ -87,8 +87,8 @@ fn timing_prompt(model: &LlamaModel, workload: &Workload) -> Vec<u32> {
         .collect()
 }
 
-/// Times two loaded models on the same prompt, alternating; the engine's own prefill
-/// seconds, as milliseconds.
+/// Times two loaded models on the same prompt, alternating: wall milliseconds of a
+/// one-token request (prefill plus one sampling step).
 pub fn time_pair_loaded(
     a: &LoadedModel,
     b: &LoadedModel,
@@ -101,8 +101,8 @@ pub fn time_pair_loaded(
     }
     let (mut ta, mut tb) = (vec![], vec![]);
     for _ in 0..settings.runs.max(1) {
-        ta.push(a.prefill(prompt)?.0 * 1e3);
-        tb.push(b.prefill(prompt)?.0 * 1e3);
+        ta.push(a.prefill(prompt)? * 1e3);
+        tb.push(b.prefill(prompt)? * 1e3);
     }
     Ok((profile::timing_of(&mut ta), profile::timing_of(&mut tb)))
 }
@@ -184,7 +184,7 @@ pub fn run(job: &PruneJob, progress: &dyn Progress) -> Result<MistralRun> {
 
     let t = Instant::now();
     let mut notes = vec![format!(
-        "latencies: blocks timed with candle {} kernels ({} threads); verification times whole models in mistral.rs (engine prefill time)",
+        "latencies: blocks timed with candle {} kernels ({} threads); verification times whole models in mistral.rs (wall time of a one-token request on the prompt)",
         super::profile::CANDLE_VERSION,
         super::profile::candle_threads()
     )];
