@@ -63,13 +63,7 @@ fn pass(c: &mut Criterion) {
     });
     group.finish();
     if let Some(r) = last {
-        let s = &r.stages;
-        let total = s.load_s + s.calibrate_s + s.database_s + s.profile_s + s.search_s + s.emit_s;
-        eprintln!(
-            "stages (last run): load {:.2}s calibrate {:.2}s database {:.2}s profile {:.2}s search {:.2}s emit {:.2}s; total {:.2}s; \
-             goal 1.5 x (calibrate + profile) = {:.2}s",
-            s.load_s, s.calibrate_s, s.database_s, s.profile_s, s.search_s, s.emit_s, total, 1.5 * (s.calibrate_s + s.profile_s)
-        );
+        eprintln!("stages (last run): {}", r.stages.summary());
     }
 }
 

@@ -140,6 +140,19 @@ impl PruneJob {
         }
     }
 
+    /// Checks that the job asks for at least one budget and that each is valid.
+    pub fn check_budgets(&self) -> crate::Result<()> {
+        if self.budgets.is_empty() {
+            return Err(crate::Error::Invalid(
+                "no budget given: ask for a latency (ms) or a speedup".into(),
+            ));
+        }
+        for b in &self.budgets {
+            b.validate()?;
+        }
+        Ok(())
+    }
+
     /// The job's name: the configured one, or the model's file stem.
     pub fn display_name(&self) -> String {
         self.name.clone().unwrap_or_else(|| {

@@ -28,6 +28,39 @@ pub struct StageTimes {
     pub verify_s: f64,
 }
 
+impl StageTimes {
+    /// The pass without verification: load to emit.
+    pub fn pass_s(&self) -> f64 {
+        self.load_s
+            + self.calibrate_s
+            + self.database_s
+            + self.profile_s
+            + self.search_s
+            + self.emit_s
+    }
+
+    /// The issues' performance goal for the pass: 1.5 x (calibration forward pass +
+    /// profiling runs).
+    pub fn goal_s(&self) -> f64 {
+        1.5 * (self.calibrate_s + self.profile_s)
+    }
+
+    /// One line with every stage, the pass and the goal.
+    pub fn summary(&self) -> String {
+        format!(
+            "load {:.2}s calibrate {:.2}s database {:.2}s profile {:.2}s search {:.2}s emit {:.2}s; pass {:.2}s; goal 1.5 x (calibrate + profile) = {:.2}s",
+            self.load_s,
+            self.calibrate_s,
+            self.database_s,
+            self.profile_s,
+            self.search_s,
+            self.emit_s,
+            self.pass_s(),
+            self.goal_s()
+        )
+    }
+}
+
 /// The shape one layer got.
 #[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
 pub struct LayerShape {
@@ -117,6 +150,48 @@ pub struct PruneReport {
     /// Anything the reader should know (unverified results, fallbacks).
     #[serde(default)]
     pub notes: Vec<String>,
+}
+
+/// The report note for a budget the dense model already meets, if `outcome` kept the
+/// dense model.
+pub fn dense_note(db: &Database, outcome: &BudgetOutcome) -> Option<String> {
+    (outcome.search.selection == db.dense_selection()).then(|| {
+        format!(
+            "{}: the dense model already meets this budget (predicted {:.3} ms <= {:.3} ms); emitted it unpruned",
+            crate::job::PruneJob::budget_label(&outcome.budget),
+            outcome.search.predicted_ms,
+            outcome.search.budget_ms
+        )
+    })
+}
+
+impl PruneReport {
+    /// A run's report: the job, the model's architecture, the latency table and
+    /// database used, stage times, per-budget results and notes.
+    pub fn new(
+        job: &crate::job::PruneJob,
+        architecture: &str,
+        table: &LatencyTable,
+        db: &Database,
+        stages: StageTimes,
+        budgets: Vec<BudgetReport>,
+        notes: Vec<String>,
+    ) -> PruneReport {
+        PruneReport {
+            ziplm_version: env!("CARGO_PKG_VERSION").into(),
+            model: job.model.display().to_string(),
+            architecture: architecture.into(),
+            target: table.key.target.clone(),
+            workload: job.workload,
+            calibration_tokens: db.calibration_tokens,
+            profiled_shapes: table.entries.len(),
+            rest_ms: table.rest.median_ms,
+            stages,
+            dense_quality: vec![],
+            budgets,
+            notes,
+        }
+    }
 }
 
 /// Per-layer shapes of a plan.

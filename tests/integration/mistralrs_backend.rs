@@ -197,6 +197,27 @@ fn a_prune_job_on_the_tiny_llama_is_verified_in_mistralrs() {
     }
 }
 
+/// Writes a GGUF file with candle's writer.
+fn write_gguf(
+    path: &Path,
+    meta: &[(String, candle_core::quantized::gguf_file::Value)],
+    tensors: &[(String, candle_core::quantized::QTensor)],
+) {
+    let mut f = std::fs::File::create(path).unwrap();
+    candle_core::quantized::gguf_file::write(
+        &mut f,
+        &meta
+            .iter()
+            .map(|(k, v)| (k.as_str(), v))
+            .collect::<Vec<_>>(),
+        &tensors
+            .iter()
+            .map(|(k, t)| (k.as_str(), t))
+            .collect::<Vec<_>>(),
+    )
+    .unwrap();
+}
+
 #[test]
 fn bad_gguf_inputs_get_clear_errors() {
     let dir = tempfile::tempdir().unwrap();
@@ -230,19 +251,7 @@ fn bad_gguf_inputs_get_clear_errors() {
         .map(|n| (n.clone(), g.qtensor(n).unwrap()))
         .collect();
     let p = dir.path().join("qwen.gguf");
-    let mut f = std::fs::File::create(&p).unwrap();
-    candle_core::quantized::gguf_file::write(
-        &mut f,
-        &meta
-            .iter()
-            .map(|(k, v)| (k.as_str(), v))
-            .collect::<Vec<_>>(),
-        &tensors
-            .iter()
-            .map(|(k, t)| (k.as_str(), t))
-            .collect::<Vec<_>>(),
-    )
-    .unwrap();
+    write_gguf(&p, &meta, &tensors);
     let e = err(&p);
     assert!(e.contains("qwen2") && e.contains("llama"), "{e}");
     // NaN in a projection.
@@ -263,16 +272,7 @@ fn bad_gguf_inputs_get_clear_errors() {
         }
     }
     let p = dir.path().join("nan.gguf");
-    let mut f = std::fs::File::create(&p).unwrap();
-    candle_core::quantized::gguf_file::write(
-        &mut f,
-        &meta
-            .iter()
-            .map(|(k, v)| (k.as_str(), v))
-            .collect::<Vec<_>>(),
-        &nan.iter().map(|(k, t)| (k.as_str(), t)).collect::<Vec<_>>(),
-    )
-    .unwrap();
+    write_gguf(&p, &meta, &nan);
     let e = err(&p);
     assert!(
         e.contains("blk.1.attn_q.weight") && e.contains("NaN"),

@@ -146,14 +146,7 @@ impl EmitAndMeasure for Backend<'_> {
 /// Runs a job end to end and writes the models (`NAME.BUDGET.gguf`) and the report into
 /// the job's output folder.
 pub fn run(job: &PruneJob, progress: &dyn Progress) -> Result<MistralRun> {
-    if job.budgets.is_empty() {
-        return Err(Error::Invalid(
-            "no budget given: ask for a latency (ms) or a speedup".into(),
-        ));
-    }
-    for b in &job.budgets {
-        b.validate()?;
-    }
+    job.check_budgets()?;
     if let Device::Cuda { .. } = job.device {
         return Err(Error::Invalid(
             "CUDA targets are not built into this ziplm: the mistralrs backend profiles and verifies on the CPU (target.device = \"cpu\")".into(),
@@ -255,14 +248,7 @@ pub fn run(job: &PruneJob, progress: &dyn Progress) -> Result<MistralRun> {
             .out_dir
             .join(format!("{}.plan.json", job.output_stem(budget)));
         crate::fsutil::write_json_atomic(&plan_path, &outcome.plan)?;
-        if outcome.search.selection == database.dense_selection() {
-            notes.push(format!(
-                "{}: the dense model already meets this budget (predicted {:.3} ms <= {:.3} ms); emitted it unpruned",
-                PruneJob::budget_label(budget),
-                outcome.search.predicted_ms,
-                outcome.search.budget_ms
-            ));
-        }
+        notes.extend(report::dense_note(&database, &outcome));
         if verify {
             let t = Instant::now();
             let reply = LoadedModel::load(&outcome.emitted.path)?.chat(CHAT_PROMPT, 24)?;
@@ -281,20 +267,15 @@ pub fn run(job: &PruneJob, progress: &dyn Progress) -> Result<MistralRun> {
     stages.emit_s = emit_s;
     stages.verify_s = verify_s;
     stages.search_s = (t_search.elapsed().as_secs_f64() - emit_s - verify_s).max(0.0);
-    let report = PruneReport {
-        ziplm_version: env!("CARGO_PKG_VERSION").into(),
-        model: job.model.display().to_string(),
-        architecture: model.structure().architecture.clone(),
-        target: table.key.target.clone(),
-        workload: job.workload,
-        calibration_tokens: database.calibration_tokens,
-        profiled_shapes: table.entries.len(),
-        rest_ms: table.rest.median_ms,
+    let report = PruneReport::new(
+        job,
+        &model.structure().architecture,
+        &table,
+        &database,
         stages,
-        dense_quality: vec![],
         budgets,
         notes,
-    };
+    );
     report.write(&job.out_dir, "report")?;
     Ok(MistralRun {
         report,

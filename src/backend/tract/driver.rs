@@ -123,14 +123,7 @@ impl EmitAndMeasure for Backend<'_> {
 /// Runs a job end to end and writes the models and the report (`report.json`,
 /// `report.txt`, `report.svg`) into the job's output folder.
 pub fn run(job: &PruneJob, progress: &dyn Progress) -> Result<TractRun> {
-    if job.budgets.is_empty() {
-        return Err(Error::Invalid(
-            "no budget given: ask for a latency (ms) or a speedup".into(),
-        ));
-    }
-    for b in &job.budgets {
-        b.validate()?;
-    }
+    job.check_budgets()?;
     let threads = threads(job)?;
     let mut stages = StageTimes::default();
     let t = Instant::now();
@@ -235,34 +228,22 @@ pub fn run(job: &PruneJob, progress: &dyn Progress) -> Result<TractRun> {
             &weights,
             super::onnx::keeps_bias_when_removed(&model)?,
         )?;
-        if outcome.search.selection == database.dense_selection() {
-            notes.push(format!(
-                "{}: the dense model already meets this budget (predicted {:.3} ms <= {:.3} ms); emitted it unpruned",
-                PruneJob::budget_label(budget),
-                outcome.search.predicted_ms,
-                outcome.search.budget_ms
-            ));
-        }
+        notes.extend(report::dense_note(&database, &outcome));
         budgets.push(report::budget_report(&database, &table, &outcome)?);
         outcomes.push(outcome);
     }
     stages.emit_s = emit_s;
     stages.verify_s = verify_s;
     stages.search_s = (t_search.elapsed().as_secs_f64() - emit_s - verify_s).max(0.0);
-    let report = PruneReport {
-        ziplm_version: env!("CARGO_PKG_VERSION").into(),
-        model: job.model.display().to_string(),
-        architecture: model.structure().architecture.clone(),
-        target: table.key.target.clone(),
-        workload: job.workload,
-        calibration_tokens: database.calibration_tokens,
-        profiled_shapes: table.entries.len(),
-        rest_ms: table.rest.median_ms,
+    let report = PruneReport::new(
+        job,
+        &model.structure().architecture,
+        &table,
+        &database,
         stages,
-        dense_quality: vec![],
         budgets,
         notes,
-    };
+    );
     report.write(&job.out_dir, "report")?;
     Ok(TractRun {
         report,
