@@ -57,6 +57,10 @@ struct Args {
     /// Fail when ZipLM's perplexity is worse than magnitude's at some target.
     #[arg(long)]
     check: bool,
+    /// Largest fraction of a layer's FFN neurons the database removes short of dropping
+    /// the whole layer (1.0 = any width down to the grid's smallest).
+    #[arg(long, default_value_t = 1.0)]
+    max_ffn_removed: f64,
     /// The GGUF model (default: models/smollm2-135m/SmolLM2-135M-Instruct.Q4_1.gguf).
     #[arg(long)]
     model: Option<PathBuf>,
@@ -98,6 +102,7 @@ fn main() -> anyhow::Result<()> {
     job.latency_table = Some(args.out.join("latency-table.json"));
     job.search.refine = ziplm::search::spdy::RefineConfig::with_evaluations(args.refine, job.seed);
     job.profile = ziplm::profile::ProfileSettings { warmup: 1, runs: 5 };
+    job.database.max_ffn_removed_fraction = args.max_ffn_removed;
     job.verify_settings = ziplm::profile::ProfileSettings { warmup: 2, runs: 9 };
     let run = driver::run(&job, &ziplm::progress::Bars::default())?;
     println!("{}", run.report.to_text());

@@ -134,6 +134,10 @@ pub struct PruneArgs {
     /// evaluations per search; 0 = the plain error-sum DP.
     #[arg(long, default_value_t = 32)]
     pub refine: usize,
+    /// Largest fraction of one layer's FFN neurons removed short of dropping the layer
+    /// (1.0 = any width down to the grid's smallest). 0.5 helped SmolLM2 a lot (README).
+    #[arg(long, default_value_t = 1.0)]
+    pub max_ffn_removed: f64,
     /// Tensor type of the pruned projections in emitted GGUF files (mistralrs backend).
     #[arg(long, value_enum, default_value_t = GgufDTypeArg::F32)]
     pub gguf_dtype: GgufDTypeArg,

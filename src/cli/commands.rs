@@ -83,6 +83,13 @@ fn job_from_args(a: &PruneArgs) -> anyhow::Result<Vec<PruneJob>> {
     job.seed = a.seed;
     job.gqa_policy = gqa(a.gqa);
     job.database.ffn_width_multiple = a.ffn_multiple;
+    if !(0.0..=1.0).contains(&a.max_ffn_removed) {
+        bail!(
+            "--max-ffn-removed must be between 0 and 1 (a fraction of each FFN), got {}",
+            a.max_ffn_removed
+        );
+    }
+    job.database.max_ffn_removed_fraction = a.max_ffn_removed;
     job.verify = !a.no_verify;
     job.nnef = a.nnef;
     job.gguf_dtype = match a.gguf_dtype {
