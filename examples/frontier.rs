@@ -29,8 +29,7 @@ use ziplm::baselines;
 use ziplm::data::{sts, tokenizer::Tokenizer, CalibrationData, DataFormat};
 use ziplm::frontier::{self, FrontierPoint};
 use ziplm::job::PruneJob;
-use ziplm::search::{Budget, Selection};
-use ziplm_plugin_api::PrunedWeights;
+use ziplm::search::Budget;
 
 const METRIC: &str = "STS-B dev Spearman x100";
 
@@ -155,38 +154,18 @@ fn main() -> anyhow::Result<()> {
             .iter()
             .filter(|m| *m != "ziplm" && !(*m == "ziplm-plain" && args.refine == 0))
         {
-            let (selection, plan, weights) = match method.as_str() {
-                "magnitude" => {
-                    let plan = baselines::magnitude_plan(&run.database, &outcome.search.selection)?;
-                    (
-                        outcome.search.selection.clone(),
-                        plan,
-                        PrunedWeights::default(),
-                    )
-                }
-                "ziplm-plain" | "uniform" | "layer-drop" => {
-                    let found = match method.as_str() {
-                        "ziplm-plain" => problem
-                            .solve(budget, &[], job.search.buckets)
-                            .map(|o| o.selection),
-                        "uniform" => baselines::uniform_selection(&problem, budget),
-                        _ => baselines::layer_drop_selection(&problem, budget),
-                    };
-                    let sel: Selection = match found {
-                        Ok(s) => s,
-                        Err(e) => {
-                            eprintln!("{method} at {target}x: {e}; no point");
-                            continue;
-                        }
-                    };
-                    (
-                        sel.clone(),
-                        run.database.plan(&sel)?,
-                        run.database.pruned_weights(&sel)?,
-                    )
-                }
-                _ => unreachable!("methods were checked"),
+            let Some(b) = baselines::baseline_model(
+                &run.database,
+                &problem,
+                method,
+                &outcome.search.selection,
+                budget,
+                job.search.buckets,
+            )?
+            else {
+                continue;
             };
+            let (selection, plan, weights) = (b.selection, b.plan, b.weights);
             let path = PathBuf::from(format!("{}.{method}.onnx", stem.display()));
             ziplm::fsutil::write_atomic(&path, &onnx::emit(&run.model, &plan, &weights)?)?;
             let (d, m) = measure(&path)?;
@@ -221,19 +200,7 @@ fn main() -> anyhow::Result<()> {
         &points,
     )?;
 
-    println!("\n| method | target | measured speedup | predicted ms | measured ms | {METRIC} |");
-    println!("|---|---|---|---|---|---|");
-    for p in &points {
-        println!(
-            "| {} | {:.2}x | {:.2}x | {:.2} | {:.2} | {:.2} |",
-            p.method,
-            p.target,
-            p.speedup(),
-            p.predicted_ms,
-            p.measured_ms,
-            p.quality
-        );
-    }
+    println!("\n{}", frontier::to_markdown(&points, 2));
     for o in &run.outcomes {
         if o.met() == Some(false) {
             eprintln!(

@@ -29,7 +29,7 @@ use ziplm::baselines;
 use ziplm::data::{CalibrationData, DataFormat};
 use ziplm::frontier::{self, FrontierPoint};
 use ziplm::job::PruneJob;
-use ziplm::search::{Budget, Selection};
+use ziplm::search::Budget;
 use ziplm_plugin_api::{ModelAdapter, PrunedWeights, Workload};
 
 const METRIC: &str = "WikiText-2 test perplexity";
@@ -171,31 +171,18 @@ fn main() -> anyhow::Result<()> {
         let stem = outcome.emitted.path.with_extension("");
         let budget = Budget::LatencyMs(last.search_budget_ms);
         for method in &args.methods {
-            let (selection, plan, weights) = match method.as_str() {
-                "magnitude" => (
-                    outcome.search.selection.clone(),
-                    baselines::magnitude_plan(&run.database, &outcome.search.selection)?,
-                    PrunedWeights::default(),
-                ),
-                _ => {
-                    let found = match method.as_str() {
-                        "uniform" => baselines::uniform_selection(&problem, budget),
-                        _ => baselines::layer_drop_selection(&problem, budget),
-                    };
-                    let sel: Selection = match found {
-                        Ok(s) => s,
-                        Err(e) => {
-                            eprintln!("{method} at {target}x: {e}; no point");
-                            continue;
-                        }
-                    };
-                    (
-                        sel.clone(),
-                        run.database.plan(&sel)?,
-                        run.database.pruned_weights(&sel)?,
-                    )
-                }
+            let Some(b) = baselines::baseline_model(
+                &run.database,
+                &problem,
+                method,
+                &outcome.search.selection,
+                budget,
+                job.search.buckets,
+            )?
+            else {
+                continue;
             };
+            let (selection, plan, weights) = (b.selection, b.plan, b.weights);
             let path = PathBuf::from(format!("{}.{method}.gguf", stem.display()));
             run.model.emit(&plan, &weights, &path)?;
             let (d, m) = measure(&path)?;
@@ -238,19 +225,7 @@ fn main() -> anyhow::Result<()> {
         "\nperplexity over {} tokens ({} windows of 1024)",
         dense_ppl.tokens, dense_ppl.windows
     );
-    println!("\n| method | target | measured speedup | predicted ms | measured ms | {METRIC} |");
-    println!("|---|---|---|---|---|---|");
-    for p in &points {
-        println!(
-            "| {} | {:.2}x | {:.2}x | {:.1} | {:.1} | {:.3} |",
-            p.method,
-            p.target,
-            p.speedup(),
-            p.predicted_ms,
-            p.measured_ms,
-            p.quality
-        );
-    }
+    println!("\n{}", frontier::to_markdown(&points, 3));
     if args.check {
         for z in points.iter().filter(|p| p.method == "ziplm") {
             if let Some(m) = points

@@ -58,6 +58,31 @@ pub fn to_csv(points: &[FrontierPoint]) -> String {
     s
 }
 
+/// A markdown table of the points (for reports and the README), the quality with
+/// `decimals` digits, headed by the metric of the first point.
+pub fn to_markdown(points: &[FrontierPoint], decimals: usize) -> String {
+    let metric = points
+        .first()
+        .map(|p| p.metric.as_str())
+        .unwrap_or("quality");
+    let mut s = format!(
+        "| method | target | measured speedup | predicted ms | measured ms | {metric} |\n|---|---|---|---|---|---|\n"
+    );
+    for p in points {
+        let _ = writeln!(
+            s,
+            "| {} | {:.2}x | {:.2}x | {:.2} | {:.2} | {:.decimals$} |",
+            p.method,
+            p.target,
+            p.speedup(),
+            p.predicted_ms,
+            p.measured_ms,
+            p.quality
+        );
+    }
+    s
+}
+
 /// Writes `NAME.csv`, `NAME.json` and `NAME.svg` into `dir` (each atomically).
 pub fn write(dir: &Path, name: &str, title: &str, points: &[FrontierPoint]) -> Result<()> {
     crate::fsutil::write_atomic(&dir.join(format!("{name}.csv")), to_csv(points).as_bytes())?;

@@ -119,7 +119,9 @@ pub fn prune_to_budget(
     // SPDY coefficients from the first search; corrected retries reuse them (the DP
     // alone at the new budget) instead of refining again.
     let mut alphas: Option<Vec<f64>> = None;
-    loop {
+    // Each round searches, emits and (when verifying) measures; the loop ends with the
+    // last round's result, which becomes the outcome.
+    let (search, plan, emitted) = loop {
         let budget_now = Budget::LatencyMs(search_budget);
         let (search, loss) = match &alphas {
             None => {
@@ -145,14 +147,7 @@ pub fn prune_to_budget(
         };
         if !verify {
             attempts.push(attempt);
-            return Ok(BudgetOutcome {
-                budget,
-                search,
-                plan,
-                emitted,
-                attempts,
-                refined_loss,
-            });
+            break (search, plan, emitted);
         }
         let (dense, pruned) = backend.measure(&emitted)?;
         let met = meets(budget, &dense, &pruned);
@@ -165,14 +160,7 @@ pub fn prune_to_budget(
             || attempts.len() > settings.retries
             || dense_selected && !matches!(budget, Budget::Speedup(s) if s > 1.0)
         {
-            return Ok(BudgetOutcome {
-                budget,
-                search,
-                plan,
-                emitted,
-                attempts,
-                refined_loss,
-            });
+            break (search, plan, emitted);
         }
         // Correct the prediction with the measurement and search again.
         let ratio = pruned.median_ms / search.predicted_ms.max(f64::MIN_POSITIVE);
@@ -189,18 +177,17 @@ pub fn prune_to_budget(
         let fastest = problem.fastest().map(|(_, t)| t).unwrap_or(0.0);
         if search_budget < fastest {
             // Cannot go faster: keep the last result, reported as a miss.
-            let last = attempts.len() - 1;
-            let _ = last;
-            return Ok(BudgetOutcome {
-                budget,
-                search,
-                plan,
-                emitted,
-                attempts,
-                refined_loss,
-            });
+            break (search, plan, emitted);
         }
-    }
+    };
+    Ok(BudgetOutcome {
+        budget,
+        search,
+        plan,
+        emitted,
+        attempts,
+        refined_loss,
+    })
 }
 
 /// The backend's loss of a selection (`None` when the backend has no loss hook).

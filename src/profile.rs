@@ -45,6 +45,26 @@ pub fn measure(run: &mut dyn TimedRun, settings: &ProfileSettings) -> Result<Tim
     Ok(timing_of(&mut ms))
 }
 
+/// Times two runnables alternately (warm-up rounds first, then `runs` timed rounds, a
+/// then b each round, so slow drifts of the machine hit both); each closure returns the
+/// wall time of one run. Returns the timings of a and b.
+pub fn time_alternating<E>(
+    settings: &ProfileSettings,
+    mut a: impl FnMut() -> std::result::Result<std::time::Duration, E>,
+    mut b: impl FnMut() -> std::result::Result<std::time::Duration, E>,
+) -> std::result::Result<(Timing, Timing), E> {
+    for _ in 0..settings.warmup {
+        a()?;
+        b()?;
+    }
+    let (mut ta, mut tb) = (vec![], vec![]);
+    for _ in 0..settings.runs.max(1) {
+        ta.push(a()?.as_secs_f64() * 1e3);
+        tb.push(b()?.as_secs_f64() * 1e3);
+    }
+    Ok((timing_of(&mut ta), timing_of(&mut tb)))
+}
+
 /// Median, min and max of samples in milliseconds (sorts them).
 pub fn timing_of(ms: &mut [f64]) -> Timing {
     ms.sort_by(f64::total_cmp);

@@ -14,19 +14,11 @@ pub struct Tokenizer {
 impl Tokenizer {
     /// Loads a `tokenizer.json`.
     pub fn from_file(path: &Path) -> Result<Tokenizer> {
-        let mut inner = tokenizers::Tokenizer::from_file(path).map_err(|e| Error::Format {
+        let inner = tokenizers::Tokenizer::from_file(path).map_err(|e| Error::Format {
             path: path.into(),
             detail: format!("not a tokenizer.json the tokenizers library can load: {e}"),
         })?;
-        inner.with_padding(None);
-        inner.with_truncation(None).map_err(|e| Error::Format {
-            path: path.into(),
-            detail: format!("cannot disable truncation: {e}"),
-        })?;
-        Ok(Tokenizer {
-            inner,
-            path: path.into(),
-        })
+        Self::from_tokenizer(inner, path)
     }
 
     /// Wraps a tokenizer built in memory (e.g. from a GGUF file's metadata); `origin`

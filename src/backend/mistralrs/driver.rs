@@ -95,16 +95,7 @@ pub fn time_pair_loaded(
     prompt: &[u32],
     settings: &profile::ProfileSettings,
 ) -> ziplm_plugin_api::AdapterResult<(Timing, Timing)> {
-    for _ in 0..settings.warmup {
-        a.prefill(prompt)?;
-        b.prefill(prompt)?;
-    }
-    let (mut ta, mut tb) = (vec![], vec![]);
-    for _ in 0..settings.runs.max(1) {
-        ta.push(a.prefill(prompt)? * 1e3);
-        tb.push(b.prefill(prompt)? * 1e3);
-    }
-    Ok((profile::timing_of(&mut ta), profile::timing_of(&mut tb)))
+    profile::time_alternating(settings, || a.prefill(prompt), || b.prefill(prompt))
 }
 
 struct Backend<'a> {

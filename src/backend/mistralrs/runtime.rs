@@ -175,12 +175,12 @@ impl LoadedModel {
     }
 
     /// Runs a prompt of token ids and samples one token (a prefill, as `mistralrs
-    /// bench` times it); returns the wall seconds of the whole request. (The engine's
+    /// bench` times it); returns the wall time of the whole request. (The engine's
     /// own `total_prompt_time_sec` reads 0 for such one-token requests on the CPU.)
-    pub fn prefill(&self, ids: &[u32]) -> AdapterResult<f64> {
+    pub fn prefill(&self, ids: &[u32]) -> AdapterResult<std::time::Duration> {
         let start = std::time::Instant::now();
         match self.send(RequestMessage::CompletionTokens(ids.to_vec()), 1, false)? {
-            Response::CompletionDone(_) => Ok(start.elapsed().as_secs_f64()),
+            Response::CompletionDone(_) => Ok(start.elapsed()),
             other => Err(unexpected(other)),
         }
     }

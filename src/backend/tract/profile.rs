@@ -262,18 +262,11 @@ pub fn time_pair(
     let read = |p: &Path| std::fs::read(p).map_err(|e| AdapterError::io(p, e));
     let mut pa = profiler.prepare_bytes(&read(a)?, workload)?;
     let mut pb = profiler.prepare_bytes(&read(b)?, workload)?;
+    let executor = profiler.executor.clone();
     let err = |e| AdapterError::runtime("timing", e);
-    for _ in 0..settings.warmup {
-        pa.time(&profiler.executor).map_err(err)?;
-        pb.time(&profiler.executor).map_err(err)?;
-    }
-    let (mut ta, mut tb) = (vec![], vec![]);
-    for _ in 0..settings.runs.max(1) {
-        ta.push(pa.time(&profiler.executor).map_err(err)?.as_secs_f64() * 1e3);
-        tb.push(pb.time(&profiler.executor).map_err(err)?.as_secs_f64() * 1e3);
-    }
-    Ok((
-        crate::profile::timing_of(&mut ta),
-        crate::profile::timing_of(&mut tb),
-    ))
+    crate::profile::time_alternating(
+        settings,
+        || pa.time(&executor).map_err(err),
+        || pb.time(&executor).map_err(err),
+    )
 }
