@@ -64,6 +64,10 @@ struct Args {
     /// The GGUF model (default: models/smollm2-135m/SmolLM2-135M-Instruct.Q4_1.gguf).
     #[arg(long)]
     model: Option<PathBuf>,
+    /// Write every model as a safetensors folder (served by mistral.rs's `mistral`
+    /// loader; one FFN width for every layer) instead of a GGUF file.
+    #[arg(long)]
+    safetensors: bool,
 }
 
 fn main() -> anyhow::Result<()> {
@@ -104,6 +108,9 @@ fn main() -> anyhow::Result<()> {
     job.profile = ziplm::profile::ProfileSettings { warmup: 1, runs: 5 };
     job.database.max_ffn_removed_fraction = args.max_ffn_removed;
     job.verify_settings = ziplm::profile::ProfileSettings { warmup: 2, runs: 9 };
+    if args.safetensors {
+        job.llm_format = Some(ziplm::job::LlmFormat::Safetensors);
+    }
     let run = driver::run(&job, &ziplm::progress::Bars::default())?;
     println!("{}", run.report.to_text());
 
@@ -132,7 +139,7 @@ fn main() -> anyhow::Result<()> {
         Ok(p)
     };
     let problem = run.database.search_problem(&run.table)?;
-    let dense_gguf = args.out.join("dense.gguf");
+    let dense_gguf = args.out.join(driver::output_name(&run.model, "dense"));
     run.model.emit(
         &ziplm_plugin_api::Plan::dense(run.model.structure()),
         &PrunedWeights::default(),
@@ -168,7 +175,11 @@ fn main() -> anyhow::Result<()> {
             quality: ppl(&outcome.emitted.path)?.ppl,
             metric: METRIC.into(),
         });
-        let stem = outcome.emitted.path.with_extension("");
+        let stem = args
+            .out
+            .join(job.output_stem(&outcome.budget))
+            .display()
+            .to_string();
         let budget = Budget::LatencyMs(last.search_budget_ms);
         for method in &args.methods {
             let Some(b) = baselines::baseline_model(
@@ -183,7 +194,7 @@ fn main() -> anyhow::Result<()> {
                 continue;
             };
             let (selection, plan, weights) = (b.selection, b.plan, b.weights);
-            let path = PathBuf::from(format!("{}.{method}.gguf", stem.display()));
+            let path = PathBuf::from(driver::output_name(&run.model, &format!("{stem}.{method}")));
             run.model.emit(&plan, &weights, &path)?;
             let (d, m) = measure(&path)?;
             dense_ms.push(d);
@@ -218,7 +229,10 @@ fn main() -> anyhow::Result<()> {
     frontier::write(
         &args.out,
         "frontier",
-        "SmolLM2-135M on mistral.rs (CPU, f32, prefill 1 x 512): perplexity vs measured speedup",
+        &format!(
+            "SmolLM2-135M on mistral.rs (CPU, f32 {}, prefill 1 x 512): perplexity vs measured speedup",
+            if args.safetensors { "safetensors" } else { "GGUF" }
+        ),
         &points,
     )?;
     println!(

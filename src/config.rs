@@ -176,7 +176,8 @@ pub struct OutputConfig {
     #[serde(default = "default_out")]
     pub dir: PathBuf,
     /// Output format (`onnx` for tract, or `nnef` for ONNX plus a tract NNEF archive;
-    /// for mistralrs `gguf` (f32 projections), `gguf-f16`, `gguf-q8_0` or `gguf-q4_k`).
+    /// for mistralrs `gguf` (f32 projections), `gguf-f16`, `gguf-q8_0`, `gguf-q4_k`, or
+    /// `safetensors` (a Hugging Face folder, one FFN width for every layer)).
     #[serde(default)]
     pub format: Option<String>,
 }
@@ -362,8 +363,12 @@ impl ModelConfig {
                     };
                     if let Some(d) = d {
                         job.gguf_dtype = d;
+                        job.llm_format = Some(crate::job::LlmFormat::Gguf);
                     }
-                    d.is_some()
+                    if f == "safetensors" {
+                        job.llm_format = Some(crate::job::LlmFormat::Safetensors);
+                    }
+                    d.is_some() || f == "safetensors"
                 }
             };
             if !ok {

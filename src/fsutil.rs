@@ -51,6 +51,84 @@ pub fn write_atomic_with(
     Ok(())
 }
 
+/// Writes a folder of files at `dest` atomically: the files are written and synced in a
+/// temporary folder beside `dest`, which is then renamed into place. An existing `dest`
+/// folder is first moved aside and removed only after the rename, so `dest` is always
+/// either the old folder or the complete new one (between the two renames it briefly does
+/// not exist); on error the temporary folder is removed.
+pub fn write_dir_atomic(dest: &Path, files: &[(&str, &[u8])]) -> Result<()> {
+    let parent = match dest.parent() {
+        Some(p) if !p.as_os_str().is_empty() => p,
+        _ => Path::new("."),
+    };
+    if !parent.is_dir() {
+        return Err(Error::io(
+            dest,
+            std::io::Error::new(
+                std::io::ErrorKind::NotFound,
+                format!("folder {} does not exist", parent.display()),
+            ),
+        ));
+    }
+    if dest.exists() && !dest.is_dir() {
+        return Err(Error::io(
+            dest,
+            std::io::Error::new(
+                std::io::ErrorKind::AlreadyExists,
+                "a file is in the way of the model folder",
+            ),
+        ));
+    }
+    let prefix = format!(
+        ".{}.",
+        dest.file_name().and_then(|n| n.to_str()).unwrap_or("ziplm")
+    );
+    let tmp = tempfile::Builder::new()
+        .prefix(&prefix)
+        .suffix(".tmp")
+        .tempdir_in(parent)
+        .map_err(|e| Error::io(parent, e))?;
+    for (name, bytes) in files {
+        let path = tmp.path().join(name);
+        let mut f = std::fs::File::create(&path).map_err(|e| Error::io(dest, e))?;
+        f.write_all(bytes).map_err(|e| Error::io(dest, e))?;
+        f.sync_all().map_err(|e| Error::io(dest, e))?;
+    }
+    #[cfg(unix)]
+    {
+        use std::os::unix::fs::PermissionsExt;
+        std::fs::set_permissions(tmp.path(), std::fs::Permissions::from_mode(0o755))
+            .map_err(|e| Error::io(dest, e))?;
+    }
+    let old = if dest.is_dir() {
+        let aside = tempfile::Builder::new()
+            .prefix(&prefix)
+            .suffix(".old")
+            .tempdir_in(parent)
+            .map_err(|e| Error::io(parent, e))?
+            .keep();
+        let aside = aside.join("previous");
+        std::fs::rename(dest, &aside).map_err(|e| Error::io(dest, e))?;
+        Some(aside)
+    } else {
+        None
+    };
+    let tmp = tmp.keep();
+    if let Err(e) = std::fs::rename(&tmp, dest) {
+        if let Some(o) = &old {
+            let _ = std::fs::rename(o, dest);
+        }
+        let _ = std::fs::remove_dir_all(&tmp);
+        return Err(Error::io(dest, e));
+    }
+    if let Some(o) = old {
+        if let Some(holder) = o.parent() {
+            let _ = std::fs::remove_dir_all(holder);
+        }
+    }
+    Ok(())
+}
+
 /// Serialises `value` as pretty JSON (with a final newline) and writes it atomically.
 pub fn write_json_atomic<T: serde::Serialize>(dest: &Path, value: &T) -> Result<()> {
     let mut bytes = serde_json::to_vec_pretty(value).map_err(|e| Error::Format {
@@ -91,6 +169,25 @@ mod tests {
             .map(|e| e.unwrap().file_name())
             .collect();
         assert_eq!(names.len(), 1, "{names:?}");
+    }
+
+    #[test]
+    fn folders_are_replaced_whole() {
+        let dir = tempfile::tempdir().unwrap();
+        let dest = dir.path().join("model");
+        write_dir_atomic(&dest, &[("a", b"1"), ("b", b"2")]).unwrap();
+        write_dir_atomic(&dest, &[("a", b"3")]).unwrap();
+        assert_eq!(std::fs::read(dest.join("a")).unwrap(), b"3");
+        assert!(
+            !dest.join("b").exists(),
+            "the old folder is replaced, not merged"
+        );
+        let left: Vec<_> = std::fs::read_dir(dir.path()).unwrap().collect();
+        assert_eq!(left.len(), 1, "no temporary folders are left");
+        // A file name that cannot be created fails and leaves the old folder as it was.
+        assert!(write_dir_atomic(&dest, &[("x/y", b"4")]).is_err());
+        assert_eq!(std::fs::read(dest.join("a")).unwrap(), b"3");
+        assert_eq!(std::fs::read_dir(dir.path()).unwrap().count(), 1);
     }
 
     #[test]

@@ -53,6 +53,17 @@ pub enum GgufDType {
     Q4K,
 }
 
+/// The file format of models the mistral.rs backend emits.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Hash, Serialize, Deserialize)]
+#[serde(rename_all = "snake_case")]
+pub enum LlmFormat {
+    /// One GGUF file (`llama` architecture; per-layer FFN widths). Needs a GGUF source.
+    Gguf,
+    /// A Hugging Face folder (`config.json` + `model.safetensors` + tokenizer files),
+    /// loaded by mistral.rs's `mistral` loader: one FFN width for every layer.
+    Safetensors,
+}
+
 /// Everything a prune run needs, resolved.
 #[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
 pub struct PruneJob {
@@ -100,6 +111,9 @@ pub struct PruneJob {
     /// Tensor type of the pruned projections in emitted GGUF files.
     #[serde(default)]
     pub gguf_dtype: GgufDType,
+    /// Format of the emitted LLMs (mistralrs backend); `None` = the source's format.
+    #[serde(default)]
+    pub llm_format: Option<LlmFormat>,
 }
 
 impl PruneJob {
@@ -137,6 +151,7 @@ impl PruneJob {
             },
             nnef: false,
             gguf_dtype: GgufDType::F32,
+            llm_format: None,
         }
     }
 
@@ -156,11 +171,11 @@ impl PruneJob {
     /// The job's name: the configured one, or the model's file stem.
     pub fn display_name(&self) -> String {
         self.name.clone().unwrap_or_else(|| {
-            self.model
-                .file_stem()
-                .and_then(|s| s.to_str())
-                .unwrap_or("model")
-                .to_string()
+            let name = match self.model.is_dir() {
+                true => self.model.file_name(),
+                false => self.model.file_stem(),
+            };
+            name.and_then(|s| s.to_str()).unwrap_or("model").to_string()
         })
     }
 

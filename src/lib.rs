@@ -28,6 +28,7 @@ pub mod error;
 pub mod frontier;
 pub mod fsutil;
 pub mod gguf_header;
+pub mod hf_format;
 pub mod job;
 pub mod obs;
 pub mod pipeline;

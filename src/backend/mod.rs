@@ -2,7 +2,8 @@
 //! and measures, emits and verifies with its runtime.
 //!
 //! - [`tract`]: ONNX transformers on CPU with tract.
-//! - [`mistralrs`] (feature `mistralrs`): Llama GGUF models, verified in mistral.rs.
+//! - [`mistralrs`] (feature `mistralrs`): Llama GGUF files and Hugging Face folders,
+//!   verified in mistral.rs.
 
 #[cfg(feature = "mistralrs")]
 pub mod mistralrs;
@@ -51,37 +52,30 @@ pub fn run_mistralrs(job: &PruneJob, _progress: &dyn Progress) -> Result<PruneRe
 
 #[cfg(feature = "mistralrs")]
 fn mistralrs_structure(model: &Path) -> Result<ModelStructure> {
-    match model.extension().and_then(|e| e.to_str()) {
-        Some("gguf") => {
-            let m = mistralrs::LlamaModel::load(model, Default::default())?;
-            Ok(ziplm_plugin_api::ModelAdapter::structure(&m).clone())
-        }
-        _ => Err(unsupported_file(model)),
-    }
+    check_llm_source(model)?;
+    let m = mistralrs::LlamaModel::load(model, Default::default())?;
+    Ok(ziplm_plugin_api::ModelAdapter::structure(&m).clone())
 }
 
+/// A GGUF file or a model folder; anything else gets a clear error.
 #[cfg(feature = "mistralrs")]
-fn unsupported_file(model: &Path) -> Error {
-    if model.is_dir() {
-        Error::Invalid(format!(
-            "{}: safetensors model folders are not supported yet by the mistralrs backend; convert the model to GGUF (llama.cpp's convert_hf_to_gguf.py) and give the .gguf file",
-            model.display()
-        ))
+fn check_llm_source(model: &Path) -> Result<()> {
+    let gguf = model.extension().and_then(|e| e.to_str()) == Some("gguf");
+    if gguf || model.is_dir() {
+        Ok(())
     } else {
-        Error::Invalid(format!(
-            "{}: not a model ziplm knows (give an .onnx or a .gguf file)",
+        Err(Error::Invalid(format!(
+            "{}: not a model ziplm knows (give an .onnx file, a .gguf file, or a Hugging Face folder with config.json and model.safetensors)",
             model.display()
-        ))
+        )))
     }
 }
 
 #[cfg(feature = "mistralrs")]
 /// Runs a job with the mistral.rs backend.
 pub fn run_mistralrs(job: &PruneJob, progress: &dyn Progress) -> Result<PruneReport> {
-    match job.model.extension().and_then(|e| e.to_str()) {
-        Some("gguf") => Ok(mistralrs::driver::run(job, progress)?.report),
-        _ => Err(unsupported_file(&job.model)),
-    }
+    check_llm_source(&job.model)?;
+    Ok(mistralrs::driver::run(job, progress)?.report)
 }
 
 /// Runs a job with its backend (writes models and report into `job.out_dir`).

@@ -52,6 +52,15 @@ pub enum GqaArg {
     EqualPerKvGroup,
 }
 
+/// Emitted LLM format on the command line.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, clap::ValueEnum)]
+pub enum LlmFormatArg {
+    /// One GGUF file (per-layer FFN widths; needs a GGUF source).
+    Gguf,
+    /// A Hugging Face folder (config.json + model.safetensors), one FFN width.
+    Safetensors,
+}
+
 /// GGUF tensor type on the command line.
 #[derive(Clone, Copy, Debug, PartialEq, Eq, clap::ValueEnum)]
 pub enum GgufDTypeArg {
@@ -141,6 +150,9 @@ pub struct PruneArgs {
     /// Tensor type of the pruned projections in emitted GGUF files (mistralrs backend).
     #[arg(long, value_enum, default_value_t = GgufDTypeArg::F32)]
     pub gguf_dtype: GgufDTypeArg,
+    /// Format of emitted LLMs (mistralrs backend; default: the source's format).
+    #[arg(long, value_enum)]
+    pub llm_format: Option<LlmFormatArg>,
     /// Print the report as JSON on stdout.
     #[arg(long)]
     pub json: bool,

@@ -1,8 +1,8 @@
 //! Running each command.
 
 use super::args::{
-    Cli, Command, EvalArgs, FormatArg, GgufDTypeArg, GqaArg, InspectArgs, ProfileArgs, PruneArgs,
-    WorkloadArgs,
+    Cli, Command, EvalArgs, FormatArg, GgufDTypeArg, GqaArg, InspectArgs, LlmFormatArg,
+    ProfileArgs, PruneArgs, WorkloadArgs,
 };
 use super::inspect;
 use crate::data::{CalibrationData, DataFormat};
@@ -98,6 +98,10 @@ fn job_from_args(a: &PruneArgs) -> anyhow::Result<Vec<PruneJob>> {
         GgufDTypeArg::Q8_0 => crate::job::GgufDType::Q8_0,
         GgufDTypeArg::Q4K => crate::job::GgufDType::Q4K,
     };
+    job.llm_format = a.llm_format.map(|f| match f {
+        LlmFormatArg::Gguf => crate::job::LlmFormat::Gguf,
+        LlmFormatArg::Safetensors => crate::job::LlmFormat::Safetensors,
+    });
     job.search.refine = crate::search::spdy::RefineConfig::with_evaluations(a.refine, a.seed);
     Ok(vec![job])
 }

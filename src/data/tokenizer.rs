@@ -35,9 +35,14 @@ impl Tokenizer {
         })
     }
 
-    /// The `tokenizer.json` next to a model file, if there is one.
+    /// The `tokenizer.json` of a model: inside a model folder, or next to a model file.
     pub fn next_to(model: &Path) -> Option<PathBuf> {
-        let p = model.parent()?.join("tokenizer.json");
+        let dir = if model.is_dir() {
+            model
+        } else {
+            model.parent()?
+        };
+        let p = dir.join("tokenizer.json");
         p.is_file().then_some(p)
     }
 

@@ -7,6 +7,8 @@ mod common;
 mod config;
 mod database;
 #[cfg(feature = "mistralrs")]
+mod hf_folders;
+#[cfg(feature = "mistralrs")]
 mod mistralrs_backend;
 mod obs_identities;
 mod obs_quality;

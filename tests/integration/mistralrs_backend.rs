@@ -278,12 +278,15 @@ fn bad_gguf_inputs_get_clear_errors() {
         e.contains("blk.1.attn_q.weight") && e.contains("NaN"),
         "{e}"
     );
-    // A safetensors folder: named, with what to do.
+    // A folder that is not a model: named, with what it needs.
     let job = PruneJob::new(Path::new(env!("CARGO_MANIFEST_DIR")).join("fixtures"));
     let e = ziplm::backend::run_job(&job, &ziplm::progress::Quiet)
         .unwrap_err()
         .to_string();
-    assert!(e.contains("GGUF"), "{e}");
+    assert!(
+        e.contains("config.json") && e.contains("model.safetensors"),
+        "{e}"
+    );
 }
 
 /// SmolLM2-135M-Instruct, fetched by `scripts/fetch_smollm2.py`.
@@ -322,7 +325,7 @@ fn smollm2_logits_agree_with_mistralrs_and_the_tokenizer_too() {
         ),
         (30, 576, 9, 3, 64, 1536, 49152)
     );
-    let tok = mrs::tokenizer::from_gguf(&model.gguf).unwrap();
+    let tok = mrs::tokenizer::from_gguf(model.gguf().unwrap()).unwrap();
     let ids = tok
         .encode("The capital of France is Paris. It is known for", false)
         .unwrap()

@@ -39,8 +39,8 @@ const LOSS_TOKENS: usize = 256;
 /// The prompt verification replies to (greedy, in the report).
 pub const CHAT_PROMPT: &str = "What is the capital of France?";
 
-/// The tokenizer of a job: `--tokenizer`, a `tokenizer.json` next to the model, or the
-/// one in the GGUF metadata.
+/// The tokenizer of a job: `--tokenizer`, the model's `tokenizer.json` (in its folder or
+/// next to the file), or the one in the GGUF metadata.
 pub fn tokenizer_for(job: &PruneJob, model: &LlamaModel) -> Result<Tokenizer> {
     if let Some(p) = job
         .tokenizer
@@ -49,7 +49,13 @@ pub fn tokenizer_for(job: &PruneJob, model: &LlamaModel) -> Result<Tokenizer> {
     {
         return Tokenizer::from_file(&p);
     }
-    let inner = super::tokenizer::from_gguf(&model.gguf).map_err(|e| Error::Format {
+    let gguf = model.gguf().ok_or_else(|| {
+        Error::Invalid(format!(
+            "{}: the model folder has no tokenizer.json; pass one with --tokenizer",
+            job.model.display()
+        ))
+    })?;
+    let inner = super::tokenizer::from_gguf(gguf).map_err(|e| Error::Format {
         path: job.model.clone(),
         detail: e,
     })?;
@@ -85,6 +91,14 @@ fn timing_prompt(model: &LlamaModel, workload: &Workload) -> Vec<u32> {
     (0..workload.seq_len)
         .map(|i| pool.get(i % pool.len().max(1)).copied().unwrap_or(1))
         .collect()
+}
+
+/// The file (`STEM.gguf`) or folder (`STEM`) name of an emitted model.
+pub fn output_name(model: &LlamaModel, stem: &str) -> String {
+    match model.format {
+        super::model::LlmFormat::Gguf => format!("{stem}.gguf"),
+        super::model::LlmFormat::Safetensors => stem.to_string(),
+    }
 }
 
 /// Times two loaded models on the same prompt, alternating: wall milliseconds of a
@@ -134,8 +148,8 @@ impl EmitAndMeasure for Backend<'_> {
     }
 }
 
-/// Runs a job end to end and writes the models (`NAME.BUDGET.gguf`) and the report into
-/// the job's output folder.
+/// Runs a job end to end and writes the models (`NAME.BUDGET.gguf`, or `NAME.BUDGET/`
+/// folders for safetensors) and the report into the job's output folder.
 pub fn run(job: &PruneJob, progress: &dyn Progress) -> Result<MistralRun> {
     job.check_budgets()?;
     if let Device::Cuda { .. } = job.device {
@@ -151,6 +165,8 @@ pub fn run(job: &PruneJob, progress: &dyn Progress) -> Result<MistralRun> {
         LlamaOptions {
             gqa_policy: job.gqa_policy,
             output_dtype: job.gguf_dtype,
+            format: job.llm_format,
+            tokenizer_json: job.tokenizer.clone(),
         },
     )?;
     stages.load_s = t.elapsed().as_secs_f64();
@@ -196,7 +212,7 @@ pub fn run(job: &PruneJob, progress: &dyn Progress) -> Result<MistralRun> {
         .prefix(".ziplm-dense-")
         .tempdir_in(&job.out_dir)
         .map_err(|e| Error::io(&job.out_dir, e))?;
-    let dense_path = scratch.path().join("dense.gguf");
+    let dense_path = scratch.path().join(output_name(&model, "dense"));
     if verify {
         model.emit(
             &Plan::dense(model.structure()),
@@ -213,7 +229,7 @@ pub fn run(job: &PruneJob, progress: &dyn Progress) -> Result<MistralRun> {
     for budget in &job.budgets {
         let dest = job
             .out_dir
-            .join(format!("{}.gguf", job.output_stem(budget)));
+            .join(output_name(&model, &job.output_stem(budget)));
         let mut backend = Backend {
             model: &model,
             loss: loss.as_ref(),
@@ -242,13 +258,19 @@ pub fn run(job: &PruneJob, progress: &dyn Progress) -> Result<MistralRun> {
         notes.extend(report::dense_note(&database, &outcome));
         if verify {
             let t = Instant::now();
-            let reply = LoadedModel::load(&outcome.emitted.path)?.chat(CHAT_PROMPT, 24)?;
+            let label = PruneJob::budget_label(budget);
+            match LoadedModel::load(&outcome.emitted.path)?.chat(CHAT_PROMPT, 24) {
+                Ok(reply) => notes.push(format!(
+                    "{label}: mistral.rs reply to {CHAT_PROMPT:?}: {:?}",
+                    reply.text
+                )),
+                // A model without a chat template still serves raw prompts.
+                Err(e) if e.to_string().contains("chat template") => notes.push(format!(
+                    "{label}: no chat reply (the model has no chat template)"
+                )),
+                Err(e) => return Err(e.into()),
+            }
             verify_s += t.elapsed().as_secs_f64();
-            notes.push(format!(
-                "{}: mistral.rs reply to {CHAT_PROMPT:?}: {:?}",
-                PruneJob::budget_label(budget),
-                reply.text
-            ));
         }
         budgets.push(report::budget_report(&database, &table, &outcome)?);
         outcomes.push(outcome);

@@ -1,8 +1,10 @@
-//! The mistral.rs backend: Llama-architecture GGUF models (SmolLM2, TinyLlama, Llama)
-//! read and calibrated with candle, emitted as GGUF files stock mistralrs-core loads,
-//! and verified in mistralrs-core itself.
+//! The mistral.rs backend: Llama-architecture models (SmolLM2, TinyLlama, Llama, Mistral)
+//! as GGUF files or Hugging Face folders, read and calibrated with candle, emitted as
+//! GGUF files or safetensors folders stock mistralrs-core loads, and verified in
+//! mistralrs-core itself.
 //!
 //! - [`gguf`]: bounds-checked header walk, then candle's reader and dequantisation.
+//! - [`hf`]: Hugging Face folders (config.json + safetensors) read and written.
 //! - [`llama`]: the f32 Llama forward (mistral.rs's `quantized_llama` semantics) with
 //!   hooks at the o_proj / down_proj inputs.
 //! - [`tokenizer`]: the GGUF-metadata tokenizer, built as mistral.rs builds it.
@@ -19,6 +21,7 @@ pub mod driver;
 pub mod emit;
 pub mod eval;
 pub mod gguf;
+pub mod hf;
 pub mod llama;
 pub mod loss;
 pub mod model;
@@ -29,7 +32,7 @@ pub mod tokenizer;
 pub use model::{LlamaModel, LlamaOptions};
 pub use runtime::LoadedModel;
 
-/// Loads an artifact ziplm emitted (a GGUF file) in mistral.rs, ready to serve: the one
+/// Loads an artifact ziplm emitted (a GGUF file or a model folder) in mistral.rs, ready to serve: the one
 /// call where an app's build step (`ziplm::build` writes the file into `OUT_DIR`) and its
 /// serving code meet.
 pub fn load_for_serving(path: &std::path::Path) -> crate::Result<LoadedModel> {

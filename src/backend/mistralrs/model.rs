@@ -1,7 +1,9 @@
-//! A Llama GGUF model as the engine sees it: loading, the prunable structure with the
-//! shape constraints stock mistral.rs serves, calibration, and the pruned weights.
+//! A Llama model (GGUF file or Hugging Face folder) as the engine sees it: loading, the
+//! prunable structure with the shape constraints stock mistral.rs serves in the output
+//! format, calibration, and the pruned weights.
 
 use super::gguf::GgufFile;
+use super::hf::{HfDType, HfExtras, HfFolder, ReadError};
 use super::llama::{LayerWeights, LlamaConfig, LlamaWeights, Site};
 use candle_core::{Device, Tensor};
 use std::path::{Path, PathBuf};
@@ -12,6 +14,7 @@ use ziplm_plugin_api::{
 };
 
 pub use crate::job::GgufDType as OutputDType;
+pub use crate::job::LlmFormat;
 
 /// The candle type of an output type.
 pub fn ggml_dtype(d: OutputDType) -> candle_core::quantized::GgmlDType {
@@ -25,12 +28,17 @@ pub fn ggml_dtype(d: OutputDType) -> candle_core::quantized::GgmlDType {
 }
 
 /// Options for loading a Llama model.
-#[derive(Clone, Copy, Debug, PartialEq)]
+#[derive(Clone, Debug, PartialEq)]
 pub struct LlamaOptions {
     /// How GQA heads may be removed.
     pub gqa_policy: GqaPolicy,
-    /// Type of the emitted projections.
+    /// Type of the emitted projections (GGUF: any; safetensors: F32 or F16).
     pub output_dtype: OutputDType,
+    /// Format of the emitted models; `None` = the source's format.
+    pub format: Option<LlmFormat>,
+    /// A `tokenizer.json` to write into emitted folders of a GGUF source (default: built
+    /// from the GGUF metadata).
+    pub tokenizer_json: Option<PathBuf>,
 }
 
 impl Default for LlamaOptions {
@@ -38,20 +46,34 @@ impl Default for LlamaOptions {
         LlamaOptions {
             gqa_policy: GqaPolicy::EqualPerKvGroup,
             output_dtype: OutputDType::F32,
+            format: None,
+            tokenizer_json: None,
         }
     }
 }
 
-/// A loaded Llama model: f32 weights, the source file and calibration samples.
+/// Where a model was read from.
+pub enum Source {
+    /// A GGUF file (metadata and stored embeddings are copied into emitted GGUF files).
+    Gguf(GgufFile),
+    /// A Hugging Face folder.
+    Hf(HfFolder),
+}
+
+/// A loaded Llama model: f32 weights, the source and calibration samples.
 pub struct LlamaModel {
-    /// The source file.
+    /// The source file or folder.
     pub path: PathBuf,
-    /// The GGUF file (metadata and stored embeddings are copied on emit).
-    pub gguf: GgufFile,
-    /// Dense weights in f32.
+    /// What was read.
+    pub source: Source,
+    /// Dense weights in f32 (GGUF layout: Q/K rows for interleaved RoPE).
     pub weights: LlamaWeights,
     /// Options given at load.
     pub options: LlamaOptions,
+    /// The format emitted models are written in.
+    pub format: LlmFormat,
+    /// Tokenizer files and settings for emitted folders (safetensors output only).
+    pub hf_extras: Option<HfExtras>,
     structure: ModelStructure,
     samples: Vec<Vec<u32>>,
 }
@@ -189,10 +211,11 @@ fn weights_from(g: &GgufFile, mut cfg: LlamaConfig) -> Result<LlamaWeights, Stri
 }
 
 /// The prunable blocks of a Llama model and what stock mistral.rs serves after pruning:
-/// one head count for every layer (GGUF stores a single `head_count`), per-layer FFN
-/// widths in whole quantisation blocks, and whole layers dropped (not attention or FFN
-/// alone).
-pub fn structure_of(w: &LlamaWeights, options: &LlamaOptions) -> ModelStructure {
+/// one head count for every layer (GGUF stores a single `head_count`, config.json a single
+/// `num_attention_heads`), per-layer FFN widths in whole quantisation blocks for GGUF and
+/// one width for every layer for safetensors (`intermediate_size`), and whole layers
+/// dropped (not attention or FFN alone).
+pub fn structure_of(w: &LlamaWeights, options: &LlamaOptions, format: LlmFormat) -> ModelStructure {
     let cfg = &w.config;
     let mut blocks = vec![];
     for (i, l) in w.layers.iter().enumerate() {
@@ -224,7 +247,7 @@ pub fn structure_of(w: &LlamaWeights, options: &LlamaOptions) -> ModelStructure 
         constraints: ShapeConstraints {
             gqa_policy: options.gqa_policy,
             uniform_heads: true,
-            uniform_ffn_width: false,
+            uniform_ffn_width: format == LlmFormat::Safetensors,
             // 32 keeps the number of widths to profile small; K-quants need 256.
             ffn_width_multiple: ggml_dtype(options.output_dtype).block_size().max(32),
             module_removal: ModuleRemoval::WholeLayerOnly,
@@ -233,37 +256,90 @@ pub fn structure_of(w: &LlamaWeights, options: &LlamaOptions) -> ModelStructure 
 }
 
 impl LlamaModel {
-    /// Loads a Llama GGUF file.
+    /// Loads a Llama GGUF file or Hugging Face folder.
     pub fn load(path: &Path, options: LlamaOptions) -> AdapterResult<LlamaModel> {
-        if !path.is_file() {
+        let unsupported = |detail: String, hint: &str| AdapterError::Unsupported {
+            what: "model".into(),
+            detail,
+            hint: hint.into(),
+        };
+        let (source, weights) = if path.is_dir() {
+            let folder = HfFolder::open(path).map_err(|e| match e {
+                ReadError::Unsupported(m) => unsupported(
+                    m,
+                    "give a Llama or Mistral model folder, or a llama GGUF file",
+                ),
+                ReadError::Invalid(m) => invalid(path, m),
+            })?;
+            let weights = folder.read_weights().map_err(|e| invalid(path, e))?;
+            (Source::Hf(folder), weights)
+        } else if path.is_file() {
+            let gguf = GgufFile::open(path).map_err(|e| invalid(path, e))?;
+            let cfg = config_from(&gguf).map_err(|e| {
+                if e.contains("not supported") {
+                    unsupported(
+                        format!("{}: {e}", path.display()),
+                        "give a llama-architecture GGUF file",
+                    )
+                } else {
+                    invalid(path, e)
+                }
+            })?;
+            let weights = weights_from(&gguf, cfg).map_err(|e| invalid(path, e))?;
+            (Source::Gguf(gguf), weights)
+        } else {
             return Err(AdapterError::Io {
                 path: path.into(),
-                source: std::io::Error::new(std::io::ErrorKind::NotFound, "no such model file"),
+                source: std::io::Error::new(
+                    std::io::ErrorKind::NotFound,
+                    "no such model file or folder",
+                ),
             });
-        }
-        let gguf = GgufFile::open(path).map_err(|e| invalid(path, e))?;
-        let cfg = config_from(&gguf).map_err(|e| {
-            if e.contains("not supported") {
-                AdapterError::Unsupported {
-                    what: "model".into(),
-                    detail: format!("{}: {e}", path.display()),
-                    hint: "give a llama-architecture GGUF file".into(),
-                }
-            } else {
-                invalid(path, e)
+        };
+        check_finite(&weights, matches!(source, Source::Hf(_))).map_err(|e| invalid(path, e))?;
+        let format = match (&source, options.format) {
+            (_, Some(f)) => f,
+            (Source::Gguf(_), None) => LlmFormat::Gguf,
+            (Source::Hf(_), None) => LlmFormat::Safetensors,
+        };
+        let hf_extras = match (&source, format) {
+            (Source::Hf(_), LlmFormat::Gguf) => {
+                return Err(unsupported(
+                    format!("{}: GGUF output needs a GGUF source (its tokenizer and metadata are copied)", path.display()),
+                    "write a safetensors folder (output.format = \"safetensors\", --llm-format safetensors), or convert the model to GGUF first",
+                ))
             }
-        })?;
-        let weights = weights_from(&gguf, cfg).map_err(|e| invalid(path, e))?;
-        check_finite(&weights).map_err(|e| invalid(path, e))?;
-        let structure = structure_of(&weights, &options);
+            (_, LlmFormat::Gguf) => None,
+            (Source::Hf(f), LlmFormat::Safetensors) => {
+                Some(HfExtras::from_folder(f, options.tokenizer_json.as_deref()).map_err(|e| invalid(path, e))?)
+            }
+            (Source::Gguf(g), LlmFormat::Safetensors) => Some(
+                HfExtras::from_gguf(g, &weights.config, options.tokenizer_json.as_deref())
+                    .map_err(|e| invalid(path, e))?,
+            ),
+        };
+        if format == LlmFormat::Safetensors {
+            hf_dtype(options.output_dtype)?;
+        }
+        let structure = structure_of(&weights, &options, format);
         Ok(LlamaModel {
             path: path.into(),
-            gguf,
+            source,
             weights,
             options,
+            format,
+            hf_extras,
             structure,
             samples: vec![],
         })
+    }
+
+    /// The GGUF source, if the model was read from one.
+    pub fn gguf(&self) -> Option<&GgufFile> {
+        match &self.source {
+            Source::Gguf(g) => Some(g),
+            Source::Hf(_) => None,
+        }
     }
 
     /// Sets the calibration samples (token ids below the vocabulary size).
@@ -313,7 +389,19 @@ impl LlamaModel {
     }
 }
 
-fn check_finite(w: &LlamaWeights) -> Result<(), String> {
+/// The safetensors element type for an output type (quantised types are GGUF only).
+pub fn hf_dtype(d: OutputDType) -> AdapterResult<HfDType> {
+    match d {
+        OutputDType::F32 => Ok(HfDType::F32),
+        OutputDType::F16 => Ok(HfDType::F16),
+        other => Err(AdapterError::InvalidRequest(format!(
+            "{other:?} is a GGUF tensor type: safetensors folders are written in f32 or f16 (--gguf-dtype f32|f16)"
+        ))),
+    }
+}
+
+/// Refuses NaN / infinite projection weights, naming the tensor as the source names it.
+fn check_finite(w: &LlamaWeights, hf_names: bool) -> Result<(), String> {
     let bad = |t: &Tensor| -> bool {
         t.flatten_all()
             .and_then(|t| t.to_vec1::<f32>())
@@ -321,19 +409,21 @@ fn check_finite(w: &LlamaWeights) -> Result<(), String> {
             .unwrap_or(true)
     };
     for (i, l) in w.layers.iter().enumerate() {
-        for (name, t) in [
-            ("attn_q", &l.wq),
-            ("attn_k", &l.wk),
-            ("attn_v", &l.wv),
-            ("attn_output", &l.wo),
-            ("ffn_gate", &l.gate),
-            ("ffn_up", &l.up),
-            ("ffn_down", &l.down),
+        for (gguf_name, hf_name, t) in [
+            ("attn_q", "self_attn.q_proj", &l.wq),
+            ("attn_k", "self_attn.k_proj", &l.wk),
+            ("attn_v", "self_attn.v_proj", &l.wv),
+            ("attn_output", "self_attn.o_proj", &l.wo),
+            ("ffn_gate", "mlp.gate_proj", &l.gate),
+            ("ffn_up", "mlp.up_proj", &l.up),
+            ("ffn_down", "mlp.down_proj", &l.down),
         ] {
             if bad(t) {
-                return Err(format!(
-                    "tensor `blk.{i}.{name}.weight` holds NaN or infinite values"
-                ));
+                let name = match hf_names {
+                    true => format!("model.layers.{i}.{hf_name}.weight"),
+                    false => format!("blk.{i}.{gguf_name}.weight"),
+                };
+                return Err(format!("tensor `{name}` holds NaN or infinite values"));
             }
         }
     }
@@ -532,7 +622,22 @@ impl ziplm_plugin_api::ModelAdapter for LlamaModel {
         dest: &Path,
     ) -> AdapterResult<ziplm_plugin_api::EmitSummary> {
         let pruned = self.pruned_weights(plan, weights)?;
-        let bytes = super::emit::write_gguf(&self.gguf, &pruned, self.options.output_dtype, dest)?;
+        let bytes = match (&self.source, &self.hf_extras) {
+            (_, Some(extras)) => super::hf::write_folder(
+                &pruned,
+                extras,
+                hf_dtype(self.options.output_dtype)?,
+                dest,
+            )?,
+            (Source::Gguf(g), None) => {
+                super::emit::write_gguf(g, &pruned, self.options.output_dtype, dest)?
+            }
+            (Source::Hf(_), None) => {
+                return Err(AdapterError::InvalidRequest(
+                    "a folder source is written as a folder".into(),
+                ))
+            }
+        };
         let params = |w: &LlamaWeights| -> u64 {
             w.layers
                 .iter()

@@ -12,7 +12,7 @@
 //! in mistral.rs corrects the difference.
 
 use super::llama::{LayerWeights, LlamaConfig};
-use super::model::{LlamaModel, OutputDType};
+use super::model::{LlamaModel, LlmFormat, OutputDType};
 use candle_core::quantized::QMatMul;
 use candle_core::{DType, Device, Module, Tensor};
 use std::time::{Duration, Instant};
@@ -277,11 +277,20 @@ impl LatencyProfiler for CandleProfiler<'_> {
                 let ids: Vec<u32> = (0..n)
                     .map(|i| ((i * 7919 + 13) % cfg.vocab) as u32)
                     .collect();
-                let out = match self.model.gguf.has_tensor("output.weight") {
-                    true => self.model.gguf.qtensor("output.weight"),
-                    false => self.model.gguf.qtensor("token_embd.weight"),
-                }
-                .map_err(|e| AdapterError::runtime("timing the output head", e))?;
+                let out = match (self.model.format, self.model.gguf()) {
+                    // GGUF output keeps the source's stored head.
+                    (LlmFormat::Gguf, Some(g)) => match g.has_tensor("output.weight") {
+                        true => g.qtensor("output.weight"),
+                        false => g.qtensor("token_embd.weight"),
+                    }
+                    .map_err(|e| AdapterError::runtime("timing the output head", e))?,
+                    // Folders hold the head in the projections' float type.
+                    _ => super::emit::quantize(
+                        w.output.as_ref().unwrap_or(&w.embed),
+                        super::model::ggml_dtype(self.dtype),
+                    )
+                    .map_err(ce)?,
+                };
                 Run::Rest(RestRun {
                     ids: Tensor::new(ids.as_slice(), &Device::Cpu).map_err(ce)?,
                     embed: w.embed.clone(),

@@ -1,4 +1,4 @@
-//! mistral.rs itself: loading an emitted GGUF file with stock mistralrs-core, raw logits,
+//! mistral.rs itself: loading an emitted GGUF file or model folder with stock mistralrs-core, raw logits,
 //! prefill timing and chat replies. This is what verification and the app helper use;
 //! nothing here knows about pruning.
 
@@ -7,8 +7,9 @@ use either::Either;
 use indexmap::IndexMap;
 use mistralrs_core::{
     AutoDeviceMapParams, Constraint, DefaultSchedulerMethod, DeviceMapSetting, GGUFLoaderBuilder,
-    GGUFSpecificConfig, MistralRs, MistralRsBuilder, ModelDType, NormalRequest, Request,
-    RequestMessage, Response, SamplingParams, SchedulerConfig, TokenSource,
+    GGUFSpecificConfig, MistralRs, MistralRsBuilder, ModelDType, NormalLoaderBuilder,
+    NormalRequest, NormalSpecificConfig, Request, RequestMessage, Response, SamplingParams,
+    SchedulerConfig, TokenSource,
 };
 use std::num::NonZeroUsize;
 use std::path::Path;
@@ -49,31 +50,52 @@ pub struct Reply {
 }
 
 impl LoadedModel {
-    /// Loads a GGUF file the way `mistralrs` serves it: stock GGUF loader, tokenizer and
-    /// chat template from the file's metadata, f32 on the CPU, no prefix cache.
+    /// Loads a model the way `mistralrs` serves it, f32 on the CPU, no prefix cache: a GGUF
+    /// file with the stock GGUF loader (tokenizer and chat template from its metadata), or
+    /// a Hugging Face folder with the stock loader its `config.json` names.
     pub fn load(path: &Path) -> AdapterResult<LoadedModel> {
         let rt = tokio::runtime::Builder::new_multi_thread()
             .worker_threads(1)
             .enable_all()
             .build()
             .map_err(|e| AdapterError::runtime("starting an async runtime", e))?;
-        let dir = path
-            .parent()
-            .filter(|p| !p.as_os_str().is_empty())
-            .unwrap_or(Path::new("."));
-        let file = path.file_name().and_then(|f| f.to_str()).ok_or_else(|| {
-            AdapterError::InvalidRequest(format!("{}: not a file name", path.display()))
-        })?;
-        let loader = GGUFLoaderBuilder::new(
-            None,
-            None,
-            dir.to_string_lossy().into_owned(),
-            vec![file.to_string()],
-            GGUFSpecificConfig { topology: None },
-            false,
-            None,
-        )
-        .build();
+        let loader = if path.is_dir() {
+            // A Hugging Face folder: the stock loader for its `architectures` entry
+            // (folders ziplm writes say MistralForCausalLM).
+            NormalLoaderBuilder::new(
+                NormalSpecificConfig::default(),
+                None,
+                None,
+                Some(path.to_string_lossy().into_owned()),
+                false,
+                None,
+            )
+            .build(None)
+            .map_err(|e| {
+                AdapterError::runtime(
+                    format!("mistral.rs reading {}", path.display()),
+                    format!("{e:#}"),
+                )
+            })?
+        } else {
+            let dir = path
+                .parent()
+                .filter(|p| !p.as_os_str().is_empty())
+                .unwrap_or(Path::new("."));
+            let file = path.file_name().and_then(|f| f.to_str()).ok_or_else(|| {
+                AdapterError::InvalidRequest(format!("{}: not a file name", path.display()))
+            })?;
+            GGUFLoaderBuilder::new(
+                None,
+                None,
+                dir.to_string_lossy().into_owned(),
+                vec![file.to_string()],
+                GGUFSpecificConfig { topology: None },
+                false,
+                None,
+            )
+            .build()
+        };
         let pipeline = rt
             .block_on(async {
                 loader.load_model_from_hf(

@@ -1,0 +1,429 @@
+//! Hugging Face folders in the mistral.rs backend: the tiny Llama fixture
+//! (`fixtures/hf/tiny-llama-gqa`, config.json + model.safetensors) read, pruned, written
+//! as a safetensors folder and loaded by stock mistral.rs; GGUF sources written as
+//! folders; bad folders refused.
+
+use std::path::{Path, PathBuf};
+use ziplm::backend::mistralrs::{self as mrs, LlamaModel, LlamaOptions, LoadedModel};
+use ziplm::job::{LlmFormat, PruneJob};
+use ziplm::search::Budget;
+use ziplm_plugin_api::{ModelAdapter, Plan, PrunedWeights, WeightMatrix};
+
+fn root() -> PathBuf {
+    PathBuf::from(env!("CARGO_MANIFEST_DIR"))
+}
+
+fn tiny_gguf() -> PathBuf {
+    root().join("fixtures/gguf/tiny-llama-gqa.gguf")
+}
+
+/// The Hugging Face fixture copied into `dir`, with a `tokenizer.json` (the fixture has
+/// none): the GGUF fixture's tokenizer, which was made for these weights.
+fn tiny_folder(dir: &Path) -> PathBuf {
+    let out = dir.join("tiny-llama-gqa");
+    std::fs::create_dir_all(&out).unwrap();
+    for f in ["config.json", "model.safetensors"] {
+        std::fs::copy(
+            root().join("fixtures/hf/tiny-llama-gqa").join(f),
+            out.join(f),
+        )
+        .unwrap();
+    }
+    let g = mrs::gguf::GgufFile::open(&tiny_gguf()).unwrap();
+    mrs::tokenizer::from_gguf(&g)
+        .unwrap()
+        .save(out.join("tokenizer.json"), false)
+        .unwrap();
+    out
+}
+
+fn max_abs_diff(a: &[Vec<f32>], b: &[Vec<f32>]) -> f32 {
+    assert_eq!(a.len(), b.len(), "row counts differ");
+    a.iter()
+        .zip(b)
+        .flat_map(|(x, y)| x.iter().zip(y).map(|(p, q)| (p - q).abs()))
+        .fold(0.0, f32::max)
+}
+
+fn logits(w: &mrs::llama::LlamaWeights, ids: &[u32]) -> Vec<Vec<f32>> {
+    w.forward(ids, true, &mut |_, _, _| Ok(()))
+        .unwrap()
+        .to_vec2::<f32>()
+        .unwrap()
+}
+
+fn tensor_diff(a: &candle_core::Tensor, b: &candle_core::Tensor) -> f32 {
+    assert_eq!(a.dims(), b.dims());
+    (a - b)
+        .unwrap()
+        .abs()
+        .unwrap()
+        .flatten_all()
+        .unwrap()
+        .max(0)
+        .unwrap()
+        .to_scalar::<f32>()
+        .unwrap()
+}
+
+/// 2 of 4 heads (one per KV group), the same FFN width 96 in both layers (a folder has
+/// one `intermediate_size`), arbitrary compensated out-projections.
+fn a_uniform_plan(model: &LlamaModel) -> (Plan, PrunedWeights) {
+    let s = model.structure();
+    let mut plan = Plan::dense(s);
+    let mut weights = PrunedWeights::default();
+    for (bp, b) in plan.blocks.iter_mut().zip(&s.blocks) {
+        bp.kept = match b.kind.is_attention() {
+            true => vec![0, 2],
+            false => (0..96).collect(),
+        };
+        let cols = bp.kept_columns().len();
+        let data = (0..b.hidden * cols)
+            .map(|i| ((i * 29 % 19) as f32 - 9.0) / 45.0)
+            .collect();
+        weights
+            .out_projections
+            .insert(b.id, WeightMatrix::new(b.hidden, cols, data).unwrap());
+    }
+    (plan, weights)
+}
+
+#[test]
+fn a_folder_reads_as_its_gguf_conversion() {
+    let dir = tempfile::tempdir().unwrap();
+    let folder = LlamaModel::load(&tiny_folder(dir.path()), LlamaOptions::default()).unwrap();
+    let gguf = LlamaModel::load(&tiny_gguf(), LlamaOptions::default()).unwrap();
+    assert_eq!(folder.weights.config, gguf.weights.config);
+    assert_eq!(folder.format, LlmFormat::Safetensors);
+    for (a, b) in folder.weights.layers.iter().zip(&gguf.weights.layers) {
+        // Q / K permuted to the GGUF layout exactly as llama.cpp's converter does.
+        assert_eq!(tensor_diff(&a.wq, &b.wq), 0.0);
+        assert_eq!(tensor_diff(&a.wk, &b.wk), 0.0);
+        assert_eq!(tensor_diff(&a.down, &b.down), 0.0);
+    }
+    // And the forward agrees with the numpy reference computed from these HF weights.
+    let reference: serde_json::Value = serde_json::from_slice(
+        &std::fs::read(root().join("fixtures/gguf/tiny-llama-gqa.logits.json")).unwrap(),
+    )
+    .unwrap();
+    let ids: Vec<u32> = reference["ids"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .map(|v| v.as_u64().unwrap() as u32)
+        .collect();
+    let want: Vec<Vec<f32>> = serde_json::from_value(reference["logits"].clone()).unwrap();
+    let d = max_abs_diff(&logits(&folder.weights, &ids), &want);
+    assert!(d < 1e-4, "max |diff| to the numpy reference: {d}");
+    // The permutation round-trips.
+    let q = &folder.weights.layers[0].wq;
+    let back = mrs::hf::to_interleaved(&mrs::hf::to_rotate_half(q, 4).unwrap(), 4).unwrap();
+    assert_eq!(tensor_diff(q, &back), 0.0);
+}
+
+#[test]
+fn a_pruned_folder_loads_in_mistralrs_with_ziplms_logits() {
+    let dir = tempfile::tempdir().unwrap();
+    let src = tiny_folder(dir.path());
+    let model = LlamaModel::load(&src, LlamaOptions::default()).unwrap();
+    assert!(model.structure().constraints.uniform_ffn_width);
+    let ids: Vec<u32> = (0..20).map(|i| (i * 11 + 5) % 128).collect();
+
+    // Dense: stock mistral.rs (its llama loader) on the source folder.
+    let d = max_abs_diff(
+        &LoadedModel::load(&src).unwrap().logits(&ids).unwrap(),
+        &logits(&model.weights, &ids),
+    );
+    eprintln!("dense tiny llama folder: max |ziplm - mistral.rs| {d:e}");
+    assert!(d < 1e-4, "dense logits differ by {d}");
+
+    let (plan, weights) = a_uniform_plan(&model);
+    let dest = dir.path().join("pruned");
+    let summary = model.emit(&plan, &weights, &dest).unwrap();
+    assert!(summary.params_after < summary.params_before);
+    for f in ["config.json", "model.safetensors", "tokenizer.json"] {
+        assert!(dest.join(f).is_file(), "{f} written");
+    }
+    let want = logits(&model.pruned_weights(&plan, &weights).unwrap(), &ids);
+    // Read back by ziplm: the pruned shapes and the same function.
+    let back = LlamaModel::load(&dest, LlamaOptions::default()).unwrap();
+    assert_eq!(back.weights.config.n_heads, 2);
+    assert_eq!(back.weights.config.ffn_width, 96);
+    assert!(max_abs_diff(&logits(&back.weights, &ids), &want) < 1e-5);
+    // Stock mistral.rs (its mistral loader, head_dim from config.json).
+    let d = max_abs_diff(
+        &LoadedModel::load(&dest).unwrap().logits(&ids).unwrap(),
+        &want,
+    );
+    eprintln!("pruned tiny llama folder: max |ziplm - mistral.rs| {d:e}");
+    assert!(d < 1e-4, "pruned logits differ by {d}");
+}
+
+#[test]
+fn folders_drop_layers_refuse_mixed_widths_and_are_byte_identical() {
+    let dir = tempfile::tempdir().unwrap();
+    let model = LlamaModel::load(&tiny_folder(dir.path()), LlamaOptions::default()).unwrap();
+    let mut plan = Plan::dense(model.structure());
+    for bp in plan.blocks.iter_mut().skip(2) {
+        bp.kept.clear();
+        bp.kept_kv_heads.clear();
+    }
+    let dest = dir.path().join("one-layer");
+    model.emit(&plan, &PrunedWeights::default(), &dest).unwrap();
+    let ids: Vec<u32> = (0..12).map(|i| (i * 7 + 1) % 128).collect();
+    let want = logits(
+        &model
+            .pruned_weights(&plan, &PrunedWeights::default())
+            .unwrap(),
+        &ids,
+    );
+    let d = max_abs_diff(
+        &LoadedModel::load(&dest).unwrap().logits(&ids).unwrap(),
+        &want,
+    );
+    assert!(d < 1e-4, "one-layer logits differ by {d}");
+
+    // The same plan twice: the same bytes in every file.
+    let (plan, weights) = a_uniform_plan(&model);
+    let (a, b) = (dir.path().join("a"), dir.path().join("b"));
+    model.emit(&plan, &weights, &a).unwrap();
+    LlamaModel::load(
+        &tiny_folder(&dir.path().join("again")),
+        LlamaOptions::default(),
+    )
+    .unwrap()
+    .emit(&plan, &weights, &b)
+    .unwrap();
+    for f in ["config.json", "model.safetensors", "tokenizer.json"] {
+        assert_eq!(
+            std::fs::read(a.join(f)).unwrap(),
+            std::fs::read(b.join(f)).unwrap(),
+            "{f}"
+        );
+    }
+
+    // Per-layer widths cannot be written as a folder: refused, nothing written.
+    let mut mixed = Plan::dense(model.structure());
+    mixed.blocks[3].kept = (0..64).collect();
+    let dest = dir.path().join("mixed");
+    let e = model
+        .emit(&mixed, &PrunedWeights::default(), &dest)
+        .unwrap_err()
+        .to_string();
+    assert!(e.contains("intermediate_size"), "{e}");
+    assert!(!dest.exists());
+}
+
+#[test]
+fn a_gguf_model_can_be_written_as_a_folder() {
+    let dir = tempfile::tempdir().unwrap();
+    let options = LlamaOptions {
+        format: Some(LlmFormat::Safetensors),
+        ..Default::default()
+    };
+    let model = LlamaModel::load(&tiny_gguf(), options).unwrap();
+    let (plan, weights) = a_uniform_plan(&model);
+    let dest = dir.path().join("from-gguf");
+    model.emit(&plan, &weights, &dest).unwrap();
+    let ids: Vec<u32> = (0..16).map(|i| (i * 3 + 2) % 128).collect();
+    let want = logits(&model.pruned_weights(&plan, &weights).unwrap(), &ids);
+    let d = max_abs_diff(
+        &LoadedModel::load(&dest).unwrap().logits(&ids).unwrap(),
+        &want,
+    );
+    assert!(d < 1e-4, "logits differ by {d}");
+    // The folder's tokenizer.json encodes as the GGUF metadata's tokenizer.
+    let g = mrs::gguf::GgufFile::open(&tiny_gguf()).unwrap();
+    let from_meta = mrs::tokenizer::from_gguf(&g).unwrap();
+    let written = tokenizers::Tokenizer::from_file(dest.join("tokenizer.json")).unwrap();
+    let text = "ab abc, xyz!";
+    assert_eq!(
+        from_meta.encode(text, false).unwrap().get_ids(),
+        written.encode(text, false).unwrap().get_ids()
+    );
+}
+
+#[test]
+fn a_prune_job_on_a_folder_is_verified_in_mistralrs() {
+    let dir = tempfile::tempdir().unwrap();
+    let mut job = PruneJob::new(tiny_folder(dir.path()));
+    job.workload = ziplm_plugin_api::Workload::prefill(1, 32);
+    job.random_samples = 16;
+    job.budgets = vec![Budget::Speedup(1.2)];
+    job.profile = ziplm::profile::ProfileSettings { warmup: 1, runs: 5 };
+    job.verify_settings = ziplm::profile::ProfileSettings { warmup: 1, runs: 5 };
+    job.search.retries = 1;
+    job.out_dir = dir.path().join("out");
+    let report = ziplm::backend::run_job(&job, &ziplm::progress::Quiet).unwrap();
+    let b = &report.budgets[0];
+    let out = Path::new(&b.output);
+    assert!(out.join("model.safetensors").is_file(), "{}", out.display());
+    assert!(b.measured_ms.is_some(), "verification ran in mistral.rs");
+    assert_eq!(out.file_name().unwrap(), "tiny-llama-gqa.speedup-1.2");
+    let back = LlamaModel::load(out, LlamaOptions::default()).unwrap();
+    let widths: Vec<usize> = back.weights.layers.iter().map(|l| l.ffn_width()).collect();
+    assert!(widths.windows(2).all(|w| w[0] == w[1]), "{widths:?}");
+    for e in std::fs::read_dir(&job.out_dir).unwrap() {
+        let name = e.unwrap().file_name().to_string_lossy().into_owned();
+        assert!(
+            !name.starts_with(".ziplm") && !name.ends_with(".tmp"),
+            "left {name}"
+        );
+    }
+}
+
+#[test]
+fn bad_folders_get_clear_errors() {
+    let dir = tempfile::tempdir().unwrap();
+    let err = |p: &Path, options: LlamaOptions| match LlamaModel::load(p, options) {
+        Ok(_) => panic!("{} loaded", p.display()),
+        Err(e) => e.to_string(),
+    };
+    let fresh = |name: &str| tiny_folder(&dir.path().join(name));
+
+    // Truncated weights: the file is named.
+    let f = fresh("truncated");
+    let bytes = std::fs::read(f.join("model.safetensors")).unwrap();
+    std::fs::write(f.join("model.safetensors"), &bytes[..bytes.len() - 10]).unwrap();
+    let e = err(&f, LlamaOptions::default());
+    assert!(
+        e.contains("model.safetensors") && e.contains("truncated"),
+        "{e}"
+    );
+    std::fs::write(f.join("model.safetensors"), &bytes[..5]).unwrap();
+    let e = err(&f, LlamaOptions::default());
+    assert!(e.contains("truncated"), "{e}");
+
+    // An unsupported family and an inconsistent config.
+    let f = fresh("qwen");
+    let cfg = std::fs::read_to_string(f.join("config.json")).unwrap();
+    std::fs::write(
+        f.join("config.json"),
+        cfg.replace("\"model_type\": \"llama\"", "\"model_type\": \"qwen2\""),
+    )
+    .unwrap();
+    let e = err(&f, LlamaOptions::default());
+    assert!(e.contains("qwen2") && e.contains("config.json"), "{e}");
+    std::fs::write(
+        f.join("config.json"),
+        cfg.replace("\"hidden_size\": 64", "\"hidden_size\": 96"),
+    )
+    .unwrap();
+    let e = err(&f, LlamaOptions::default());
+    assert!(
+        e.contains("model.embed_tokens.weight") && e.contains("shape"),
+        "{e}"
+    );
+
+    // A missing tensor and NaN weights, named.
+    let st = safetensors::SafeTensors::deserialize(&bytes).unwrap();
+    let mut tensors: Vec<(String, Vec<u8>, Vec<usize>)> = st
+        .tensors()
+        .into_iter()
+        .map(|(n, v)| (n, v.data().to_vec(), v.shape().to_vec()))
+        .collect();
+    let write = |f: &Path, t: &[(String, Vec<u8>, Vec<usize>)]| {
+        let views: Vec<(String, safetensors::tensor::TensorView)> = t
+            .iter()
+            .map(|(n, d, s)| {
+                let v = safetensors::tensor::TensorView::new(safetensors::Dtype::F32, s.clone(), d)
+                    .unwrap();
+                (n.clone(), v)
+            })
+            .collect();
+        std::fs::write(
+            f.join("model.safetensors"),
+            safetensors::serialize(views, None).unwrap(),
+        )
+        .unwrap();
+    };
+    let f = fresh("missing");
+    let without: Vec<_> = tensors
+        .iter()
+        .filter(|t| t.0 != "model.layers.1.mlp.up_proj.weight")
+        .cloned()
+        .collect();
+    write(&f, &without);
+    let e = err(&f, LlamaOptions::default());
+    assert!(
+        e.contains("model.layers.1.mlp.up_proj.weight") && e.contains("missing"),
+        "{e}"
+    );
+    let f = fresh("nan");
+    for t in tensors.iter_mut() {
+        if t.0 == "model.layers.0.self_attn.v_proj.weight" {
+            t.1 = f32::NAN.to_le_bytes().repeat(t.1.len() / 4);
+        }
+    }
+    write(&f, &tensors);
+    let e = err(&f, LlamaOptions::default());
+    assert!(
+        e.contains("model.layers.0.self_attn.v_proj.weight") && e.contains("NaN"),
+        "{e}"
+    );
+
+    // No tokenizer.json for the output; a GGUF output from a folder; a quantised type.
+    let f = fresh("no-tokenizer");
+    std::fs::remove_file(f.join("tokenizer.json")).unwrap();
+    let e = err(&f, LlamaOptions::default());
+    assert!(
+        e.contains("tokenizer.json") && e.contains("--tokenizer"),
+        "{e}"
+    );
+    let f = fresh("formats");
+    let gguf_out = LlamaOptions {
+        format: Some(LlmFormat::Gguf),
+        ..Default::default()
+    };
+    let e = err(&f, gguf_out);
+    assert!(e.contains("GGUF output needs a GGUF source"), "{e}");
+    let q8 = LlamaOptions {
+        output_dtype: ziplm::job::GgufDType::Q8_0,
+        ..Default::default()
+    };
+    let e = err(&f, q8);
+    assert!(e.contains("f32 or f16"), "{e}");
+}
+
+/// SmolLM2-135M (when fetched) written as a safetensors folder: stock mistral.rs (its
+/// mistral loader, unquantised f32 matmuls) agrees with ziplm's forward, and the folder
+/// keeps the chat template.
+#[test]
+fn smollm2_as_a_folder_matches_ziplm_in_mistralrs() {
+    let Some(path) = super::mistralrs_backend::smollm2() else {
+        return;
+    };
+    let dir = tempfile::tempdir().unwrap();
+    let options = LlamaOptions {
+        format: Some(LlmFormat::Safetensors),
+        ..Default::default()
+    };
+    let model = LlamaModel::load(&path, options).unwrap();
+    let dest = dir.path().join("smollm2");
+    model
+        .emit(
+            &Plan::dense(model.structure()),
+            &PrunedWeights::default(),
+            &dest,
+        )
+        .unwrap();
+    let tok = tokenizers::Tokenizer::from_file(dest.join("tokenizer.json")).unwrap();
+    let ids = tok
+        .encode(
+            "The capital of France is Paris, and the capital of Italy is",
+            false,
+        )
+        .unwrap()
+        .get_ids()
+        .to_vec();
+    let want = logits(&model.weights, &ids);
+    let rt = LoadedModel::load(&dest).unwrap();
+    let got = rt.logits(&ids).unwrap();
+    let scale = want.iter().flatten().fold(0f32, |m, x| m.max(x.abs()));
+    let d = max_abs_diff(&got, &want);
+    eprintln!("SmolLM2 folder: max |ziplm - mistral.rs| {d:e} of max |logit| {scale}");
+    assert!(d < 1e-3 * scale, "logits differ by {d}");
+    let reply = rt.chat("What is the capital of France?", 12).unwrap();
+    eprintln!("SmolLM2 folder reply: {:?}", reply.text);
+    assert!(reply.text.contains("Paris"), "{:?}", reply.text);
+}
