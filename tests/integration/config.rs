@@ -50,6 +50,34 @@ fn a_valid_config_becomes_jobs_with_resolved_paths() {
 }
 
 #[test]
+fn llm_output_formats_become_the_job_format() {
+    use ziplm::job::{GgufDType, LlmFormat};
+    let file = Path::new("/srv/app/ziplm.toml");
+    let llm = GOOD
+        .replace("models/model.onnx", "models/smollm2.gguf")
+        .replace("phase = \"decode\"\nkv_len = 256\n", "");
+    for (format, want) in [
+        (
+            "safetensors",
+            (Some(LlmFormat::Safetensors), GgufDType::F32),
+        ),
+        ("gguf-q8_0", (Some(LlmFormat::Gguf), GgufDType::Q8_0)),
+    ] {
+        let text = format!("{llm}[model.output]\ndir = \"pruned\"\nformat = \"{format}\"\n");
+        let cfg = config::parse(&text, file).unwrap();
+        let job = cfg.model[0].to_job(file, Path::new("/srv/app")).unwrap();
+        assert_eq!((job.llm_format, job.gguf_dtype), want, "{format}");
+    }
+    let text = format!("{llm}[model.output]\ndir = \"pruned\"\nformat = \"onnx\"\n");
+    let cfg = config::parse(&text, file).unwrap();
+    let err = cfg.model[0]
+        .to_job(file, Path::new("/srv/app"))
+        .unwrap_err()
+        .to_string();
+    assert!(err.contains("output.format"), "{err}");
+}
+
+#[test]
 fn unknown_keys_and_bad_values_name_file_line_and_key() {
     let file = Path::new("ziplm.toml");
     let typo = GOOD.replace("seq_len = 64", "seqlen = 64");

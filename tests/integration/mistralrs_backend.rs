@@ -390,3 +390,46 @@ fn q8_0_output_loads_in_mistralrs_and_stays_close() {
     eprintln!("Q8_0 tiny llama: max |diff| {d:e} (max |logit| {scale})");
     assert!(d < 0.05 * scale.max(1.0), "Q8_0 logits differ by {d}");
 }
+
+/// A decode budget (one new token after a 24-token cache): blocks profiled as decode
+/// steps in candle, the emitted model timed per generated token in mistral.rs.
+#[test]
+fn a_decode_budget_is_profiled_and_verified_per_token() {
+    let dir = tempfile::tempdir().unwrap();
+    let mut job = PruneJob::new(tiny());
+    job.workload = ziplm_plugin_api::Workload::decode(1, 24);
+    job.random_samples = 16;
+    job.budgets = vec![Budget::Speedup(1.2)];
+    job.profile = ziplm::profile::ProfileSettings { warmup: 1, runs: 5 };
+    job.verify_settings = ziplm::profile::ProfileSettings { warmup: 1, runs: 5 };
+    job.search.retries = 1;
+    job.out_dir = dir.path().join("out");
+    let report = ziplm::backend::run_job(&job, &ziplm::progress::Quiet).unwrap();
+    let b = &report.budgets[0];
+    assert!(b.measured_ms.is_some(), "decode verified in mistral.rs");
+    assert!(
+        report
+            .notes
+            .iter()
+            .any(|n| n.contains("per generated token")),
+        "{:?}",
+        report.notes
+    );
+    // The helper apps use for decode timing runs on the emitted model.
+    let rt = LoadedModel::load(Path::new(&b.output)).unwrap();
+    let prompt: Vec<u32> = (0..24).map(|i| (i * 5 + 3) % 128).collect();
+    let step = rt.decode_step(&prompt, 8).unwrap();
+    assert!(step > std::time::Duration::ZERO);
+
+    // What mistral.rs cannot time is refused before any work.
+    job.workload = ziplm_plugin_api::Workload::decode(2, 24);
+    let e = ziplm::backend::run_job(&job, &ziplm::progress::Quiet)
+        .unwrap_err()
+        .to_string();
+    assert!(e.contains("batch 1"), "{e}");
+    job.workload = ziplm_plugin_api::Workload::decode(1, 60);
+    let e = ziplm::backend::run_job(&job, &ziplm::progress::Quiet)
+        .unwrap_err()
+        .to_string();
+    assert!(e.contains("context"), "{e}");
+}

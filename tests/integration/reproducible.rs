@@ -8,19 +8,21 @@ use std::process::Command;
 use ziplm::job::PruneJob;
 use ziplm::search::Budget;
 
-/// Every file of a folder, by name.
+/// Every file of a folder and of its sub-folders (emitted model folders), by relative
+/// name.
 fn files(dir: &Path) -> BTreeMap<String, Vec<u8>> {
-    std::fs::read_dir(dir)
-        .unwrap()
-        .map(|e| e.unwrap())
-        .filter(|e| e.file_type().unwrap().is_file())
-        .map(|e| {
-            (
-                e.file_name().to_string_lossy().into_owned(),
-                std::fs::read(e.path()).unwrap(),
-            )
-        })
-        .collect()
+    let mut out = BTreeMap::new();
+    for e in std::fs::read_dir(dir).unwrap().map(|e| e.unwrap()) {
+        let name = e.file_name().to_string_lossy().into_owned();
+        if e.file_type().unwrap().is_dir() {
+            for (n, b) in files(&e.path()) {
+                out.insert(format!("{name}/{n}"), b);
+            }
+        } else {
+            out.insert(name, std::fs::read(e.path()).unwrap());
+        }
+    }
+    out
 }
 
 /// The report without its wall-clock stage times (the only figures that are
@@ -36,23 +38,17 @@ fn report_without_stage_times(bytes: &[u8]) -> serde_json::Value {
     v
 }
 
-#[test]
-fn same_inputs_give_identical_outputs_whatever_the_thread_count() {
-    let dir = tempfile::tempdir().unwrap();
-    let mut job = PruneJob::new(super::tract_fixtures::fixture(
-        "tiny-llama-gqa-text-generation",
-    ));
-    job.workload = ziplm_plugin_api::Workload::prefill(1, 16);
-    job.random_samples = 16;
-    job.budgets = vec![Budget::Speedup(1.3), Budget::Speedup(1.6)];
-    job.profile = ziplm::profile::ProfileSettings { warmup: 0, runs: 1 };
+/// Runs `job` with 0 (rayon's default), 1, 2 and again 1 threads (the first run profiles
+/// and writes the latency table, the others reuse it) and asserts byte-identical models,
+/// plans and reports (stage times aside). Returns the first run's file names.
+fn assert_same_outputs_whatever_the_thread_count(job: &PruneJob, dir: &Path) -> Vec<String> {
+    let mut job = job.clone();
     job.verify = false;
-    job.latency_table = Some(dir.path().join("latency-table.json"));
+    job.latency_table = Some(dir.join("latency-table.json"));
     let mut outputs = vec![];
     for (i, threads) in [0usize, 1, 2, 1].into_iter().enumerate() {
-        // Run 0 profiles and writes the table; the others reuse it (a committed table).
         let mut j = job.clone();
-        j.out_dir = dir.path().join(format!("run{i}"));
+        j.out_dir = dir.join(format!("run{i}"));
         let pool = rayon::ThreadPoolBuilder::new()
             .num_threads(threads)
             .build()
@@ -66,12 +62,6 @@ fn same_inputs_give_identical_outputs_whatever_the_thread_count() {
         outputs.push((threads, f, report_without_stage_times(&report)));
     }
     let (_, first, first_report) = &outputs[0];
-    assert!(
-        first.keys().any(|k| k.ends_with(".onnx"))
-            && first.keys().any(|k| k.ends_with(".plan.json")),
-        "{:?}",
-        first.keys()
-    );
     for (threads, f, report) in &outputs[1..] {
         assert_eq!(
             f.keys().collect::<Vec<_>>(),
@@ -86,6 +76,54 @@ fn same_inputs_give_identical_outputs_whatever_the_thread_count() {
         assert_eq!(
             report, first_report,
             "report differs with {threads} threads"
+        );
+    }
+    first.keys().cloned().collect()
+}
+
+#[test]
+fn same_inputs_give_identical_outputs_whatever_the_thread_count() {
+    let dir = tempfile::tempdir().unwrap();
+    let mut job = PruneJob::new(super::tract_fixtures::fixture(
+        "tiny-llama-gqa-text-generation",
+    ));
+    job.workload = ziplm_plugin_api::Workload::prefill(1, 16);
+    job.random_samples = 16;
+    job.budgets = vec![Budget::Speedup(1.3), Budget::Speedup(1.6)];
+    job.profile = ziplm::profile::ProfileSettings { warmup: 0, runs: 1 };
+    let names = assert_same_outputs_whatever_the_thread_count(&job, dir.path());
+    assert!(
+        names.iter().any(|k| k.ends_with(".onnx"))
+            && names.iter().any(|k| k.ends_with(".plan.json")),
+        "{names:?}"
+    );
+}
+
+/// The mistral.rs backend, GGUF and safetensors outputs (candle's forward, the OBS
+/// database and SPDY's loss evaluations all run under the pool).
+#[cfg(feature = "mistralrs")]
+#[test]
+fn llm_outputs_are_identical_whatever_the_thread_count() {
+    let root = Path::new(env!("CARGO_MANIFEST_DIR"));
+    for format in [
+        ziplm::job::LlmFormat::Gguf,
+        ziplm::job::LlmFormat::Safetensors,
+    ] {
+        let dir = tempfile::tempdir().unwrap();
+        let mut job = PruneJob::new(root.join("fixtures/gguf/tiny-llama-gqa.gguf"));
+        job.workload = ziplm_plugin_api::Workload::prefill(1, 32);
+        job.random_samples = 16;
+        job.budgets = vec![Budget::Speedup(1.3), Budget::Speedup(1.8)];
+        job.profile = ziplm::profile::ProfileSettings { warmup: 0, runs: 1 };
+        job.llm_format = Some(format);
+        let names = assert_same_outputs_whatever_the_thread_count(&job, dir.path());
+        let model = match format {
+            ziplm::job::LlmFormat::Gguf => ".gguf",
+            ziplm::job::LlmFormat::Safetensors => "/model.safetensors",
+        };
+        assert!(
+            names.iter().filter(|k| k.ends_with(model)).count() == 2,
+            "{format:?}: {names:?}"
         );
     }
 }

@@ -16,7 +16,7 @@ use crate::report::{self, PruneReport, StageTimes};
 use std::path::{Path, PathBuf};
 use std::time::Instant;
 use ziplm_plugin_api::{
-    EmitSummary, LatencyTable, ModelAdapter, Plan, PrunedWeights, Timing, Workload,
+    EmitSummary, LatencyTable, ModelAdapter, Phase, Plan, PrunedWeights, Timing, Workload,
 };
 
 /// Everything a mistral.rs run produced.
@@ -80,17 +80,53 @@ pub fn calibration_samples(job: &PruneJob, model: &LlamaModel) -> Result<Vec<Vec
     data::make_samples(&tok, &texts, SampleMode::Windows, cal.samples, cal.seq_len)
 }
 
-/// Prompt ids for timing: calibration tokens repeated to the workload's length.
-fn timing_prompt(model: &LlamaModel, workload: &Workload) -> Vec<u32> {
+/// Decode steps generated per decode timing sample.
+pub const DECODE_STEPS: usize = 16;
+
+/// Prompt ids for timing, calibration tokens repeated: the workload's `seq_len` tokens
+/// for prefill, the `kv_len` tokens that fill the cache for decode.
+pub fn timing_prompt(model: &LlamaModel, workload: &Workload) -> Vec<u32> {
     let pool: Vec<u32> = model
         .calibration_samples()
         .iter()
         .flatten()
         .copied()
         .collect();
-    (0..workload.seq_len)
+    let len = match workload.phase {
+        Phase::Prefill => workload.seq_len,
+        Phase::Decode { kv_len } => kv_len,
+    };
+    (0..len)
         .map(|i| pool.get(i % pool.len().max(1)).copied().unwrap_or(1))
         .collect()
+}
+
+/// What mistral.rs can time for a workload: one sequence; decode one token per step.
+fn check_timed_workload(workload: &Workload, context: usize) -> Result<()> {
+    if workload.batch != 1 {
+        return Err(Error::Invalid(format!(
+            "the mistralrs backend times one sequence (batch 1), the workload has batch {}",
+            workload.batch
+        )));
+    }
+    let tokens = match workload.phase {
+        Phase::Prefill => workload.seq_len,
+        Phase::Decode { kv_len } => {
+            if workload.seq_len != 1 {
+                return Err(Error::Invalid(format!(
+                    "decode workloads generate one token per step (seq_len = 1), got seq_len {}",
+                    workload.seq_len
+                )));
+            }
+            kv_len + 1 + DECODE_STEPS
+        }
+    };
+    if tokens > context {
+        return Err(Error::Invalid(format!(
+            "the workload needs {tokens} tokens of context, the model's context is {context}"
+        )));
+    }
+    Ok(())
 }
 
 /// The file (`STEM.gguf`) or folder (`STEM`) name of an emitted model.
@@ -101,15 +137,26 @@ pub fn output_name(model: &LlamaModel, stem: &str) -> String {
     }
 }
 
-/// Times two loaded models on the same prompt, alternating: wall milliseconds of a
-/// one-token request (prefill plus one sampling step).
+/// Times two loaded models on the same prompt, alternating. Prefill: wall milliseconds
+/// of a one-token request (prefill plus one sampling step). Decode: milliseconds per
+/// generated token after the prompt ([`LoadedModel::decode_step`]).
 pub fn time_pair_loaded(
     a: &LoadedModel,
     b: &LoadedModel,
     prompt: &[u32],
+    workload: &Workload,
     settings: &profile::ProfileSettings,
 ) -> ziplm_plugin_api::AdapterResult<(Timing, Timing)> {
-    profile::time_alternating(settings, || a.prefill(prompt), || b.prefill(prompt))
+    match workload.phase {
+        Phase::Prefill => {
+            profile::time_alternating(settings, || a.prefill(prompt), || b.prefill(prompt))
+        }
+        Phase::Decode { .. } => profile::time_alternating(
+            settings,
+            || a.decode_step(prompt, DECODE_STEPS),
+            || b.decode_step(prompt, DECODE_STEPS),
+        ),
+    }
 }
 
 struct Backend<'a> {
@@ -138,7 +185,13 @@ impl EmitAndMeasure for Backend<'_> {
         }
         let pruned = LoadedModel::load(&emitted.path)?;
         let dense = self.dense.as_ref().expect("loaded above");
-        let r = time_pair_loaded(dense, &pruned, self.prompt, &self.job.verify_settings)?;
+        let r = time_pair_loaded(
+            dense,
+            &pruned,
+            self.prompt,
+            &self.job.workload,
+            &self.job.verify_settings,
+        )?;
         self.verify_s += t.elapsed().as_secs_f64();
         Ok(r)
     }
@@ -170,12 +223,7 @@ pub fn run(job: &PruneJob, progress: &dyn Progress) -> Result<MistralRun> {
         },
     )?;
     stages.load_s = t.elapsed().as_secs_f64();
-    if job.workload.seq_len > model.weights.config.context_length {
-        return Err(Error::Invalid(format!(
-            "the workload has {} tokens, the model's context is {}",
-            job.workload.seq_len, model.weights.config.context_length
-        )));
-    }
+    check_timed_workload(&job.workload, model.weights.config.context_length)?;
     let samples = calibration_samples(job, &model)?;
     model.set_calibration(samples)?;
     let database = Database::build(&mut model, &job.database, progress)?;
@@ -184,9 +232,15 @@ pub fn run(job: &PruneJob, progress: &dyn Progress) -> Result<MistralRun> {
 
     let t = Instant::now();
     let mut notes = vec![format!(
-        "latencies: blocks timed with candle {} kernels ({} threads); verification times whole models in mistral.rs (wall time of a one-token request on the prompt)",
+        "latencies: blocks timed with candle {} kernels ({} threads); verification times whole models in mistral.rs ({})",
         super::profile::CANDLE_VERSION,
-        super::profile::candle_threads()
+        super::profile::candle_threads(),
+        match job.workload.phase {
+            Phase::Prefill => "wall time of a one-token request on the prompt".to_string(),
+            Phase::Decode { .. } => format!(
+                "per generated token: wall time of 1 + {DECODE_STEPS} tokens minus 1 token after the prompt, over the tokens generated"
+            ),
+        }
     )];
     let acquired = {
         let mut profiler = CandleProfiler::new(&model, job.gguf_dtype);

@@ -3,8 +3,10 @@
 //! mistral.rs's GGUF llama multiplies every projection through candle's `QMatMul` (a
 //! plain f32/f16 `matmul` for float tensors, candle's quantised kernels otherwise), on
 //! `[batch, tokens, hidden]` activations. Each block shape is timed alone, built from
-//! layer 0's weights cut to that shape and stored in the emitted type, on the prefill
-//! workload (`batch x seq_len` tokens): the attention sub-layer (RMSNorm, Q/K/V, RoPE,
+//! layer 0's weights cut to that shape and stored in the emitted type, on the workload:
+//! prefill (`batch x seq_len` tokens from position 0) or decode (`seq_len` new tokens,
+//! usually 1, attending to `kv_len` cached keys and values that the step concatenates its
+//! own onto, as mistral.rs's cache does): the attention sub-layer (RMSNorm, Q/K/V, RoPE,
 //! causal grouped attention, output projection, residual) or the FFN sub-layer (RMSNorm,
 //! gate, up, SiLU, down, residual). The rest is the embedding lookup, the final norm
 //! and the output head on the last position. This times candle, not mistral.rs itself
@@ -70,6 +72,9 @@ struct AttentionRun {
     cos: Tensor,
     sin: Tensor,
     mask: Tensor,
+    /// Decode: the cached keys and values `[batch, kv_heads, kv_len, head_dim]` the new
+    /// tokens attend to (mistral.rs concatenates the new ones onto its cache each step).
+    cache: Option<(Tensor, Tensor)>,
 }
 
 impl AttentionRun {
@@ -85,14 +90,19 @@ impl AttentionRun {
         let v = split(self.v.forward(&h)?, self.kv_heads)?;
         let q = candle_nn::rotary_emb::rope_i(&q, &self.cos, &self.sin)?;
         let k = candle_nn::rotary_emb::rope_i(&k, &self.cos, &self.sin)?;
+        let (k, v) = match &self.cache {
+            Some((kc, vc)) => (Tensor::cat(&[kc, &k], 2)?, Tensor::cat(&[vc, &v], 2)?),
+            None => (k, v),
+        };
+        let keys = k.dims()[2];
         let group = self.heads / self.kv_heads;
         let rep = |x: Tensor| -> candle_core::Result<Tensor> {
             if group == 1 {
                 return Ok(x);
             }
             x.unsqueeze(2)?
-                .expand((b, self.kv_heads, group, t, hd))?
-                .reshape((b, self.heads, t, hd))
+                .expand((b, self.kv_heads, group, keys, hd))?
+                .reshape((b, self.heads, keys, hd))
         };
         let (k, v) = (rep(k)?, rep(v)?);
         let scores =
@@ -174,6 +184,14 @@ fn input(cfg: &LlamaConfig, workload: &Workload) -> candle_core::Result<Tensor> 
     )
 }
 
+/// Tokens already in the KV cache for a workload (0 for prefill).
+fn cached_tokens(workload: &Workload) -> usize {
+    match workload.phase {
+        ziplm_plugin_api::Phase::Prefill => 0,
+        ziplm_plugin_api::Phase::Decode { kv_len } => kv_len,
+    }
+}
+
 fn attention_run(
     cfg: &LlamaConfig,
     l: &LayerWeights,
@@ -184,18 +202,33 @@ fn attention_run(
 ) -> candle_core::Result<AttentionRun> {
     let hd = cfg.head_dim;
     let t = workload.seq_len;
+    let past = cached_tokens(workload);
     let inv: Vec<f32> = (0..hd)
         .step_by(2)
         .map(|i| 1f32 / cfg.rope_base.powf(i as f32 / hd as f32))
         .collect();
     let inv = Tensor::from_vec(inv, (1, hd / 2), &Device::Cpu)?;
-    let pos = Tensor::arange(0u32, t as u32, &Device::Cpu)?
+    // The new tokens sit at positions past..past + t.
+    let pos = Tensor::arange(past as u32, (past + t) as u32, &Device::Cpu)?
         .to_dtype(DType::F32)?
         .reshape((t, 1))?;
     let freqs = pos.matmul(&inv)?;
     let mask: Vec<f32> = (0..t)
-        .flat_map(|i| (0..t).map(move |j| if j > i { f32::NEG_INFINITY } else { 0.0 }))
+        .flat_map(|i| {
+            (0..past + t).map(move |j| if j > past + i { f32::NEG_INFINITY } else { 0.0 })
+        })
         .collect();
+    let cache = match past {
+        0 => None,
+        n => {
+            let len = workload.batch * kv_heads * n * hd;
+            let v: Vec<f32> = (0..len)
+                .map(|i| ((i * 7907 % 1000) as f32 / 1000.0) - 0.5)
+                .collect();
+            let kc = Tensor::from_vec(v, (workload.batch, kv_heads, n, hd), &Device::Cpu)?;
+            Some((kc.clone(), kc))
+        }
+    };
     Ok(AttentionRun {
         x: input(cfg, workload)?,
         norm: l.attn_norm.clone(),
@@ -209,7 +242,8 @@ fn attention_run(
         head_dim: hd,
         cos: freqs.cos()?,
         sin: freqs.sin()?,
-        mask: Tensor::from_vec(mask, (t, t), &Device::Cpu)?,
+        mask: Tensor::from_vec(mask, (t, past + t), &Device::Cpu)?,
+        cache,
     })
 }
 
@@ -237,14 +271,6 @@ impl LatencyProfiler for CandleProfiler<'_> {
         what: &Measured,
         workload: &Workload,
     ) -> AdapterResult<Box<dyn TimedRun + 'a>> {
-        if !matches!(workload.phase, ziplm_plugin_api::Phase::Prefill) {
-            return Err(AdapterError::Unsupported {
-                what: "workload".into(),
-                detail: "the mistralrs backend times prefill workloads only so far".into(),
-                hint: "state the budget for a prefill workload (target.workload = \"prefill\")"
-                    .into(),
-            });
-        }
         let w = &self.model.weights;
         let cfg = &w.config;
         let l = &w.layers[0];

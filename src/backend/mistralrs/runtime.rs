@@ -207,6 +207,39 @@ impl LoadedModel {
         }
     }
 
+    /// Runs a prompt of token ids and greedily generates up to `max_tokens` tokens;
+    /// returns the wall time of the request and the tokens generated.
+    pub fn generate(
+        &self,
+        ids: &[u32],
+        max_tokens: usize,
+    ) -> AdapterResult<(std::time::Duration, usize)> {
+        let start = std::time::Instant::now();
+        match self.send(
+            RequestMessage::CompletionTokens(ids.to_vec()),
+            max_tokens,
+            false,
+        )? {
+            Response::CompletionDone(r) => Ok((start.elapsed(), r.usage.completion_tokens)),
+            other => Err(unexpected(other)),
+        }
+    }
+
+    /// Decode time per token after a prompt of `ids` (the KV cache it fills): the wall
+    /// time of generating `1 + steps` tokens minus that of generating one (the same
+    /// prefill), divided by the extra tokens generated.
+    pub fn decode_step(&self, ids: &[u32], steps: usize) -> AdapterResult<std::time::Duration> {
+        let (one, _) = self.generate(ids, 1)?;
+        let (many, n) = self.generate(ids, 1 + steps.max(1))?;
+        if n < 2 {
+            return Err(AdapterError::runtime(
+                "mistral.rs decode timing",
+                "the model ended its reply after one token; time decode on another prompt",
+            ));
+        }
+        Ok(many.saturating_sub(one) / (n as u32 - 1))
+    }
+
     /// Greedy reply to one user message, through the model's chat template.
     pub fn chat(&self, user: &str, max_tokens: usize) -> AdapterResult<Reply> {
         let mut m = IndexMap::new();
