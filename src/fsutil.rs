@@ -4,19 +4,9 @@ use crate::error::{Error, Result};
 use std::io::Write;
 use std::path::Path;
 
-/// Writes `bytes` to `dest` atomically: a temporary file in the same folder is written,
-/// flushed to disk and renamed over `dest`. On error `dest` keeps its old content (or
-/// still does not exist) and the temporary file is removed.
-pub fn write_atomic(dest: &Path, bytes: &[u8]) -> Result<()> {
-    write_atomic_with(dest, |f| f.write_all(bytes))
-}
-
-/// Like [`write_atomic`], with the content produced by `fill` writing into the
-/// temporary file (for outputs too large to hold in memory twice).
-pub fn write_atomic_with(
-    dest: &Path,
-    fill: impl FnOnce(&mut std::fs::File) -> std::io::Result<()>,
-) -> Result<()> {
+/// The folder `dest` will be written in (`.` for a bare name); an error when it does not
+/// exist.
+fn existing_parent(dest: &Path) -> Result<&Path> {
     let dir = match dest.parent() {
         Some(p) if !p.as_os_str().is_empty() => p,
         _ => Path::new("."),
@@ -30,6 +20,23 @@ pub fn write_atomic_with(
             ),
         ));
     }
+    Ok(dir)
+}
+
+/// Writes `bytes` to `dest` atomically: a temporary file in the same folder is written,
+/// flushed to disk and renamed over `dest`. On error `dest` keeps its old content (or
+/// still does not exist) and the temporary file is removed.
+pub fn write_atomic(dest: &Path, bytes: &[u8]) -> Result<()> {
+    write_atomic_with(dest, |f| f.write_all(bytes))
+}
+
+/// Like [`write_atomic`], with the content produced by `fill` writing into the
+/// temporary file (for outputs too large to hold in memory twice).
+pub fn write_atomic_with(
+    dest: &Path,
+    fill: impl FnOnce(&mut std::fs::File) -> std::io::Result<()>,
+) -> Result<()> {
+    let dir = existing_parent(dest)?;
     let prefix = format!(
         ".{}.",
         dest.file_name().and_then(|n| n.to_str()).unwrap_or("ziplm")
@@ -57,19 +64,7 @@ pub fn write_atomic_with(
 /// either the old folder or the complete new one (between the two renames it briefly does
 /// not exist); on error the temporary folder is removed.
 pub fn write_dir_atomic(dest: &Path, files: &[(&str, &[u8])]) -> Result<()> {
-    let parent = match dest.parent() {
-        Some(p) if !p.as_os_str().is_empty() => p,
-        _ => Path::new("."),
-    };
-    if !parent.is_dir() {
-        return Err(Error::io(
-            dest,
-            std::io::Error::new(
-                std::io::ErrorKind::NotFound,
-                format!("folder {} does not exist", parent.display()),
-            ),
-        ));
-    }
+    let parent = existing_parent(dest)?;
     if dest.exists() && !dest.is_dir() {
         return Err(Error::io(
             dest,

@@ -3,6 +3,7 @@
 //! as a safetensors folder and loaded by stock mistral.rs; GGUF sources written as
 //! folders; bad folders refused.
 
+use super::mistralrs_backend::{max_abs_diff, tiny as tiny_gguf};
 use std::path::{Path, PathBuf};
 use ziplm::backend::mistralrs::{self as mrs, LlamaModel, LlamaOptions, LoadedModel};
 use ziplm::job::{LlmFormat, PruneJob};
@@ -11,10 +12,6 @@ use ziplm_plugin_api::{ModelAdapter, Plan, PrunedWeights, WeightMatrix};
 
 fn root() -> PathBuf {
     PathBuf::from(env!("CARGO_MANIFEST_DIR"))
-}
-
-fn tiny_gguf() -> PathBuf {
-    root().join("fixtures/gguf/tiny-llama-gqa.gguf")
 }
 
 /// The Hugging Face fixture copied into `dir`, with a `tokenizer.json` (the fixture has
@@ -35,14 +32,6 @@ fn tiny_folder(dir: &Path) -> PathBuf {
         .save(out.join("tokenizer.json"), false)
         .unwrap();
     out
-}
-
-fn max_abs_diff(a: &[Vec<f32>], b: &[Vec<f32>]) -> f32 {
-    assert_eq!(a.len(), b.len(), "row counts differ");
-    a.iter()
-        .zip(b)
-        .flat_map(|(x, y)| x.iter().zip(y).map(|(p, q)| (p - q).abs()))
-        .fold(0.0, f32::max)
 }
 
 fn logits(w: &mrs::llama::LlamaWeights, ids: &[u32]) -> Vec<Vec<f32>> {

@@ -8,11 +8,13 @@ use ziplm::job::PruneJob;
 use ziplm::search::Budget;
 use ziplm_plugin_api::{ModelAdapter, Plan, PrunedWeights, WeightMatrix};
 
-fn tiny() -> PathBuf {
+/// The tiny Llama GGUF fixture.
+pub fn tiny() -> PathBuf {
     Path::new(env!("CARGO_MANIFEST_DIR")).join("fixtures/gguf/tiny-llama-gqa.gguf")
 }
 
-fn max_abs_diff(a: &[Vec<f32>], b: &[Vec<f32>]) -> f32 {
+/// Largest absolute difference of two logit tables of the same shape.
+pub fn max_abs_diff(a: &[Vec<f32>], b: &[Vec<f32>]) -> f32 {
     assert_eq!(a.len(), b.len(), "row counts differ");
     a.iter()
         .zip(b)
