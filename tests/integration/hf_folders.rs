@@ -416,3 +416,91 @@ fn smollm2_as_a_folder_matches_ziplm_in_mistralrs() {
     eprintln!("SmolLM2 folder reply: {:?}", reply.text);
     assert!(reply.text.contains("Paris"), "{:?}", reply.text);
 }
+
+/// The other layouts a Hugging Face folder comes in: a Mistral config (sliding window),
+/// sharded weights with an index, BF16 weights. Each reads as the same model.
+#[test]
+fn mistral_configs_shards_and_bf16_weights_read_as_the_same_model() {
+    let dir = tempfile::tempdir().unwrap();
+    let reference = LlamaModel::load(
+        &tiny_folder(&dir.path().join("ref")),
+        LlamaOptions::default(),
+    )
+    .unwrap();
+    let ids: Vec<u32> = (0..14).map(|i| (i * 9 + 4) % 128).collect();
+    let want = logits(&reference.weights, &ids);
+
+    // Mistral: same tensors, `sliding_window` bounds the context ziplm calibrates with;
+    // stock mistral.rs serves the source folder with its mistral loader.
+    let f = tiny_folder(&dir.path().join("mistral"));
+    let mut cfg: serde_json::Value =
+        serde_json::from_slice(&std::fs::read(f.join("config.json")).unwrap()).unwrap();
+    cfg["model_type"] = "mistral".into();
+    cfg["architectures"] = serde_json::json!(["MistralForCausalLM"]);
+    cfg["sliding_window"] = 32.into();
+    std::fs::write(f.join("config.json"), cfg.to_string()).unwrap();
+    let m = LlamaModel::load(&f, LlamaOptions::default()).unwrap();
+    assert_eq!(m.weights.config.context_length, 32);
+    assert!(max_abs_diff(&logits(&m.weights, &ids), &want) < 1e-6);
+    let d = max_abs_diff(&LoadedModel::load(&f).unwrap().logits(&ids).unwrap(), &want);
+    assert!(d < 1e-4, "mistral loader: logits differ by {d}");
+    let mut m = m;
+    let e = m
+        .set_calibration(vec![vec![1; 40]])
+        .unwrap_err()
+        .to_string();
+    assert!(e.contains("context"), "{e}");
+
+    // Two shards and an index.
+    let f = tiny_folder(&dir.path().join("sharded"));
+    let bytes = std::fs::read(f.join("model.safetensors")).unwrap();
+    let st = safetensors::SafeTensors::deserialize(&bytes).unwrap();
+    let mut names: Vec<String> = st.names().into_iter().map(String::from).collect();
+    names.sort();
+    let mut map = serde_json::Map::new();
+    for (i, part) in names.chunks(names.len() / 2 + 1).enumerate() {
+        let file = format!("model-{:05}-of-00002.safetensors", i + 1);
+        let views: Vec<(String, safetensors::tensor::TensorView)> = part
+            .iter()
+            .map(|n| (n.clone(), st.tensor(n).unwrap()))
+            .collect();
+        std::fs::write(f.join(&file), safetensors::serialize(views, None).unwrap()).unwrap();
+        for n in part {
+            map.insert(n.clone(), file.clone().into());
+        }
+    }
+    std::fs::remove_file(f.join("model.safetensors")).unwrap();
+    std::fs::write(
+        f.join("model.safetensors.index.json"),
+        serde_json::json!({ "metadata": {}, "weight_map": map }).to_string(),
+    )
+    .unwrap();
+    let m = LlamaModel::load(&f, LlamaOptions::default()).unwrap();
+    assert_eq!(max_abs_diff(&logits(&m.weights, &ids), &want), 0.0);
+
+    // BF16 weights: converted to f32 on read, close to the f32 model.
+    let f = tiny_folder(&dir.path().join("bf16"));
+    let tensors: Vec<(String, candle_core::Tensor)> = names
+        .iter()
+        .map(|n| {
+            let v = st.tensor(n).unwrap();
+            let t = candle_core::safetensors::Load::load(&v, &candle_core::Device::Cpu)
+                .unwrap()
+                .to_dtype(candle_core::DType::BF16)
+                .unwrap();
+            (n.clone(), t)
+        })
+        .collect();
+    std::fs::write(
+        f.join("model.safetensors"),
+        safetensors::serialize(tensors.iter().map(|(n, t)| (n.as_str(), t)), None).unwrap(),
+    )
+    .unwrap();
+    let m = LlamaModel::load(&f, LlamaOptions::default()).unwrap();
+    let scale = want.iter().flatten().fold(0f32, |a, x| a.max(x.abs()));
+    let d = max_abs_diff(&logits(&m.weights, &ids), &want);
+    assert!(
+        d > 0.0 && d < 0.05 * scale.max(1.0),
+        "bf16 logits differ by {d}"
+    );
+}
