@@ -3,12 +3,11 @@
 //! as a safetensors folder and loaded by stock mistral.rs; GGUF sources written as
 //! folders; bad folders refused.
 
-use super::mistralrs_backend::{max_abs_diff, tiny as tiny_gguf};
+use super::mistralrs_backend::{max_abs_diff, plan_keeping, tiny as tiny_gguf, tiny_job};
 use std::path::{Path, PathBuf};
 use ziplm::backend::mistralrs::{self as mrs, LlamaModel, LlamaOptions, LoadedModel};
-use ziplm::job::{LlmFormat, PruneJob};
-use ziplm::search::Budget;
-use ziplm_plugin_api::{ModelAdapter, Plan, PrunedWeights, WeightMatrix};
+use ziplm::job::LlmFormat;
+use ziplm_plugin_api::{ModelAdapter, Plan, PrunedWeights};
 
 fn root() -> PathBuf {
     PathBuf::from(env!("CARGO_MANIFEST_DIR"))
@@ -55,26 +54,10 @@ fn tensor_diff(a: &candle_core::Tensor, b: &candle_core::Tensor) -> f32 {
         .unwrap()
 }
 
-/// 2 of 4 heads (one per KV group), the same FFN width 96 in both layers (a folder has
-/// one `intermediate_size`), arbitrary compensated out-projections.
+/// 2 of 4 heads, the same FFN width 96 in both layers (a folder has one
+/// `intermediate_size`).
 fn a_uniform_plan(model: &LlamaModel) -> (Plan, PrunedWeights) {
-    let s = model.structure();
-    let mut plan = Plan::dense(s);
-    let mut weights = PrunedWeights::default();
-    for (bp, b) in plan.blocks.iter_mut().zip(&s.blocks) {
-        bp.kept = match b.kind.is_attention() {
-            true => vec![0, 2],
-            false => (0..96).collect(),
-        };
-        let cols = bp.kept_columns().len();
-        let data = (0..b.hidden * cols)
-            .map(|i| ((i * 29 % 19) as f32 - 9.0) / 45.0)
-            .collect();
-        weights
-            .out_projections
-            .insert(b.id, WeightMatrix::new(b.hidden, cols, data).unwrap());
-    }
-    (plan, weights)
+    plan_keeping(model, |_| 96)
 }
 
 #[test]
@@ -235,14 +218,7 @@ fn a_gguf_model_can_be_written_as_a_folder() {
 #[test]
 fn a_prune_job_on_a_folder_is_verified_in_mistralrs() {
     let dir = tempfile::tempdir().unwrap();
-    let mut job = PruneJob::new(tiny_folder(dir.path()));
-    job.workload = ziplm_plugin_api::Workload::prefill(1, 32);
-    job.random_samples = 16;
-    job.budgets = vec![Budget::Speedup(1.2)];
-    job.profile = ziplm::profile::ProfileSettings { warmup: 1, runs: 5 };
-    job.verify_settings = ziplm::profile::ProfileSettings { warmup: 1, runs: 5 };
-    job.search.retries = 1;
-    job.out_dir = dir.path().join("out");
+    let job = tiny_job(tiny_folder(dir.path()), dir.path());
     let report = ziplm::backend::run_job(&job, &ziplm::progress::Quiet).unwrap();
     let b = &report.budgets[0];
     let out = Path::new(&b.output);

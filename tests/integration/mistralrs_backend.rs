@@ -53,18 +53,18 @@ fn tiny_llama_forward_matches_an_independent_numpy_reference() {
     assert!(d < 1e-4, "max |diff| to the numpy reference: {d}");
 }
 
-/// A plan that keeps 1 query head per KV group (2 of 4 heads), FFN widths 96 and 64,
-/// with the out-projections replaced by arbitrary matrices (as OBS would).
-fn a_pruned_plan(model: &LlamaModel) -> (Plan, PrunedWeights) {
+/// A plan that keeps query heads 0 and 2 (1 per KV group) in every layer and
+/// `width(layer)` FFN neurons, with the out-projections replaced by arbitrary matrices
+/// (as OBS would).
+pub fn plan_keeping(model: &LlamaModel, width: impl Fn(u32) -> usize) -> (Plan, PrunedWeights) {
     let s = model.structure();
     let mut plan = Plan::dense(s);
     let mut weights = PrunedWeights::default();
     for (bp, b) in plan.blocks.iter_mut().zip(&s.blocks) {
-        if b.kind.is_attention() {
-            bp.kept = vec![0, 2];
-        } else {
-            bp.kept = (0..if b.layer.0 == 0 { 96 } else { 64 }).collect();
-        }
+        bp.kept = match b.kind.is_attention() {
+            true => vec![0, 2],
+            false => (0..width(b.layer.0)).collect(),
+        };
         let cols = bp.kept_columns().len();
         let data = (0..b.hidden * cols)
             .map(|i| ((i * 31 % 17) as f32 - 8.0) / 40.0)
@@ -74,6 +74,25 @@ fn a_pruned_plan(model: &LlamaModel) -> (Plan, PrunedWeights) {
             .insert(b.id, WeightMatrix::new(b.hidden, cols, data).unwrap());
     }
     (plan, weights)
+}
+
+/// 2 of 4 heads, FFN widths 96 and 64.
+fn a_pruned_plan(model: &LlamaModel) -> (Plan, PrunedWeights) {
+    plan_keeping(model, |layer| if layer == 0 { 96 } else { 64 })
+}
+
+/// A prune job on a tiny model with random calibration ids, quick profiling and
+/// verification, one 1.2x budget, writing into `dir/out`.
+pub fn tiny_job(model: PathBuf, dir: &Path) -> PruneJob {
+    let mut job = PruneJob::new(model);
+    job.workload = ziplm_plugin_api::Workload::prefill(1, 32);
+    job.random_samples = 16;
+    job.budgets = vec![Budget::Speedup(1.2)];
+    job.profile = ziplm::profile::ProfileSettings { warmup: 1, runs: 5 };
+    job.verify_settings = ziplm::profile::ProfileSettings { warmup: 1, runs: 5 };
+    job.search.retries = 1;
+    job.out_dir = dir.join("out");
+    job
 }
 
 #[test]
@@ -176,14 +195,7 @@ fn the_same_plan_gives_byte_identical_gguf_files() {
 #[test]
 fn a_prune_job_on_the_tiny_llama_is_verified_in_mistralrs() {
     let dir = tempfile::tempdir().unwrap();
-    let mut job = PruneJob::new(tiny());
-    job.workload = ziplm_plugin_api::Workload::prefill(1, 32);
-    job.random_samples = 16;
-    job.budgets = vec![Budget::Speedup(1.2)];
-    job.profile = ziplm::profile::ProfileSettings { warmup: 1, runs: 5 };
-    job.verify_settings = ziplm::profile::ProfileSettings { warmup: 1, runs: 5 };
-    job.search.retries = 1;
-    job.out_dir = dir.path().join("out");
+    let job = tiny_job(tiny(), dir.path());
     let report = ziplm::backend::run_job(&job, &ziplm::progress::Quiet).unwrap();
     let b = &report.budgets[0];
     assert!(Path::new(&b.output).exists());
@@ -398,14 +410,8 @@ fn q8_0_output_loads_in_mistralrs_and_stays_close() {
 #[test]
 fn a_decode_budget_is_profiled_and_verified_per_token() {
     let dir = tempfile::tempdir().unwrap();
-    let mut job = PruneJob::new(tiny());
+    let mut job = tiny_job(tiny(), dir.path());
     job.workload = ziplm_plugin_api::Workload::decode(1, 24);
-    job.random_samples = 16;
-    job.budgets = vec![Budget::Speedup(1.2)];
-    job.profile = ziplm::profile::ProfileSettings { warmup: 1, runs: 5 };
-    job.verify_settings = ziplm::profile::ProfileSettings { warmup: 1, runs: 5 };
-    job.search.retries = 1;
-    job.out_dir = dir.path().join("out");
     let report = ziplm::backend::run_job(&job, &ziplm::progress::Quiet).unwrap();
     let b = &report.budgets[0];
     assert!(b.measured_ms.is_some(), "decode verified in mistral.rs");
