@@ -188,7 +188,7 @@ impl SearchProblem {
     /// Checks a selection against the shape constraints (used by tests and when
     /// loading a plan).
     pub fn admits(&self, sel: &Selection) -> bool {
-        if sel.levels.len() != self.blocks.len() {
+        if sel.levels.len() != self.blocks.len() || self.removes_everything(sel) {
             return false;
         }
         let c = &self.constraints;
@@ -325,13 +325,39 @@ impl SearchProblem {
             let Some(stages) = self.stages_for(h, w) else {
                 continue;
             };
+            let mut choice: Vec<&Vec<usize>> = stages
+                .iter()
+                .map(|st| {
+                    self.quickest_option(st, false)
+                        .expect("stages have options")
+                })
+                .collect();
+            if !stages
+                .iter()
+                .zip(&choice)
+                .any(|(st, o)| self.option_keeps(st, o))
+            {
+                // Everything removed is no model: keep the stage that costs least to keep.
+                let extra = |k: usize| {
+                    self.quickest_option(&stages[k], true).map(|o| {
+                        (
+                            self.option_time(&stages[k], o)
+                                - self.option_time(&stages[k], choice[k]),
+                            o,
+                        )
+                    })
+                };
+                let Some((k, o)) = (0..stages.len())
+                    .filter_map(|k| extra(k).map(|(dt, o)| (k, dt, o)))
+                    .min_by(|a, b| a.1.total_cmp(&b.1))
+                    .map(|(k, _, o)| (k, o))
+                else {
+                    continue;
+                };
+                choice[k] = o;
+            }
             let mut levels = vec![0; self.blocks.len()];
-            for st in &stages {
-                let opt = st
-                    .options
-                    .iter()
-                    .min_by(|a, b| self.option_time(st, a).total_cmp(&self.option_time(st, b)))
-                    .expect("stages have options");
+            for (st, opt) in stages.iter().zip(choice) {
                 for (&bi, &l) in st.blocks.iter().zip(opt) {
                     levels[bi] = l;
                 }
@@ -351,6 +377,85 @@ impl SearchProblem {
             .zip(opt)
             .map(|(&b, &l)| self.blocks[b].levels[l].time_ms)
             .sum()
+    }
+
+    /// The fastest option of a stage (only those keeping a block when `keep`).
+    fn quickest_option<'s>(&self, st: &'s Stage, keep: bool) -> Option<&'s Vec<usize>> {
+        st.options
+            .iter()
+            .filter(|o| !keep || self.option_keeps(st, o))
+            .min_by(|a, b| self.option_time(st, a).total_cmp(&self.option_time(st, b)))
+    }
+
+    /// Whether an option of a stage keeps at least one block.
+    fn option_keeps(&self, st: &Stage, opt: &[usize]) -> bool {
+        st.blocks
+            .iter()
+            .zip(opt)
+            .any(|(&b, &l)| self.blocks[b].levels[l].kept > 0)
+    }
+
+    /// The DP over `stages` within `block_budget`: `(cost, time, selection)`.
+    ///
+    /// A selection that removes every block is no model at all. When the plain DP
+    /// picks one, each stage in turn is made to keep something and the best of those
+    /// answers is taken (exact: any admissible selection keeps some stage).
+    fn solve_stages(
+        &self,
+        stages: &[Stage],
+        alpha: &dyn Fn(usize) -> f64,
+        block_budget: f64,
+        buckets: usize,
+    ) -> Option<(f64, f64, Selection)> {
+        let dp_option = |st: &Stage, opt: &[usize]| DpOption {
+            time: self.option_time(st, opt),
+            cost: st
+                .blocks
+                .iter()
+                .zip(opt)
+                .map(|(&b, &l)| alpha(b) * self.blocks[b].levels[l].error)
+                .sum(),
+        };
+        // Option indices per stage; `forced` keeps only the options that keep a block.
+        let run = |forced: Option<usize>| -> Option<(f64, f64, Selection)> {
+            let allowed: Vec<Vec<usize>> = stages
+                .iter()
+                .enumerate()
+                .map(|(k, st)| {
+                    (0..st.options.len())
+                        .filter(|&o| forced != Some(k) || self.option_keeps(st, &st.options[o]))
+                        .collect()
+                })
+                .collect();
+            let dp_stages: Vec<Vec<DpOption>> = stages
+                .iter()
+                .zip(&allowed)
+                .map(|(st, a)| a.iter().map(|&o| dp_option(st, &st.options[o])).collect())
+                .collect();
+            let sol = dp::solve(&dp_stages, block_budget, buckets)?;
+            let mut levels = vec![0; self.blocks.len()];
+            for ((st, a), &o) in stages.iter().zip(&allowed).zip(&sol.choices) {
+                for (&bi, &l) in st.blocks.iter().zip(&st.options[a[o]]) {
+                    levels[bi] = l;
+                }
+            }
+            Some((sol.cost, sol.time, Selection { levels }))
+        };
+        let plain = run(None)?;
+        if !self.removes_everything(&plain.2) {
+            return Some(plain);
+        }
+        (0..stages.len())
+            .filter_map(|k| run(Some(k)))
+            .min_by(|a, b| a.0.total_cmp(&b.0).then(a.1.total_cmp(&b.1)))
+    }
+
+    /// Whether a selection removes every block (no model left).
+    pub fn removes_everything(&self, sel: &Selection) -> bool {
+        self.blocks
+            .iter()
+            .zip(&sel.levels)
+            .all(|(b, &l)| b.levels[l].kept == 0)
     }
 
     /// Minimises `sum alpha_b * e(b, level)` subject to predicted time <= budget.
@@ -391,38 +496,17 @@ impl SearchProblem {
                 let Some(stages) = self.stages_for(h, w) else {
                     continue;
                 };
-                let dp_stages: Vec<Vec<DpOption>> = stages
-                    .iter()
-                    .map(|st| {
-                        st.options
-                            .iter()
-                            .map(|opt| DpOption {
-                                time: self.option_time(st, opt),
-                                cost: st
-                                    .blocks
-                                    .iter()
-                                    .zip(opt)
-                                    .map(|(&b, &l)| alpha(b) * self.blocks[b].levels[l].error)
-                                    .sum(),
-                            })
-                            .collect()
-                    })
-                    .collect();
-                let Some(sol) = dp::solve(&dp_stages, block_budget, buckets) else {
+                let Some((cost, time, selection)) =
+                    self.solve_stages(&stages, &alpha, block_budget, buckets)
+                else {
                     continue;
                 };
-                let mut levels = vec![0; self.blocks.len()];
-                for (st, &o) in stages.iter().zip(&sol.choices) {
-                    for (&bi, &l) in st.blocks.iter().zip(&st.options[o]) {
-                        levels[bi] = l;
-                    }
-                }
                 let better = match &best {
                     None => true,
-                    Some((c, t, _)) => sol.cost < *c || (sol.cost == *c && sol.time < *t),
+                    Some((c, t, _)) => cost < *c || (cost == *c && time < *t),
                 };
                 if better {
-                    best = Some((sol.cost, sol.time, Selection { levels }));
+                    best = Some((cost, time, selection));
                 }
             }
         }

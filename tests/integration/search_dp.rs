@@ -289,3 +289,50 @@ fn refinement_is_deterministic_bounded_and_never_worse() {
     let b = refine(&p, Budget::Speedup(1.6), 10_000, &cfg, &mut hook2).unwrap();
     assert_eq!(a, b, "same seed, same result");
 }
+
+/// A selection that removes every block is no model, even where the errors say
+/// removal is free: the search keeps the cheapest block to keep, matching brute
+/// force, and the fastest selection keeps one too. (A two-layer model at a tight
+/// corrected budget once emitted "the plan removes every layer".)
+#[test]
+fn no_selection_removes_every_block() {
+    for constraints in constraint_sets()
+        .into_iter()
+        .filter(|c| c.module_removal != ModuleRemoval::Never)
+    {
+        for seed in 0..4 {
+            let mut p = problem(2, 100 + seed, constraints.clone());
+            for b in &mut p.blocks {
+                for l in &mut b.levels {
+                    if l.kept == 0 {
+                        l.error = 0.0; // removal looks free
+                    }
+                }
+            }
+            let (fastest, fastest_ms) = p.fastest().unwrap();
+            assert!(p.admits(&fastest) && !p.removes_everything(&fastest));
+            assert!(fastest_ms > p.rest_ms, "{fastest_ms}: something is kept");
+            for budget in [
+                fastest_ms,
+                fastest_ms + 1.0,
+                fastest_ms + 4.0,
+                p.dense_ms() - 1.0,
+            ] {
+                let buckets = ((budget - p.rest_ms) as usize).max(1);
+                let out = p.solve(Budget::LatencyMs(budget), &[], buckets).unwrap();
+                assert!(
+                    !p.removes_everything(&out.selection),
+                    "{constraints:?} seed {seed} budget {budget}"
+                );
+                let bf = brute(&p, budget).unwrap();
+                assert!(
+                    (out.error_sum - bf).abs() < 1e-9,
+                    "{} vs {bf}",
+                    out.error_sum
+                );
+            }
+            let err = p.solve(Budget::LatencyMs(p.rest_ms), &[], 100).unwrap_err();
+            assert!(matches!(err, Error::ImpossibleBudget { .. }), "{err}");
+        }
+    }
+}
