@@ -127,7 +127,13 @@ fn main() -> anyhow::Result<()> {
     let ppl = |path: &Path| -> anyhow::Result<eval::Perplexity> {
         let m = LlamaModel::load(path, LlamaOptions::default())?;
         let t = std::time::Instant::now();
-        let p = eval::perplexity(&m.weights, &ids, 1024, args.ppl_windows)?;
+        let p = eval::perplexity(
+            &m.weights,
+            &ids,
+            1024,
+            args.ppl_windows,
+            &ziplm::progress::Quiet,
+        )?;
         eprintln!(
             "{}: perplexity {:.3} over {} tokens ({} windows) in {:.1} s",
             path.display(),

@@ -30,6 +30,7 @@ pub mod fsutil;
 pub mod gguf_header;
 pub mod hf_format;
 pub mod job;
+pub mod memory;
 pub mod obs;
 pub mod pipeline;
 pub mod profile;

@@ -202,12 +202,27 @@ pub struct InspectArgs {
 
 /// `ziplm eval`.
 #[derive(Args, Debug)]
+#[command(group(clap::ArgGroup::new("data").required(true).args(["sts", "text"])))]
 pub struct EvalArgs {
-    /// The model.
+    /// The model: an ONNX encoder (with --sts) or an LLM, GGUF file or Hugging Face
+    /// folder (with --text).
     pub model: PathBuf,
     /// STS Benchmark file (tab-separated) to evaluate an encoder on.
     #[arg(long)]
-    pub sts: PathBuf,
+    pub sts: Option<PathBuf>,
+    /// Text file for an LLM's perplexity: tokenised whole without BOS, cut into
+    /// non-overlapping windows, mean NLL over every predicted token.
+    #[arg(long)]
+    pub text: Option<PathBuf>,
+    /// Tokens per perplexity window.
+    #[arg(long, default_value_t = 1024)]
+    pub window: usize,
+    /// Evaluate only the first N windows (default: the whole text).
+    #[arg(long)]
+    pub windows: Option<usize>,
+    /// Hide progress bars.
+    #[arg(long)]
+    pub quiet: bool,
     /// The model's tokenizer.json (default: next to the model).
     #[arg(long)]
     pub tokenizer: Option<PathBuf>,

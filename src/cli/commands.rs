@@ -210,6 +210,52 @@ fn inspect(a: InspectArgs) -> anyhow::Result<ExitCode> {
 }
 
 fn eval(a: EvalArgs) -> anyhow::Result<ExitCode> {
+    match (&a.sts, &a.text) {
+        (Some(sts), _) => eval_sts(&a, sts),
+        (None, Some(text)) => eval_perplexity(&a, text),
+        (None, None) => bail!("give --sts FILE (encoders) or --text FILE (LLM perplexity)"),
+    }
+}
+
+#[cfg(feature = "mistralrs")]
+fn eval_perplexity(a: &EvalArgs, text: &std::path::Path) -> anyhow::Result<ExitCode> {
+    use crate::backend::mistralrs::eval::text_perplexity;
+    // Nothing is timed here: let the allocator keep the forward's buffers (~1.5x).
+    crate::memory::keep_freed_buffers();
+    let started = std::time::Instant::now();
+    let p = text_perplexity(
+        &a.model,
+        text,
+        a.tokenizer.as_deref(),
+        a.window,
+        a.windows,
+        progress(a.quiet).as_ref(),
+    )?;
+    let seconds = started.elapsed().as_secs_f64();
+    if a.json {
+        println!(
+            "{}",
+            serde_json::json!({
+                "model": a.model, "text": text, "metric": "perplexity", "value": p.ppl,
+                "mean_nll": p.mean_nll, "tokens": p.tokens, "windows": p.windows,
+                "window": a.window, "seconds": seconds,
+            })
+        );
+    } else {
+        println!(
+            "perplexity {:.3} (mean NLL {:.5} nats) over {} predicted tokens in {} windows of {} ({:.1} s)",
+            p.ppl, p.mean_nll, p.tokens, p.windows, a.window, seconds
+        );
+    }
+    Ok(ExitCode::SUCCESS)
+}
+
+#[cfg(not(feature = "mistralrs"))]
+fn eval_perplexity(_: &EvalArgs, _: &std::path::Path) -> anyhow::Result<ExitCode> {
+    bail!("LLM perplexity needs the mistral.rs backend: build ziplm with `--features mistralrs`")
+}
+
+fn eval_sts(a: &EvalArgs, sts_path: &std::path::Path) -> anyhow::Result<ExitCode> {
     use crate::backend::tract::encode::SentenceEncoder;
     use crate::data::{sts, tokenizer::Tokenizer};
     let tok_path = a
@@ -218,7 +264,7 @@ fn eval(a: EvalArgs) -> anyhow::Result<ExitCode> {
         .or_else(|| Tokenizer::next_to(&a.model))
         .context("no tokenizer.json next to the model; pass --tokenizer")?;
     let tok = Tokenizer::from_file(&tok_path)?;
-    let pairs = sts::read_pairs(&a.sts)?;
+    let pairs = sts::read_pairs(sts_path)?;
     let bytes =
         std::fs::read(&a.model).with_context(|| format!("reading {}", a.model.display()))?;
     let enc = SentenceEncoder::new(&bytes, a.batch, a.seq_len)?;

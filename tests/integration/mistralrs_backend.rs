@@ -441,3 +441,99 @@ fn a_decode_budget_is_profiled_and_verified_per_token() {
         .to_string();
     assert!(e.contains("context"), "{e}");
 }
+
+/// `ziplm eval MODEL --text FILE`: perplexity from ziplm's forward equals the one
+/// computed here from mistral.rs's own logits (f64 log-softmax per window); bad
+/// inputs exit 2 with the reason.
+#[test]
+fn the_cli_perplexity_matches_mistralrs_logits() {
+    let dir = tempfile::tempdir().unwrap();
+    let text = dir.path().join("text.txt");
+    let body: String = (0..60)
+        .map(|i| format!("ab abc{} xyz, {}! ", i % 7, i * 13 % 97))
+        .collect();
+    std::fs::write(&text, &body).unwrap();
+    let run = |extra: &[&str]| {
+        std::process::Command::new(env!("CARGO_BIN_EXE_ziplm"))
+            .arg("eval")
+            .arg(tiny())
+            .arg("--text")
+            .arg(&text)
+            .args(["--window", "32", "--quiet"])
+            .args(extra)
+            .output()
+            .unwrap()
+    };
+    let out = run(&["--json"]);
+    let stderr = String::from_utf8_lossy(&out.stderr);
+    assert!(out.status.success(), "{stderr}");
+    let v: serde_json::Value = serde_json::from_slice(&out.stdout).unwrap();
+    let cli_ppl = v["value"].as_f64().unwrap();
+
+    // The same windows scored from mistral.rs's logits.
+    let g = mrs::gguf::GgufFile::open(&tiny()).unwrap();
+    let tok = mrs::tokenizer::from_gguf(&g).unwrap();
+    let ids: Vec<u32> = tok.encode(body.as_str(), false).unwrap().get_ids().to_vec();
+    let rt = LoadedModel::load(&tiny()).unwrap();
+    let (mut nll, mut n) = (0.0f64, 0usize);
+    for w in ids.chunks(32).filter(|w| w.len() >= 2) {
+        let logits = rt.logits(w).unwrap();
+        for (row, &next) in logits.iter().zip(&w[1..]) {
+            let max = row.iter().fold(f32::MIN, |m, &x| m.max(x)) as f64;
+            let lse = max
+                + row
+                    .iter()
+                    .map(|&x| (x as f64 - max).exp())
+                    .sum::<f64>()
+                    .ln();
+            nll += lse - row[next as usize] as f64;
+            n += 1;
+        }
+    }
+    let want = (nll / n as f64).exp();
+    assert_eq!(v["tokens"].as_u64().unwrap() as usize, n);
+    assert_eq!(
+        v["windows"].as_u64().unwrap() as usize,
+        ids.len().div_ceil(32)
+    );
+    assert!(
+        ((cli_ppl - want) / want).abs() < 1e-4,
+        "ziplm {cli_ppl} vs mistral.rs {want}"
+    );
+    eprintln!(
+        "tiny llama perplexity: ziplm {cli_ppl:.6}, from mistral.rs logits {want:.6} ({n} tokens)"
+    );
+
+    // --windows N: the first N windows only.
+    let v: serde_json::Value =
+        serde_json::from_slice(&run(&["--json", "--windows", "2"]).stdout).unwrap();
+    assert_eq!(v["tokens"], 62);
+
+    // Bad inputs: exit 2, the reason, no panic.
+    std::fs::write(dir.path().join("empty.txt"), "").unwrap();
+    let bad = |args: &[&str], expect: &str| {
+        let o = std::process::Command::new(env!("CARGO_BIN_EXE_ziplm"))
+            .arg("eval")
+            .args(args)
+            .output()
+            .unwrap();
+        let e = String::from_utf8_lossy(&o.stderr);
+        assert_eq!(o.status.code(), Some(2), "{args:?}: {e}");
+        assert!(
+            e.contains(expect) && !e.contains("panicked"),
+            "{args:?}: {e}"
+        );
+    };
+    let tiny = tiny().display().to_string();
+    let empty = dir.path().join("empty.txt").display().to_string();
+    bad(&[&tiny, "--text", &empty], "is the file empty?");
+    bad(
+        &[&tiny, "--text", &empty, "--windows", "0"],
+        "evaluates nothing",
+    );
+    bad(
+        &[&tiny, "--text", "/nonexistent/text.txt"],
+        "/nonexistent/text.txt",
+    );
+    bad(&[&tiny], "--text");
+}

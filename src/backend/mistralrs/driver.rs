@@ -42,24 +42,33 @@ pub const CHAT_PROMPT: &str = "What is the capital of France?";
 /// The tokenizer of a job: `--tokenizer`, the model's `tokenizer.json` (in its folder or
 /// next to the file), or the one in the GGUF metadata.
 pub fn tokenizer_for(job: &PruneJob, model: &LlamaModel) -> Result<Tokenizer> {
-    if let Some(p) = job
-        .tokenizer
-        .clone()
-        .or_else(|| Tokenizer::next_to(&job.model))
+    model_tokenizer(&job.model, job.tokenizer.as_deref(), model)
+}
+
+/// The tokenizer of the model at `path`: `explicit`, else a `tokenizer.json` next to
+/// (or inside) it, else one built from the GGUF metadata.
+pub fn model_tokenizer(
+    path: &Path,
+    explicit: Option<&Path>,
+    model: &LlamaModel,
+) -> Result<Tokenizer> {
+    if let Some(p) = explicit
+        .map(Path::to_path_buf)
+        .or_else(|| Tokenizer::next_to(path))
     {
         return Tokenizer::from_file(&p);
     }
     let gguf = model.gguf().ok_or_else(|| {
         Error::Invalid(format!(
             "{}: the model folder has no tokenizer.json; pass one with --tokenizer",
-            job.model.display()
+            path.display()
         ))
     })?;
     let inner = super::tokenizer::from_gguf(gguf).map_err(|e| Error::Format {
-        path: job.model.clone(),
+        path: path.to_path_buf(),
         detail: e,
     })?;
-    Tokenizer::from_tokenizer(inner, &job.model)
+    Tokenizer::from_tokenizer(inner, path)
 }
 
 /// Calibration windows for a job: tokenised text cut into windows, or random ids.
