@@ -122,7 +122,8 @@ pub fn uniform_selection(problem: &SearchProblem, budget: Budget) -> Result<Sele
                 .collect();
             let Some(levels) = levels else { continue };
             let sel = Selection { levels };
-            if problem.time_of(&sel) <= budget_ms {
+            // Shapes the runtime cannot serve (fixed heads) are no baseline.
+            if problem.admits(&sel) && problem.time_of(&sel) <= budget_ms {
                 let e = problem.error_of(&sel);
                 if best.as_ref().is_none_or(|(be, _)| e < *be) {
                     best = Some((e, sel));

@@ -9,13 +9,13 @@ use serde::Deserialize;
 use std::collections::BTreeMap;
 
 /// Model types whose weights and forward ziplm's Llama backend reads: the same tensor
-/// names, RMSNorm, SwiGLU, rotary attention, no biases.
-pub const SUPPORTED_MODEL_TYPES: &[&str] = &["llama", "mistral"];
+/// names, RMSNorm, SwiGLU, rotary attention; no biases except Qwen2's Q/K/V biases.
+pub const SUPPORTED_MODEL_TYPES: &[&str] = &["llama", "mistral", "qwen2"];
 
 /// The fields of a Hugging Face `config.json` the Llama backend uses.
 #[derive(Clone, Debug, PartialEq, Deserialize)]
 pub struct HfLlamaConfig {
-    /// `llama` or `mistral`.
+    /// `llama`, `mistral` or `qwen2`.
     pub model_type: String,
     /// Residual width.
     pub hidden_size: usize,
@@ -93,15 +93,10 @@ impl HfLlamaConfig {
             .get("model_type")
             .and_then(|v| v.as_str())
             .ok_or_else(|| ConfigError::Invalid("`model_type` is missing".into()))?;
-        if model_type == "qwen2" {
-            return Err(ConfigError::Unsupported(
-                "model_type `qwen2` is not supported yet: Qwen2 has Q/K/V biases, and mistral.rs's qwen2 loader derives the head width from hidden_size / num_attention_heads, so a folder with pruned heads would not load".into(),
-            ));
-        }
         if !SUPPORTED_MODEL_TYPES.contains(&model_type) {
             return Err(ConfigError::Unsupported(format!(
                 "model_type `{model_type}` is not supported: the mistralrs backend prunes {} models",
-                SUPPORTED_MODEL_TYPES.join(" and ")
+                SUPPORTED_MODEL_TYPES.join(", ")
             )));
         }
         let cfg: HfLlamaConfig = serde_json::from_value(raw)
@@ -156,10 +151,29 @@ impl HfLlamaConfig {
                 "rope_scaling (llama3 / linear / yarn) is not supported: ziplm's forward and mistral.rs's mistral loader use plain RoPE".into(),
             );
         }
-        if self.attention_bias == Some(true) || self.mlp_bias == Some(true) {
-            return unsupported("attention or MLP biases are not supported".into());
+        if self.qkv_bias() {
+            // mistral.rs's qwen2 loader derives the head width; a config that says
+            // otherwise describes a model it would load wrongly.
+            if hd.checked_mul(self.num_attention_heads) != Some(self.hidden_size) {
+                return unsupported(format!(
+                    "a qwen2 config with head_dim {hd} x {} heads != hidden_size {}: mistral.rs's qwen2 loader derives the head width from hidden_size / num_attention_heads",
+                    self.num_attention_heads, self.hidden_size
+                ));
+            }
+        } else if self.attention_bias == Some(true) {
+            return unsupported(
+                "attention biases are not supported outside Qwen2 (Llama's attention_bias also adds an o_proj bias)".into(),
+            );
+        }
+        if self.mlp_bias == Some(true) {
+            return unsupported("MLP biases are not supported".into());
         }
         Ok(())
+    }
+
+    /// Whether the Q/K/V projections have biases (Qwen2).
+    pub fn qkv_bias(&self) -> bool {
+        self.model_type == "qwen2"
     }
 
     /// KV heads.
@@ -285,12 +299,21 @@ mod tests {
             j[k] = serde_json::from_str(v).unwrap();
             HfLlamaConfig::parse(&j.to_string())
         };
+        assert!(with("model_type", "\"qwen2\"").unwrap().qkv_bias());
         assert!(
-            matches!(with("model_type", "\"qwen2\""), Err(ConfigError::Unsupported(m)) if m.contains("biases"))
+            matches!(with("model_type", "\"gpt2\""), Err(ConfigError::Unsupported(m)) if m.contains("llama, mistral, qwen2"))
         );
+        // Qwen2 with a head width mistral.rs's qwen2 loader would not derive.
+        let mut j: serde_json::Value = serde_json::from_str(TINY).unwrap();
+        j["model_type"] = "qwen2".into();
+        j["head_dim"] = 8.into();
         assert!(
-            matches!(with("model_type", "\"gpt2\""), Err(ConfigError::Unsupported(m)) if m.contains("llama and mistral"))
+            matches!(HfLlamaConfig::parse(&j.to_string()), Err(ConfigError::Unsupported(m)) if m.contains("derives the head width"))
         );
+        assert!(matches!(
+            with("attention_bias", "true"),
+            Err(ConfigError::Unsupported(m)) if m.contains("outside Qwen2")
+        ));
         assert!(matches!(
             with("rope_scaling", r#"{"rope_type":"llama3"}"#),
             Err(ConfigError::Unsupported(_))

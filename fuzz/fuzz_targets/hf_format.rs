@@ -30,6 +30,10 @@ fuzz_target!(|data: &[u8]| {
                     // Accepted configs have consistent head shapes.
                     assert!(c.kv_heads() > 0 && c.num_attention_heads % c.kv_heads() == 0);
                     assert!(c.head_width() > 0 && c.exact_context() > 0);
+                    // Qwen2's loader derives the head width: accepted configs agree.
+                    if c.qkv_bias() {
+                        assert_eq!(c.head_width() * c.num_attention_heads, c.hidden_size);
+                    }
                 }
             }
         }

@@ -163,6 +163,14 @@ pub struct ShapeConstraints {
     pub ffn_width_multiple: usize,
     /// Which whole modules may be removed.
     pub module_removal: ModuleRemoval,
+    /// Attention blocks keep every head or go whole (a runtime that derives the head
+    /// count from the model width, like mistral.rs's Qwen2 loader).
+    #[serde(default, skip_serializing_if = "is_false")]
+    pub fixed_heads: bool,
+}
+
+fn is_false(b: &bool) -> bool {
+    !*b
 }
 
 impl Default for ShapeConstraints {
@@ -173,6 +181,7 @@ impl Default for ShapeConstraints {
             uniform_ffn_width: false,
             ffn_width_multiple: 32,
             module_removal: ModuleRemoval::Independent,
+            fixed_heads: false,
         }
     }
 }

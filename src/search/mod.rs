@@ -200,6 +200,9 @@ impl SearchProblem {
             if k == 0 && c.module_removal == ModuleRemoval::Never {
                 return false;
             }
+            if k > 0 && b.attention && c.fixed_heads && k != b.levels[0].kept {
+                return false;
+            }
             if k > 0 {
                 if b.attention {
                     heads.insert(k)
@@ -226,6 +229,12 @@ impl SearchProblem {
         true
     }
 
+    /// Whether a block may keep `k > 0` units: everything, or with fixed heads only
+    /// the dense head count.
+    fn allowed_kept(&self, b: &BlockCandidates, k: usize) -> bool {
+        !(b.attention && self.constraints.fixed_heads) || k == b.levels[0].kept
+    }
+
     /// The shared values to enumerate for tied blocks: `[None]` when not tied.
     fn tie_domain(&self, attention: bool, tied: bool) -> Vec<Option<usize>> {
         if !tied {
@@ -233,7 +242,12 @@ impl SearchProblem {
         }
         let mut common: Option<BTreeSet<usize>> = None;
         for b in self.blocks.iter().filter(|b| b.attention == attention) {
-            let s: BTreeSet<usize> = b.levels.iter().map(|l| l.kept).filter(|&k| k > 0).collect();
+            let s: BTreeSet<usize> = b
+                .levels
+                .iter()
+                .map(|l| l.kept)
+                .filter(|&k| k > 0 && self.allowed_kept(b, k))
+                .collect();
             common = Some(match common {
                 None => s,
                 Some(c) => c.intersection(&s).copied().collect(),
@@ -253,7 +267,7 @@ impl SearchProblem {
             (0..b.levels.len())
                 .filter(|&l| {
                     let k = b.levels[l].kept;
-                    k > 0 && tie.is_none_or(|t| t == k)
+                    k > 0 && self.allowed_kept(b, k) && tie.is_none_or(|t| t == k)
                 })
                 .collect()
         };

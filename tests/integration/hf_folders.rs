@@ -260,15 +260,26 @@ fn bad_folders_get_clear_errors() {
     assert!(e.contains("truncated"), "{e}");
 
     // An unsupported family and an inconsistent config.
-    let f = fresh("qwen");
+    let f = fresh("gemma");
     let cfg = std::fs::read_to_string(f.join("config.json")).unwrap();
+    std::fs::write(
+        f.join("config.json"),
+        cfg.replace("\"model_type\": \"llama\"", "\"model_type\": \"gemma\""),
+    )
+    .unwrap();
+    let e = err(&f, LlamaOptions::default());
+    assert!(e.contains("gemma") && e.contains("config.json"), "{e}");
+    // A Qwen2 config over weights without its Q/K/V biases: the missing tensor named.
     std::fs::write(
         f.join("config.json"),
         cfg.replace("\"model_type\": \"llama\"", "\"model_type\": \"qwen2\""),
     )
     .unwrap();
     let e = err(&f, LlamaOptions::default());
-    assert!(e.contains("qwen2") && e.contains("config.json"), "{e}");
+    assert!(
+        e.contains("self_attn.q_proj.bias") && e.contains("missing"),
+        "{e}"
+    );
     std::fs::write(
         f.join("config.json"),
         cfg.replace("\"hidden_size\": 64", "\"hidden_size\": 96"),
@@ -479,4 +490,143 @@ fn mistral_configs_shards_and_bf16_weights_read_as_the_same_model() {
         d > 0.0 && d < 0.05 * scale.max(1.0),
         "bf16 logits differ by {d}"
     );
+}
+
+/// The tiny fixture as a Qwen2 folder: the same tensors plus Q/K/V biases (arbitrary,
+/// large enough to matter), `model_type` qwen2, `Qwen2ForCausalLM`, no `head_dim` (the
+/// qwen2 loader derives hidden / heads = 16, the fixture's head width).
+fn tiny_qwen2_folder(dir: &Path) -> PathBuf {
+    let f = tiny_folder(dir);
+    let mut cfg: serde_json::Value =
+        serde_json::from_slice(&std::fs::read(f.join("config.json")).unwrap()).unwrap();
+    cfg["model_type"] = "qwen2".into();
+    cfg["architectures"] = serde_json::json!(["Qwen2ForCausalLM"]);
+    let obj = cfg.as_object_mut().unwrap();
+    obj.remove("head_dim");
+    obj.remove("attention_bias");
+    std::fs::write(f.join("config.json"), cfg.to_string()).unwrap();
+    let bytes = std::fs::read(f.join("model.safetensors")).unwrap();
+    let st = safetensors::SafeTensors::deserialize(&bytes).unwrap();
+    let mut tensors: Vec<(String, candle_core::Tensor)> = st
+        .tensors()
+        .into_iter()
+        .map(|(n, v)| {
+            use candle_core::safetensors::Load;
+            (n, v.load(&candle_core::Device::Cpu).unwrap())
+        })
+        .collect();
+    for layer in 0..2 {
+        for (proj, rows) in [("q_proj", 64usize), ("k_proj", 32), ("v_proj", 32)] {
+            let v: Vec<f32> = (0..rows)
+                .map(|i| ((i * 37 + layer * 11 + proj.len()) % 23) as f32 / 10.0 - 1.1)
+                .collect();
+            tensors.push((
+                format!("model.layers.{layer}.self_attn.{proj}.bias"),
+                candle_core::Tensor::from_vec(v, rows, &candle_core::Device::Cpu).unwrap(),
+            ));
+        }
+    }
+    std::fs::write(
+        f.join("model.safetensors"),
+        safetensors::serialize(tensors.iter().map(|(n, t)| (n.as_str(), t)), None).unwrap(),
+    )
+    .unwrap();
+    f
+}
+
+/// Qwen2 folders: read with their biases (ziplm's forward matches stock mistral.rs's
+/// qwen2 loader), pruned in FFN width and whole layers only (the qwen2 loader derives
+/// the head width from hidden / heads, so every head stays), written as
+/// `Qwen2ForCausalLM` folders that load with ziplm's logits.
+#[test]
+fn qwen2_folders_keep_their_heads_and_load_in_mistralrs() {
+    let dir = tempfile::tempdir().unwrap();
+    let f = tiny_qwen2_folder(&dir.path().join("src"));
+    let model = LlamaModel::load(&f, LlamaOptions::default()).unwrap();
+    let s = model.structure();
+    assert_eq!(s.architecture, "qwen2");
+    assert!(s.constraints.fixed_heads);
+    let ids: Vec<u32> = (0..18).map(|i| (i * 11 + 5) % 128).collect();
+    let ours = logits(&model.weights, &ids);
+    // The biases matter: without them the logits are another model's.
+    let plain = LlamaModel::load(
+        &tiny_folder(&dir.path().join("plain")),
+        LlamaOptions::default(),
+    )
+    .unwrap();
+    let moved = max_abs_diff(&logits(&plain.weights, &ids), &ours);
+    assert!(moved > 1e-2, "biases moved the logits by only {moved}");
+    let d = max_abs_diff(&LoadedModel::load(&f).unwrap().logits(&ids).unwrap(), &ours);
+    eprintln!("dense tiny qwen2: max |ziplm - mistral.rs| logit diff {d:e}");
+    assert!(d < 1e-4, "dense qwen2 logits differ by {d}");
+
+    // Every head, FFN 96 in both layers, arbitrary out-projections.
+    let (mut plan, mut weights) = plan_keeping(&model, |_| 96);
+    for (bp, b) in plan.blocks.iter_mut().zip(&s.blocks) {
+        if b.kind.is_attention() {
+            bp.kept = (0..4).collect();
+            bp.kept_kv_heads = vec![0, 1];
+            weights.out_projections.remove(&b.id);
+        }
+    }
+    let dest = dir.path().join("ffn96");
+    model.emit(&plan, &weights, &dest).unwrap();
+    let cfg: serde_json::Value =
+        serde_json::from_slice(&std::fs::read(dest.join("config.json")).unwrap()).unwrap();
+    assert_eq!(cfg["architectures"][0], "Qwen2ForCausalLM");
+    assert_eq!(
+        (
+            cfg["intermediate_size"].as_u64(),
+            cfg["num_attention_heads"].as_u64()
+        ),
+        (Some(96), Some(4))
+    );
+    let want = logits(&model.pruned_weights(&plan, &weights).unwrap(), &ids);
+    let d = max_abs_diff(
+        &LoadedModel::load(&dest).unwrap().logits(&ids).unwrap(),
+        &want,
+    );
+    eprintln!("pruned tiny qwen2 (FFN 96): max |ziplm - mistral.rs| logit diff {d:e}");
+    assert!(d < 1e-4, "pruned qwen2 logits differ by {d}");
+    // Read back: the same model, biases included.
+    let back = LlamaModel::load(&dest, LlamaOptions::default()).unwrap();
+    assert!(max_abs_diff(&logits(&back.weights, &ids), &want) < 1e-5);
+
+    // A dropped layer loads too.
+    let mut one = Plan::dense(s);
+    for bp in one.blocks.iter_mut().skip(2) {
+        bp.kept.clear();
+        bp.kept_kv_heads.clear();
+    }
+    let dest = dir.path().join("one-layer");
+    model.emit(&one, &PrunedWeights::default(), &dest).unwrap();
+    let want = logits(
+        &model
+            .pruned_weights(&one, &PrunedWeights::default())
+            .unwrap(),
+        &ids,
+    );
+    let d = max_abs_diff(
+        &LoadedModel::load(&dest).unwrap().logits(&ids).unwrap(),
+        &want,
+    );
+    assert!(d < 1e-4, "one-layer qwen2 logits differ by {d}");
+
+    // Pruned heads cannot be written: a clear error, nothing written.
+    let (heads, weights) = plan_keeping(&model, |_| 96);
+    let dest = dir.path().join("heads");
+    let e = model.emit(&heads, &weights, &dest).unwrap_err().to_string();
+    assert!(e.contains("keeps every head"), "{e}");
+    assert!(!dest.exists());
+
+    // A whole prune job: verified in mistral.rs, every head kept.
+    let job = tiny_job(f, dir.path());
+    let report = ziplm::backend::run_job(&job, &ziplm::progress::Quiet).unwrap();
+    let b = &report.budgets[0];
+    assert!(b.measured_ms.is_some(), "verification ran in mistral.rs");
+    let out = LlamaModel::load(Path::new(&b.output), LlamaOptions::default()).unwrap();
+    assert!(out.weights.is_qwen2());
+    for l in &out.weights.layers {
+        assert_eq!(l.n_heads(16), 4);
+    }
 }

@@ -172,6 +172,14 @@ fn constraint_sets() -> Vec<ShapeConstraints> {
         },
         ShapeConstraints {
             module_removal: ModuleRemoval::WholeLayerOnly,
+            ..base.clone()
+        },
+        // Qwen2 in mistral.rs: every head or none, one FFN width, whole layers.
+        ShapeConstraints {
+            module_removal: ModuleRemoval::WholeLayerOnly,
+            uniform_heads: true,
+            uniform_ffn_width: true,
+            fixed_heads: true,
             ..base
         },
     ]

@@ -1,5 +1,6 @@
-//! Hugging Face model folders (`config.json` + safetensors, Llama / Mistral): reading
-//! them into [`LlamaWeights`] and writing pruned models as folders stock mistral.rs loads.
+//! Hugging Face model folders (`config.json` + safetensors, Llama / Mistral / Qwen2):
+//! reading them into [`LlamaWeights`] and writing pruned models as folders stock
+//! mistral.rs loads.
 //!
 //! Internally every Llama is held in the GGUF layout: Q and K rows permuted for
 //! interleaved RoPE, as llama.cpp's `convert_hf_to_gguf.py` stores them. Reading a folder
@@ -10,9 +11,12 @@
 //! `mistral` loader reads `head_dim` from the config (its `llama` loader derives it from
 //! hidden / heads, so pruned heads would not load) and uses Llama's tensor names and
 //! forward. `intermediate_size` is one value, so every layer keeps the same FFN width.
+//! A Qwen2 model (Q/K/V biases, biases permuted like their rows) is written as
+//! `Qwen2ForCausalLM`: that loader derives the head width from hidden / heads, so Qwen2
+//! keeps every head (the structure says `fixed_heads`) and prunes FFN width and layers.
 
 use super::gguf::GgufFile;
-use super::llama::{LayerWeights, LlamaConfig, LlamaWeights};
+use super::llama::{LayerWeights, LlamaConfig, LlamaWeights, QkvBias};
 use crate::hf_format::{check_safetensors, shard_files, ConfigError, HfLlamaConfig};
 use candle_core::safetensors::Load;
 use candle_core::{DType, Device, Tensor};
@@ -197,10 +201,29 @@ impl HfFolder {
         let norm = take("model.norm.weight", &[h])?;
         let tied = self.config.tie_word_embeddings.unwrap_or(false);
         let ce = |e: candle_core::Error| e.to_string();
+        let bias_rows = |b: Tensor, heads: usize| -> candle_core::Result<Tensor> {
+            let n = b.dims1()?;
+            to_interleaved(&b.reshape((n, 1))?, heads)?.reshape(n)
+        };
         let mut layers = vec![];
         for i in 0..cfg.n_layers {
             let p = |n: &str| format!("model.layers.{i}.{n}.weight");
             let width = cfg.ffn_width;
+            let qkv_bias = if self.config.qkv_bias() {
+                let b = |n: &str| format!("model.layers.{i}.self_attn.{n}.bias");
+                let (q, k, v) = (
+                    take(&b("q_proj"), &[cfg.n_heads * hd])?,
+                    take(&b("k_proj"), &[cfg.n_kv_heads * hd])?,
+                    take(&b("v_proj"), &[cfg.n_kv_heads * hd])?,
+                );
+                Some(QkvBias {
+                    q: bias_rows(q, cfg.n_heads).map_err(ce)?,
+                    k: bias_rows(k, cfg.n_kv_heads).map_err(ce)?,
+                    v,
+                })
+            } else {
+                None
+            };
             layers.push(LayerWeights {
                 attn_norm: take(&p("input_layernorm"), &[h])?,
                 wq: to_interleaved(
@@ -219,6 +242,7 @@ impl HfFolder {
                 gate: take(&p("mlp.gate_proj"), &[width, h])?,
                 up: take(&p("mlp.up_proj"), &[width, h])?,
                 down: take(&p("mlp.down_proj"), &[h, width])?,
+                qkv_bias,
             });
         }
         let output = match (tied, has_head) {
@@ -387,8 +411,21 @@ pub fn config_json(w: &LlamaWeights, extras: &HfExtras, dtype: HfDType) -> Resul
     }
     use serde_json::Value as V;
     let mut m: BTreeMap<&str, V> = BTreeMap::new();
-    m.insert("architectures", V::Array(vec!["MistralForCausalLM".into()]));
-    m.insert("model_type", "mistral".into());
+    if w.is_qwen2() {
+        let heads = first.n_heads(cfg.head_dim);
+        if heads * cfg.head_dim != cfg.hidden {
+            return Err(format!(
+                "{heads} heads of width {} != hidden size {}: mistral.rs's qwen2 loader derives the head width from the hidden size, so a Qwen2 folder keeps every head",
+                cfg.head_dim, cfg.hidden
+            ));
+        }
+        m.insert("architectures", V::Array(vec!["Qwen2ForCausalLM".into()]));
+        m.insert("model_type", "qwen2".into());
+        m.insert("use_sliding_window", false.into());
+    } else {
+        m.insert("architectures", V::Array(vec!["MistralForCausalLM".into()]));
+        m.insert("model_type", "mistral".into());
+    }
     m.insert("vocab_size", cfg.vocab.into());
     m.insert("hidden_size", cfg.hidden.into());
     m.insert("intermediate_size", width.into());
@@ -449,6 +486,24 @@ pub fn hf_tensors(w: &LlamaWeights, dtype: HfDType) -> candle_core::Result<Vec<(
             (p("mlp.up_proj"), l.up.to_dtype(d)?),
             (p("mlp.down_proj"), l.down.to_dtype(d)?),
         ]);
+        if let Some(b) = &l.qkv_bias {
+            let bias = |n: &str| format!("model.layers.{i}.self_attn.{n}.bias");
+            let rotate_half = |t: &Tensor, heads: usize| -> candle_core::Result<Tensor> {
+                let n = t.dims1()?;
+                to_rotate_half(&t.reshape((n, 1))?, heads)?.reshape(n)
+            };
+            out.extend([
+                (
+                    bias("q_proj"),
+                    rotate_half(&b.q, l.n_heads(hd))?.to_dtype(d)?,
+                ),
+                (
+                    bias("k_proj"),
+                    rotate_half(&b.k, l.n_kv_heads(hd))?.to_dtype(d)?,
+                ),
+                (bias("v_proj"), b.v.to_dtype(d)?),
+            ]);
+        }
     }
     if let Some(o) = &w.output {
         out.push(("lm_head.weight".to_string(), o.to_dtype(d)?));

@@ -57,6 +57,20 @@ pub struct LayerWeights {
     pub up: Tensor,
     /// Down projection `[hidden, width]`.
     pub down: Tensor,
+    /// Q/K/V biases (Qwen2); `None` for Llama and Mistral.
+    pub qkv_bias: Option<QkvBias>,
+}
+
+/// Biases of the query, key and value projections, Q and K in the same interleaved
+/// RoPE order as their weight rows.
+#[derive(Clone, Debug)]
+pub struct QkvBias {
+    /// `[heads * head_dim]`.
+    pub q: Tensor,
+    /// `[kv_heads * head_dim]`.
+    pub k: Tensor,
+    /// `[kv_heads * head_dim]`.
+    pub v: Tensor,
 }
 
 impl LayerWeights {
@@ -143,18 +157,18 @@ pub fn attention_core(
     let hd = cfg.head_dim;
     let nh = layer.n_heads(hd);
     let nkv = layer.n_kv_heads(hd);
-    let q = linear(h, &layer.wq)?
-        .reshape((1, t, nh, hd))?
-        .transpose(1, 2)?
-        .contiguous()?;
-    let k = linear(h, &layer.wk)?
-        .reshape((1, t, nkv, hd))?
-        .transpose(1, 2)?
-        .contiguous()?;
-    let v = linear(h, &layer.wv)?
-        .reshape((1, t, nkv, hd))?
-        .transpose(1, 2)?
-        .contiguous()?;
+    let bias = layer.qkv_bias.as_ref();
+    let project = |w: &Tensor, b: Option<&Tensor>, heads: usize| -> candle_core::Result<Tensor> {
+        let y = linear(h, w)?;
+        let y = match b {
+            Some(b) => y.broadcast_add(b)?,
+            None => y,
+        };
+        y.reshape((1, t, heads, hd))?.transpose(1, 2)?.contiguous()
+    };
+    let q = project(&layer.wq, bias.map(|b| &b.q), nh)?;
+    let k = project(&layer.wk, bias.map(|b| &b.k), nkv)?;
+    let v = project(&layer.wv, bias.map(|b| &b.v), nkv)?;
     let q = candle_nn::rotary_emb::rope_i(&q, cos, sin)?;
     let k = candle_nn::rotary_emb::rope_i(&k, cos, sin)?;
     // Repeat each KV head for the query heads of its group.
@@ -187,6 +201,11 @@ pub fn ffn_core(layer: &LayerWeights, h: &Tensor) -> candle_core::Result<Tensor>
 }
 
 impl LlamaWeights {
+    /// Whether this is a Qwen2 model (Q/K/V biases).
+    pub fn is_qwen2(&self) -> bool {
+        self.layers.iter().any(|l| l.qkv_bias.is_some())
+    }
+
     /// Runs `ids` (one sequence, positions from 0) through the model. Returns the logits
     /// `[t, vocab]` of every position when `logits`, else the final hidden states.
     pub fn forward(
@@ -273,6 +292,7 @@ mod tests {
             gate: rand(&[8, 16], 5),
             up: rand(&[8, 16], 6),
             down: rand(&[16, 8], 7),
+            qkv_bias: None,
         };
         let t = 5;
         let h = rand(&[t, 16], 8);

@@ -4,7 +4,7 @@
 
 use super::gguf::GgufFile;
 use super::hf::{HfDType, HfExtras, HfFolder, ReadError};
-use super::llama::{LayerWeights, LlamaConfig, LlamaWeights, Site};
+use super::llama::{LayerWeights, LlamaConfig, LlamaWeights, QkvBias, Site};
 use candle_core::{Device, Tensor};
 use std::path::{Path, PathBuf};
 use ziplm_plugin_api::{
@@ -199,6 +199,7 @@ fn weights_from(g: &GgufFile, mut cfg: LlamaConfig) -> Result<LlamaWeights, Stri
             gate: load(g, &p("ffn_gate"), &[width, h])?,
             up: load(g, &p("ffn_up"), &[width, h])?,
             down: load(g, &p("ffn_down"), &[h, width])?,
+            qkv_bias: None,
         });
     }
     Ok(LlamaWeights {
@@ -241,8 +242,11 @@ pub fn structure_of(w: &LlamaWeights, options: &LlamaOptions, format: LlmFormat)
             name: format!("blk.{i}.ffn"),
         });
     }
+    // Qwen2 (Q/K/V biases): mistral.rs's qwen2 loader derives the head width from
+    // hidden_size / num_attention_heads, so every head stays.
+    let qwen2 = w.is_qwen2();
     ModelStructure {
-        architecture: "llama".into(),
+        architecture: if qwen2 { "qwen2" } else { "llama" }.into(),
         blocks,
         constraints: ShapeConstraints {
             gqa_policy: options.gqa_policy,
@@ -251,6 +255,7 @@ pub fn structure_of(w: &LlamaWeights, options: &LlamaOptions, format: LlmFormat)
             // 32 keeps the number of widths to profile small; K-quants need 256.
             ffn_width_multiple: ggml_dtype(options.output_dtype).block_size().max(32),
             module_removal: ModuleRemoval::WholeLayerOnly,
+            fixed_heads: qwen2,
         },
     }
 }
@@ -267,7 +272,7 @@ impl LlamaModel {
             let folder = HfFolder::open(path).map_err(|e| match e {
                 ReadError::Unsupported(m) => unsupported(
                     m,
-                    "give a Llama or Mistral model folder, or a llama GGUF file",
+                    "give a Llama, Mistral or Qwen2 model folder, or a llama GGUF file",
                 ),
                 ReadError::Invalid(m) => invalid(path, m),
             })?;
@@ -532,6 +537,14 @@ pub fn prune(
             gate: rows(&layer.gate, &pf.kept).map_err(ce)?,
             up: rows(&layer.up, &pf.kept).map_err(ce)?,
             down,
+            qkv_bias: match &layer.qkv_bias {
+                Some(b) => Some(QkvBias {
+                    q: rows(&b.q, &q_rows).map_err(ce)?,
+                    k: rows(&b.k, &kv_rows).map_err(ce)?,
+                    v: rows(&b.v, &kv_rows).map_err(ce)?,
+                }),
+                None => None,
+            },
         });
     }
     if layers.is_empty() {

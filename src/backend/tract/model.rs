@@ -358,6 +358,7 @@ fn structure_of(
             uniform_ffn_width: false,
             ffn_width_multiple: 1,
             module_removal: ModuleRemoval::Independent,
+            fixed_heads: false,
         },
     })
 }
