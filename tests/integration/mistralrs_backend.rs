@@ -347,6 +347,16 @@ fn smollm2_logits_agree_with_mistralrs_and_the_tokenizer_too() {
         .to_vec();
     assert!(ids.len() > 5 && ids.iter().all(|&i| i < 49152));
     let rt = LoadedModel::load(&path).unwrap();
+    // The same ids as mistral.rs's own tokenizer, on prose, WikiText markup and odd
+    // characters.
+    for text in [
+        "The capital of France is Paris. It is known for",
+        " = Valkyria Chronicles III = \n\n Senjō no Valkyria 3 : <unk> Chronicles ( Japanese : 戦場のヴァルキュリア3 ) ,",
+        "  tabs\tand  spaces, numbers 1234567 and émojis 🙂!",
+    ] {
+        let ours = tok.encode(text, false).unwrap().get_ids().to_vec();
+        assert_eq!(ours, rt.tokenize(text, false).unwrap(), "{text}");
+    }
     let theirs = rt.logits(&ids).unwrap();
     let ours = our_logits(&model, &ids);
     let d = max_abs_diff(&theirs, &ours);
@@ -536,4 +546,97 @@ fn the_cli_perplexity_matches_mistralrs_logits() {
         "/nonexistent/text.txt",
     );
     bad(&[&tiny], "--text");
+}
+
+/// A GGUF with a SentencePiece (`llama`) tokenizer: ziplm's tokenizer from the metadata
+/// gives the ids mistral.rs's own conversion gives (pieces, byte fallback, unknown
+/// bytes, special tokens).
+#[test]
+fn a_sentencepiece_gguf_tokenizes_as_mistralrs_does() {
+    use candle_core::quantized::gguf_file::Value;
+    let dir = tempfile::tempdir().unwrap();
+    let g = mrs::gguf::GgufFile::open(&tiny()).unwrap();
+    let pieces = [
+        "▁", "a", "b", "c", "x", "y", "z", ",", "!", "▁a", "▁ab", "▁abc", "bc", "ab", "▁x", "▁xyz",
+        "yz", "xy", "▁the", "the", "e", "h", "t",
+    ];
+    let mut tokens: Vec<(String, f32, i32)> = vec![
+        ("<unk>".into(), 0.0, 2),
+        ("<s>".into(), 0.0, 3),
+        ("</s>".into(), 0.0, 3),
+    ];
+    for (i, p) in pieces.iter().enumerate() {
+        // Every piece costs about the same: fewer, longer pieces win.
+        tokens.push((p.to_string(), -1.0 - i as f32 / 10.0, 1));
+    }
+    let mut byte = 0u8;
+    while tokens.len() < 128 {
+        tokens.push((format!("<0x{byte:02X}>"), -100.0, 6));
+        byte += 1;
+    }
+    let mut meta: Vec<(String, Value)> = g
+        .metadata()
+        .iter()
+        .filter(|(k, _)| !k.starts_with("tokenizer.ggml."))
+        .map(|(k, v)| (k.clone(), v.clone()))
+        .collect();
+    meta.extend([
+        (
+            "tokenizer.ggml.model".to_string(),
+            Value::String("llama".into()),
+        ),
+        (
+            "tokenizer.ggml.tokens".to_string(),
+            Value::Array(tokens.iter().map(|t| Value::String(t.0.clone())).collect()),
+        ),
+        (
+            "tokenizer.ggml.scores".to_string(),
+            Value::Array(tokens.iter().map(|t| Value::F32(t.1)).collect()),
+        ),
+        (
+            "tokenizer.ggml.token_type".to_string(),
+            Value::Array(tokens.iter().map(|t| Value::I32(t.2)).collect()),
+        ),
+        ("tokenizer.ggml.unknown_token_id".to_string(), Value::U32(0)),
+        ("tokenizer.ggml.bos_token_id".to_string(), Value::U32(1)),
+        ("tokenizer.ggml.eos_token_id".to_string(), Value::U32(2)),
+    ]);
+    let names: Vec<String> = g.content.tensor_infos.keys().cloned().collect();
+    let tensors: Vec<(String, candle_core::quantized::QTensor)> = names
+        .iter()
+        .map(|n| (n.clone(), g.qtensor(n).unwrap()))
+        .collect();
+    let p = dir.path().join("sentencepiece.gguf");
+    write_gguf(&p, &meta, &tensors);
+
+    let ours = mrs::tokenizer::from_gguf(&mrs::gguf::GgufFile::open(&p).unwrap()).unwrap();
+    let rt = LoadedModel::load(&p).unwrap();
+    for text in [
+        "ab abc, xyz!",
+        "the abc  xyz",
+        "xy\nab",
+        "über 7 the",
+        "</s>ab<s>",
+        "",
+    ] {
+        let ids = ours.encode(text, false).unwrap().get_ids().to_vec();
+        eprintln!("{text:?} -> {ids:?}");
+        assert_eq!(ids, rt.tokenize(text, false).unwrap(), "{text:?}");
+    }
+    // The model's perplexity runs on these ids too (ids within the vocabulary).
+    let text = dir.path().join("t.txt");
+    std::fs::write(&text, "ab abc, xyz! the abc xyz ".repeat(20)).unwrap();
+    let p = mrs::eval::text_perplexity(&p, &text, None, 32, None, &ziplm::progress::Quiet).unwrap();
+    assert!(p.ppl.is_finite() && p.tokens > 0);
+    // An unknown tokenizer type is refused with the way out.
+    let mut other = meta.clone();
+    for (k, v) in other.iter_mut() {
+        if k == "tokenizer.ggml.model" {
+            *v = Value::String("bert".into());
+        }
+    }
+    let q = dir.path().join("bert-tok.gguf");
+    write_gguf(&q, &other, &tensors);
+    let e = mrs::tokenizer::from_gguf(&mrs::gguf::GgufFile::open(&q).unwrap()).unwrap_err();
+    assert!(e.contains("bert") && e.contains("--tokenizer"), "{e}");
 }

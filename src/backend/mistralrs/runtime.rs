@@ -9,7 +9,7 @@ use mistralrs_core::{
     AutoDeviceMapParams, Constraint, DefaultSchedulerMethod, DeviceMapSetting, GGUFLoaderBuilder,
     GGUFSpecificConfig, MistralRs, MistralRsBuilder, ModelDType, NormalLoaderBuilder,
     NormalRequest, NormalSpecificConfig, Request, RequestMessage, Response, SamplingParams,
-    SchedulerConfig, TokenSource,
+    SchedulerConfig, TokenSource, TokenizationRequest,
 };
 use std::num::NonZeroUsize;
 use std::path::Path;
@@ -171,6 +171,35 @@ impl LoadedModel {
             rx.recv()
                 .await
                 .ok_or_else(|| err("request")("the engine closed the response channel".into()))
+        })
+    }
+
+    /// `text` tokenised by mistral.rs's own tokenizer of this model (the one it serves
+    /// with), without special tokens when `special` is false.
+    pub fn tokenize(&self, text: &str, special: bool) -> AdapterResult<Vec<u32>> {
+        let (tx, mut rx) = channel(1);
+        let request = Request::Tokenize(TokenizationRequest {
+            text: Either::Right(text.to_string()),
+            tools: None,
+            add_generation_prompt: false,
+            add_special_tokens: special,
+            enable_thinking: None,
+            reasoning_effort: None,
+            response: tx,
+        });
+        let sender = self
+            .engine
+            .get_sender(None)
+            .map_err(|e| AdapterError::runtime("mistral.rs engine", format!("{e:?}")))?;
+        self.rt.block_on(async {
+            sender
+                .send(request)
+                .await
+                .map_err(|e| err("tokenize")(e.to_string()))?;
+            rx.recv()
+                .await
+                .ok_or_else(|| err("tokenize")("the engine closed the response channel".into()))?
+                .map_err(|e| err("tokenize")(e.to_string()))
         })
     }
 
