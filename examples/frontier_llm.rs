@@ -64,6 +64,9 @@ struct Args {
     /// The GGUF model (default: models/smollm2-135m/SmolLM2-135M-Instruct.Q4_1.gguf).
     #[arg(long)]
     model: Option<PathBuf>,
+    /// Search with the candle block table as it is (no fit to mistral.rs first).
+    #[arg(long)]
+    no_runtime_fit: bool,
     /// Write every model as a safetensors folder (served by mistral.rs's `mistral`
     /// loader; one FFN width for every layer) instead of a GGUF file.
     #[arg(long)]
@@ -108,6 +111,7 @@ fn main() -> anyhow::Result<()> {
     job.profile = ziplm::profile::ProfileSettings { warmup: 1, runs: 5 };
     job.database.max_ffn_removed_fraction = args.max_ffn_removed;
     job.verify_settings = ziplm::profile::ProfileSettings { warmup: 2, runs: 9 };
+    job.runtime_fit = !args.no_runtime_fit;
     if args.safetensors {
         job.llm_format = Some(ziplm::job::LlmFormat::Safetensors);
     }

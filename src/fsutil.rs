@@ -124,6 +124,16 @@ pub fn write_dir_atomic(dest: &Path, files: &[(&str, &[u8])]) -> Result<()> {
     Ok(())
 }
 
+/// Removes a scratch model (file or folder), ignoring failures: the scratch folder it
+/// lives in is removed at the end anyway.
+pub fn remove_model(path: &Path) {
+    let _ = if path.is_dir() {
+        std::fs::remove_dir_all(path)
+    } else {
+        std::fs::remove_file(path)
+    };
+}
+
 /// Serialises `value` as pretty JSON (with a final newline) and writes it atomically.
 pub fn write_json_atomic<T: serde::Serialize>(dest: &Path, value: &T) -> Result<()> {
     let mut bytes = serde_json::to_vec_pretty(value).map_err(|e| Error::Format {

@@ -114,6 +114,15 @@ pub struct PruneJob {
     /// Format of the emitted LLMs (mistralrs backend); `None` = the source's format.
     #[serde(default)]
     pub llm_format: Option<LlmFormat>,
+    /// Fit the block table to the runtime before searching (mistralrs backend, when
+    /// verifying): two probe models timed in mistral.rs set per-kind scales
+    /// ([`crate::runtime_fit`]).
+    #[serde(default = "yes")]
+    pub runtime_fit: bool,
+}
+
+fn yes() -> bool {
+    true
 }
 
 impl PruneJob {
@@ -152,6 +161,7 @@ impl PruneJob {
             nnef: false,
             gguf_dtype: GgufDType::F32,
             llm_format: None,
+            runtime_fit: true,
         }
     }
 

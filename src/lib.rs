@@ -36,6 +36,7 @@ pub mod pipeline;
 pub mod profile;
 pub mod progress;
 pub mod report;
+pub mod runtime_fit;
 pub mod search;
 pub mod target;
 

@@ -136,6 +136,10 @@ pub struct PruneArgs {
     /// Skip timing the emitted models end to end.
     #[arg(long)]
     pub no_verify: bool,
+    /// Search with the candle block table as it is, without fitting it to mistral.rs
+    /// first (two probe models timed against the dense one; mistralrs backend).
+    #[arg(long)]
+    pub no_runtime_fit: bool,
     /// Also write each pruned model as a tract NNEF archive (NAME.nnef.tar).
     #[arg(long)]
     pub nnef: bool,

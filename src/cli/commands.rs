@@ -91,6 +91,7 @@ fn job_from_args(a: &PruneArgs) -> anyhow::Result<Vec<PruneJob>> {
     }
     job.database.max_ffn_removed_fraction = a.max_ffn_removed;
     job.verify = !a.no_verify;
+    job.runtime_fit = !a.no_runtime_fit;
     job.nnef = a.nnef;
     job.gguf_dtype = match a.gguf_dtype {
         GgufDTypeArg::F32 => crate::job::GgufDType::F32,

@@ -202,6 +202,12 @@ fn a_prune_job_on_the_tiny_llama_is_verified_in_mistralrs() {
     assert!(b.measured_ms.is_some(), "verification ran in mistral.rs");
     assert!(b.params.1 <= b.params.0);
     assert!(report.notes.iter().any(|n| n.contains("mistral.rs reply")));
+    // The table was fitted to mistral.rs before the search (or the note says why not).
+    assert!(
+        report.notes.iter().any(|n| n.starts_with("runtime fit")),
+        "{:?}",
+        report.notes
+    );
     // The emitted file loads in mistral.rs and in ziplm.
     LlamaModel::load(Path::new(&b.output), LlamaOptions::default()).unwrap();
     // No scratch files left behind.

@@ -13,6 +13,8 @@ use crate::pipeline::{self, BudgetOutcome, EmitAndMeasure};
 use crate::profile;
 use crate::progress::Progress;
 use crate::report::{self, PruneReport, StageTimes};
+use crate::runtime_fit::{self, Point, RuntimeFit};
+use crate::search::SearchProblem;
 use std::path::{Path, PathBuf};
 use std::time::Instant;
 use ziplm_plugin_api::{
@@ -210,6 +212,84 @@ impl EmitAndMeasure for Backend<'_> {
     }
 }
 
+/// Times the probe models of [`runtime_fit`] in mistral.rs against the dense model.
+struct ProbeRuntime<'a> {
+    model: &'a LlamaModel,
+    database: &'a Database,
+    dense: &'a LoadedModel,
+    dir: &'a Path,
+    prompt: &'a [u32],
+    job: &'a PruneJob,
+}
+
+impl ProbeRuntime<'_> {
+    /// The fit and a report note, or why there is none (an error only for a failure
+    /// to write or run a probe).
+    fn fit(
+        &self,
+        problem: &SearchProblem,
+    ) -> Result<std::result::Result<(RuntimeFit, String), String>> {
+        let Some((ffn, attention)) = runtime_fit::probes(problem) else {
+            return Ok(Err("no probe shape fits the shape constraints".into()));
+        };
+        let mut dense_ms = vec![];
+        let mut timed = vec![];
+        for (name, sel) in std::iter::once(("ffn", ffn)).chain(attention.map(|a| ("attention", a)))
+        {
+            let plan = self.database.plan(&sel)?;
+            let path = self
+                .dir
+                .join(output_name(self.model, &format!("probe-{name}")));
+            self.model.emit(&plan, &PrunedWeights::default(), &path)?;
+            let probe = LoadedModel::load(&path)?;
+            let (d, p) = time_pair_loaded(
+                self.dense,
+                &probe,
+                self.prompt,
+                &self.job.workload,
+                &self.job.verify_settings,
+            )?;
+            drop(probe);
+            crate::fsutil::remove_model(&path);
+            dense_ms.push(d.median_ms);
+            timed.push((name, sel, p.median_ms / d.median_ms));
+        }
+        // One dense latency for all points; each probe as its ratio to the dense runs
+        // it alternated with (drift between probes cancels).
+        let m0 = dense_ms.iter().sum::<f64>() / dense_ms.len() as f64;
+        let dense_sel = self.database.dense_selection();
+        let dense = Point::of(problem, &dense_sel, m0);
+        let points: Vec<(&str, Point)> = timed
+            .iter()
+            .map(|(name, sel, ratio)| (*name, Point::of(problem, sel, m0 * ratio)))
+            .collect();
+        let fit = match RuntimeFit::solve(dense, points[0].1, points.get(1).map(|p| p.1)) {
+            Ok(f) => f,
+            Err(why) => return Ok(Err(why)),
+        };
+        let probes: Vec<String> = points
+            .iter()
+            .map(|(name, p)| {
+                format!(
+                    "{name} probe {:.1} ms (table {:.1})",
+                    p.measured_ms,
+                    problem.rest_ms + p.attention_ms + p.ffn_ms
+                )
+            })
+            .collect();
+        let note = format!(
+            "runtime fit: mistral.rs = {:.1} ms + {:.3} x candle attention + {:.3} x candle FFN (dense {:.1} ms, table {:.1}; {})",
+            fit.rest_ms,
+            fit.attention_scale,
+            fit.ffn_scale,
+            m0,
+            problem.dense_ms(),
+            probes.join(", ")
+        );
+        Ok(Ok((fit, note)))
+    }
+}
+
 /// Runs a job end to end and writes the models (`NAME.BUDGET.gguf`, or `NAME.BUDGET/`
 /// folders for safetensors) and the report into the job's output folder.
 pub fn run(job: &PruneJob, progress: &dyn Progress) -> Result<MistralRun> {
@@ -257,7 +337,7 @@ pub fn run(job: &PruneJob, progress: &dyn Progress) -> Result<MistralRun> {
     };
     let verify = job.verify && acquired.verify_here;
     notes.extend(acquired.notes);
-    let table = acquired.table;
+    let mut table = acquired.table;
     stages.profile_s = t.elapsed().as_secs_f64();
 
     // Every budget is checked before anything is written.
@@ -285,6 +365,34 @@ pub fn run(job: &PruneJob, progress: &dyn Progress) -> Result<MistralRun> {
     }
     let prompt = timing_prompt(&model, &job.workload);
     let mut dense_loaded: Option<LoadedModel> = None;
+    if verify && job.runtime_fit {
+        let t = Instant::now();
+        let dense = LoadedModel::load(&dense_path)?;
+        let probe = ProbeRuntime {
+            model: &model,
+            database: &database,
+            dense: &dense,
+            dir: scratch.path(),
+            prompt: &prompt,
+            job,
+        };
+        match probe.fit(&problem)? {
+            Ok((fit, note)) => {
+                table = runtime_fit::apply(&table, &fit);
+                notes.push(note);
+                // Still feasible in the runtime's milliseconds?
+                let fitted = database.search_problem(&table)?;
+                for budget in &job.budgets {
+                    fitted.solve(*budget, &[], job.search.buckets)?;
+                }
+            }
+            Err(why) => notes.push(format!(
+                "runtime fit skipped ({why}); the searches use the candle table as it is"
+            )),
+        }
+        dense_loaded = Some(dense);
+        stages.profile_s += t.elapsed().as_secs_f64();
+    }
     let mut outcomes = vec![];
     let mut budgets = vec![];
     let t_search = Instant::now();
