@@ -136,7 +136,7 @@ impl LoadedModel {
     }
 
     fn send(&self, messages: RequestMessage, max_len: usize, raw: bool) -> AdapterResult<Response> {
-        let (tx, mut rx) = channel(16);
+        let (tx, rx) = channel(16);
         let mut sampling = SamplingParams::deterministic();
         sampling.max_len = Some(max_len);
         let id = self
@@ -159,6 +159,16 @@ impl LoadedModel {
             model_id: None,
             truncate_sequence: false,
         }));
+        self.round_trip("request", request, rx)
+    }
+
+    /// Sends a request to the engine and waits for its one answer on `rx`.
+    fn round_trip<T>(
+        &self,
+        what: &str,
+        request: Request,
+        mut rx: tokio::sync::mpsc::Receiver<T>,
+    ) -> AdapterResult<T> {
         let sender = self
             .engine
             .get_sender(None)
@@ -167,17 +177,17 @@ impl LoadedModel {
             sender
                 .send(request)
                 .await
-                .map_err(|e| err("request")(e.to_string()))?;
+                .map_err(|e| err(what)(e.to_string()))?;
             rx.recv()
                 .await
-                .ok_or_else(|| err("request")("the engine closed the response channel".into()))
+                .ok_or_else(|| err(what)("the engine closed the response channel".into()))
         })
     }
 
     /// `text` tokenised by mistral.rs's own tokenizer of this model (the one it serves
     /// with), without special tokens when `special` is false.
     pub fn tokenize(&self, text: &str, special: bool) -> AdapterResult<Vec<u32>> {
-        let (tx, mut rx) = channel(1);
+        let (tx, rx) = channel(1);
         let request = Request::Tokenize(TokenizationRequest {
             text: Either::Right(text.to_string()),
             tools: None,
@@ -187,20 +197,8 @@ impl LoadedModel {
             reasoning_effort: None,
             response: tx,
         });
-        let sender = self
-            .engine
-            .get_sender(None)
-            .map_err(|e| AdapterError::runtime("mistral.rs engine", format!("{e:?}")))?;
-        self.rt.block_on(async {
-            sender
-                .send(request)
-                .await
-                .map_err(|e| err("tokenize")(e.to_string()))?;
-            rx.recv()
-                .await
-                .ok_or_else(|| err("tokenize")("the engine closed the response channel".into()))?
-                .map_err(|e| err("tokenize")(e.to_string()))
-        })
+        self.round_trip("tokenize", request, rx)?
+            .map_err(|e| err("tokenize")(e.to_string()))
     }
 
     /// The logits of every position of `ids` (one row of `vocab` values per token).
