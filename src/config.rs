@@ -208,6 +208,10 @@ pub struct ProfileConfig {
     /// Skip end-to-end verification.
     #[serde(default)]
     pub no_verify: bool,
+    /// Search with the block table as profiled, without fitting it to the runtime
+    /// first (mistralrs backend).
+    #[serde(default)]
+    pub no_runtime_fit: bool,
 }
 
 /// `[model.pruning]`.
@@ -388,6 +392,7 @@ impl ModelConfig {
             job.profile.runs = r;
         }
         job.verify = !self.profile.no_verify;
+        job.runtime_fit = !self.profile.no_runtime_fit;
         if let Some(m) = self.pruning.ffn_multiple {
             if m == 0 {
                 return Err(bad(file, key("pruning.ffn_multiple must be at least 1")));

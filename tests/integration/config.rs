@@ -75,6 +75,15 @@ fn llm_output_formats_become_the_job_format() {
         .unwrap_err()
         .to_string();
     assert!(err.contains("output.format"), "{err}");
+    // The runtime fit is on unless the config turns it off.
+    let job = |extra: &str| {
+        let text = format!("{llm}{extra}");
+        config::parse(&text, file).unwrap().model[0]
+            .to_job(file, Path::new("/srv/app"))
+            .unwrap()
+    };
+    assert!(job("").runtime_fit);
+    assert!(!job("[model.profile]\nno_runtime_fit = true\n").runtime_fit);
 }
 
 #[test]
