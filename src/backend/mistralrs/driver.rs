@@ -220,6 +220,7 @@ struct ProbeRuntime<'a> {
     dir: &'a Path,
     prompt: &'a [u32],
     job: &'a PruneJob,
+    progress: &'a dyn Progress,
 }
 
 impl ProbeRuntime<'_> {
@@ -234,8 +235,11 @@ impl ProbeRuntime<'_> {
         };
         let mut dense_ms = vec![];
         let mut timed = vec![];
-        for (name, sel) in std::iter::once(("ffn", ffn)).chain(attention.map(|a| ("attention", a)))
-        {
+        let probes: Vec<_> = std::iter::once(("ffn", ffn))
+            .chain(attention.map(|a| ("attention", a)))
+            .collect();
+        self.progress.start("runtime fit", probes.len() as u64);
+        for (name, sel) in probes {
             let plan = self.database.plan(&sel)?;
             let path = self
                 .dir
@@ -253,7 +257,9 @@ impl ProbeRuntime<'_> {
             crate::fsutil::remove_model(&path);
             dense_ms.push(d.median_ms);
             timed.push((name, sel, p.median_ms / d.median_ms));
+            self.progress.advance(1);
         }
+        self.progress.finish();
         // One dense latency for all points; each probe as its ratio to the dense runs
         // it alternated with (drift between probes cancels).
         let m0 = dense_ms.iter().sum::<f64>() / dense_ms.len() as f64;
@@ -375,6 +381,7 @@ pub fn run(job: &PruneJob, progress: &dyn Progress) -> Result<MistralRun> {
             dir: scratch.path(),
             prompt: &prompt,
             job,
+            progress,
         };
         match probe.fit(&problem)? {
             Ok((fit, note)) => {
