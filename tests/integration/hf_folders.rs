@@ -40,6 +40,28 @@ fn logits(w: &mrs::llama::LlamaWeights, ids: &[u32]) -> Vec<Vec<f32>> {
         .unwrap()
 }
 
+/// Emits `model` with every layer but the first dropped as a folder at `dest`, loads it
+/// in mistral.rs and returns the max |logit| difference to ziplm's forward of it.
+fn first_layer_only_diff(model: &LlamaModel, dest: &Path) -> f32 {
+    let mut plan = Plan::dense(model.structure());
+    for bp in plan.blocks.iter_mut().skip(2) {
+        bp.kept.clear();
+        bp.kept_kv_heads.clear();
+    }
+    model.emit(&plan, &PrunedWeights::default(), dest).unwrap();
+    let ids: Vec<u32> = (0..12).map(|i| (i * 7 + 1) % 128).collect();
+    let want = logits(
+        &model
+            .pruned_weights(&plan, &PrunedWeights::default())
+            .unwrap(),
+        &ids,
+    );
+    max_abs_diff(
+        &LoadedModel::load(dest).unwrap().logits(&ids).unwrap(),
+        &want,
+    )
+}
+
 fn tensor_diff(a: &candle_core::Tensor, b: &candle_core::Tensor) -> f32 {
     assert_eq!(a.dims(), b.dims());
     (a - b)
@@ -135,24 +157,7 @@ fn a_pruned_folder_loads_in_mistralrs_with_ziplms_logits() {
 fn folders_drop_layers_refuse_mixed_widths_and_are_byte_identical() {
     let dir = tempfile::tempdir().unwrap();
     let model = LlamaModel::load(&tiny_folder(dir.path()), LlamaOptions::default()).unwrap();
-    let mut plan = Plan::dense(model.structure());
-    for bp in plan.blocks.iter_mut().skip(2) {
-        bp.kept.clear();
-        bp.kept_kv_heads.clear();
-    }
-    let dest = dir.path().join("one-layer");
-    model.emit(&plan, &PrunedWeights::default(), &dest).unwrap();
-    let ids: Vec<u32> = (0..12).map(|i| (i * 7 + 1) % 128).collect();
-    let want = logits(
-        &model
-            .pruned_weights(&plan, &PrunedWeights::default())
-            .unwrap(),
-        &ids,
-    );
-    let d = max_abs_diff(
-        &LoadedModel::load(&dest).unwrap().logits(&ids).unwrap(),
-        &want,
-    );
+    let d = first_layer_only_diff(&model, &dir.path().join("one-layer"));
     assert!(d < 1e-4, "one-layer logits differ by {d}");
 
     // The same plan twice: the same bytes in every file.
@@ -593,23 +598,7 @@ fn qwen2_folders_keep_their_heads_and_load_in_mistralrs() {
     assert!(max_abs_diff(&logits(&back.weights, &ids), &want) < 1e-5);
 
     // A dropped layer loads too.
-    let mut one = Plan::dense(s);
-    for bp in one.blocks.iter_mut().skip(2) {
-        bp.kept.clear();
-        bp.kept_kv_heads.clear();
-    }
-    let dest = dir.path().join("one-layer");
-    model.emit(&one, &PrunedWeights::default(), &dest).unwrap();
-    let want = logits(
-        &model
-            .pruned_weights(&one, &PrunedWeights::default())
-            .unwrap(),
-        &ids,
-    );
-    let d = max_abs_diff(
-        &LoadedModel::load(&dest).unwrap().logits(&ids).unwrap(),
-        &want,
-    );
+    let d = first_layer_only_diff(&model, &dir.path().join("one-layer"));
     assert!(d < 1e-4, "one-layer qwen2 logits differ by {d}");
 
     // Pruned heads cannot be written: a clear error, nothing written.

@@ -217,6 +217,15 @@ fn a_prune_job_on_the_tiny_llama_is_verified_in_mistralrs() {
     }
 }
 
+/// Every tensor of a GGUF file, by name, as stored (to write a variant of it).
+fn gguf_tensors(g: &mrs::gguf::GgufFile) -> Vec<(String, candle_core::quantized::QTensor)> {
+    g.content
+        .tensor_infos
+        .keys()
+        .map(|n| (n.clone(), g.qtensor(n).unwrap()))
+        .collect()
+}
+
 /// Writes a GGUF file with candle's writer.
 fn write_gguf(
     path: &Path,
@@ -265,11 +274,7 @@ fn bad_gguf_inputs_get_clear_errors() {
             *v = candle_core::quantized::gguf_file::Value::String("qwen2".into());
         }
     }
-    let names: Vec<String> = g.content.tensor_infos.keys().cloned().collect();
-    let tensors: Vec<(String, candle_core::quantized::QTensor)> = names
-        .iter()
-        .map(|n| (n.clone(), g.qtensor(n).unwrap()))
-        .collect();
+    let tensors = gguf_tensors(&g);
     let p = dir.path().join("qwen.gguf");
     write_gguf(&p, &meta, &tensors);
     let e = err(&p);
@@ -608,11 +613,7 @@ fn a_sentencepiece_gguf_tokenizes_as_mistralrs_does() {
         ("tokenizer.ggml.bos_token_id".to_string(), Value::U32(1)),
         ("tokenizer.ggml.eos_token_id".to_string(), Value::U32(2)),
     ]);
-    let names: Vec<String> = g.content.tensor_infos.keys().cloned().collect();
-    let tensors: Vec<(String, candle_core::quantized::QTensor)> = names
-        .iter()
-        .map(|n| (n.clone(), g.qtensor(n).unwrap()))
-        .collect();
+    let tensors = gguf_tensors(&g);
     let p = dir.path().join("sentencepiece.gguf");
     write_gguf(&p, &meta, &tensors);
 
