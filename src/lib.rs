@@ -38,6 +38,7 @@ pub mod progress;
 pub mod report;
 pub mod runtime_fit;
 pub mod search;
+pub mod speedup;
 pub mod target;
 
 pub use error::{Error, Result};

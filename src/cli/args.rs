@@ -22,8 +22,11 @@ pub enum Command {
     Profile(ProfileArgs),
     /// Print a stable summary of a model's prunable structure.
     Inspect(InspectArgs),
-    /// Evaluate a model's quality (STS Benchmark Spearman for encoders).
+    /// Evaluate a model's quality (STS Benchmark Spearman for encoders, perplexity for LLMs).
     Eval(EvalArgs),
+    /// Time emitted models against the dense model in their runtime (alternating runs,
+    /// medians) and print each speedup.
+    Speedup(SpeedupArgs),
 }
 
 /// Where and how the model runs.
@@ -200,6 +203,30 @@ pub struct InspectArgs {
     /// Print JSON.
     #[arg(long)]
     pub json: bool,
+    #[command(flatten)]
+    pub workload: WorkloadArgs,
+}
+
+/// `ziplm speedup`.
+#[derive(Args, Debug)]
+pub struct SpeedupArgs {
+    /// The dense model (ONNX file, GGUF file or Hugging Face folder).
+    pub dense: PathBuf,
+    /// The models to time against it (served by the same runtime).
+    #[arg(required = true)]
+    pub models: Vec<PathBuf>,
+    /// Timed runs of each model and of the dense model (alternating); medians are kept.
+    #[arg(long, default_value_t = 9)]
+    pub runs: usize,
+    /// Untimed runs of each first.
+    #[arg(long, default_value_t = 2)]
+    pub warmup: usize,
+    /// Print JSON.
+    #[arg(long)]
+    pub json: bool,
+    /// Hide progress bars.
+    #[arg(long)]
+    pub quiet: bool,
     #[command(flatten)]
     pub workload: WorkloadArgs,
 }

@@ -2,7 +2,7 @@
 
 use super::args::{
     Cli, Command, EvalArgs, FormatArg, GgufDTypeArg, GqaArg, InspectArgs, LlmFormatArg,
-    ProfileArgs, PruneArgs, WorkloadArgs,
+    ProfileArgs, PruneArgs, SpeedupArgs, WorkloadArgs,
 };
 use super::inspect;
 use crate::data::{CalibrationData, DataFormat};
@@ -19,6 +19,7 @@ pub fn dispatch(cli: Cli) -> anyhow::Result<ExitCode> {
         Command::Profile(a) => profile(a),
         Command::Inspect(a) => inspect(a),
         Command::Eval(a) => eval(a),
+        Command::Speedup(a) => speedup(a),
     }
 }
 
@@ -206,6 +207,50 @@ fn inspect(a: InspectArgs) -> anyhow::Result<ExitCode> {
         );
     } else {
         print!("{}", inspect::inspect_text(&structure));
+    }
+    Ok(ExitCode::SUCCESS)
+}
+
+fn speedup(a: SpeedupArgs) -> anyhow::Result<ExitCode> {
+    if a.runs == 0 {
+        bail!("--runs must be at least 1");
+    }
+    let w = workload(&a.workload);
+    let settings = crate::profile::ProfileSettings {
+        warmup: a.warmup,
+        runs: a.runs,
+    };
+    let results = crate::speedup::measure(
+        &a.dense,
+        &a.models,
+        &w,
+        a.workload.threads,
+        &settings,
+        progress(a.quiet).as_ref(),
+    )?;
+    if a.json {
+        println!(
+            "{}",
+            serde_json::to_string_pretty(&serde_json::json!({
+                "dense": a.dense, "workload": w, "runs": a.runs,
+                "warmup": a.warmup, "models": results,
+            }))?
+        );
+    } else {
+        println!(
+            "{w}, medians of {} alternating runs against {}:",
+            a.runs,
+            a.dense.display()
+        );
+        for r in &results {
+            println!(
+                "  {}: {:.3} ms vs dense {:.3} ms -> {:.3}x",
+                r.model.display(),
+                r.timing.median_ms,
+                r.dense.median_ms,
+                r.speedup
+            );
+        }
     }
     Ok(ExitCode::SUCCESS)
 }

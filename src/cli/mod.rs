@@ -1,4 +1,4 @@
-//! The `ziplm` command line: `prune`, `profile`, `inspect`, `eval`.
+//! The `ziplm` command line: `prune`, `profile`, `inspect`, `eval`, `speedup`.
 //!
 //! Exit codes: 0 success; 1 a budget was missed after verification; 2 an error.
 //! Results go to stdout (`--json` for machines); progress and messages to stderr.

@@ -234,3 +234,73 @@ fn a_table_profiled_on_another_machine_is_used_as_is() {
         "a committed table is not rewritten"
     );
 }
+
+/// Runs `ziplm speedup ARGS --quiet`; returns the exit code, stdout and stderr.
+fn speedup(args: &[&str]) -> (Option<i32>, String, String) {
+    let o = ziplm()
+        .arg("speedup")
+        .args(args)
+        .arg("--quiet")
+        .output()
+        .unwrap();
+    (
+        o.status.code(),
+        String::from_utf8_lossy(&o.stdout).into_owned(),
+        String::from_utf8_lossy(&o.stderr).into_owned(),
+    )
+}
+
+#[test]
+fn speedup_times_emitted_models_against_the_dense_one_in_tract() {
+    let dir = tempfile::tempdir().unwrap();
+    let model = fixture("tiny-gpt2-text-generation");
+    let (code, report) = prune_json(
+        &[&model, "--speedup", "1.3", "--seq-len", "16", "--no-verify"],
+        dir.path(),
+    );
+    assert_eq!(code, Some(0), "{report}");
+    let pruned = dir.path().join("model.speedup-1.3.onnx");
+    let pruned = pruned.to_str().unwrap();
+    let (code, stdout, stderr) = speedup(&[
+        &model,
+        pruned,
+        &model,
+        "--seq-len",
+        "16",
+        "--runs",
+        "3",
+        "--json",
+    ]);
+    assert_eq!(code, Some(0), "{stderr}");
+    let v: serde_json::Value = serde_json::from_str(&stdout).unwrap();
+    assert_eq!(v["workload"]["seq_len"], 16);
+    let models = v["models"].as_array().unwrap();
+    assert_eq!(models.len(), 2);
+    assert_eq!(models[0]["model"], pruned);
+    for m in models {
+        let (d, t) = (
+            m["dense"]["median_ms"].as_f64().unwrap(),
+            m["timing"]["median_ms"].as_f64().unwrap(),
+        );
+        assert!(d > 0.0 && t > 0.0, "{m}");
+        assert_eq!(m["timing"]["runs"], 3);
+        assert!((m["speedup"].as_f64().unwrap() - d / t).abs() < 1e-9, "{m}");
+    }
+    // The text form names each model and its ratio.
+    let (code, stdout, _) = speedup(&[&model, pruned, "--seq-len", "16", "--runs", "1"]);
+    assert_eq!(code, Some(0));
+    assert!(
+        stdout.contains("model.speedup-1.3.onnx") && stdout.contains("x\n"),
+        "{stdout}"
+    );
+    // Bad input: exit 2 and the reason.
+    let missing = dir.path().join("missing.onnx");
+    let (code, _, stderr) = speedup(&[&model, missing.to_str().unwrap()]);
+    assert_eq!(code, Some(2));
+    assert!(stderr.contains("missing.onnx: no such model"), "{stderr}");
+    let (code, _, stderr) = speedup(&[&model, pruned, "--runs", "0"]);
+    assert_eq!(code, Some(2));
+    assert!(stderr.contains("--runs"), "{stderr}");
+    let (code, _, stderr) = speedup(&[&model]);
+    assert_eq!(code, Some(2), "{stderr}");
+}

@@ -648,3 +648,54 @@ fn a_sentencepiece_gguf_tokenizes_as_mistralrs_does() {
     let e = mrs::tokenizer::from_gguf(&mrs::gguf::GgufFile::open(&q).unwrap()).unwrap_err();
     assert!(e.contains("bert") && e.contains("--tokenizer"), "{e}");
 }
+
+#[test]
+fn the_cli_times_emitted_gguf_files_in_mistralrs() {
+    let dir = tempfile::tempdir().unwrap();
+    let model = LlamaModel::load(&tiny(), LlamaOptions::default()).unwrap();
+    let (plan, weights) = a_pruned_plan(&model);
+    let pruned = dir.path().join("pruned.gguf");
+    model.emit(&plan, &weights, &pruned).unwrap();
+    let run = |extra: &[&str]| {
+        std::process::Command::new(env!("CARGO_BIN_EXE_ziplm"))
+            .arg("speedup")
+            .arg(tiny())
+            .arg(&pruned)
+            .args(["--runs", "3", "--warmup", "1", "--quiet", "--json"])
+            .args(extra)
+            .output()
+            .unwrap()
+    };
+    for extra in [
+        &["--seq-len", "24"][..],
+        &["--seq-len", "1", "--decode-kv-len", "16"],
+    ] {
+        let out = run(extra);
+        let stderr = String::from_utf8_lossy(&out.stderr);
+        assert!(out.status.success(), "{extra:?}: {stderr}");
+        let v: serde_json::Value = serde_json::from_slice(&out.stdout).unwrap();
+        let m = &v["models"][0];
+        assert_eq!(m["model"], pruned.to_str().unwrap());
+        assert_eq!(m["timing"]["runs"], 3);
+        assert_eq!(m["dense"]["runs"], 3);
+        // Ratio of the two medians (what is timed is not asserted: timings are noisy).
+        let (d, t) = (
+            m["dense"]["median_ms"].as_f64().unwrap(),
+            m["timing"]["median_ms"].as_f64().unwrap(),
+        );
+        let s = m["speedup"].as_f64();
+        assert!(t > 0.0 || s.is_none(), "{m}");
+        if let Some(s) = s {
+            assert!((s - d / t).abs() < 1e-9, "{m}");
+        }
+    }
+    // What mistral.rs cannot time is refused with the reason.
+    let out = run(&["--batch", "2"]);
+    assert_eq!(out.status.code(), Some(2));
+    let stderr = String::from_utf8_lossy(&out.stderr);
+    assert!(stderr.contains("batch"), "{stderr}");
+    let out = run(&["--seq-len", "100000"]);
+    assert_eq!(out.status.code(), Some(2));
+    let stderr = String::from_utf8_lossy(&out.stderr);
+    assert!(stderr.contains("context"), "{stderr}");
+}

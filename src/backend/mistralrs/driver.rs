@@ -113,7 +113,7 @@ pub fn timing_prompt(model: &LlamaModel, workload: &Workload) -> Vec<u32> {
 }
 
 /// What mistral.rs can time for a workload: one sequence; decode one token per step.
-fn check_timed_workload(workload: &Workload, context: usize) -> Result<()> {
+pub fn check_timed_workload(workload: &Workload, context: usize) -> Result<()> {
     if workload.batch != 1 {
         return Err(Error::Invalid(format!(
             "the mistralrs backend times one sequence (batch 1), the workload has batch {}",

@@ -1,0 +1,228 @@
+//! Measuring emitted models against their dense model in the serving runtime: the
+//! check a user runs on artifacts (`ziplm speedup DENSE MODEL...`), with the same
+//! method as verification (alternating runs of the dense and the pruned model in one
+//! process, medians).
+//!
+//! ONNX files are timed in tract (end to end at the workload, `threads` threads); GGUF
+//! files and Hugging Face folders in mistral.rs (feature `mistralrs`; prefill: a
+//! one-token request on a prompt of `seq_len` tokens; decode: per generated token after
+//! a `kv_len`-token prompt).
+
+use crate::error::{Error, Result};
+use crate::profile::ProfileSettings;
+use crate::progress::Progress;
+use serde::Serialize;
+use std::path::{Path, PathBuf};
+use ziplm_plugin_api::{Timing, Workload};
+
+/// One model timed against the dense model.
+#[derive(Clone, Debug, Serialize)]
+pub struct SpeedupMeasurement {
+    /// The model timed.
+    pub model: PathBuf,
+    /// The dense model's timing in the same alternating run.
+    pub dense: Timing,
+    /// The model's timing.
+    pub timing: Timing,
+    /// Dense median / model median.
+    pub speedup: f64,
+}
+
+/// The runtime a model file is served by.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+enum Runtime {
+    Tract,
+    Mistralrs,
+}
+
+fn runtime_of(path: &Path) -> Result<Runtime> {
+    if !path.exists() {
+        return Err(Error::Invalid(format!(
+            "{}: no such model file or folder",
+            path.display()
+        )));
+    }
+    match path.extension().and_then(|e| e.to_str()) {
+        Some("onnx") => Ok(Runtime::Tract),
+        Some("gguf") => Ok(Runtime::Mistralrs),
+        _ if path.is_dir() => Ok(Runtime::Mistralrs),
+        _ => Err(Error::Invalid(format!(
+            "{}: not a model ziplm can time (give .onnx files, .gguf files or Hugging Face folders)",
+            path.display()
+        ))),
+    }
+}
+
+/// Times each of `models` against `dense` at `workload` in the runtime that serves
+/// them; every model must be served by the same runtime as the dense one.
+pub fn measure(
+    dense: &Path,
+    models: &[PathBuf],
+    workload: &Workload,
+    threads: usize,
+    settings: &ProfileSettings,
+    progress: &dyn Progress,
+) -> Result<Vec<SpeedupMeasurement>> {
+    if models.is_empty() {
+        return Err(Error::Invalid(
+            "give at least one model to time against the dense one".into(),
+        ));
+    }
+    workload.validate().map_err(Error::Invalid)?;
+    let runtime = runtime_of(dense)?;
+    for m in models {
+        if runtime_of(m)? != runtime {
+            return Err(Error::Invalid(format!(
+                "{} and the dense model {} are served by different runtimes: time ONNX files against an ONNX dense model, GGUF files and folders against a GGUF file or folder",
+                m.display(),
+                dense.display()
+            )));
+        }
+    }
+    progress.start("timing against the dense model", models.len() as u64);
+    let timings = match runtime {
+        Runtime::Tract => measure_tract(dense, models, workload, threads, settings, progress)?,
+        Runtime::Mistralrs => measure_mistralrs(dense, models, workload, settings, progress)?,
+    };
+    progress.finish();
+    Ok(models
+        .iter()
+        .zip(timings)
+        .map(|(m, (d, t))| SpeedupMeasurement {
+            model: m.clone(),
+            speedup: d.median_ms / t.median_ms,
+            dense: d,
+            timing: t,
+        })
+        .collect())
+}
+
+fn measure_tract(
+    dense: &Path,
+    models: &[PathBuf],
+    workload: &Workload,
+    threads: usize,
+    settings: &ProfileSettings,
+    progress: &dyn Progress,
+) -> Result<Vec<(Timing, Timing)>> {
+    use crate::backend::tract::{profile::time_pair, TractModel, TractOptions};
+    let model = TractModel::load(
+        dense,
+        TractOptions {
+            workload: *workload,
+            ..Default::default()
+        },
+    )?;
+    let mut out = vec![];
+    for m in models {
+        out.push(time_pair(&model, dense, m, workload, threads, settings)?);
+        progress.advance(1);
+    }
+    Ok(out)
+}
+
+#[cfg(feature = "mistralrs")]
+fn measure_mistralrs(
+    dense: &Path,
+    models: &[PathBuf],
+    workload: &Workload,
+    settings: &ProfileSettings,
+    progress: &dyn Progress,
+) -> Result<Vec<(Timing, Timing)>> {
+    use crate::backend::mistralrs::{driver, LlamaModel, LoadedModel};
+    let llm = LlamaModel::load(dense, Default::default())?;
+    driver::check_timed_workload(workload, llm.weights.config.context_length)?;
+    let len = match workload.phase {
+        ziplm_plugin_api::Phase::Prefill => workload.seq_len,
+        ziplm_plugin_api::Phase::Decode { kv_len } => kv_len,
+    };
+    // Any ids time the same; fixed random ones keep runs comparable.
+    let prompt: Vec<u32> = crate::data::random_samples(llm.weights.config.vocab, 1, len, 0)
+        .concat()
+        .into_iter()
+        .map(|i| i as u32)
+        .collect();
+    drop(llm);
+    let dense_rt = LoadedModel::load(dense)?;
+    let mut out = vec![];
+    for m in models {
+        let rt = LoadedModel::load(m)?;
+        out.push(driver::time_pair_loaded(
+            &dense_rt, &rt, &prompt, workload, settings,
+        )?);
+        progress.advance(1);
+    }
+    Ok(out)
+}
+
+#[cfg(not(feature = "mistralrs"))]
+fn measure_mistralrs(
+    dense: &Path,
+    _: &[PathBuf],
+    _: &Workload,
+    _: &ProfileSettings,
+    _: &dyn Progress,
+) -> Result<Vec<(Timing, Timing)>> {
+    Err(Error::Invalid(format!(
+        "{}: timing GGUF files and folders needs ziplm built with the `mistralrs` feature",
+        dense.display()
+    )))
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn models_of_two_runtimes_are_refused_before_any_timing() {
+        let dir = tempfile::tempdir().unwrap();
+        let onnx = dir.path().join("a.onnx");
+        let gguf = dir.path().join("b.gguf");
+        std::fs::write(&onnx, b"x").unwrap();
+        std::fs::write(&gguf, b"x").unwrap();
+        let err = measure(
+            &onnx,
+            &[gguf],
+            &Workload::prefill(1, 8),
+            1,
+            &ProfileSettings::default(),
+            &crate::progress::Quiet,
+        )
+        .unwrap_err()
+        .to_string();
+        assert!(err.contains("different runtimes"), "{err}");
+    }
+
+    #[test]
+    fn missing_and_unknown_files_are_named() {
+        let dir = tempfile::tempdir().unwrap();
+        let txt = dir.path().join("model.txt");
+        std::fs::write(&txt, b"x").unwrap();
+        let missing = dir.path().join("nope.onnx");
+        let run = |d: &Path, m: &Path| {
+            measure(
+                d,
+                &[m.to_path_buf()],
+                &Workload::prefill(1, 8),
+                1,
+                &ProfileSettings::default(),
+                &crate::progress::Quiet,
+            )
+            .unwrap_err()
+            .to_string()
+        };
+        assert!(run(&missing, &txt).contains("nope.onnx: no such model"));
+        assert!(run(&txt, &txt).contains("not a model ziplm can time"));
+        let none = measure(
+            &txt,
+            &[],
+            &Workload::prefill(1, 8),
+            1,
+            &ProfileSettings::default(),
+            &crate::progress::Quiet,
+        )
+        .unwrap_err()
+        .to_string();
+        assert!(none.contains("at least one model"), "{none}");
+    }
+}
