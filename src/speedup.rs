@@ -146,6 +146,9 @@ fn measure_mistralrs(
     let dense_rt = LoadedModel::load(dense)?;
     let mut out = vec![];
     for m in models {
+        // ziplm's reader first: a corrupt or unsupported file gets its clear error
+        // rather than the runtime's.
+        drop(LlamaModel::load(m, Default::default())?);
         let rt = LoadedModel::load(m)?;
         out.push(driver::time_pair_loaded(
             &dense_rt, &rt, &prompt, workload, settings,

@@ -698,4 +698,22 @@ fn the_cli_times_emitted_gguf_files_in_mistralrs() {
     assert_eq!(out.status.code(), Some(2));
     let stderr = String::from_utf8_lossy(&out.stderr);
     assert!(stderr.contains("context"), "{stderr}");
+    // A truncated model gets ziplm's reader's error, which names the file.
+    let bytes = std::fs::read(&pruned).unwrap();
+    let truncated = dir.path().join("truncated.gguf");
+    std::fs::write(&truncated, &bytes[..bytes.len() / 2]).unwrap();
+    let out = std::process::Command::new(env!("CARGO_BIN_EXE_ziplm"))
+        .arg("speedup")
+        .arg(tiny())
+        .arg(&truncated)
+        .args(["--seq-len", "8", "--quiet"])
+        .env_remove("RUST_BACKTRACE")
+        .output()
+        .unwrap();
+    assert_eq!(out.status.code(), Some(2));
+    let stderr = String::from_utf8_lossy(&out.stderr);
+    assert!(
+        stderr.contains("truncated.gguf") && !stderr.contains("mistral.rs"),
+        "{stderr}"
+    );
 }
