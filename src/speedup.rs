@@ -176,6 +176,20 @@ fn measure_mistralrs(
 mod tests {
     use super::*;
 
+    /// The error of timing `models` against `dense` (tiny prefill, default settings).
+    fn error_of(dense: &Path, models: &[PathBuf]) -> String {
+        measure(
+            dense,
+            models,
+            &Workload::prefill(1, 8),
+            1,
+            &ProfileSettings::default(),
+            &crate::progress::Quiet,
+        )
+        .unwrap_err()
+        .to_string()
+    }
+
     #[test]
     fn models_of_two_runtimes_are_refused_before_any_timing() {
         let dir = tempfile::tempdir().unwrap();
@@ -183,16 +197,7 @@ mod tests {
         let gguf = dir.path().join("b.gguf");
         std::fs::write(&onnx, b"x").unwrap();
         std::fs::write(&gguf, b"x").unwrap();
-        let err = measure(
-            &onnx,
-            &[gguf],
-            &Workload::prefill(1, 8),
-            1,
-            &ProfileSettings::default(),
-            &crate::progress::Quiet,
-        )
-        .unwrap_err()
-        .to_string();
+        let err = error_of(&onnx, &[gguf]);
         assert!(err.contains("different runtimes"), "{err}");
     }
 
@@ -202,30 +207,11 @@ mod tests {
         let txt = dir.path().join("model.txt");
         std::fs::write(&txt, b"x").unwrap();
         let missing = dir.path().join("nope.onnx");
-        let run = |d: &Path, m: &Path| {
-            measure(
-                d,
-                &[m.to_path_buf()],
-                &Workload::prefill(1, 8),
-                1,
-                &ProfileSettings::default(),
-                &crate::progress::Quiet,
-            )
-            .unwrap_err()
-            .to_string()
-        };
-        assert!(run(&missing, &txt).contains("nope.onnx: no such model"));
-        assert!(run(&txt, &txt).contains("not a model ziplm can time"));
-        let none = measure(
-            &txt,
-            &[],
-            &Workload::prefill(1, 8),
-            1,
-            &ProfileSettings::default(),
-            &crate::progress::Quiet,
-        )
-        .unwrap_err()
-        .to_string();
-        assert!(none.contains("at least one model"), "{none}");
+        let err = error_of(&missing, &[txt.clone()]);
+        assert!(err.contains("nope.onnx: no such model"), "{err}");
+        let err = error_of(&txt, &[txt.clone()]);
+        assert!(err.contains("not a model ziplm can time"), "{err}");
+        let err = error_of(&txt, &[]);
+        assert!(err.contains("at least one model"), "{err}");
     }
 }
