@@ -124,6 +124,31 @@ pub fn write_dir_atomic(dest: &Path, files: &[(&str, &[u8])]) -> Result<()> {
     Ok(())
 }
 
+/// Checks, before any work, that the output folder `dir` exists or can be created: no
+/// part of its path is a file. Creates nothing, so a job that fails later leaves no
+/// empty folder behind.
+pub fn check_output_folder(dir: &Path) -> Result<()> {
+    let unusable = |why: String| {
+        Error::Invalid(format!(
+            "{}: cannot write the output here: {why}; choose another output folder",
+            dir.display()
+        ))
+    };
+    for ancestor in dir.ancestors().filter(|a| !a.as_os_str().is_empty()) {
+        let Ok(meta) = std::fs::metadata(ancestor) else {
+            continue;
+        };
+        if !meta.is_dir() {
+            return Err(unusable(format!(
+                "{} is a file, not a folder",
+                ancestor.display()
+            )));
+        }
+        return Ok(());
+    }
+    Ok(())
+}
+
 /// Removes a scratch model (file or folder), ignoring failures: the scratch folder it
 /// lives in is removed at the end anyway.
 pub fn remove_model(path: &Path) {
@@ -201,5 +226,19 @@ mod tests {
             .unwrap_err()
             .to_string();
         assert!(err.contains("does not exist"), "{err}");
+    }
+
+    #[test]
+    fn a_file_on_the_output_path_is_named_and_nothing_is_created() {
+        let dir = tempfile::tempdir().unwrap();
+        let file = dir.path().join("a-file");
+        std::fs::write(&file, b"x").unwrap();
+        let err = check_output_folder(&file.join("out/deeper"))
+            .unwrap_err()
+            .to_string();
+        assert!(err.contains("a-file is a file, not a folder"), "{err}");
+        assert!(check_output_folder(&dir.path().join("new/folder")).is_ok());
+        assert!(!dir.path().join("new").exists());
+        assert!(check_output_folder(dir.path()).is_ok());
     }
 }

@@ -300,6 +300,7 @@ impl ProbeRuntime<'_> {
 /// folders for safetensors) and the report into the job's output folder.
 pub fn run(job: &PruneJob, progress: &dyn Progress) -> Result<MistralRun> {
     job.check_budgets()?;
+    crate::fsutil::check_output_folder(&job.out_dir)?;
     if let Device::Cuda { .. } = job.device {
         return Err(Error::Invalid(
             "CUDA targets are not built into this ziplm: the mistralrs backend profiles and verifies on the CPU (target.device = \"cpu\")".into(),

@@ -124,6 +124,7 @@ impl EmitAndMeasure for Backend<'_> {
 /// `report.txt`, `report.svg`) into the job's output folder.
 pub fn run(job: &PruneJob, progress: &dyn Progress) -> Result<TractRun> {
     job.check_budgets()?;
+    crate::fsutil::check_output_folder(&job.out_dir)?;
     let threads = threads(job)?;
     let mut stages = StageTimes::default();
     let t = Instant::now();
