@@ -68,6 +68,11 @@ pub fn measure(
             "give at least one model to time against the dense one".into(),
         ));
     }
+    if settings.runs == 0 {
+        return Err(Error::Invalid(
+            "timing needs at least one timed run (--runs 1 or more)".into(),
+        ));
+    }
     workload.validate().map_err(Error::Invalid)?;
     let runtime = runtime_of(dense)?;
     for m in models {
@@ -129,33 +134,7 @@ fn measure_mistralrs(
     settings: &ProfileSettings,
     progress: &dyn Progress,
 ) -> Result<Vec<(Timing, Timing)>> {
-    use crate::backend::mistralrs::{driver, LlamaModel, LoadedModel};
-    let llm = LlamaModel::load(dense, Default::default())?;
-    driver::check_timed_workload(workload, llm.weights.config.context_length)?;
-    let len = match workload.phase {
-        ziplm_plugin_api::Phase::Prefill => workload.seq_len,
-        ziplm_plugin_api::Phase::Decode { kv_len } => kv_len,
-    };
-    // Any ids time the same; fixed random ones keep runs comparable.
-    let prompt: Vec<u32> = crate::data::random_samples(llm.weights.config.vocab, 1, len, 0)
-        .concat()
-        .into_iter()
-        .map(|i| i as u32)
-        .collect();
-    drop(llm);
-    let dense_rt = LoadedModel::load(dense)?;
-    let mut out = vec![];
-    for m in models {
-        // ziplm's reader first: a corrupt or unsupported file gets its clear error
-        // rather than the runtime's.
-        drop(LlamaModel::load(m, Default::default())?);
-        let rt = LoadedModel::load(m)?;
-        out.push(driver::time_pair_loaded(
-            &dense_rt, &rt, &prompt, workload, settings,
-        )?);
-        progress.advance(1);
-    }
-    Ok(out)
+    crate::backend::mistralrs::driver::time_files(dense, models, workload, settings, progress)
 }
 
 #[cfg(not(feature = "mistralrs"))]

@@ -212,9 +212,6 @@ fn inspect(a: InspectArgs) -> anyhow::Result<ExitCode> {
 }
 
 fn speedup(a: SpeedupArgs) -> anyhow::Result<ExitCode> {
-    if a.runs == 0 {
-        bail!("--runs must be at least 1");
-    }
     let w = workload(&a.workload);
     let settings = crate::profile::ProfileSettings {
         warmup: a.warmup,

@@ -103,17 +103,55 @@ pub fn timing_prompt(model: &LlamaModel, workload: &Workload) -> Vec<u32> {
         .flatten()
         .copied()
         .collect();
-    let len = match workload.phase {
-        Phase::Prefill => workload.seq_len,
-        Phase::Decode { kv_len } => kv_len,
-    };
-    (0..len)
+    (0..prompt_len(workload))
         .map(|i| pool.get(i % pool.len().max(1)).copied().unwrap_or(1))
         .collect()
 }
 
+/// Prompt tokens a timing needs: the workload's `seq_len` for prefill, the `kv_len`
+/// tokens that fill the cache for decode.
+fn prompt_len(workload: &Workload) -> usize {
+    match workload.phase {
+        Phase::Prefill => workload.seq_len,
+        Phase::Decode { kv_len } => kv_len,
+    }
+}
+
+/// Times each emitted file or folder in `models` against `dense` in mistral.rs
+/// ([`time_pair_loaded`]) on fixed random prompt ids (any ids time the same). Each
+/// file is read by ziplm's reader first, so a corrupt or unsupported one gets ziplm's
+/// clear error rather than the runtime's.
+pub fn time_files(
+    dense: &Path,
+    models: &[PathBuf],
+    workload: &Workload,
+    settings: &profile::ProfileSettings,
+    progress: &dyn Progress,
+) -> Result<Vec<(Timing, Timing)>> {
+    let llm = LlamaModel::load(dense, Default::default())?;
+    check_timed_workload(workload, llm.weights.config.context_length)?;
+    let prompt: Vec<u32> =
+        data::random_samples(llm.weights.config.vocab, 1, prompt_len(workload), 0)
+            .concat()
+            .into_iter()
+            .map(|i| i as u32)
+            .collect();
+    drop(llm);
+    let dense_rt = LoadedModel::load(dense)?;
+    let mut out = vec![];
+    for m in models {
+        drop(LlamaModel::load(m, Default::default())?);
+        let rt = LoadedModel::load(m)?;
+        out.push(time_pair_loaded(
+            &dense_rt, &rt, &prompt, workload, settings,
+        )?);
+        progress.advance(1);
+    }
+    Ok(out)
+}
+
 /// What mistral.rs can time for a workload: one sequence; decode one token per step.
-pub fn check_timed_workload(workload: &Workload, context: usize) -> Result<()> {
+fn check_timed_workload(workload: &Workload, context: usize) -> Result<()> {
     if workload.batch != 1 {
         return Err(Error::Invalid(format!(
             "the mistralrs backend times one sequence (batch 1), the workload has batch {}",
