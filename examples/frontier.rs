@@ -127,8 +127,7 @@ fn main() -> anyhow::Result<()> {
             Budget::LatencyMs(_) => unreachable!("the job has speedup budgets only"),
         };
         let last = outcome
-            .attempts
-            .last()
+            .chosen_attempt()
             .context("an outcome without an attempt")?;
         let (zd, zm) = (
             last.measured_dense.context("verification is on")?,

@@ -171,7 +171,7 @@ fn main() -> anyhow::Result<()> {
         let Budget::Speedup(target) = outcome.budget else {
             unreachable!("speedup budgets only")
         };
-        let last = outcome.attempts.last().context("no attempt")?;
+        let last = outcome.chosen_attempt().context("no attempt")?;
         let (zd, zm) = (
             last.measured_dense.context("verification is on")?,
             last.measured.context("verification is on")?,

@@ -3,8 +3,11 @@
 //! `search -> emit -> verify`: for each budget the DP picks levels, the backend writes
 //! the model, and the backend times the dense and the pruned model end to end in the
 //! same run. When the measured latency misses the budget, the prediction is corrected
-//! by the measured/predicted ratio and the search runs again with the tighter target
-//! (a bounded number of times); a miss that remains is reported, not hidden.
+//! by the measured/predicted ratio and the search runs again with the tighter target;
+//! when a verified model beats the budget by more than the overshoot tolerance, the
+//! search is loosened again between the loosest search that met and the tightest that
+//! missed (a bounded number of rounds in all). The outcome is the loosest round that
+//! met; a miss that remains is reported, not hidden.
 
 use crate::database::Database;
 use crate::error::Result;
@@ -25,6 +28,14 @@ pub struct SearchSettings {
     pub retries: usize,
     /// Safety margin applied to corrected targets (0.02 = aim 2% below).
     pub margin: f64,
+    /// How far past the budget a verified model may land before the loop loosens the
+    /// search again (0.05 = a 1.25x budget accepts up to 1.3125x measured).
+    #[serde(default = "default_overshoot")]
+    pub overshoot: f64,
+}
+
+fn default_overshoot() -> f64 {
+    0.05
 }
 
 impl Default for SearchSettings {
@@ -34,6 +45,7 @@ impl Default for SearchSettings {
             refine: Some(RefineConfig::default()),
             retries: 3,
             margin: 0.02,
+            overshoot: default_overshoot(),
         }
     }
 }
@@ -66,19 +78,27 @@ pub struct BudgetOutcome {
     pub emitted: EmitSummary,
     /// Every attempt, in order.
     pub attempts: Vec<Attempt>,
+    /// Index in `attempts` of the round this outcome is (the loosest that met the
+    /// budget, else the last).
+    pub chosen: usize,
     /// Loss of the refined selection and of the plain one, when refined.
     pub refined_loss: Option<(f64, f64)>,
 }
 
 impl BudgetOutcome {
-    /// The last attempt's measurement met the budget (`None` when not verified).
-    pub fn met(&self) -> Option<bool> {
-        self.attempts.last().and_then(|a| a.met)
+    /// The attempt this outcome is (see [`BudgetOutcome::chosen`]).
+    pub fn chosen_attempt(&self) -> Option<&Attempt> {
+        self.attempts.get(self.chosen)
     }
 
-    /// Measured speedup of the final attempt.
+    /// The chosen attempt's measurement met the budget (`None` when not verified).
+    pub fn met(&self) -> Option<bool> {
+        self.chosen_attempt().and_then(|a| a.met)
+    }
+
+    /// Measured speedup of the chosen attempt.
     pub fn measured_speedup(&self) -> Option<f64> {
-        let a = self.attempts.last()?;
+        let a = self.chosen_attempt()?;
         Some(a.measured_dense?.median_ms / a.measured?.median_ms)
     }
 }
@@ -104,6 +124,13 @@ pub trait EmitAndMeasure {
 }
 
 /// Searches, emits and (when `verify`) verifies one budget.
+///
+/// Each round searches at a budget in predicted milliseconds, emits, and times the
+/// model in the runtime. A miss tightens the next search by the measured/predicted
+/// ratio; a model that meets the budget by more than `settings.overshoot` loosens it
+/// again, between the loosest search that met and the tightest that missed (see
+/// [`next_search_budget`]). The outcome is the loosest round that met the budget (the
+/// least pruning that verified), or the last round when none did.
 pub fn prune_to_budget(
     db: &Database,
     table: &LatencyTable,
@@ -113,15 +140,18 @@ pub fn prune_to_budget(
     backend: &mut dyn EmitAndMeasure,
 ) -> Result<BudgetOutcome> {
     let problem: SearchProblem = db.search_problem(table)?;
+    let fastest = problem.fastest().map(|(_, t)| t).unwrap_or(0.0);
     let mut search_budget = problem.budget_ms(budget);
-    let mut attempts = vec![];
-    let mut refined_loss = None;
-    // SPDY coefficients from the first search; corrected retries reuse them (the DP
-    // alone at the new budget) instead of refining again.
+    let mut attempts: Vec<Attempt> = vec![];
+    let mut rounds: Vec<Round> = vec![];
+    let mut bracket = Bracket::default();
+    // SPDY coefficients from the first search; later rounds reuse them (the DP alone
+    // at the new budget) instead of refining again.
     let mut alphas: Option<Vec<f64>> = None;
-    // Each round searches, emits and (when verifying) measures; the loop ends with the
-    // last round's result, which becomes the outcome.
-    let (search, plan, emitted) = loop {
+    // A search that repeats a measured selection costs no measurement, but still counts
+    // here so that the loop always ends.
+    let max_searches = 2 * (settings.retries + 1);
+    for searches in 1.. {
         let budget_now = Budget::LatencyMs(search_budget);
         let (search, loss) = match &alphas {
             None => {
@@ -132,12 +162,6 @@ pub fn prune_to_budget(
             }
             Some(a) => search_with_coefficients(db, &problem, budget_now, a, settings, backend)?,
         };
-        if loss.is_some() {
-            refined_loss = loss;
-        }
-        let plan = db.plan(&search.selection)?;
-        let weights = db.pruned_weights(&search.selection)?;
-        let emitted = backend.emit(&plan, &weights)?;
         let mut attempt = Attempt {
             search_budget_ms: search_budget,
             predicted_ms: search.predicted_ms,
@@ -145,9 +169,36 @@ pub fn prune_to_budget(
             measured: None,
             met: None,
         };
+        // A selection measured before keeps its verdict: measuring it again would only
+        // sample the noise again.
+        if let Some(i) = rounds
+            .iter()
+            .position(|r| r.search.selection == search.selection)
+        {
+            let met = attempts[i].met == Some(true);
+            bracket.record(search_budget, met);
+            let next =
+                next_search_budget(&bracket, search_budget, met, false, None, settings, fastest);
+            match next {
+                Some(n) if searches < max_searches => {
+                    search_budget = n;
+                    continue;
+                }
+                _ => break,
+            }
+        }
+        let plan = db.plan(&search.selection)?;
+        let weights = db.pruned_weights(&search.selection)?;
+        let emitted = backend.emit(&plan, &weights)?;
         if !verify {
             attempts.push(attempt);
-            break (search, plan, emitted);
+            rounds.push(Round {
+                search,
+                plan,
+                emitted,
+                loss,
+            });
+            break;
         }
         let (dense, pruned) = backend.measure(&emitted)?;
         let met = meets(budget, &dense, &pruned);
@@ -156,37 +207,157 @@ pub fn prune_to_budget(
         attempt.met = Some(met);
         attempts.push(attempt);
         let dense_selected = search.selection == db.dense_selection();
-        if met
-            || attempts.len() > settings.retries
-            || dense_selected && !matches!(budget, Budget::Speedup(s) if s > 1.0)
+        let predicted = search.predicted_ms.max(f64::MIN_POSITIVE);
+        rounds.push(Round {
+            search,
+            plan,
+            emitted,
+            loss,
+        });
+        bracket.record(search_budget, met);
+        if attempts.len() > settings.retries
+            || searches >= max_searches
+            || dense_selected && (met || !matches!(budget, Budget::Speedup(s) if s > 1.0))
         {
-            break (search, plan, emitted);
+            break;
         }
-        // Correct the prediction with the measurement and search again.
-        let ratio = pruned.median_ms / search.predicted_ms.max(f64::MIN_POSITIVE);
+        // The measurement corrects the prediction: the search budget at which this
+        // selection's measured/predicted ratio would just meet the target, less the
+        // margin.
         let target_measured = match budget {
             Budget::LatencyMs(ms) => ms,
             Budget::Speedup(s) => dense.median_ms / s,
         };
-        let next = target_measured / ratio * (1.0 - settings.margin);
-        search_budget = if next < search_budget {
-            next
-        } else {
-            search_budget * (1.0 - 2.0 * settings.margin)
-        };
-        let fastest = problem.fastest().map(|(_, t)| t).unwrap_or(0.0);
-        if search_budget < fastest {
-            // Cannot go faster: keep the last result, reported as a miss.
-            break (search, plan, emitted);
+        let ratio = pruned.median_ms / predicted;
+        let corrected = target_measured / ratio * (1.0 - settings.margin);
+        let close_enough = target_measured / pruned.median_ms <= 1.0 + settings.overshoot;
+        match next_search_budget(
+            &bracket,
+            search_budget,
+            met,
+            close_enough,
+            Some(corrected),
+            settings,
+            fastest,
+        ) {
+            Some(n) => search_budget = n,
+            None => break,
         }
+    }
+    let chosen = chosen_round(&attempts);
+    let Some(last) = rounds.len().checked_sub(1) else {
+        return Err(crate::error::Error::Invalid(
+            "the search produced no model".into(),
+        ));
     };
+    if chosen != last {
+        // The file on disk is the last round's: write the chosen one again.
+        let r = &rounds[chosen];
+        let weights = db.pruned_weights(&r.search.selection)?;
+        rounds[chosen].emitted = backend.emit(&r.plan, &weights)?;
+    }
+    let Round {
+        search,
+        plan,
+        emitted,
+        loss,
+    } = rounds.swap_remove(chosen);
     Ok(BudgetOutcome {
         budget,
         search,
         plan,
         emitted,
         attempts,
-        refined_loss,
+        chosen,
+        refined_loss: loss,
+    })
+}
+
+/// One measured (or, without verification, emitted) round of the loop.
+struct Round {
+    search: SearchOutcome,
+    plan: Plan,
+    emitted: EmitSummary,
+    loss: Option<(f64, f64)>,
+}
+
+/// The round the outcome keeps: the one with the loosest search budget among those
+/// that met the budget (the least pruning that verified), else the last.
+fn chosen_round(attempts: &[Attempt]) -> usize {
+    attempts
+        .iter()
+        .enumerate()
+        .filter(|(_, a)| a.met == Some(true))
+        .max_by(|(_, a), (_, b)| a.search_budget_ms.total_cmp(&b.search_budget_ms))
+        .map(|(i, _)| i)
+        .unwrap_or(attempts.len().saturating_sub(1))
+}
+
+/// What the verification loop has learnt: the loosest search budget (predicted ms)
+/// whose model met the budget, and the tightest whose model missed it.
+#[derive(Clone, Copy, Debug, Default, PartialEq)]
+pub struct Bracket {
+    /// Loosest search budget that met.
+    pub met: Option<f64>,
+    /// Tightest search budget that missed.
+    pub missed: Option<f64>,
+}
+
+impl Bracket {
+    /// Records one round's verdict at its search budget.
+    pub fn record(&mut self, search_budget: f64, met: bool) {
+        let slot = if met { &mut self.met } else { &mut self.missed };
+        *slot = Some(match (*slot, met) {
+            (None, _) => search_budget,
+            (Some(b), true) => b.max(search_budget),
+            (Some(b), false) => b.min(search_budget),
+        });
+    }
+}
+
+/// A bracket this narrow (loosest met within 1% of the tightest miss) is closed.
+const BRACKET_CLOSED: f64 = 1.01;
+
+/// The next round's search budget, or `None` when the loop should stop.
+///
+/// `last` is the last round's search budget; `met` whether its model met the budget;
+/// `close_enough` whether it met it within `settings.overshoot`; `corrected` the
+/// measured/predicted-ratio correction of its prediction (`None` when it repeated an
+/// earlier selection, whose measurement teaches nothing new).
+///
+/// - Only misses so far: tighten, to `corrected` when it is tighter than `last`, else
+///   by twice the margin; stop below the fastest admissible model.
+/// - A model met the budget: stop when the last one met it closely enough or the
+///   bracket is closed; otherwise try `corrected` when it lies strictly inside the
+///   bracket, else its geometric middle (no middle without a miss: stop).
+pub fn next_search_budget(
+    bracket: &Bracket,
+    last: f64,
+    met: bool,
+    close_enough: bool,
+    corrected: Option<f64>,
+    settings: &SearchSettings,
+    fastest: f64,
+) -> Option<f64> {
+    let Some(loosest_met) = bracket.met else {
+        let next = corrected
+            .filter(|&c| c < last)
+            .unwrap_or(last * (1.0 - 2.0 * settings.margin));
+        return (next >= fastest).then_some(next);
+    };
+    if met && close_enough {
+        return None;
+    }
+    let tightest_miss = bracket.missed.unwrap_or(f64::INFINITY);
+    if tightest_miss <= loosest_met * BRACKET_CLOSED {
+        return None;
+    }
+    let inside = |b: f64| b > loosest_met && b < tightest_miss;
+    corrected.filter(|&c| inside(c)).or_else(|| {
+        bracket
+            .missed
+            .map(|miss| (loosest_met * miss).sqrt())
+            .filter(|&m| inside(m))
     })
 }
 
@@ -256,4 +427,127 @@ fn search_once(
         Some((refined.loss, refined.baseline_loss)),
         Some(refined.alphas),
     ))
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn settings() -> SearchSettings {
+        SearchSettings::default()
+    }
+
+    fn bracket(met: Option<f64>, missed: Option<f64>) -> Bracket {
+        Bracket { met, missed }
+    }
+
+    #[test]
+    fn the_bracket_keeps_the_loosest_met_and_the_tightest_miss() {
+        let mut b = Bracket::default();
+        b.record(10.0, false);
+        b.record(8.0, true);
+        b.record(9.0, false);
+        b.record(7.0, true);
+        assert_eq!(b, bracket(Some(8.0), Some(9.0)));
+    }
+
+    #[test]
+    fn misses_alone_tighten_to_the_correction_or_by_twice_the_margin() {
+        let b = bracket(None, Some(10.0));
+        let s = settings();
+        assert_eq!(
+            next_search_budget(&b, 10.0, false, false, Some(8.0), &s, 1.0),
+            Some(8.0)
+        );
+        // A correction that would loosen is not trusted after a miss.
+        let fallback = next_search_budget(&b, 10.0, false, false, Some(11.0), &s, 1.0);
+        assert!((fallback.unwrap() - 10.0 * (1.0 - 2.0 * s.margin)).abs() < 1e-12);
+        // Nothing faster than the fastest admissible model: stop.
+        assert_eq!(
+            next_search_budget(&b, 10.0, false, false, Some(0.5), &s, 1.0),
+            None
+        );
+    }
+
+    #[test]
+    fn a_close_met_model_or_a_closed_bracket_stops_the_loop() {
+        let s = settings();
+        let b = bracket(Some(8.0), Some(10.0));
+        assert_eq!(
+            next_search_budget(&b, 8.0, true, true, Some(9.0), &s, 1.0),
+            None
+        );
+        let closed = bracket(Some(8.0), Some(8.05));
+        assert_eq!(
+            next_search_budget(&closed, 8.0, true, false, Some(8.02), &s, 1.0),
+            None
+        );
+    }
+
+    #[test]
+    fn an_overshoot_loosens_inside_the_bracket() {
+        let s = settings();
+        let b = bracket(Some(8.0), Some(10.0));
+        // The correction when it lies inside ...
+        assert_eq!(
+            next_search_budget(&b, 8.0, true, false, Some(9.5), &s, 1.0),
+            Some(9.5)
+        );
+        // ... else the geometric middle.
+        let mid = (8.0f64 * 10.0).sqrt();
+        assert_eq!(
+            next_search_budget(&b, 8.0, true, false, Some(12.0), &s, 1.0),
+            Some(mid)
+        );
+        assert_eq!(
+            next_search_budget(&b, 8.0, true, false, None, &s, 1.0),
+            Some(mid)
+        );
+        // A miss inside the bracket narrows it and the middle follows.
+        let b2 = bracket(Some(8.0), Some(9.0));
+        assert_eq!(
+            next_search_budget(&b2, 9.0, false, false, Some(7.0), &s, 1.0),
+            Some((72.0f64).sqrt())
+        );
+    }
+
+    #[test]
+    fn an_overshoot_without_a_miss_loosens_by_the_correction_only() {
+        let s = settings();
+        let b = bracket(Some(8.0), None);
+        assert_eq!(
+            next_search_budget(&b, 8.0, true, false, Some(9.0), &s, 1.0),
+            Some(9.0)
+        );
+        // No correction (a repeated selection) and no miss: nothing to bisect.
+        assert_eq!(
+            next_search_budget(&b, 8.0, true, false, None, &s, 1.0),
+            None
+        );
+    }
+
+    #[test]
+    fn the_chosen_round_is_the_loosest_that_met() {
+        let a = |b: f64, met: Option<bool>| Attempt {
+            search_budget_ms: b,
+            predicted_ms: b,
+            measured_dense: None,
+            measured: None,
+            met,
+        };
+        assert_eq!(
+            chosen_round(&[
+                a(10.0, Some(false)),
+                a(7.0, Some(true)),
+                a(8.5, Some(true)),
+                a(9.0, Some(false))
+            ]),
+            2
+        );
+        assert_eq!(
+            chosen_round(&[a(10.0, Some(false)), a(9.0, Some(false))]),
+            1
+        );
+        assert_eq!(chosen_round(&[a(10.0, None)]), 0);
+    }
 }

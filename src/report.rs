@@ -114,6 +114,10 @@ pub struct BudgetReport {
     pub layers: Vec<LayerShape>,
     /// Every search-emit-verify round.
     pub attempts: Vec<Attempt>,
+    /// Index in `attempts` of the round that was kept (the loosest that met the
+    /// budget, else the last).
+    #[serde(default)]
+    pub chosen_attempt: usize,
     /// Quality of the pruned model, when evaluated.
     pub quality: Vec<Quality>,
     /// SPDY refinement: loss of the refined selection and of the plain DP's, when
@@ -222,7 +226,7 @@ pub fn budget_report(
     outcome: &BudgetOutcome,
 ) -> Result<BudgetReport> {
     let problem = db.search_problem(table)?;
-    let last = outcome.attempts.last();
+    let last = outcome.chosen_attempt();
     Ok(BudgetReport {
         budget: outcome.budget,
         budget_ms: problem.budget_ms(outcome.budget),
@@ -238,9 +242,23 @@ pub fn budget_report(
         params: (outcome.emitted.params_before, outcome.emitted.params_after),
         layers: layer_shapes(db, outcome),
         attempts: outcome.attempts.clone(),
+        chosen_attempt: outcome.chosen,
         quality: vec![],
         refined_loss: outcome.refined_loss,
     })
+}
+
+/// " after N searches", and which one was kept when it was not the last.
+fn searches_note(b: &BudgetReport) -> String {
+    let n = b.attempts.len();
+    match n {
+        0 | 1 => String::new(),
+        _ if b.chosen_attempt + 1 == n => format!(" after {n} searches"),
+        _ => format!(
+            " after {n} searches (kept search {}, the loosest that met it)",
+            b.chosen_attempt + 1
+        ),
+    }
 }
 
 fn budget_label(b: &Budget) -> String {
@@ -299,11 +317,7 @@ impl PruneReport {
                         s,
                         "  measured:  {m:.3} ms (dense {d:.3} ms, {sp:.2}x) — {}{}",
                         if met { "budget met" } else { "BUDGET MISSED" },
-                        if b.attempts.len() > 1 {
-                            format!(" after {} searches", b.attempts.len())
-                        } else {
-                            String::new()
-                        }
+                        searches_note(b)
                     );
                 }
                 _ => {

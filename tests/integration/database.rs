@@ -8,6 +8,11 @@ use ziplm::search::Budget;
 use ziplm_plugin_api::*;
 
 fn structure(constraints: ShapeConstraints) -> ModelStructure {
+    structure_with_layers(constraints, 2)
+}
+
+/// A random model of `layers` layers: GQA attention 4 heads / 2 KV, gated FFN 96.
+pub(super) fn structure_with_layers(constraints: ShapeConstraints, layers: u32) -> ModelStructure {
     let attn = BlockKind::Attention(AttentionShape {
         n_heads: 4,
         n_kv_heads: 2,
@@ -18,7 +23,7 @@ fn structure(constraints: ShapeConstraints) -> ModelStructure {
         gated: true,
     });
     let mut blocks = Vec::new();
-    for l in 0..2u32 {
+    for l in 0..layers {
         for kind in [attn, ffn] {
             let id = BlockId(blocks.len() as u32);
             blocks.push(PrunableBlock {
@@ -38,7 +43,11 @@ fn structure(constraints: ShapeConstraints) -> ModelStructure {
 }
 
 fn database(constraints: ShapeConstraints) -> Database {
-    let s = structure(constraints);
+    database_of(structure(constraints))
+}
+
+/// The database of `s` from random weights and correlated inputs (seed 42).
+pub(super) fn database_of(s: ModelStructure) -> Database {
     let mut r = rng(42);
     let inputs = s
         .blocks
@@ -56,7 +65,9 @@ fn database(constraints: ShapeConstraints) -> Database {
     Database::from_parts(s, inputs, &DatabaseConfig::default()).unwrap()
 }
 
-fn table(db: &Database) -> LatencyTable {
+/// A table where attention costs 0.5 ms a head, an FFN 1 ms per 32 neurons, the rest
+/// 1 ms.
+pub(super) fn table(db: &Database) -> LatencyTable {
     let mut t = LatencyTable {
         format_version: FORMAT_VERSION,
         key: LatencyTableKey {

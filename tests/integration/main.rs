@@ -17,3 +17,4 @@ mod search_dp;
 mod snapshots;
 mod tract_fixtures;
 mod tract_hook;
+mod verify_loop;

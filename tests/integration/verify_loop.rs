@@ -1,0 +1,218 @@
+//! The search-emit-verify loop against a fake runtime whose block costs differ from the
+//! latency table's (attention 3x dearer, FFN half as dear, as the table's kernels can
+//! be off from the runtime's): the first prediction misses, a correction overshoots,
+//! and the loop must come back to the loosest model that verifies.
+
+use super::database::{database_of, structure_with_layers, table};
+use ziplm::database::Database;
+use ziplm::pipeline::{self, BudgetOutcome, EmitAndMeasure, SearchSettings};
+use ziplm::search::Budget;
+use ziplm::Result;
+use ziplm_plugin_api::*;
+
+/// A runtime where a model costs `rest + attention x 0.5 ms a head + ffn x 1 ms per 32
+/// neurons`, timed exactly (no noise), with the scales below.
+struct FakeRuntime {
+    attention_scale: f64,
+    ffn_scale: f64,
+    rest_ms: f64,
+    /// Every plan emitted, in order (the last one is "on disk").
+    emitted: Vec<Plan>,
+    /// Plans measured, in order.
+    measured: Vec<Plan>,
+}
+
+impl FakeRuntime {
+    fn new() -> FakeRuntime {
+        FakeRuntime {
+            attention_scale: 3.0,
+            ffn_scale: 0.5,
+            rest_ms: 1.0,
+            emitted: vec![],
+            measured: vec![],
+        }
+    }
+
+    fn latency(&self, plan: &Plan) -> f64 {
+        self.rest_ms
+            + plan
+                .blocks
+                .iter()
+                .map(|b| match b.kind {
+                    BlockKind::Attention(_) => self.attention_scale * 0.5 * b.kept.len() as f64,
+                    BlockKind::Ffn(_) => self.ffn_scale * b.kept.len() as f64 / 32.0,
+                })
+                .sum::<f64>()
+    }
+}
+
+fn exact(ms: f64) -> Timing {
+    Timing {
+        median_ms: ms,
+        min_ms: ms,
+        max_ms: ms,
+        runs: 1,
+    }
+}
+
+impl EmitAndMeasure for FakeRuntime {
+    fn emit(&mut self, plan: &Plan, _weights: &PrunedWeights) -> Result<EmitSummary> {
+        self.emitted.push(plan.clone());
+        Ok(EmitSummary {
+            path: "fake.onnx".into(),
+            bytes: 0,
+            params_before: 0,
+            params_after: 0,
+        })
+    }
+
+    fn measure(&mut self, _emitted: &EmitSummary) -> Result<(Timing, Timing)> {
+        let plan = self.emitted.last().expect("measure follows emit").clone();
+        let dense_ms = self.dense_ms(&plan);
+        let ms = self.latency(&plan);
+        self.measured.push(plan);
+        Ok((exact(dense_ms), exact(ms)))
+    }
+}
+
+impl FakeRuntime {
+    /// The dense model's latency: every block at full width.
+    fn dense_ms(&self, like: &Plan) -> f64 {
+        self.rest_ms
+            + like
+                .blocks
+                .iter()
+                .map(|b| match b.kind {
+                    BlockKind::Attention(a) => self.attention_scale * 0.5 * a.n_heads as f64,
+                    BlockKind::Ffn(f) => self.ffn_scale * f.width as f64 / 32.0,
+                })
+                .sum::<f64>()
+    }
+}
+
+fn setup() -> Database {
+    database_of(structure_with_layers(ShapeConstraints::default(), 6))
+}
+
+fn run(db: &Database, target: f64, settings: &SearchSettings) -> (BudgetOutcome, FakeRuntime) {
+    let mut rt = FakeRuntime::new();
+    let outcome = pipeline::prune_to_budget(
+        db,
+        &table(db),
+        Budget::Speedup(target),
+        settings,
+        true,
+        &mut rt,
+    )
+    .unwrap();
+    (outcome, rt)
+}
+
+fn speedup(rt: &FakeRuntime, plan: &Plan) -> f64 {
+    rt.dense_ms(plan) / rt.latency(plan)
+}
+
+#[test]
+fn the_loop_keeps_the_loosest_model_that_met_the_budget() {
+    let db = setup();
+    let settings = SearchSettings {
+        refine: None,
+        ..SearchSettings::default()
+    };
+    for target in [1.25, 1.5, 2.0] {
+        let (outcome, rt) = run(&db, target, &settings);
+        let verdicts: Vec<_> = outcome
+            .attempts
+            .iter()
+            .map(|a| (a.search_budget_ms, a.met))
+            .collect();
+        assert!(
+            outcome.attempts.len() <= settings.retries + 1,
+            "{verdicts:?}"
+        );
+        assert_eq!(outcome.met(), Some(true), "{target}x: {verdicts:?}");
+        // The outcome is the met round with the loosest search budget ...
+        let chosen = outcome.chosen_attempt().unwrap();
+        for a in &outcome.attempts {
+            if a.met == Some(true) {
+                assert!(
+                    a.search_budget_ms <= chosen.search_budget_ms,
+                    "{verdicts:?}"
+                );
+            }
+        }
+        // ... its plan is the one written last (the file on disk) ...
+        assert_eq!(rt.emitted.last(), Some(&outcome.plan));
+        // ... and its figures are that plan's.
+        let s = speedup(&rt, &outcome.plan);
+        assert!(s >= target, "{target}x: kept a model at {s:.3}x");
+        assert_eq!(outcome.measured_speedup(), Some(s));
+        // No selection is measured twice.
+        for (i, p) in rt.measured.iter().enumerate() {
+            assert!(!rt.measured[..i].contains(p), "{target}x: measured twice");
+        }
+    }
+}
+
+#[test]
+fn an_overshoot_after_a_miss_is_loosened_again() {
+    let db = setup();
+    let settings = SearchSettings {
+        refine: None,
+        ..SearchSettings::default()
+    };
+    let target = 1.2;
+    let (outcome, rt) = run(&db, target, &settings);
+    let speedups: Vec<f64> = rt.measured.iter().map(|p| speedup(&rt, p)).collect();
+    // The table underrates attention: the first search misses (1.07x); the ratio
+    // correction then overshoots past the tolerance (1.48x), and a looser search
+    // between the two lands close (1.24x), which is kept.
+    assert!(speedups[0] < target, "{speedups:?}");
+    let first_met = speedups.iter().position(|&s| s >= target).unwrap();
+    assert!(
+        speedups[first_met] > target * (1.0 + settings.overshoot),
+        "{speedups:?}"
+    );
+    let kept = outcome.measured_speedup().unwrap();
+    assert!(outcome.chosen > first_met, "{speedups:?}");
+    assert!(
+        kept >= target && kept < speedups[first_met],
+        "{speedups:?}, kept {kept}"
+    );
+    assert!(
+        kept <= target * (1.0 + settings.overshoot),
+        "{speedups:?}, kept {kept}"
+    );
+    // The plain correction alone (any met model close enough) keeps the overshoot.
+    let (plain, _) = run(
+        &db,
+        target,
+        &SearchSettings {
+            overshoot: 10.0,
+            ..settings.clone()
+        },
+    );
+    assert_eq!(plain.measured_speedup(), Some(speedups[first_met]));
+}
+
+#[test]
+fn without_the_second_pass_the_first_model_that_met_is_kept() {
+    // A tolerance so wide that any met model is close enough: the loop stops at the
+    // first one, as it did before loosening existed.
+    let db = setup();
+    let settings = SearchSettings {
+        refine: None,
+        overshoot: 10.0,
+        ..SearchSettings::default()
+    };
+    let (outcome, rt) = run(&db, 1.2, &settings);
+    let met: Vec<bool> = outcome
+        .attempts
+        .iter()
+        .map(|a| a.met == Some(true))
+        .collect();
+    assert_eq!(met.iter().filter(|&&m| m).count(), 1, "{met:?}");
+    assert_eq!(met.last(), Some(&true));
+    assert_eq!(outcome.chosen, outcome.attempts.len() - 1);
+    assert_eq!(rt.emitted.len(), outcome.attempts.len());
+}
