@@ -193,6 +193,55 @@ pub fn layer_drop_selection(problem: &SearchProblem, budget: Budget) -> Result<S
     Ok(sel)
 }
 
+/// A baseline's model at one target: its selection (for the predicted time), its plan
+/// and the weights to emit with it.
+pub struct BaselineModel {
+    /// The selection (ZipLM's for `magnitude`).
+    pub selection: Selection,
+    /// The plan to emit.
+    pub plan: Plan,
+    /// Compensated out-projections (none for `magnitude`).
+    pub weights: ziplm_plugin_api::PrunedWeights,
+}
+
+/// The model of baseline `method` (`ziplm-plain`, `magnitude`, `uniform` or
+/// `layer-drop`) at `budget`, next to ZipLM's `ziplm` selection at the same target.
+/// `Ok(None)` when the method has no model within the budget (said on stderr).
+pub fn baseline_model(
+    db: &Database,
+    problem: &SearchProblem,
+    method: &str,
+    ziplm: &Selection,
+    budget: Budget,
+    buckets: usize,
+) -> Result<Option<BaselineModel>> {
+    if method == "magnitude" {
+        return Ok(Some(BaselineModel {
+            selection: ziplm.clone(),
+            plan: magnitude_plan(db, ziplm)?,
+            weights: Default::default(),
+        }));
+    }
+    let found = match method {
+        "ziplm-plain" => problem.solve(budget, &[], buckets).map(|o| o.selection),
+        "uniform" => uniform_selection(problem, budget),
+        "layer-drop" => layer_drop_selection(problem, budget),
+        other => return Err(Error::Invalid(format!("unknown baseline `{other}`"))),
+    };
+    let selection = match found {
+        Ok(s) => s,
+        Err(e) => {
+            eprintln!("{method}: {e}; no point");
+            return Ok(None);
+        }
+    };
+    Ok(Some(BaselineModel {
+        plan: db.plan(&selection)?,
+        weights: db.pruned_weights(&selection)?,
+        selection,
+    }))
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -245,53 +294,4 @@ mod tests {
         assert_eq!(sel.levels, vec![0, 0, 2, 2, 2, 2]);
         assert!(layer_drop_selection(&problem, Budget::LatencyMs(0.5)).is_err());
     }
-}
-
-/// A baseline's model at one target: its selection (for the predicted time), its plan
-/// and the weights to emit with it.
-pub struct BaselineModel {
-    /// The selection (ZipLM's for `magnitude`).
-    pub selection: Selection,
-    /// The plan to emit.
-    pub plan: Plan,
-    /// Compensated out-projections (none for `magnitude`).
-    pub weights: ziplm_plugin_api::PrunedWeights,
-}
-
-/// The model of baseline `method` (`ziplm-plain`, `magnitude`, `uniform` or
-/// `layer-drop`) at `budget`, next to ZipLM's `ziplm` selection at the same target.
-/// `Ok(None)` when the method has no model within the budget (said on stderr).
-pub fn baseline_model(
-    db: &Database,
-    problem: &SearchProblem,
-    method: &str,
-    ziplm: &Selection,
-    budget: Budget,
-    buckets: usize,
-) -> Result<Option<BaselineModel>> {
-    if method == "magnitude" {
-        return Ok(Some(BaselineModel {
-            selection: ziplm.clone(),
-            plan: magnitude_plan(db, ziplm)?,
-            weights: Default::default(),
-        }));
-    }
-    let found = match method {
-        "ziplm-plain" => problem.solve(budget, &[], buckets).map(|o| o.selection),
-        "uniform" => uniform_selection(problem, budget),
-        "layer-drop" => layer_drop_selection(problem, budget),
-        other => return Err(Error::Invalid(format!("unknown baseline `{other}`"))),
-    };
-    let selection = match found {
-        Ok(s) => s,
-        Err(e) => {
-            eprintln!("{method}: {e}; no point");
-            return Ok(None);
-        }
-    };
-    Ok(Some(BaselineModel {
-        plan: db.plan(&selection)?,
-        weights: db.pruned_weights(&selection)?,
-        selection,
-    }))
 }

@@ -118,14 +118,14 @@ impl HfLlamaConfig {
             return invalid("hidden_size, intermediate_size, num_hidden_layers, num_attention_heads, vocab_size and max_position_embeddings must be positive".into());
         }
         let kv = self.kv_heads();
-        if kv == 0 || self.num_attention_heads % kv != 0 {
+        if kv == 0 || !self.num_attention_heads.is_multiple_of(kv) {
             return invalid(format!(
                 "{} attention heads are not a multiple of {kv} KV heads",
                 self.num_attention_heads
             ));
         }
         let hd = self.head_width();
-        if hd == 0 || hd % 2 != 0 {
+        if hd == 0 || !hd.is_multiple_of(2) {
             return invalid(format!("head_dim {hd} must be positive and even"));
         }
         if !(self.rms_norm_eps.is_finite() && self.rms_norm_eps > 0.0) {

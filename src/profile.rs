@@ -162,6 +162,99 @@ pub fn save_table(table: &LatencyTable, path: &Path) -> Result<()> {
     fsutil::write_json_atomic(path, table)
 }
 
+/// The latency table a job uses, and whether its models can be verified here.
+pub struct AcquiredTable {
+    /// The table.
+    pub table: LatencyTable,
+    /// False when the table was measured on another target (its timings define the
+    /// target, so this machine's measurements would not say whether budgets are met).
+    pub verify_here: bool,
+    /// Lines for the report.
+    pub notes: Vec<String>,
+}
+
+/// Profiles `shapes`, or reuses the job's committed latency table: a table from this
+/// target is completed (and rewritten only if it changed), a table from another target
+/// is used as is (it must hold every shape).
+pub fn acquire_table(
+    job: &crate::job::PruneJob,
+    profiler: &mut dyn LatencyProfiler,
+    shapes: &[BlockShape],
+    progress: &dyn Progress,
+) -> Result<AcquiredTable> {
+    let key = table_key(profiler, &job.workload);
+    let Some(path) = job.latency_table.as_deref().filter(|p| p.exists()) else {
+        let t = build_table(
+            profiler,
+            &job.workload,
+            shapes,
+            &job.profile,
+            None,
+            progress,
+        )?;
+        if let Some(p) = &job.latency_table {
+            save_table(&t, p)?;
+        }
+        return Ok(AcquiredTable {
+            table: t,
+            verify_here: true,
+            notes: vec![],
+        });
+    };
+    let committed = load_table(path)?;
+    if committed.key.workload != key.workload || committed.key.model != key.model {
+        return Err(Error::Format {
+            path: path.into(),
+            detail: format!(
+                "the latency table is for {} / {}, this job is {} / {}; profile again with `ziplm profile`",
+                committed.key.workload, committed.key.model, key.workload, key.model
+            ),
+        });
+    }
+    if committed.key.target == key.target {
+        let t = build_table(
+            profiler,
+            &job.workload,
+            shapes,
+            &job.profile,
+            Some(&committed),
+            progress,
+        )?;
+        if t != committed {
+            save_table(&t, path)?;
+        }
+        return Ok(AcquiredTable {
+            table: t,
+            verify_here: true,
+            notes: vec![],
+        });
+    }
+    // A table measured on the deployment machine: it defines the target.
+    if let Some(missing) = shapes.iter().find(|s| committed.get(s).is_none()) {
+        return Err(Error::Format {
+            path: path.into(),
+            detail: format!(
+                "the latency table (measured on {}) has no timing for {missing:?}; run `ziplm profile` on that machine with the same --ffn-multiple",
+                committed.key.target
+            ),
+        });
+    }
+    let mut notes = vec![];
+    if job.verify {
+        notes.push(format!(
+            "not verified: latencies come from {} (measured on {}); this machine is {}",
+            path.display(),
+            committed.key.target,
+            key.target
+        ));
+    }
+    Ok(AcquiredTable {
+        table: committed,
+        verify_here: false,
+        notes,
+    })
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -282,97 +375,4 @@ mod tests {
         save_table(&t2, &path).unwrap();
         assert_eq!(load_table(&path).unwrap(), t2);
     }
-}
-
-/// The latency table a job uses, and whether its models can be verified here.
-pub struct AcquiredTable {
-    /// The table.
-    pub table: LatencyTable,
-    /// False when the table was measured on another target (its timings define the
-    /// target, so this machine's measurements would not say whether budgets are met).
-    pub verify_here: bool,
-    /// Lines for the report.
-    pub notes: Vec<String>,
-}
-
-/// Profiles `shapes`, or reuses the job's committed latency table: a table from this
-/// target is completed (and rewritten only if it changed), a table from another target
-/// is used as is (it must hold every shape).
-pub fn acquire_table(
-    job: &crate::job::PruneJob,
-    profiler: &mut dyn LatencyProfiler,
-    shapes: &[BlockShape],
-    progress: &dyn Progress,
-) -> Result<AcquiredTable> {
-    let key = table_key(profiler, &job.workload);
-    let Some(path) = job.latency_table.as_deref().filter(|p| p.exists()) else {
-        let t = build_table(
-            profiler,
-            &job.workload,
-            shapes,
-            &job.profile,
-            None,
-            progress,
-        )?;
-        if let Some(p) = &job.latency_table {
-            save_table(&t, p)?;
-        }
-        return Ok(AcquiredTable {
-            table: t,
-            verify_here: true,
-            notes: vec![],
-        });
-    };
-    let committed = load_table(path)?;
-    if committed.key.workload != key.workload || committed.key.model != key.model {
-        return Err(Error::Format {
-            path: path.into(),
-            detail: format!(
-                "the latency table is for {} / {}, this job is {} / {}; profile again with `ziplm profile`",
-                committed.key.workload, committed.key.model, key.workload, key.model
-            ),
-        });
-    }
-    if committed.key.target == key.target {
-        let t = build_table(
-            profiler,
-            &job.workload,
-            shapes,
-            &job.profile,
-            Some(&committed),
-            progress,
-        )?;
-        if t != committed {
-            save_table(&t, path)?;
-        }
-        return Ok(AcquiredTable {
-            table: t,
-            verify_here: true,
-            notes: vec![],
-        });
-    }
-    // A table measured on the deployment machine: it defines the target.
-    if let Some(missing) = shapes.iter().find(|s| committed.get(s).is_none()) {
-        return Err(Error::Format {
-            path: path.into(),
-            detail: format!(
-                "the latency table (measured on {}) has no timing for {missing:?}; run `ziplm profile` on that machine with the same --ffn-multiple",
-                committed.key.target
-            ),
-        });
-    }
-    let mut notes = vec![];
-    if job.verify {
-        notes.push(format!(
-            "not verified: latencies come from {} (measured on {}); this machine is {}",
-            path.display(),
-            committed.key.target,
-            key.target
-        ));
-    }
-    Ok(AcquiredTable {
-        table: committed,
-        verify_here: false,
-        notes,
-    })
 }

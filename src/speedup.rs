@@ -186,9 +186,9 @@ mod tests {
         let txt = dir.path().join("model.txt");
         std::fs::write(&txt, b"x").unwrap();
         let missing = dir.path().join("nope.onnx");
-        let err = error_of(&missing, &[txt.clone()]);
+        let err = error_of(&missing, std::slice::from_ref(&txt));
         assert!(err.contains("nope.onnx: no such model"), "{err}");
-        let err = error_of(&txt, &[txt.clone()]);
+        let err = error_of(&txt, std::slice::from_ref(&txt));
         assert!(err.contains("not a model ziplm can time"), "{err}");
         let err = error_of(&txt, &[]);
         assert!(err.contains("at least one model"), "{err}");

@@ -45,7 +45,7 @@ impl GramAccumulator {
     /// value is NaN or infinite.
     pub fn add(&mut self, rows: &[f32]) -> Result<()> {
         let d = self.width;
-        if d == 0 || rows.len() % d != 0 {
+        if d == 0 || !rows.len().is_multiple_of(d) {
             return Err(Error::Invalid(format!(
                 "activation batch of {} values is not a whole number of rows of width {d}",
                 rows.len()

@@ -34,7 +34,7 @@ const REWRITTEN: &[&str] = &[
 /// blocks.
 pub fn quantize(t: &candle_core::Tensor, dtype: GgmlDType) -> candle_core::Result<QTensor> {
     let cols = *t.dims().last().unwrap_or(&0);
-    let dtype = if cols % dtype.block_size() == 0 {
+    let dtype = if cols.is_multiple_of(dtype.block_size()) {
         dtype
     } else {
         GgmlDType::F32

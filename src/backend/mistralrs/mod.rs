@@ -15,7 +15,7 @@
 //! - [`loss`]: the SPDY loss hook.
 //! - [`runtime`]: mistralrs-core: load, logits, prefill timing, chat.
 //! - [`driver`]: a whole prune job.
-//! - [`eval`]: perplexity.
+//! - [`eval`]: perplexity of a model on a text.
 
 pub mod driver;
 pub mod emit;

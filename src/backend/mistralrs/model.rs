@@ -116,7 +116,7 @@ fn config_from(g: &GgufFile) -> Result<LlamaConfig, String> {
     if n_layers == 0 || hidden == 0 || n_heads == 0 || n_kv_heads == 0 {
         return Err("block_count, embedding_length and head counts must be positive".into());
     }
-    if n_heads % n_kv_heads != 0 {
+    if !n_heads.is_multiple_of(n_kv_heads) {
         return Err(format!(
             "{n_heads} query heads are not a multiple of {n_kv_heads} KV heads"
         ));

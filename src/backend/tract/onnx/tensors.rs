@@ -117,10 +117,7 @@ impl GraphIndex {
 }
 
 /// A mutable handle to a constant tensor.
-pub fn const_proto_mut<'g>(
-    graph: &'g mut pb::GraphProto,
-    loc: ConstLoc,
-) -> Option<&'g mut pb::TensorProto> {
+pub fn const_proto_mut(graph: &mut pb::GraphProto, loc: ConstLoc) -> Option<&mut pb::TensorProto> {
     match loc {
         ConstLoc::Initializer(i) => graph.initializer.get_mut(i),
         ConstLoc::ConstantNode(n) => graph.node[n]
