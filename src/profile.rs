@@ -31,6 +31,11 @@ impl Default for ProfileSettings {
 /// Runs `run` `warmup` times untimed, then `runs` times, and returns the median, min
 /// and max.
 pub fn measure(run: &mut dyn TimedRun, settings: &ProfileSettings) -> Result<Timing> {
+    Ok(timing_of(&mut run_times(run, settings)?))
+}
+
+/// Runs `run` `warmup` times untimed, then returns the wall times (ms) of `runs` runs.
+fn run_times(run: &mut dyn TimedRun, settings: &ProfileSettings) -> Result<Vec<f64>> {
     if settings.runs == 0 {
         return Err(Error::Invalid(
             "profiling needs at least one timed run".into(),
@@ -39,10 +44,22 @@ pub fn measure(run: &mut dyn TimedRun, settings: &ProfileSettings) -> Result<Tim
     for _ in 0..settings.warmup {
         run.run()?;
     }
-    let mut ms: Vec<f64> = (0..settings.runs)
+    Ok((0..settings.runs)
         .map(|_| run.run().map(|d| d.as_secs_f64() * 1e3))
-        .collect::<std::result::Result<_, _>>()?;
-    Ok(timing_of(&mut ms))
+        .collect::<std::result::Result<_, _>>()?)
+}
+
+/// Passes a table's profiling makes over its shapes. A shape's timed runs are split
+/// across the passes (each prepares the shape afresh and warms it up again), so a slow
+/// spell of the machine, or one unlucky allocation, hits a few runs of every shape
+/// instead of all runs of a few: the table's differences between shapes, which the
+/// search trades on, are what drift corrupted most.
+pub const PROFILE_PASSES: usize = 3;
+
+/// Timed runs of pass `pass` of `passes` when `runs` are split as evenly as possible
+/// (the first passes take the remainder).
+fn runs_in_pass(runs: usize, passes: usize, pass: usize) -> usize {
+    runs / passes + usize::from(pass < runs % passes)
 }
 
 /// Times two runnables alternately (warm-up rounds first, then `runs` timed rounds, a
@@ -122,18 +139,31 @@ pub fn build_table(
         },
     };
     let need_rest = reuse.is_none();
-    progress.start("profiling", (todo.len() + usize::from(need_rest)) as u64);
+    let mut what: Vec<Measured> = todo.iter().map(|&s| Measured::Block(s)).collect();
     if need_rest {
-        let mut run = profiler.prepare(&Measured::Rest, workload)?;
-        table.rest = measure(run.as_mut(), settings)?;
-        progress.advance(1);
+        what.insert(0, Measured::Rest);
     }
-    for shape in todo {
-        let mut run = profiler.prepare(&Measured::Block(shape), workload)?;
-        let timing = measure(run.as_mut(), settings)?;
-        drop(run);
-        table.insert(shape, timing);
-        progress.advance(1);
+    let passes = PROFILE_PASSES.min(settings.runs.max(1));
+    progress.start("profiling", (passes * what.len()) as u64);
+    let mut samples: Vec<Vec<f64>> = vec![vec![]; what.len()];
+    for pass in 0..passes {
+        let pass_settings = ProfileSettings {
+            warmup: settings.warmup,
+            runs: runs_in_pass(settings.runs, passes, pass),
+        };
+        for (w, ms) in what.iter().zip(&mut samples) {
+            let mut run = profiler.prepare(w, workload)?;
+            ms.extend(run_times(run.as_mut(), &pass_settings)?);
+            drop(run);
+            progress.advance(1);
+        }
+    }
+    for (w, mut ms) in what.into_iter().zip(samples) {
+        let timing = timing_of(&mut ms);
+        match w {
+            Measured::Block(shape) => table.insert(shape, timing),
+            _ => table.rest = timing,
+        }
     }
     progress.finish();
     Ok(table)
@@ -334,8 +364,10 @@ mod tests {
             &q,
         )
         .unwrap();
-        assert_eq!(p.calls.len(), 3);
+        // Rest and two shapes, once a pass, one timed run each pass.
+        assert_eq!(p.calls.len(), 3 * PROFILE_PASSES);
         assert!((t1.get(&shapes[0]).unwrap().median_ms - 1.28).abs() < 1e-6);
+        assert_eq!(t1.get(&shapes[0]).unwrap().runs, 3);
         let more = [
             shapes[0],
             BlockShape::Attention {
@@ -355,7 +387,11 @@ mod tests {
             &q,
         )
         .unwrap();
-        assert_eq!(p2.calls.len(), 1, "only the new shape is measured");
+        assert_eq!(
+            p2.calls.len(),
+            PROFILE_PASSES,
+            "only the new shape is measured"
+        );
         assert_eq!(t2.entries.len(), 3);
         // Another workload does not reuse anything.
         let mut p3 = Fake { calls: vec![] };
@@ -368,11 +404,46 @@ mod tests {
             &q,
         )
         .unwrap();
-        assert_eq!(p3.calls.len(), 3);
+        assert_eq!(p3.calls.len(), 3 * PROFILE_PASSES);
 
         let dir = tempfile::tempdir().unwrap();
         let path = dir.path().join("table.json");
         save_table(&t2, &path).unwrap();
         assert_eq!(load_table(&path).unwrap(), t2);
+    }
+
+    #[test]
+    fn the_runs_split_evenly_across_the_passes_and_all_count() {
+        for runs in 1..20 {
+            let passes = PROFILE_PASSES.min(runs);
+            let split: Vec<usize> = (0..passes).map(|p| runs_in_pass(runs, passes, p)).collect();
+            assert_eq!(split.iter().sum::<usize>(), runs);
+            assert!(split.iter().max().unwrap() - split.iter().min().unwrap() <= 1);
+            assert!(split.iter().all(|&r| r > 0), "{runs}: {split:?}");
+        }
+        // Every pass's samples reach the table: 9 runs, 3 passes, 3 + 3 + 3.
+        let mut p = Fake { calls: vec![] };
+        let shape = BlockShape::Ffn {
+            hidden: 64,
+            width: 128,
+            gated: false,
+        };
+        let t = build_table(
+            &mut p,
+            &Workload::prefill(1, 16),
+            &[shape],
+            &ProfileSettings { warmup: 0, runs: 9 },
+            None,
+            &crate::progress::Quiet,
+        )
+        .unwrap();
+        assert_eq!(t.get(&shape).unwrap().runs, 9);
+        assert_eq!(t.rest.runs, 9);
+        let firsts = p
+            .calls
+            .iter()
+            .filter(|c| **c == Measured::Block(shape))
+            .count();
+        assert_eq!(firsts, PROFILE_PASSES);
     }
 }

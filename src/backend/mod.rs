@@ -9,12 +9,30 @@
 pub mod mistralrs;
 pub mod tract;
 
+use crate::database::DatabaseConfig;
 use crate::error::{Error, Result};
-use crate::job::PruneJob;
+use crate::job::{GgufDType, PruneJob};
+use crate::profile::ProfileSettings;
 use crate::progress::Progress;
 use crate::report::PruneReport;
 use std::path::Path;
-use ziplm_plugin_api::{ModelStructure, Workload};
+use ziplm_plugin_api::{GqaPolicy, LatencyTable, ModelStructure, Workload};
+
+/// What `ziplm profile` needs to time a model's shapes.
+pub struct ProfileRequest<'a> {
+    /// The workload timed.
+    pub workload: Workload,
+    /// The grid of shapes (FFN width multiple, largest FFN fraction removed).
+    pub grid: &'a DatabaseConfig,
+    /// How GQA heads are removed.
+    pub gqa_policy: GqaPolicy,
+    /// Type of the projections as the emitted model stores them (mistral.rs backend).
+    pub gguf_dtype: GgufDType,
+    /// Warm-up and timed runs per shape.
+    pub settings: ProfileSettings,
+    /// An earlier table of the same target and workload: only missing shapes are timed.
+    pub reuse: Option<&'a LatencyTable>,
+}
 
 /// Loads a model's prunable structure with the backend its file type calls for.
 pub fn load_structure(model: &Path, workload: &Workload) -> Result<ModelStructure> {
@@ -33,12 +51,58 @@ pub fn load_structure(model: &Path, workload: &Workload) -> Result<ModelStructur
     }
 }
 
+/// The error for a GGUF file or model folder in a build without the mistral.rs backend.
 #[cfg(not(feature = "mistralrs"))]
-fn mistralrs_structure(model: &Path) -> Result<ModelStructure> {
-    Err(Error::Invalid(format!(
+fn no_mistralrs(model: &Path) -> Error {
+    Error::Invalid(format!(
         "{}: not an ONNX file; GGUF and safetensors models need ziplm built with the `mistralrs` feature",
         model.display()
-    )))
+    ))
+}
+
+#[cfg(not(feature = "mistralrs"))]
+fn mistralrs_structure(model: &Path) -> Result<ModelStructure> {
+    Err(no_mistralrs(model))
+}
+
+#[cfg(not(feature = "mistralrs"))]
+/// Profiles a GGUF file or model folder (needs the `mistralrs` feature).
+pub fn profile_llm(
+    model: &Path,
+    _request: &ProfileRequest,
+    _progress: &dyn Progress,
+) -> Result<LatencyTable> {
+    Err(no_mistralrs(model))
+}
+
+#[cfg(feature = "mistralrs")]
+/// Times every grid shape of a GGUF file or model folder with candle's kernels, as
+/// the mistral.rs backend's prune job does (the same table, key and all).
+pub fn profile_llm(
+    model: &Path,
+    request: &ProfileRequest,
+    progress: &dyn Progress,
+) -> Result<LatencyTable> {
+    check_llm_source(model)?;
+    let m = mistralrs::LlamaModel::load(
+        model,
+        mistralrs::LlamaOptions {
+            gqa_policy: request.gqa_policy,
+            output_dtype: request.gguf_dtype,
+            ..Default::default()
+        },
+    )?;
+    let shapes =
+        crate::database::grid_shapes(ziplm_plugin_api::ModelAdapter::structure(&m), request.grid);
+    let mut profiler = mistralrs::profile::CandleProfiler::new(&m, request.gguf_dtype);
+    crate::profile::build_table(
+        &mut profiler,
+        &request.workload,
+        &shapes,
+        &request.settings,
+        request.reuse,
+        progress,
+    )
 }
 
 #[cfg(not(feature = "mistralrs"))]

@@ -187,6 +187,14 @@ pub struct ProfileArgs {
     /// Timed runs per shape.
     #[arg(long, default_value_t = 9)]
     pub runs: usize,
+    /// Largest fraction of one layer's FFN neurons removed short of dropping the layer
+    /// (the same grid as `prune --max-ffn-removed`).
+    #[arg(long, default_value_t = 1.0)]
+    pub max_ffn_removed: f64,
+    /// Tensor type of the pruned projections the table is for (GGUF models; the same as
+    /// `prune --gguf-dtype`).
+    #[arg(long, value_enum, default_value_t = GgufDTypeArg::F32)]
+    pub gguf_dtype: GgufDTypeArg,
     /// Print the table as JSON on stdout too.
     #[arg(long)]
     pub json: bool,

@@ -94,12 +94,7 @@ fn job_from_args(a: &PruneArgs) -> anyhow::Result<Vec<PruneJob>> {
     job.verify = !a.no_verify;
     job.runtime_fit = !a.no_runtime_fit;
     job.nnef = a.nnef;
-    job.gguf_dtype = match a.gguf_dtype {
-        GgufDTypeArg::F32 => crate::job::GgufDType::F32,
-        GgufDTypeArg::F16 => crate::job::GgufDType::F16,
-        GgufDTypeArg::Q8_0 => crate::job::GgufDType::Q8_0,
-        GgufDTypeArg::Q4K => crate::job::GgufDType::Q4K,
-    };
+    job.gguf_dtype = gguf_dtype(a.gguf_dtype);
     job.llm_format = a.llm_format.map(|f| match f {
         LlmFormatArg::Gguf => crate::job::LlmFormat::Gguf,
         LlmFormatArg::Safetensors => crate::job::LlmFormat::Safetensors,
@@ -148,23 +143,30 @@ fn prune(a: PruneArgs) -> anyhow::Result<ExitCode> {
     })
 }
 
+/// The job's GGUF tensor type for a `--gguf-dtype` value.
+fn gguf_dtype(a: GgufDTypeArg) -> crate::job::GgufDType {
+    match a {
+        GgufDTypeArg::F32 => crate::job::GgufDType::F32,
+        GgufDTypeArg::F16 => crate::job::GgufDType::F16,
+        GgufDTypeArg::Q8_0 => crate::job::GgufDType::Q8_0,
+        GgufDTypeArg::Q4K => crate::job::GgufDType::Q4K,
+    }
+}
+
 fn profile(a: ProfileArgs) -> anyhow::Result<ExitCode> {
     use crate::backend::tract::{profile::TractProfiler, TractModel, TractOptions};
     let w = workload(&a.workload);
-    let model = TractModel::load(
-        &a.model,
-        TractOptions {
-            workload: w,
-            gqa_policy: gqa(a.gqa),
-        },
-    )?;
+    if !(0.0..=1.0).contains(&a.max_ffn_removed) {
+        bail!(
+            "--max-ffn-removed must be between 0 and 1 (a fraction of each FFN), got {}",
+            a.max_ffn_removed
+        );
+    }
     let cfg = crate::database::DatabaseConfig {
         ffn_width_multiple: a.ffn_multiple,
+        max_ffn_removed_fraction: a.max_ffn_removed,
         ..Default::default()
     };
-    let shapes =
-        crate::database::grid_shapes(ziplm_plugin_api::ModelAdapter::structure(&model), &cfg);
-    let mut profiler = TractProfiler::new(&model, a.workload.threads);
     let settings = crate::profile::ProfileSettings {
         warmup: 2,
         runs: a.runs,
@@ -174,14 +176,38 @@ fn profile(a: ProfileArgs) -> anyhow::Result<ExitCode> {
     } else {
         None
     };
-    let table = crate::profile::build_table(
-        &mut profiler,
-        &w,
-        &shapes,
-        &settings,
-        reuse.as_ref(),
-        progress(a.quiet).as_ref(),
-    )?;
+    let progress = progress(a.quiet);
+    let is_onnx = a.model.extension().and_then(|e| e.to_str()) == Some("onnx");
+    let table = if is_onnx {
+        let model = TractModel::load(
+            &a.model,
+            TractOptions {
+                workload: w,
+                gqa_policy: gqa(a.gqa),
+            },
+        )?;
+        let shapes =
+            crate::database::grid_shapes(ziplm_plugin_api::ModelAdapter::structure(&model), &cfg);
+        let mut profiler = TractProfiler::new(&model, a.workload.threads);
+        crate::profile::build_table(
+            &mut profiler,
+            &w,
+            &shapes,
+            &settings,
+            reuse.as_ref(),
+            progress.as_ref(),
+        )?
+    } else {
+        let request = crate::backend::ProfileRequest {
+            workload: w,
+            grid: &cfg,
+            gqa_policy: gqa(a.gqa),
+            gguf_dtype: gguf_dtype(a.gguf_dtype),
+            settings,
+            reuse: reuse.as_ref(),
+        };
+        crate::backend::profile_llm(&a.model, &request, progress.as_ref())?
+    };
     crate::profile::save_table(&table, &a.out)?;
     if a.json {
         println!("{}", serde_json::to_string_pretty(&table)?);

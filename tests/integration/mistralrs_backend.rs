@@ -217,6 +217,46 @@ fn a_prune_job_on_the_tiny_llama_is_verified_in_mistralrs() {
     }
 }
 
+#[test]
+fn the_cli_profiles_a_gguf_model_into_the_table_a_prune_job_uses() {
+    let dir = tempfile::tempdir().unwrap();
+    let table = dir.path().join("table.json");
+    let profile = || {
+        std::process::Command::new(env!("CARGO_BIN_EXE_ziplm"))
+            .arg("profile")
+            .arg(tiny())
+            .arg("--out")
+            .arg(&table)
+            .args(["--seq-len", "32", "--runs", "3", "--quiet", "--json"])
+            .output()
+            .unwrap()
+    };
+    let out = profile();
+    assert!(
+        out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    let v: serde_json::Value = serde_json::from_slice(&out.stdout).unwrap();
+    assert_eq!(v["key"]["target"]["runtime"], "mistralrs");
+    let entries = v["entries"].as_array().unwrap();
+    let kinds = |k: &str| entries.iter().filter(|e| e["shape"]["kind"] == k).count();
+    assert!(kinds("attention") > 0 && kinds("ffn") > 0, "{v}");
+    for e in entries {
+        assert_eq!(e["timing"]["runs"], 3, "{e}");
+    }
+    // A second profile reuses every shape, and a prune job at the same workload takes
+    // the table as it is (nothing missing, so the file is not rewritten).
+    let before = std::fs::read(&table).unwrap();
+    assert!(profile().status.success());
+    assert_eq!(std::fs::read(&table).unwrap(), before);
+    let mut job = tiny_job(tiny(), dir.path());
+    job.latency_table = Some(table.clone());
+    job.verify = false;
+    ziplm::backend::run_job(&job, &ziplm::progress::Quiet).unwrap();
+    assert_eq!(std::fs::read(&table).unwrap(), before);
+}
+
 /// Every tensor of a GGUF file, by name, as stored (to write a variant of it).
 fn gguf_tensors(g: &mrs::gguf::GgufFile) -> Vec<(String, candle_core::quantized::QTensor)> {
     g.content
