@@ -108,9 +108,8 @@ fn main() -> anyhow::Result<()> {
     job.out_dir = args.out.clone();
     job.latency_table = Some(args.out.join("latency-table.json"));
     job.search.refine = ziplm::search::spdy::RefineConfig::with_evaluations(args.refine, job.seed);
-    job.profile = ziplm::profile::ProfileSettings { warmup: 1, runs: 5 };
     job.database.max_ffn_removed_fraction = args.max_ffn_removed;
-    job.verify_settings = ziplm::profile::ProfileSettings { warmup: 2, runs: 9 };
+    job.verify_settings = ziplm::profile::ProfileSettings::new(2, 9);
     job.runtime_fit = !args.no_runtime_fit;
     if args.safetensors {
         job.llm_format = Some(ziplm::job::LlmFormat::Safetensors);

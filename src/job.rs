@@ -151,13 +151,16 @@ impl PruneJob {
             seed: 0,
             gqa_policy: GqaPolicy::WholeKvGroups,
             database: DatabaseConfig::default(),
-            profile: ProfileSettings { warmup: 2, runs: 9 },
+            profile: match backend {
+                // Profiling a candle block is cheap: more runs, in passes.
+                BackendKind::Mistralrs => {
+                    ProfileSettings::new(2, 15).in_passes(crate::profile::LLM_PROFILE_PASSES)
+                }
+                BackendKind::Tract => ProfileSettings::new(2, 9),
+            },
             search: SearchSettings::default(),
             verify: true,
-            verify_settings: ProfileSettings {
-                warmup: 3,
-                runs: 15,
-            },
+            verify_settings: ProfileSettings::new(3, 15),
             nnef: false,
             gguf_dtype: GgufDType::F32,
             llm_format: None,

@@ -17,14 +17,36 @@ pub struct ProfileSettings {
     pub warmup: usize,
     /// Timed runs; the median is kept.
     pub runs: usize,
+    /// Passes a table's profiling makes over its shapes (see [`build_table`]); each
+    /// shape's timed runs are split across them. 1 = every shape once, all its runs in
+    /// a row.
+    #[serde(default = "one_pass")]
+    pub passes: usize,
+}
+
+fn one_pass() -> usize {
+    1
+}
+
+impl ProfileSettings {
+    /// `warmup` untimed and `runs` timed runs, in one pass.
+    pub fn new(warmup: usize, runs: usize) -> ProfileSettings {
+        ProfileSettings {
+            warmup,
+            runs,
+            passes: 1,
+        }
+    }
+
+    /// The same settings in `passes` passes.
+    pub fn in_passes(self, passes: usize) -> ProfileSettings {
+        ProfileSettings { passes, ..self }
+    }
 }
 
 impl Default for ProfileSettings {
     fn default() -> Self {
-        ProfileSettings {
-            warmup: 3,
-            runs: 15,
-        }
+        ProfileSettings::new(3, 15)
     }
 }
 
@@ -49,12 +71,14 @@ fn run_times(run: &mut dyn TimedRun, settings: &ProfileSettings) -> Result<Vec<f
         .collect::<std::result::Result<_, _>>()?)
 }
 
-/// Passes a table's profiling makes over its shapes. A shape's timed runs are split
-/// across the passes (each prepares the shape afresh and warms it up again), so a slow
-/// spell of the machine, or one unlucky allocation, hits a few runs of every shape
-/// instead of all runs of a few: the table's differences between shapes, which the
-/// search trades on, are what drift corrupted most.
-pub const PROFILE_PASSES: usize = 3;
+/// Passes the mistral.rs backend's profiling makes by default. A shape's timed runs are
+/// split across the passes (each prepares the shape afresh and warms it up again), so
+/// a slow spell of the machine, or one unlucky allocation, hits a few runs of every
+/// shape instead of all runs of a few: the table's differences between shapes, which
+/// the search trades on, are what drift corrupted most. (tract's backend keeps one
+/// pass: preparing a tract block model costs more than timing it, and doubled
+/// all-MiniLM-L6-v2's profile, 57 s to 109 s.)
+pub const LLM_PROFILE_PASSES: usize = 3;
 
 /// Timed runs of pass `pass` of `passes` when `runs` are split as evenly as possible
 /// (the first passes take the remainder).
@@ -143,14 +167,12 @@ pub fn build_table(
     if need_rest {
         what.insert(0, Measured::Rest);
     }
-    let passes = PROFILE_PASSES.min(settings.runs.max(1));
+    let passes = settings.passes.clamp(1, settings.runs.max(1));
     progress.start("profiling", (passes * what.len()) as u64);
     let mut samples: Vec<Vec<f64>> = vec![vec![]; what.len()];
     for pass in 0..passes {
-        let pass_settings = ProfileSettings {
-            warmup: settings.warmup,
-            runs: runs_in_pass(settings.runs, passes, pass),
-        };
+        let pass_settings =
+            ProfileSettings::new(settings.warmup, runs_in_pass(settings.runs, passes, pass));
         for (w, ms) in what.iter().zip(&mut samples) {
             let mut run = profiler.prepare(w, workload)?;
             ms.extend(run_times(run.as_mut(), &pass_settings)?);
@@ -359,13 +381,13 @@ mod tests {
             &mut p,
             &w,
             &shapes,
-            &ProfileSettings { warmup: 1, runs: 3 },
+            &ProfileSettings::new(1, 3).in_passes(3),
             None,
             &q,
         )
         .unwrap();
         // Rest and two shapes, once a pass, one timed run each pass.
-        assert_eq!(p.calls.len(), 3 * PROFILE_PASSES);
+        assert_eq!(p.calls.len(), 3 * 3);
         assert!((t1.get(&shapes[0]).unwrap().median_ms - 1.28).abs() < 1e-6);
         assert_eq!(t1.get(&shapes[0]).unwrap().runs, 3);
         let more = [
@@ -387,11 +409,7 @@ mod tests {
             &q,
         )
         .unwrap();
-        assert_eq!(
-            p2.calls.len(),
-            PROFILE_PASSES,
-            "only the new shape is measured"
-        );
+        assert_eq!(p2.calls.len(), 1, "only the new shape is measured");
         assert_eq!(t2.entries.len(), 3);
         // Another workload does not reuse anything.
         let mut p3 = Fake { calls: vec![] };
@@ -404,7 +422,7 @@ mod tests {
             &q,
         )
         .unwrap();
-        assert_eq!(p3.calls.len(), 3 * PROFILE_PASSES);
+        assert_eq!(p3.calls.len(), 3);
 
         let dir = tempfile::tempdir().unwrap();
         let path = dir.path().join("table.json");
@@ -415,7 +433,7 @@ mod tests {
     #[test]
     fn the_runs_split_evenly_across_the_passes_and_all_count() {
         for runs in 1..20 {
-            let passes = PROFILE_PASSES.min(runs);
+            let passes = LLM_PROFILE_PASSES.min(runs);
             let split: Vec<usize> = (0..passes).map(|p| runs_in_pass(runs, passes, p)).collect();
             assert_eq!(split.iter().sum::<usize>(), runs);
             assert!(split.iter().max().unwrap() - split.iter().min().unwrap() <= 1);
@@ -432,7 +450,7 @@ mod tests {
             &mut p,
             &Workload::prefill(1, 16),
             &[shape],
-            &ProfileSettings { warmup: 0, runs: 9 },
+            &ProfileSettings::new(0, 9).in_passes(3),
             None,
             &crate::progress::Quiet,
         )
@@ -444,6 +462,6 @@ mod tests {
             .iter()
             .filter(|c| **c == Measured::Block(shape))
             .count();
-        assert_eq!(firsts, PROFILE_PASSES);
+        assert_eq!(firsts, 3);
     }
 }

@@ -15,7 +15,7 @@ pub fn bench_pass(c: &mut Criterion, group: &str, mut job: PruneJob) {
         .ok()
         .and_then(|v| v.parse().ok())
         .and_then(|n| ziplm::search::spdy::RefineConfig::with_evaluations(n, 0));
-    job.profile = ziplm::profile::ProfileSettings { warmup: 1, runs: 5 };
+    job.profile = ziplm::profile::ProfileSettings::new(1, 5);
     let mut last = None;
     let mut g = c.benchmark_group(group);
     g.sample_size(10)

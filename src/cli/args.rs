@@ -184,9 +184,10 @@ pub struct ProfileArgs {
     /// How GQA heads are removed.
     #[arg(long, value_enum, default_value = "whole-kv-groups")]
     pub gqa: GqaArg,
-    /// Timed runs per shape.
-    #[arg(long, default_value_t = 9)]
-    pub runs: usize,
+    /// Timed runs per shape (default: 9 for ONNX; 15 in 3 passes for GGUF files and
+    /// folders, as `prune` profiles them).
+    #[arg(long)]
+    pub runs: Option<usize>,
     /// Largest fraction of one layer's FFN neurons removed short of dropping the layer
     /// (the same grid as `prune --max-ffn-removed`).
     #[arg(long, default_value_t = 1.0)]

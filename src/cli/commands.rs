@@ -167,10 +167,14 @@ fn profile(a: ProfileArgs) -> anyhow::Result<ExitCode> {
         max_ffn_removed_fraction: a.max_ffn_removed,
         ..Default::default()
     };
-    let settings = crate::profile::ProfileSettings {
-        warmup: 2,
-        runs: a.runs,
-    };
+    // The same settings a prune job of this model would profile with.
+    let mut settings = crate::job::PruneJob::new(&a.model).profile;
+    if let Some(runs) = a.runs {
+        if runs == 0 {
+            bail!("--runs must be at least 1");
+        }
+        settings.runs = runs;
+    }
     let reuse = if a.out.exists() {
         crate::profile::load_table(&a.out).ok()
     } else {
@@ -239,10 +243,7 @@ fn inspect(a: InspectArgs) -> anyhow::Result<ExitCode> {
 
 fn speedup(a: SpeedupArgs) -> anyhow::Result<ExitCode> {
     let w = workload(&a.workload);
-    let settings = crate::profile::ProfileSettings {
-        warmup: a.warmup,
-        runs: a.runs,
-    };
+    let settings = crate::profile::ProfileSettings::new(a.warmup, a.runs);
     let results = crate::speedup::measure(
         &a.dense,
         &a.models,

@@ -15,7 +15,7 @@ fn fast_job(model: &Path) -> PruneJob {
     let mut job = PruneJob::new(model);
     job.workload = ziplm_plugin_api::Workload::prefill(1, 16);
     job.random_samples = 8;
-    job.profile = ziplm::profile::ProfileSettings { warmup: 0, runs: 1 };
+    job.profile = ziplm::profile::ProfileSettings::new(0, 1);
     job.verify = false;
     job
 }

@@ -88,8 +88,8 @@ pub fn tiny_job(model: PathBuf, dir: &Path) -> PruneJob {
     job.workload = ziplm_plugin_api::Workload::prefill(1, 32);
     job.random_samples = 16;
     job.budgets = vec![Budget::Speedup(1.2)];
-    job.profile = ziplm::profile::ProfileSettings { warmup: 1, runs: 5 };
-    job.verify_settings = ziplm::profile::ProfileSettings { warmup: 1, runs: 5 };
+    job.profile = ziplm::profile::ProfileSettings::new(1, 5);
+    job.verify_settings = ziplm::profile::ProfileSettings::new(1, 5);
     job.search.retries = 1;
     job.out_dir = dir.join("out");
     job

@@ -90,7 +90,7 @@ fn same_inputs_give_identical_outputs_whatever_the_thread_count() {
     job.workload = ziplm_plugin_api::Workload::prefill(1, 16);
     job.random_samples = 16;
     job.budgets = vec![Budget::Speedup(1.3), Budget::Speedup(1.6)];
-    job.profile = ziplm::profile::ProfileSettings { warmup: 0, runs: 1 };
+    job.profile = ziplm::profile::ProfileSettings::new(0, 1);
     let names = assert_same_outputs_whatever_the_thread_count(&job, dir.path());
     assert!(
         names.iter().any(|k| k.ends_with(".onnx"))
@@ -114,7 +114,7 @@ fn llm_outputs_are_identical_whatever_the_thread_count() {
         job.workload = ziplm_plugin_api::Workload::prefill(1, 32);
         job.random_samples = 16;
         job.budgets = vec![Budget::Speedup(1.3), Budget::Speedup(1.8)];
-        job.profile = ziplm::profile::ProfileSettings { warmup: 0, runs: 1 };
+        job.profile = ziplm::profile::ProfileSettings::new(0, 1);
         job.llm_format = Some(format);
         let names = assert_same_outputs_whatever_the_thread_count(&job, dir.path());
         let model = match format {
