@@ -33,16 +33,30 @@ impl FakeRuntime {
         }
     }
 
-    fn latency(&self, plan: &Plan) -> f64 {
+    /// The time of `plan` with `units(b)` heads (attention) or neurons (FFN) in block `b`.
+    fn cost(&self, plan: &Plan, units: impl Fn(&BlockPlan) -> usize) -> f64 {
         self.rest_ms
             + plan
                 .blocks
                 .iter()
                 .map(|b| match b.kind {
-                    BlockKind::Attention(_) => self.attention_scale * 0.5 * b.kept.len() as f64,
-                    BlockKind::Ffn(_) => self.ffn_scale * b.kept.len() as f64 / 32.0,
+                    BlockKind::Attention(_) => self.attention_scale * 0.5 * units(b) as f64,
+                    BlockKind::Ffn(_) => self.ffn_scale * units(b) as f64 / 32.0,
                 })
                 .sum::<f64>()
+    }
+
+    /// The pruned model's latency.
+    fn latency(&self, plan: &Plan) -> f64 {
+        self.cost(plan, |b| b.kept.len())
+    }
+
+    /// The dense model's latency: every block at full width.
+    fn dense_ms(&self, like: &Plan) -> f64 {
+        self.cost(like, |b| match b.kind {
+            BlockKind::Attention(a) => a.n_heads,
+            BlockKind::Ffn(f) => f.width,
+        })
     }
 }
 
@@ -72,21 +86,6 @@ impl EmitAndMeasure for FakeRuntime {
         let ms = self.latency(&plan);
         self.measured.push(plan);
         Ok((exact(dense_ms), exact(ms)))
-    }
-}
-
-impl FakeRuntime {
-    /// The dense model's latency: every block at full width.
-    fn dense_ms(&self, like: &Plan) -> f64 {
-        self.rest_ms
-            + like
-                .blocks
-                .iter()
-                .map(|b| match b.kind {
-                    BlockKind::Attention(a) => self.attention_scale * 0.5 * a.n_heads as f64,
-                    BlockKind::Ffn(f) => self.ffn_scale * f.width as f64 / 32.0,
-                })
-                .sum::<f64>()
     }
 }
 
