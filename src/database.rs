@@ -159,18 +159,18 @@ fn to_weight_matrix(m: &Mat<f64>) -> WeightMatrix {
     }
 }
 
-/// The time the search gives a profiled block: its fastest timed run.
+/// The time the search gives a profiled block: the median of its timed runs
+/// (ZIPLM.md section 5).
 ///
-/// On a shared machine the noise on a short kernel is one-sided (another tenant or
-/// thread can only slow it down), so the minimum over the table's runs, spread over
-/// its passes, is what repeats from one profile to the next: on SmolLM2 (prefill 512,
-/// 2 threads, 9 runs in 3 passes, six profiles in a row) the time all FFNs save at half
-/// width varied by 6.7% (sd/mean) as minima against 20.5% as medians (42% and 51% in one
-/// pass), and the differences between shapes are what the search trades on.
-/// End-to-end verification still times medians (and the runtime fit maps the table
-/// onto them).
+/// The fastest run repeats better from one profile to the next on this shared machine
+/// (SmolLM2, prefill 512, 9 runs in 3 passes, six profiles: the half-width FFN saving
+/// varied by 6.7% sd/mean as minima against 20.5% as medians;
+/// `docs/results/profile-variance.txt`), but a search on minima made all-MiniLM-L6-v2's
+/// first 2.0x prediction worse in CI (measured 1.65x; four searches then missed by
+/// 0.2%, where the same check on medians met at 2.01x after two searches the same day),
+/// so the median stays until whole runs show which predicts the runtime better.
 pub fn search_time_ms(t: &Timing) -> f64 {
-    t.min_ms
+    t.median_ms
 }
 
 impl Database {
@@ -452,8 +452,8 @@ impl Database {
         s
     }
 
-    /// The search problem with latencies from `table` (each entry's fastest run, see
-    /// [`search_time_ms`]). Fails when a shape is missing from the table.
+    /// The search problem with latencies from `table` (see [`search_time_ms`]). Fails
+    /// when a shape is missing from the table.
     pub fn search_problem(&self, table: &LatencyTable) -> Result<SearchProblem> {
         let mut blocks = Vec::with_capacity(self.blocks.len());
         for (bi, b) in self.blocks.iter().enumerate() {
