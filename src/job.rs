@@ -7,7 +7,7 @@ use crate::pipeline::SearchSettings;
 use crate::profile::ProfileSettings;
 use crate::search::Budget;
 use serde::{Deserialize, Serialize};
-use std::path::PathBuf;
+use std::path::{Path, PathBuf};
 use ziplm_plugin_api::{GqaPolicy, Workload};
 
 /// Which runtime serves the model.
@@ -18,6 +18,31 @@ pub enum BackendKind {
     Tract,
     /// mistral.rs (GGUF / safetensors).
     Mistralrs,
+}
+
+impl BackendKind {
+    /// The backend for a model path: `.gguf` files and folders are mistral.rs models,
+    /// anything else goes to tract (which names what it cannot read).
+    pub fn of(model: &Path) -> BackendKind {
+        match model.extension().and_then(|e| e.to_str()) {
+            Some("gguf") => BackendKind::Mistralrs,
+            Some("onnx") => BackendKind::Tract,
+            _ if model.is_dir() => BackendKind::Mistralrs,
+            _ => BackendKind::Tract,
+        }
+    }
+
+    /// How this backend profiles a latency table by default.
+    pub fn profile_settings(self) -> ProfileSettings {
+        match self {
+            // Profiling a candle block is cheap: more runs, in passes.
+            BackendKind::Mistralrs => {
+                ProfileSettings::new(2, 15).in_passes(crate::profile::LLM_PROFILE_PASSES)
+            }
+            // Preparing a tract block model is not: one pass.
+            BackendKind::Tract => ProfileSettings::new(2, 9),
+        }
+    }
 }
 
 /// Where the model runs.
@@ -130,12 +155,7 @@ impl PruneJob {
     /// a 1.5x speedup, random calibration ids unless data is given.
     pub fn new(model: impl Into<PathBuf>) -> PruneJob {
         let model = model.into();
-        let backend = match model.extension().and_then(|e| e.to_str()) {
-            Some("gguf") => BackendKind::Mistralrs,
-            Some("onnx") => BackendKind::Tract,
-            _ if model.is_dir() => BackendKind::Mistralrs,
-            _ => BackendKind::Tract,
-        };
+        let backend = BackendKind::of(&model);
         PruneJob {
             name: None,
             out_dir: PathBuf::from("ziplm-out"),

@@ -142,7 +142,6 @@ pub fn prune_to_budget(
     let problem: SearchProblem = db.search_problem(table)?;
     let fastest = problem.fastest().map(|(_, t)| t).unwrap_or(0.0);
     let mut search_budget = problem.budget_ms(budget);
-    let mut attempts: Vec<Attempt> = vec![];
     let mut rounds: Vec<Round> = vec![];
     let mut bracket = Bracket::default();
     // SPDY coefficients from the first search; later rounds reuse them (the DP alone
@@ -162,23 +161,14 @@ pub fn prune_to_budget(
             }
             Some(a) => search_with_coefficients(db, &problem, budget_now, a, settings, backend)?,
         };
-        let mut attempt = Attempt {
-            search_budget_ms: search_budget,
-            predicted_ms: search.predicted_ms,
-            measured_dense: None,
-            measured: None,
-            met: None,
-        };
         // A selection measured before keeps its verdict: measuring it again would only
         // sample the noise again.
-        if let Some(i) = rounds
+        if let Some(r) = rounds
             .iter()
-            .position(|r| r.search.selection == search.selection)
+            .find(|r| r.search.selection == search.selection)
         {
-            let met = attempts[i].met == Some(true);
-            bracket.record(search_budget, met);
-            let next =
-                next_search_budget(&bracket, search_budget, met, false, None, settings, fastest);
+            bracket.record(search_budget, r.attempt.met == Some(true));
+            let next = next_search_budget(&bracket, search_budget, false, None, settings, fastest);
             match next {
                 Some(n) if searches < max_searches => {
                     search_budget = n;
@@ -190,9 +180,16 @@ pub fn prune_to_budget(
         let plan = db.plan(&search.selection)?;
         let weights = db.pruned_weights(&search.selection)?;
         let emitted = backend.emit(&plan, &weights)?;
+        let mut attempt = Attempt {
+            search_budget_ms: search_budget,
+            predicted_ms: search.predicted_ms,
+            measured_dense: None,
+            measured: None,
+            met: None,
+        };
         if !verify {
-            attempts.push(attempt);
             rounds.push(Round {
+                attempt,
                 search,
                 plan,
                 emitted,
@@ -205,17 +202,17 @@ pub fn prune_to_budget(
         attempt.measured_dense = Some(dense);
         attempt.measured = Some(pruned);
         attempt.met = Some(met);
-        attempts.push(attempt);
         let dense_selected = search.selection == db.dense_selection();
         let predicted = search.predicted_ms.max(f64::MIN_POSITIVE);
         rounds.push(Round {
+            attempt,
             search,
             plan,
             emitted,
             loss,
         });
         bracket.record(search_budget, met);
-        if attempts.len() > settings.retries
+        if rounds.len() > settings.retries
             || searches >= max_searches
             || dense_selected && (met || !matches!(budget, Budget::Speedup(s) if s > 1.0))
         {
@@ -230,12 +227,11 @@ pub fn prune_to_budget(
         };
         let ratio = pruned.median_ms / predicted;
         let corrected = target_measured / ratio * (1.0 - settings.margin);
-        let close_enough = target_measured / pruned.median_ms <= 1.0 + settings.overshoot;
+        let settled = met && target_measured / pruned.median_ms <= 1.0 + settings.overshoot;
         match next_search_budget(
             &bracket,
             search_budget,
-            met,
-            close_enough,
+            settled,
             Some(corrected),
             settings,
             fastest,
@@ -244,6 +240,7 @@ pub fn prune_to_budget(
             None => break,
         }
     }
+    let attempts: Vec<Attempt> = rounds.iter().map(|r| r.attempt.clone()).collect();
     let chosen = chosen_round(&attempts);
     let Some(last) = rounds.len().checked_sub(1) else {
         return Err(crate::error::Error::Invalid(
@@ -261,6 +258,7 @@ pub fn prune_to_budget(
         plan,
         emitted,
         loss,
+        ..
     } = rounds.swap_remove(chosen);
     Ok(BudgetOutcome {
         budget,
@@ -275,6 +273,7 @@ pub fn prune_to_budget(
 
 /// One measured (or, without verification, emitted) round of the loop.
 struct Round {
+    attempt: Attempt,
     search: SearchOutcome,
     plan: Plan,
     emitted: EmitSummary,
@@ -320,10 +319,10 @@ const BRACKET_CLOSED: f64 = 1.01;
 
 /// The next round's search budget, or `None` when the loop should stop.
 ///
-/// `last` is the last round's search budget; `met` whether its model met the budget;
-/// `close_enough` whether it met it within `settings.overshoot`; `corrected` the
-/// measured/predicted-ratio correction of its prediction (`None` when it repeated an
-/// earlier selection, whose measurement teaches nothing new).
+/// `last` is the last round's search budget; `settled` whether its model met the
+/// budget within `settings.overshoot`; `corrected` the measured/predicted-ratio
+/// correction of its prediction (`None` when it repeated an earlier selection, whose
+/// measurement teaches nothing new).
 ///
 /// - Only misses so far: tighten, to `corrected` when it is tighter than `last`, else
 ///   by twice the margin; stop below the fastest admissible model.
@@ -333,8 +332,7 @@ const BRACKET_CLOSED: f64 = 1.01;
 pub fn next_search_budget(
     bracket: &Bracket,
     last: f64,
-    met: bool,
-    close_enough: bool,
+    settled: bool,
     corrected: Option<f64>,
     settings: &SearchSettings,
     fastest: f64,
@@ -345,7 +343,7 @@ pub fn next_search_budget(
             .unwrap_or(last * (1.0 - 2.0 * settings.margin));
         return (next >= fastest).then_some(next);
     };
-    if met && close_enough {
+    if settled {
         return None;
     }
     let tightest_miss = bracket.missed.unwrap_or(f64::INFINITY);
@@ -456,15 +454,15 @@ mod tests {
         let b = bracket(None, Some(10.0));
         let s = settings();
         assert_eq!(
-            next_search_budget(&b, 10.0, false, false, Some(8.0), &s, 1.0),
+            next_search_budget(&b, 10.0, false, Some(8.0), &s, 1.0),
             Some(8.0)
         );
         // A correction that would loosen is not trusted after a miss.
-        let fallback = next_search_budget(&b, 10.0, false, false, Some(11.0), &s, 1.0);
+        let fallback = next_search_budget(&b, 10.0, false, Some(11.0), &s, 1.0);
         assert!((fallback.unwrap() - 10.0 * (1.0 - 2.0 * s.margin)).abs() < 1e-12);
         // Nothing faster than the fastest admissible model: stop.
         assert_eq!(
-            next_search_budget(&b, 10.0, false, false, Some(0.5), &s, 1.0),
+            next_search_budget(&b, 10.0, false, Some(0.5), &s, 1.0),
             None
         );
     }
@@ -473,13 +471,10 @@ mod tests {
     fn a_close_met_model_or_a_closed_bracket_stops_the_loop() {
         let s = settings();
         let b = bracket(Some(8.0), Some(10.0));
-        assert_eq!(
-            next_search_budget(&b, 8.0, true, true, Some(9.0), &s, 1.0),
-            None
-        );
+        assert_eq!(next_search_budget(&b, 8.0, true, Some(9.0), &s, 1.0), None);
         let closed = bracket(Some(8.0), Some(8.05));
         assert_eq!(
-            next_search_budget(&closed, 8.0, true, false, Some(8.02), &s, 1.0),
+            next_search_budget(&closed, 8.0, false, Some(8.02), &s, 1.0),
             None
         );
     }
@@ -490,23 +485,20 @@ mod tests {
         let b = bracket(Some(8.0), Some(10.0));
         // The correction when it lies inside ...
         assert_eq!(
-            next_search_budget(&b, 8.0, true, false, Some(9.5), &s, 1.0),
+            next_search_budget(&b, 8.0, false, Some(9.5), &s, 1.0),
             Some(9.5)
         );
         // ... else the geometric middle.
         let mid = (8.0f64 * 10.0).sqrt();
         assert_eq!(
-            next_search_budget(&b, 8.0, true, false, Some(12.0), &s, 1.0),
+            next_search_budget(&b, 8.0, false, Some(12.0), &s, 1.0),
             Some(mid)
         );
-        assert_eq!(
-            next_search_budget(&b, 8.0, true, false, None, &s, 1.0),
-            Some(mid)
-        );
+        assert_eq!(next_search_budget(&b, 8.0, false, None, &s, 1.0), Some(mid));
         // A miss inside the bracket narrows it and the middle follows.
         let b2 = bracket(Some(8.0), Some(9.0));
         assert_eq!(
-            next_search_budget(&b2, 9.0, false, false, Some(7.0), &s, 1.0),
+            next_search_budget(&b2, 9.0, false, Some(7.0), &s, 1.0),
             Some((72.0f64).sqrt())
         );
     }
@@ -516,14 +508,11 @@ mod tests {
         let s = settings();
         let b = bracket(Some(8.0), None);
         assert_eq!(
-            next_search_budget(&b, 8.0, true, false, Some(9.0), &s, 1.0),
+            next_search_budget(&b, 8.0, false, Some(9.0), &s, 1.0),
             Some(9.0)
         );
         // No correction (a repeated selection) and no miss: nothing to bisect.
-        assert_eq!(
-            next_search_budget(&b, 8.0, true, false, None, &s, 1.0),
-            None
-        );
+        assert_eq!(next_search_budget(&b, 8.0, false, None, &s, 1.0), None);
     }
 
     #[test]

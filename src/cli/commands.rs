@@ -168,7 +168,8 @@ fn profile(a: ProfileArgs) -> anyhow::Result<ExitCode> {
         ..Default::default()
     };
     // The same settings a prune job of this model would profile with.
-    let mut settings = crate::job::PruneJob::new(&a.model).profile;
+    let backend = crate::job::BackendKind::of(&a.model);
+    let mut settings = backend.profile_settings();
     if let Some(runs) = a.runs {
         if runs == 0 {
             bail!("--runs must be at least 1");
@@ -181,8 +182,7 @@ fn profile(a: ProfileArgs) -> anyhow::Result<ExitCode> {
         None
     };
     let progress = progress(a.quiet);
-    let is_onnx = a.model.extension().and_then(|e| e.to_str()) == Some("onnx");
-    let table = if is_onnx {
+    let table = if backend == crate::job::BackendKind::Tract {
         let model = TractModel::load(
             &a.model,
             TractOptions {

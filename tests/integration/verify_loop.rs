@@ -107,6 +107,14 @@ fn run(db: &Database, target: f64, settings: &SearchSettings) -> (BudgetOutcome,
     (outcome, rt)
 }
 
+/// The loop's default settings with the plain DP (the fake runtime has no loss hook).
+fn plain_dp() -> SearchSettings {
+    SearchSettings {
+        refine: None,
+        ..SearchSettings::default()
+    }
+}
+
 fn speedup(rt: &FakeRuntime, plan: &Plan) -> f64 {
     rt.dense_ms(plan) / rt.latency(plan)
 }
@@ -114,10 +122,7 @@ fn speedup(rt: &FakeRuntime, plan: &Plan) -> f64 {
 #[test]
 fn the_loop_keeps_the_loosest_model_that_met_the_budget() {
     let db = setup();
-    let settings = SearchSettings {
-        refine: None,
-        ..SearchSettings::default()
-    };
+    let settings = plain_dp();
     for target in [1.25, 1.5, 2.0] {
         let (outcome, rt) = run(&db, target, &settings);
         let verdicts: Vec<_> = outcome
@@ -156,10 +161,7 @@ fn the_loop_keeps_the_loosest_model_that_met_the_budget() {
 #[test]
 fn an_overshoot_after_a_miss_is_loosened_again() {
     let db = setup();
-    let settings = SearchSettings {
-        refine: None,
-        ..SearchSettings::default()
-    };
+    let settings = plain_dp();
     let target = 1.2;
     let (outcome, rt) = run(&db, target, &settings);
     let speedups: Vec<f64> = rt.measured.iter().map(|p| speedup(&rt, p)).collect();
@@ -200,9 +202,8 @@ fn without_the_second_pass_the_first_model_that_met_is_kept() {
     // first one, as it did before loosening existed.
     let db = setup();
     let settings = SearchSettings {
-        refine: None,
         overshoot: 10.0,
-        ..SearchSettings::default()
+        ..plain_dp()
     };
     let (outcome, rt) = run(&db, 1.2, &settings);
     let met: Vec<bool> = outcome
