@@ -238,6 +238,13 @@ impl Builder {
                     }
                 }
             }
+            // A model written as a folder (safetensors for mistral.rs).
+            let folder = entry.join(&stem);
+            if folder.is_dir() {
+                let dst = dest.join(&stem);
+                place_dir(&folder, &dst)?;
+                files.push((*budget, dst));
+            }
         }
         for report in ["report.json", "report.txt", "report.svg"] {
             let src = entry.join(report);
@@ -269,6 +276,28 @@ fn place(src: &Path, dst: &Path) -> Result<()> {
     if std::fs::hard_link(src, &tmp).is_err() {
         std::fs::copy(src, &tmp).map_err(|e| Error::io(dst, e))?;
     }
+    std::fs::rename(&tmp, dst).map_err(|e| Error::io(dst, e))
+}
+
+/// [`place`] for a folder of files: linked (or copied) into a sibling temporary
+/// folder, which then replaces `dst`.
+fn place_dir(src: &Path, dst: &Path) -> Result<()> {
+    let parent = dst.parent().unwrap_or(Path::new("."));
+    let tmp = tempfile::Builder::new()
+        .prefix(".ziplm-place-")
+        .tempdir_in(parent)
+        .map_err(|e| Error::io(parent, e))?;
+    for f in std::fs::read_dir(src).map_err(|e| Error::io(src, e))? {
+        let f = f.map_err(|e| Error::io(src, e))?;
+        let to = tmp.path().join(f.file_name());
+        if std::fs::hard_link(f.path(), &to).is_err() {
+            std::fs::copy(f.path(), &to).map_err(|e| Error::io(&to, e))?;
+        }
+    }
+    if dst.exists() {
+        std::fs::remove_dir_all(dst).map_err(|e| Error::io(dst, e))?;
+    }
+    let tmp = tmp.keep();
     std::fs::rename(&tmp, dst).map_err(|e| Error::io(dst, e))
 }
 

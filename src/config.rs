@@ -257,8 +257,11 @@ impl ModelConfig {
         };
         let mut job = PruneJob::new(resolve(&self.source));
         job.name = self.name.clone();
-        if let Some(b) = self.backend {
-            job.backend = b;
+        if let Some(b) = &self.backend {
+            // The named backend's own defaults, not those of the one the path implied.
+            crate::backend::named(b.name()).map_err(|e| bad(file, key(&e.to_string())))?;
+            job.backend = b.clone();
+            job.profile = b.profile_settings();
         }
         job.tokenizer = self.tokenizer.as_deref().map(resolve);
         job.seed = self.seed;
@@ -352,29 +355,9 @@ impl ModelConfig {
         }
         job.out_dir = resolve(&self.output.dir);
         if let Some(f) = &self.output.format {
-            let ok = match job.backend {
-                BackendKind::Tract => {
-                    job.nnef = f == "nnef";
-                    f == "onnx" || f == "nnef"
-                }
-                BackendKind::Mistralrs => {
-                    let d = match f.as_str() {
-                        "gguf" => Some(crate::job::GgufDType::F32),
-                        "gguf-f16" => Some(crate::job::GgufDType::F16),
-                        "gguf-q8_0" => Some(crate::job::GgufDType::Q8_0),
-                        "gguf-q4_k" => Some(crate::job::GgufDType::Q4K),
-                        _ => None,
-                    };
-                    if let Some(d) = d {
-                        job.gguf_dtype = d;
-                        job.llm_format = Some(crate::job::LlmFormat::Gguf);
-                    }
-                    if f == "safetensors" {
-                        job.llm_format = Some(crate::job::LlmFormat::Safetensors);
-                    }
-                    d.is_some() || f == "safetensors"
-                }
-            };
+            let backend = crate::backend::named(job.backend.name())
+                .map_err(|e| bad(file, key(&e.to_string())))?;
+            let ok = backend.apply_output_format(&mut job, f);
             if !ok {
                 return Err(bad(
                     file,

@@ -549,6 +549,7 @@ impl Database {
             .collect::<Result<Vec<_>>>()?;
         Ok(PrunedWeights {
             out_projections: mats.into_iter().collect(),
+            ..Default::default()
         })
     }
 

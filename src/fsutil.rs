@@ -63,6 +63,7 @@ pub fn write_atomic_with(
 /// folder is first moved aside and removed only after the rename, so `dest` is always
 /// either the old folder or the complete new one (between the two renames it briefly does
 /// not exist); on error the temporary folder is removed.
+#[cfg_attr(not(feature = "mistralrs"), allow(dead_code))]
 pub fn write_dir_atomic(dest: &Path, files: &[(&str, &[u8])]) -> Result<()> {
     let parent = existing_parent(dest)?;
     if dest.exists() && !dest.is_dir() {
@@ -151,6 +152,7 @@ pub fn check_output_folder(dir: &Path) -> Result<()> {
 
 /// Removes a scratch model (file or folder), ignoring failures: the scratch folder it
 /// lives in is removed at the end anyway.
+#[cfg_attr(not(feature = "mistralrs"), allow(dead_code))]
 pub fn remove_model(path: &Path) {
     let _ = if path.is_dir() {
         std::fs::remove_dir_all(path)

@@ -7,41 +7,52 @@ use crate::pipeline::SearchSettings;
 use crate::profile::ProfileSettings;
 use crate::search::Budget;
 use serde::{Deserialize, Serialize};
+use std::borrow::Cow;
 use std::path::{Path, PathBuf};
 use ziplm_plugin_api::{GqaPolicy, Workload};
 
-/// Which runtime serves the model.
-#[derive(Clone, Copy, Debug, PartialEq, Eq, Serialize, Deserialize)]
-#[serde(rename_all = "snake_case")]
-pub enum BackendKind {
-    /// tract (ONNX, CPU).
-    Tract,
-    /// mistral.rs (GGUF / safetensors).
-    Mistralrs,
-}
+/// Which runtime serves the model: the name of a backend in the registry
+/// ([`crate::backend::named`]), e.g. `"tract"` or `"mistralrs"`.
+#[derive(Clone, Debug, PartialEq, Eq, Hash, Serialize, Deserialize)]
+#[serde(transparent)]
+pub struct BackendKind(Cow<'static, str>);
 
 impl BackendKind {
-    /// The backend for a model path: `.gguf` files and folders are mistral.rs models,
-    /// anything else goes to tract (which names what it cannot read).
-    pub fn of(model: &Path) -> BackendKind {
-        match model.extension().and_then(|e| e.to_str()) {
-            Some("gguf") => BackendKind::Mistralrs,
-            Some("onnx") => BackendKind::Tract,
-            _ if model.is_dir() => BackendKind::Mistralrs,
-            _ => BackendKind::Tract,
-        }
+    /// tract (ONNX, CPU).
+    pub const TRACT: BackendKind = BackendKind(Cow::Borrowed("tract"));
+    /// mistral.rs (GGUF / safetensors).
+    pub const MISTRALRS: BackendKind = BackendKind(Cow::Borrowed("mistralrs"));
+
+    /// The backend of this name (checked when the job runs).
+    pub fn named(name: impl Into<String>) -> BackendKind {
+        BackendKind(Cow::Owned(name.into()))
     }
 
-    /// How this backend profiles a latency table by default.
-    pub fn profile_settings(self) -> ProfileSettings {
-        match self {
-            // Profiling a candle block is cheap: more runs, in passes.
-            BackendKind::Mistralrs => {
-                ProfileSettings::new(2, 15).in_passes(crate::profile::LLM_PROFILE_PASSES)
-            }
-            // Preparing a tract block model is not: one pass.
-            BackendKind::Tract => ProfileSettings::new(2, 9),
-        }
+    /// The backend's name.
+    pub fn name(&self) -> &str {
+        &self.0
+    }
+
+    /// The backend for a model path: the first registered backend that takes it;
+    /// anything none takes goes to tract (which names what it cannot read).
+    pub fn of(model: &Path) -> BackendKind {
+        crate::backend::for_model(model)
+            .map(|b| BackendKind(Cow::Borrowed(b.name())))
+            .unwrap_or(BackendKind::TRACT)
+    }
+
+    /// How this backend profiles a latency table by default (tract's settings for a
+    /// name no backend has: the run then fails with that name).
+    pub fn profile_settings(&self) -> ProfileSettings {
+        crate::backend::named(self.name())
+            .map(|b| b.profile_settings())
+            .unwrap_or_else(|_| ProfileSettings::new(2, 9))
+    }
+}
+
+impl std::fmt::Display for BackendKind {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str(&self.0)
     }
 }
 
@@ -156,6 +167,7 @@ impl PruneJob {
     pub fn new(model: impl Into<PathBuf>) -> PruneJob {
         let model = model.into();
         let backend = BackendKind::of(&model);
+        let profile = backend.profile_settings();
         PruneJob {
             name: None,
             out_dir: PathBuf::from("ziplm-out"),
@@ -171,13 +183,7 @@ impl PruneJob {
             seed: 0,
             gqa_policy: GqaPolicy::WholeKvGroups,
             database: DatabaseConfig::default(),
-            profile: match backend {
-                // Profiling a candle block is cheap: more runs, in passes.
-                BackendKind::Mistralrs => {
-                    ProfileSettings::new(2, 15).in_passes(crate::profile::LLM_PROFILE_PASSES)
-                }
-                BackendKind::Tract => ProfileSettings::new(2, 9),
-            },
+            profile,
             search: SearchSettings::default(),
             verify: true,
             verify_settings: ProfileSettings::new(3, 15),
@@ -195,10 +201,35 @@ impl PruneJob {
                 "no budget given: ask for a latency (ms) or a speedup".into(),
             ));
         }
-        for b in &self.budgets {
+        for (i, b) in self.budgets.iter().enumerate() {
             b.validate()?;
+            if self.budgets[..i].contains(b) {
+                return Err(crate::Error::Invalid(format!(
+                    "the budget {} is given twice: give each budget once",
+                    Self::budget_label(b)
+                )));
+            }
         }
         Ok(())
+    }
+
+    /// Checks that the job's name, which becomes part of every output file name, is one
+    /// plain path component (no folder, not hidden, not empty).
+    pub fn check_name(&self) -> crate::Result<()> {
+        let Some(name) = &self.name else {
+            return Ok(());
+        };
+        let plain = !name.is_empty()
+            && !name.starts_with('.')
+            && !name.contains(['/', '\\', '\0'])
+            && Path::new(name).is_relative();
+        if plain {
+            Ok(())
+        } else {
+            Err(crate::Error::Invalid(format!(
+                "the model name {name:?} is not a plain file name: it names the output files inside the output folder, so give one without '/', '\\' or a leading '.'"
+            )))
+        }
     }
 
     /// The job's name: the configured one, or the model's file stem.
@@ -212,11 +243,21 @@ impl PruneJob {
         })
     }
 
-    /// A budget as a file-name fragment: `speedup-1.5` or `latency-8ms`.
+    /// A budget as a file-name fragment: `speedup-1.5` or `latency-8ms`. Numbers are
+    /// written in the shortest form that reads back exactly, in exponent form when
+    /// that is shorter than 12 characters would allow (`speedup-1e-300`).
     pub fn budget_label(budget: &Budget) -> String {
+        fn number(x: f64) -> String {
+            let plain = format!("{x}");
+            if plain.len() <= 12 {
+                plain
+            } else {
+                format!("{x:e}")
+            }
+        }
         match budget {
-            Budget::Speedup(s) => format!("speedup-{s}"),
-            Budget::LatencyMs(ms) => format!("latency-{ms}ms"),
+            Budget::Speedup(s) => format!("speedup-{}", number(*s)),
+            Budget::LatencyMs(ms) => format!("latency-{}ms", number(*ms)),
         }
     }
 
@@ -224,5 +265,49 @@ impl PruneJob {
     /// `model.latency-8ms`.
     pub fn output_stem(&self, budget: &Budget) -> String {
         format!("{}.{}", self.display_name(), Self::budget_label(budget))
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn budget_labels_are_short_and_read_back_exactly() {
+        let label = |b| PruneJob::budget_label(&b);
+        assert_eq!(label(Budget::Speedup(1.5)), "speedup-1.5");
+        assert_eq!(label(Budget::LatencyMs(8.0)), "latency-8ms");
+        assert_eq!(label(Budget::Speedup(1e-300)), "speedup-1e-300");
+        assert_eq!(label(Budget::LatencyMs(1e300)), "latency-1e300ms");
+        let x = 1.0f64 / 3.0;
+        let l = label(Budget::Speedup(x));
+        assert!(l.len() < 32, "{l}");
+        assert_eq!(l["speedup-".len()..].parse::<f64>().unwrap(), x);
+    }
+
+    #[test]
+    fn names_are_one_plain_path_component() {
+        let mut job = PruneJob::new("model.onnx");
+        for bad in ["../../escape", "/abs/path", "", ".hidden", "a/b", "a\\b"] {
+            job.name = Some(bad.into());
+            let e = job.check_name().unwrap_err().to_string();
+            assert!(e.contains("plain file name"), "{bad}: {e}");
+        }
+        for good in ["minilm", "smollm2.q8", "my-model_2"] {
+            job.name = Some(good.into());
+            job.check_name().unwrap();
+        }
+    }
+
+    #[test]
+    fn a_budget_given_twice_is_refused() {
+        let mut job = PruneJob::new("model.onnx");
+        job.budgets = vec![
+            Budget::Speedup(1.5),
+            Budget::Speedup(2.0),
+            Budget::Speedup(1.5),
+        ];
+        let e = job.check_budgets().unwrap_err().to_string();
+        assert!(e.contains("speedup-1.5 is given twice"), "{e}");
     }
 }

@@ -20,17 +20,18 @@ pub mod backend;
 pub mod baselines;
 #[path = "build_api.rs"]
 pub mod build;
-pub mod cli;
+mod cli;
 pub mod config;
 pub mod data;
 pub mod database;
 pub mod error;
 pub mod frontier;
-pub mod fsutil;
+pub(crate) mod fsutil;
 pub mod gguf_header;
 pub mod hf_format;
+pub mod inspect;
 pub mod job;
-pub mod memory;
+pub(crate) mod memory;
 pub mod obs;
 pub mod pipeline;
 pub mod profile;
@@ -42,4 +43,12 @@ pub mod speedup;
 pub mod target;
 
 pub use error::{Error, Result};
+
+/// The `ziplm` command line: parses `args` (program name first) and runs the command;
+/// returns the exit code (0 success, 1 a budget missed, 2 an error).
+pub fn run_cli(
+    args: impl IntoIterator<Item = std::ffi::OsString>,
+) -> anyhow::Result<std::process::ExitCode> {
+    cli::run(args)
+}
 pub use ziplm_plugin_api as api;

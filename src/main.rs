@@ -3,7 +3,7 @@
 use std::process::ExitCode;
 
 fn main() -> ExitCode {
-    match ziplm::cli::run(std::env::args_os()) {
+    match ziplm::run_cli(std::env::args_os()) {
         Ok(code) => code,
         Err(e) => {
             eprintln!("ziplm: {e:#}");

@@ -225,26 +225,33 @@ pub struct AcquiredTable {
     pub notes: Vec<String>,
 }
 
-/// Profiles `shapes`, or reuses the job's committed latency table: a table from this
-/// target is completed (and rewritten only if it changed), a table from another target
-/// is used as is (it must hold every shape).
+/// Where a run's latency table comes from and how it is profiled.
+#[derive(Clone, Copy, Debug)]
+pub struct TableRequest<'a> {
+    /// The workload timed.
+    pub workload: &'a Workload,
+    /// Warm-up, runs and passes per shape.
+    pub settings: &'a ProfileSettings,
+    /// A table file to reuse and update (profiled and written when absent).
+    pub path: Option<&'a Path>,
+    /// Whether the run means to verify (a note says when a foreign table prevents it).
+    pub verify: bool,
+}
+
+/// Profiles `shapes`, or reuses the committed latency table at `request.path`: a table
+/// from this target is completed (and rewritten only if it changed), a table from
+/// another target is used as is (it must hold every shape).
 pub fn acquire_table(
-    job: &crate::job::PruneJob,
+    request: &TableRequest,
     profiler: &mut dyn LatencyProfiler,
     shapes: &[BlockShape],
     progress: &dyn Progress,
 ) -> Result<AcquiredTable> {
-    let key = table_key(profiler, &job.workload);
-    let Some(path) = job.latency_table.as_deref().filter(|p| p.exists()) else {
-        let t = build_table(
-            profiler,
-            &job.workload,
-            shapes,
-            &job.profile,
-            None,
-            progress,
-        )?;
-        if let Some(p) = &job.latency_table {
+    let workload = request.workload;
+    let key = table_key(profiler, workload);
+    let Some(path) = request.path.filter(|p| p.exists()) else {
+        let t = build_table(profiler, workload, shapes, request.settings, None, progress)?;
+        if let Some(p) = request.path {
             save_table(&t, p)?;
         }
         return Ok(AcquiredTable {
@@ -266,9 +273,9 @@ pub fn acquire_table(
     if committed.key.target == key.target {
         let t = build_table(
             profiler,
-            &job.workload,
+            workload,
             shapes,
-            &job.profile,
+            request.settings,
             Some(&committed),
             progress,
         )?;
@@ -292,7 +299,7 @@ pub fn acquire_table(
         });
     }
     let mut notes = vec![];
-    if job.verify {
+    if request.verify {
         notes.push(format!(
             "not verified: latencies come from {} (measured on {}); this machine is {}",
             path.display(),

@@ -8,6 +8,7 @@
 //! one-token request on a prompt of `seq_len` tokens; decode: per generated token after
 //! a `kv_len`-token prompt).
 
+use crate::backend::Backend;
 use crate::error::{Error, Result};
 use crate::profile::ProfileSettings;
 use crate::progress::Progress;
@@ -28,29 +29,20 @@ pub struct SpeedupMeasurement {
     pub speedup: f64,
 }
 
-/// The runtime a model file is served by.
-#[derive(Clone, Copy, Debug, PartialEq, Eq)]
-enum Runtime {
-    Tract,
-    Mistralrs,
-}
-
-fn runtime_of(path: &Path) -> Result<Runtime> {
+/// The backend that serves a model file or folder.
+fn backend_of(path: &Path) -> Result<&'static dyn Backend> {
     if !path.exists() {
         return Err(Error::Invalid(format!(
             "{}: no such model file or folder",
             path.display()
         )));
     }
-    match path.extension().and_then(|e| e.to_str()) {
-        Some("onnx") => Ok(Runtime::Tract),
-        Some("gguf") => Ok(Runtime::Mistralrs),
-        _ if path.is_dir() => Ok(Runtime::Mistralrs),
-        _ => Err(Error::Invalid(format!(
+    crate::backend::for_model(path).ok_or_else(|| {
+        Error::Invalid(format!(
             "{}: not a model ziplm can time (give .onnx files, .gguf files or Hugging Face folders)",
             path.display()
-        ))),
-    }
+        ))
+    })
 }
 
 /// Times each of `models` against `dense` at `workload` in the runtime that serves
@@ -74,9 +66,9 @@ pub fn measure(
         ));
     }
     workload.validate().map_err(Error::Invalid)?;
-    let runtime = runtime_of(dense)?;
+    let backend = backend_of(dense)?;
     for m in models {
-        if runtime_of(m)? != runtime {
+        if backend_of(m)?.name() != backend.name() {
             return Err(Error::Invalid(format!(
                 "{} and the dense model {} are served by different runtimes: time ONNX files against an ONNX dense model, GGUF files and folders against a GGUF file or folder",
                 m.display(),
@@ -85,10 +77,7 @@ pub fn measure(
         }
     }
     progress.start("timing against the dense model", models.len() as u64);
-    let timings = match runtime {
-        Runtime::Tract => measure_tract(dense, models, workload, threads, settings, progress)?,
-        Runtime::Mistralrs => measure_mistralrs(dense, models, workload, settings, progress)?,
-    };
+    let timings = backend.time_files(dense, models, workload, threads, settings, progress)?;
     progress.finish();
     Ok(models
         .iter()
@@ -100,55 +89,6 @@ pub fn measure(
             timing: t,
         })
         .collect())
-}
-
-fn measure_tract(
-    dense: &Path,
-    models: &[PathBuf],
-    workload: &Workload,
-    threads: usize,
-    settings: &ProfileSettings,
-    progress: &dyn Progress,
-) -> Result<Vec<(Timing, Timing)>> {
-    use crate::backend::tract::{profile::time_pair, TractModel, TractOptions};
-    let model = TractModel::load(
-        dense,
-        TractOptions {
-            workload: *workload,
-            ..Default::default()
-        },
-    )?;
-    let mut out = vec![];
-    for m in models {
-        out.push(time_pair(&model, dense, m, workload, threads, settings)?);
-        progress.advance(1);
-    }
-    Ok(out)
-}
-
-#[cfg(feature = "mistralrs")]
-fn measure_mistralrs(
-    dense: &Path,
-    models: &[PathBuf],
-    workload: &Workload,
-    settings: &ProfileSettings,
-    progress: &dyn Progress,
-) -> Result<Vec<(Timing, Timing)>> {
-    crate::backend::mistralrs::driver::time_files(dense, models, workload, settings, progress)
-}
-
-#[cfg(not(feature = "mistralrs"))]
-fn measure_mistralrs(
-    dense: &Path,
-    _: &[PathBuf],
-    _: &Workload,
-    _: &ProfileSettings,
-    _: &dyn Progress,
-) -> Result<Vec<(Timing, Timing)>> {
-    Err(Error::Invalid(format!(
-        "{}: timing GGUF files and folders needs ziplm built with the `mistralrs` feature",
-        dense.display()
-    )))
 }
 
 #[cfg(test)]

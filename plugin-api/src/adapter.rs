@@ -27,6 +27,22 @@ pub trait ModelAdapter {
         GroupLayout::for_kind(&b.kind, s.constraints.gqa_policy)
     }
 
+    /// Sets the token-id samples [`ModelAdapter::calibrate`] runs the model on. The
+    /// default refuses (for an adapter that brings its own calibration data).
+    fn set_calibration(&mut self, samples: Vec<Vec<i64>>) -> AdapterResult<()> {
+        let _ = samples;
+        Err(crate::AdapterError::Unsupported {
+            what: "calibration samples from the engine".into(),
+            detail: "this adapter calibrates on its own data".into(),
+            hint: "give the adapter its data directly".into(),
+        })
+    }
+
+    /// The size of the token vocabulary, when known (random calibration ids need it).
+    fn vocab_size(&self) -> Option<usize> {
+        None
+    }
+
     /// Runs the dense model on the adapter's calibration samples and feeds the
     /// out-projection inputs of the blocks in `capture` to `sink`.
     ///

@@ -48,7 +48,10 @@ pub use calibration::ActivationSink;
 pub use error::{AdapterError, AdapterResult};
 pub use groups::{GroupLayout, GroupSchedule};
 pub use latency::{BlockShape, LatencyEntry, LatencyTable, LatencyTableKey, Measured, Timing};
-pub use plan::{BlockChoice, BlockPlan, EmitSummary, Plan, PrunedWeights, WeightMatrix};
+pub use plan::{
+    BlockChoice, BlockPlan, EmitSummary, Plan, PrunedWeights, WeightMatrix, ROLE_GATE, ROLE_K,
+    ROLE_Q, ROLE_UP, ROLE_V,
+};
 pub use structure::{
     AttentionShape, BlockId, BlockKind, FfnShape, GqaPolicy, LayerIndex, ModelStructure,
     ModuleRemoval, PrunableBlock, ShapeConstraints,

@@ -176,6 +176,38 @@ impl WeightMatrix {
 pub struct PrunedWeights {
     /// Compensated out-projection per block.
     pub out_projections: BTreeMap<BlockId, WeightMatrix>,
+    /// Any other tensor of a block that a stage after the search replaced (sequential
+    /// correction, recovery), by block and by the tensor's role in it ([`ROLE_Q`] ...),
+    /// each at its pruned shape (kept rows x inputs). An adapter writes every entry or
+    /// refuses the emit with an error: none is ever dropped.
+    pub tensors: BTreeMap<BlockId, BTreeMap<String, WeightMatrix>>,
+}
+
+/// Role of an attention block's query projection in [`PrunedWeights::tensors`].
+pub const ROLE_Q: &str = "q_proj";
+/// Role of an attention block's key projection.
+pub const ROLE_K: &str = "k_proj";
+/// Role of an attention block's value projection.
+pub const ROLE_V: &str = "v_proj";
+/// Role of an FFN block's gate projection (gated FFNs).
+pub const ROLE_GATE: &str = "gate_proj";
+/// Role of an FFN block's up projection.
+pub const ROLE_UP: &str = "up_proj";
+
+impl PrunedWeights {
+    /// The replaced tensor of `role` in `block`, if a stage set one.
+    pub fn tensor(&self, block: BlockId, role: &str) -> Option<&WeightMatrix> {
+        self.tensors.get(&block).and_then(|m| m.get(role))
+    }
+
+    /// The first (block, role) of [`PrunedWeights::tensors`] that `writes` says an
+    /// adapter cannot write, for its error message.
+    pub fn unwritable(&self, writes: impl Fn(BlockId, &str) -> bool) -> Option<(BlockId, &str)> {
+        self.tensors
+            .iter()
+            .flat_map(|(b, m)| m.keys().map(move |r| (*b, r.as_str())))
+            .find(|(b, r)| !writes(*b, r))
+    }
 }
 
 /// What an emit step wrote.

@@ -1,11 +1,22 @@
-//! Runtime backends: each turns a model file into a [`ziplm_plugin_api::ModelAdapter`]
-//! and measures, emits and verifies with its runtime.
+//! Runtime backends and their registry.
+//!
+//! A backend is one folder here that implements [`Backend`] (what the front ends ask:
+//! which models it takes, profiling defaults, inspect, profile, run, speedup timing)
+//! and [`crate::pipeline::Session`] (a model loaded for one job, which the one
+//! pipeline drives). Every front end dispatches through [`for_model`] / [`named`]:
 //!
 //! - [`tract`]: ONNX transformers on CPU with tract.
-//! - [`mistralrs`] (feature `mistralrs`): Llama GGUF files and Hugging Face folders,
-//!   verified in mistral.rs.
+//! - [`mistralrs`]: Llama GGUF files and Hugging Face folders, verified in mistral.rs.
+//!   Without the `mistralrs` feature the module is a stub with the same API whose
+//!   calls return a clear "build with --features mistralrs" error.
+//!
+//! Adding a backend: a folder with both traits, and one line in [`BUILTIN`] (or a call
+//! to [`register`] from outside the crate).
 
 #[cfg(feature = "mistralrs")]
+pub mod mistralrs;
+#[cfg(not(feature = "mistralrs"))]
+#[path = "mistralrs_off.rs"]
 pub mod mistralrs;
 pub mod tract;
 
@@ -15,13 +26,104 @@ use crate::job::{GgufDType, PruneJob};
 use crate::profile::ProfileSettings;
 use crate::progress::Progress;
 use crate::report::PruneReport;
-use std::path::Path;
-use ziplm_plugin_api::{GqaPolicy, LatencyTable, ModelStructure, Workload};
+use std::path::{Path, PathBuf};
+use std::sync::RwLock;
+use ziplm_plugin_api::{GqaPolicy, LatencyTable, ModelStructure, Timing, Workload};
+
+/// What a runtime backend offers the front ends (CLI, config, build API, `speedup`).
+pub trait Backend: Sync {
+    /// The name jobs, configs and reports use (`backend = "tract"`).
+    fn name(&self) -> &'static str;
+    /// Whether the model at `model` (a file or folder) is one this backend reads.
+    fn takes(&self, model: &Path) -> bool;
+    /// How this backend profiles a latency table by default.
+    fn profile_settings(&self) -> ProfileSettings;
+    /// Runs a resolved job end to end through [`crate::pipeline::run`].
+    fn run(&self, job: &PruneJob, progress: &dyn Progress) -> Result<PruneReport>;
+    /// The prunable structure of a model (`ziplm inspect`).
+    fn structure(&self, model: &Path, workload: &Workload) -> Result<ModelStructure>;
+    /// Times every grid shape of a model (`ziplm profile`): the table a prune job of
+    /// the same model and workload would build.
+    fn profile(
+        &self,
+        model: &Path,
+        request: &ProfileRequest,
+        progress: &dyn Progress,
+    ) -> Result<LatencyTable>;
+    /// Sets the job's options for a serving config's `output.format`; false when this
+    /// backend writes no such format.
+    fn apply_output_format(&self, _job: &mut PruneJob, _format: &str) -> bool {
+        false
+    }
+    /// Times each of `models` against `dense` end to end in the runtime, alternating
+    /// runs (`ziplm speedup`); one (dense, model) timing pair per model.
+    fn time_files(
+        &self,
+        dense: &Path,
+        models: &[PathBuf],
+        workload: &Workload,
+        threads: usize,
+        settings: &ProfileSettings,
+        progress: &dyn Progress,
+    ) -> Result<Vec<(Timing, Timing)>>;
+}
+
+/// The backends built into ziplm, in the order models are matched against them.
+pub static BUILTIN: &[&dyn Backend] = &[&tract::TractBackend, &mistralrs::MistralBackend];
+
+/// Backends registered at run time ([`register`]), matched before the built-in ones.
+static REGISTERED: RwLock<Vec<&'static dyn Backend>> = RwLock::new(Vec::new());
+
+/// Adds a backend (for example one written against the plugin API outside this
+/// crate). A backend with the name of one already registered replaces it.
+pub fn register(backend: &'static dyn Backend) {
+    let mut r = REGISTERED.write().unwrap_or_else(|e| e.into_inner());
+    r.retain(|b| b.name() != backend.name());
+    r.push(backend);
+}
+
+/// Every backend: the registered ones first, then [`BUILTIN`].
+pub fn all() -> Vec<&'static dyn Backend> {
+    let r = REGISTERED.read().unwrap_or_else(|e| e.into_inner());
+    r.iter().copied().chain(BUILTIN.iter().copied()).collect()
+}
+
+/// The backend that reads `model`, if any.
+pub fn for_model(model: &Path) -> Option<&'static dyn Backend> {
+    all().into_iter().find(|b| b.takes(model))
+}
+
+/// The backend called `name`, or an error that lists the known names.
+pub fn named(name: &str) -> Result<&'static dyn Backend> {
+    let all = all();
+    all.iter()
+        .copied()
+        .find(|b| b.name() == name)
+        .ok_or_else(|| {
+            let names: Vec<&str> = all.iter().map(|b| b.name()).collect();
+            Error::Invalid(format!(
+                "unknown backend `{name}`: use one of {}",
+                names.join(", ")
+            ))
+        })
+}
+
+/// The backend for `model`, or a clear error naming the model kinds ziplm reads.
+pub fn for_model_or_error(model: &Path) -> Result<&'static dyn Backend> {
+    for_model(model).ok_or_else(|| {
+        Error::Invalid(format!(
+            "{}: not a model ziplm knows (give an .onnx file, a .gguf file, or a Hugging Face folder with config.json and model.safetensors)",
+            model.display()
+        ))
+    })
+}
 
 /// What `ziplm profile` needs to time a model's shapes.
 pub struct ProfileRequest<'a> {
     /// The workload timed.
     pub workload: Workload,
+    /// CPU threads of the target.
+    pub threads: usize,
     /// The grid of shapes (FFN width multiple, largest FFN fraction removed).
     pub grid: &'a DatabaseConfig,
     /// How GQA heads are removed.
@@ -34,118 +136,12 @@ pub struct ProfileRequest<'a> {
     pub reuse: Option<&'a LatencyTable>,
 }
 
-/// Loads a model's prunable structure with the backend its file type calls for.
+/// Loads a model's prunable structure with the backend that reads it.
 pub fn load_structure(model: &Path, workload: &Workload) -> Result<ModelStructure> {
-    match model.extension().and_then(|e| e.to_str()) {
-        Some("onnx") => {
-            let m = tract::TractModel::load(
-                model,
-                tract::TractOptions {
-                    workload: *workload,
-                    ..Default::default()
-                },
-            )?;
-            Ok(ziplm_plugin_api::ModelAdapter::structure(&m).clone())
-        }
-        _ => mistralrs_structure(model),
-    }
-}
-
-/// The error for a GGUF file or model folder in a build without the mistral.rs backend.
-#[cfg(not(feature = "mistralrs"))]
-fn no_mistralrs(model: &Path) -> Error {
-    Error::Invalid(format!(
-        "{}: not an ONNX file; GGUF and safetensors models need ziplm built with the `mistralrs` feature",
-        model.display()
-    ))
-}
-
-#[cfg(not(feature = "mistralrs"))]
-fn mistralrs_structure(model: &Path) -> Result<ModelStructure> {
-    Err(no_mistralrs(model))
-}
-
-#[cfg(not(feature = "mistralrs"))]
-/// Profiles a GGUF file or model folder (needs the `mistralrs` feature).
-pub fn profile_llm(
-    model: &Path,
-    _request: &ProfileRequest,
-    _progress: &dyn Progress,
-) -> Result<LatencyTable> {
-    Err(no_mistralrs(model))
-}
-
-#[cfg(feature = "mistralrs")]
-/// Times every grid shape of a GGUF file or model folder with candle's kernels, as
-/// the mistral.rs backend's prune job does (the same table, key and all).
-pub fn profile_llm(
-    model: &Path,
-    request: &ProfileRequest,
-    progress: &dyn Progress,
-) -> Result<LatencyTable> {
-    check_llm_source(model)?;
-    let m = mistralrs::LlamaModel::load(
-        model,
-        mistralrs::LlamaOptions {
-            gqa_policy: request.gqa_policy,
-            output_dtype: request.gguf_dtype,
-            ..Default::default()
-        },
-    )?;
-    let shapes =
-        crate::database::grid_shapes(ziplm_plugin_api::ModelAdapter::structure(&m), request.grid);
-    let mut profiler = mistralrs::profile::CandleProfiler::new(&m, request.gguf_dtype);
-    crate::profile::build_table(
-        &mut profiler,
-        &request.workload,
-        &shapes,
-        &request.settings,
-        request.reuse,
-        progress,
-    )
-}
-
-#[cfg(not(feature = "mistralrs"))]
-/// Runs a job with the mistral.rs backend (needs the `mistralrs` feature).
-pub fn run_mistralrs(job: &PruneJob, _progress: &dyn Progress) -> Result<PruneReport> {
-    Err(Error::Invalid(format!(
-        "{}: the mistralrs backend needs ziplm built with the `mistralrs` feature (cargo build --features mistralrs)",
-        job.model.display()
-    )))
-}
-
-#[cfg(feature = "mistralrs")]
-fn mistralrs_structure(model: &Path) -> Result<ModelStructure> {
-    check_llm_source(model)?;
-    let m = mistralrs::LlamaModel::load(model, Default::default())?;
-    Ok(ziplm_plugin_api::ModelAdapter::structure(&m).clone())
-}
-
-/// A GGUF file or a model folder; anything else gets a clear error.
-#[cfg(feature = "mistralrs")]
-fn check_llm_source(model: &Path) -> Result<()> {
-    let gguf = model.extension().and_then(|e| e.to_str()) == Some("gguf");
-    if gguf || model.is_dir() {
-        Ok(())
-    } else {
-        Err(Error::Invalid(format!(
-            "{}: not a model ziplm knows (give an .onnx file, a .gguf file, or a Hugging Face folder with config.json and model.safetensors)",
-            model.display()
-        )))
-    }
-}
-
-#[cfg(feature = "mistralrs")]
-/// Runs a job with the mistral.rs backend.
-pub fn run_mistralrs(job: &PruneJob, progress: &dyn Progress) -> Result<PruneReport> {
-    check_llm_source(&job.model)?;
-    Ok(mistralrs::driver::run(job, progress)?.report)
+    for_model_or_error(model)?.structure(model, workload)
 }
 
 /// Runs a job with its backend (writes models and report into `job.out_dir`).
 pub fn run_job(job: &PruneJob, progress: &dyn Progress) -> Result<PruneReport> {
-    match job.backend {
-        crate::job::BackendKind::Tract => Ok(tract::driver::run(job, progress)?.report),
-        crate::job::BackendKind::Mistralrs => run_mistralrs(job, progress),
-    }
+    named(job.backend.name())?.run(job, progress)
 }

@@ -4,9 +4,9 @@ use super::args::{
     Cli, Command, EvalArgs, FormatArg, GgufDTypeArg, GqaArg, InspectArgs, LlmFormatArg,
     ProfileArgs, PruneArgs, SpeedupArgs, WorkloadArgs,
 };
-use super::inspect;
 use crate::data::{CalibrationData, DataFormat};
-use crate::job::{BackendKind, Device, PruneJob};
+use crate::inspect;
+use crate::job::{Device, PruneJob};
 use crate::progress::{Bars, Progress, Quiet};
 use crate::search::Budget;
 use anyhow::{bail, Context};
@@ -115,12 +115,7 @@ fn prune(a: PruneArgs) -> anyhow::Result<ExitCode> {
                 job.random_samples
             );
         }
-        let report = match job.backend {
-            BackendKind::Tract => {
-                crate::backend::tract::driver::run(job, progress.as_ref())?.report
-            }
-            BackendKind::Mistralrs => crate::backend::run_mistralrs(job, progress.as_ref())?,
-        };
+        let report = crate::backend::run_job(job, progress.as_ref())?;
         missed |= report.budgets.iter().any(|b| b.met == Some(false));
         if !a.json {
             print!("{}", report.to_text());
@@ -154,7 +149,6 @@ fn gguf_dtype(a: GgufDTypeArg) -> crate::job::GgufDType {
 }
 
 fn profile(a: ProfileArgs) -> anyhow::Result<ExitCode> {
-    use crate::backend::tract::{profile::TractProfiler, TractModel, TractOptions};
     let w = workload(&a.workload);
     if !(0.0..=1.0).contains(&a.max_ffn_removed) {
         bail!(
@@ -182,36 +176,17 @@ fn profile(a: ProfileArgs) -> anyhow::Result<ExitCode> {
         None
     };
     let progress = progress(a.quiet);
-    let table = if backend == crate::job::BackendKind::Tract {
-        let model = TractModel::load(
-            &a.model,
-            TractOptions {
-                workload: w,
-                gqa_policy: gqa(a.gqa),
-            },
-        )?;
-        let shapes =
-            crate::database::grid_shapes(ziplm_plugin_api::ModelAdapter::structure(&model), &cfg);
-        let mut profiler = TractProfiler::new(&model, a.workload.threads);
-        crate::profile::build_table(
-            &mut profiler,
-            &w,
-            &shapes,
-            &settings,
-            reuse.as_ref(),
-            progress.as_ref(),
-        )?
-    } else {
-        let request = crate::backend::ProfileRequest {
-            workload: w,
-            grid: &cfg,
-            gqa_policy: gqa(a.gqa),
-            gguf_dtype: gguf_dtype(a.gguf_dtype),
-            settings,
-            reuse: reuse.as_ref(),
-        };
-        crate::backend::profile_llm(&a.model, &request, progress.as_ref())?
+    let request = crate::backend::ProfileRequest {
+        workload: w,
+        threads: a.workload.threads,
+        grid: &cfg,
+        gqa_policy: gqa(a.gqa),
+        gguf_dtype: gguf_dtype(a.gguf_dtype),
+        settings,
+        reuse: reuse.as_ref(),
     };
+    let table =
+        crate::backend::named(backend.name())?.profile(&a.model, &request, progress.as_ref())?;
     crate::profile::save_table(&table, &a.out)?;
     if a.json {
         println!("{}", serde_json::to_string_pretty(&table)?);
@@ -287,7 +262,6 @@ fn eval(a: EvalArgs) -> anyhow::Result<ExitCode> {
     }
 }
 
-#[cfg(feature = "mistralrs")]
 fn eval_perplexity(a: &EvalArgs, text: &std::path::Path) -> anyhow::Result<ExitCode> {
     use crate::backend::mistralrs::eval::text_perplexity;
     // Nothing is timed here: let the allocator keep the forward's buffers (~1.5x).
@@ -318,11 +292,6 @@ fn eval_perplexity(a: &EvalArgs, text: &std::path::Path) -> anyhow::Result<ExitC
         );
     }
     Ok(ExitCode::SUCCESS)
-}
-
-#[cfg(not(feature = "mistralrs"))]
-fn eval_perplexity(_: &EvalArgs, _: &std::path::Path) -> anyhow::Result<ExitCode> {
-    bail!("LLM perplexity needs the mistral.rs backend: build ziplm with `--features mistralrs`")
 }
 
 fn eval_sts(a: &EvalArgs, sts_path: &std::path::Path) -> anyhow::Result<ExitCode> {

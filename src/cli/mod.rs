@@ -5,10 +5,8 @@
 
 mod args;
 mod commands;
-mod inspect;
 
-pub use args::Cli;
-pub use inspect::inspect_text;
+use args::Cli;
 
 use clap::Parser;
 use std::ffi::OsString;

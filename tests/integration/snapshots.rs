@@ -38,7 +38,7 @@ fn inspect_pruned_fixtures() {
         let structure = ziplm::backend::load_structure(&path, &workload(name)).unwrap();
         insta::assert_snapshot!(
             format!("inspect_{name}"),
-            ziplm::cli::inspect_text(&structure)
+            ziplm::inspect::inspect_text(&structure)
         );
     }
 }

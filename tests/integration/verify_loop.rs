@@ -216,3 +216,86 @@ fn without_the_second_pass_the_first_model_that_met_is_kept() {
     assert_eq!(outcome.chosen, outcome.attempts.len() - 1);
     assert_eq!(rt.emitted.len(), outcome.attempts.len());
 }
+
+/// A runtime whose dense timing reads 5% faster than the same model "pruned": dense
+/// against dense under noise.
+struct NoisyDense(FakeRuntime);
+
+impl EmitAndMeasure for NoisyDense {
+    fn emit(&mut self, plan: &Plan, weights: &PrunedWeights) -> Result<EmitSummary> {
+        self.0.emit(plan, weights)
+    }
+    fn measure(&mut self, emitted: &EmitSummary) -> Result<(Timing, Timing)> {
+        let (d, p) = self.0.measure(emitted)?;
+        Ok((exact(d.median_ms * 0.95), p))
+    }
+}
+
+#[test]
+fn a_speedup_the_dense_model_meets_is_met_whatever_the_noise() {
+    let db = setup();
+    let mut rt = NoisyDense(FakeRuntime::new());
+    let outcome = pipeline::prune_to_budget(
+        &db,
+        &table(&db),
+        Budget::Speedup(1.0),
+        &plain_dp(),
+        true,
+        &mut rt,
+    )
+    .unwrap();
+    assert_eq!(outcome.search.selection, db.dense_selection());
+    assert_eq!(outcome.met(), Some(true));
+    assert_eq!(outcome.attempts.len(), 1);
+}
+
+/// A weight stage that scales every out-projection by 2: what it returns is what is
+/// emitted and what the outcome carries.
+struct Doubling {
+    inner: FakeRuntime,
+    emitted_weights: Vec<PrunedWeights>,
+}
+
+impl EmitAndMeasure for Doubling {
+    fn transform(&mut self, _plan: &Plan, mut weights: PrunedWeights) -> Result<PrunedWeights> {
+        for w in weights.out_projections.values_mut() {
+            w.data.iter_mut().for_each(|x| *x *= 2.0);
+        }
+        Ok(weights)
+    }
+    fn emit(&mut self, plan: &Plan, weights: &PrunedWeights) -> Result<EmitSummary> {
+        self.emitted_weights.push(weights.clone());
+        self.inner.emit(plan, weights)
+    }
+    fn measure(&mut self, emitted: &EmitSummary) -> Result<(Timing, Timing)> {
+        self.inner.measure(emitted)
+    }
+}
+
+#[test]
+fn the_weight_stage_after_the_search_is_what_is_emitted() {
+    let db = setup();
+    let mut rt = Doubling {
+        inner: FakeRuntime::new(),
+        emitted_weights: vec![],
+    };
+    let outcome = pipeline::prune_to_budget(
+        &db,
+        &table(&db),
+        Budget::Speedup(1.5),
+        &plain_dp(),
+        true,
+        &mut rt,
+    )
+    .unwrap();
+    let database_weights = db.pruned_weights(&outcome.search.selection).unwrap();
+    assert!(!database_weights.out_projections.is_empty());
+    for (b, w) in &database_weights.out_projections {
+        let got = &outcome.weights.out_projections[b];
+        for (x, y) in w.data.iter().zip(&got.data) {
+            assert_eq!(2.0 * x, *y);
+        }
+    }
+    // The file on disk (the last emit) holds the chosen round's transformed weights.
+    assert_eq!(rt.emitted_weights.last(), Some(&outcome.weights));
+}

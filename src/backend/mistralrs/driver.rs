@@ -1,39 +1,31 @@
-//! Running a [`PruneJob`] on a Llama GGUF model: load -> calibrate -> database ->
-//! profile (candle) -> search -> emit (GGUF) -> verify (mistral.rs), and the report.
+//! The mistral.rs backend in the pipeline: [`MistralSession`] (a Llama GGUF file or
+//! Hugging Face folder loaded for one job: blocks profiled with candle, models emitted
+//! as GGUF or safetensors, verified in mistral.rs) and [`MistralBackend`], its entry in
+//! the backend registry.
 
 use super::loss::HiddenLoss;
 use super::model::{LlamaModel, LlamaOptions};
 use super::profile::CandleProfiler;
 use super::runtime::LoadedModel;
-use crate::data::{self, tokenizer::Tokenizer, DataFormat, SampleMode};
+use crate::backend::{Backend, ProfileRequest};
+use crate::data::{self, tokenizer::Tokenizer};
 use crate::database::Database;
 use crate::error::{Error, Result};
 use crate::job::{Device, PruneJob};
-use crate::pipeline::{self, BudgetOutcome, EmitAndMeasure};
-use crate::profile;
+use crate::pipeline::{self, BudgetOutcome, JobRun, Session};
+use crate::profile::{self, ProfileSettings};
 use crate::progress::Progress;
-use crate::report::{self, PruneReport, StageTimes};
+use crate::report::PruneReport;
 use crate::runtime_fit::{self, Point, RuntimeFit};
 use crate::search::SearchProblem;
 use std::path::{Path, PathBuf};
-use std::time::Instant;
 use ziplm_plugin_api::{
-    EmitSummary, LatencyTable, ModelAdapter, Phase, Plan, PrunedWeights, Timing, Workload,
+    EmitSummary, LatencyProfiler, LatencyTable, ModelAdapter, ModelStructure, Phase, Plan,
+    PrunedWeights, Timing, Workload,
 };
 
-/// Everything a mistral.rs run produced.
-pub struct MistralRun {
-    /// The report (also written to the output folder).
-    pub report: PruneReport,
-    /// The database (reusable for more budgets).
-    pub database: Database,
-    /// The latency table used.
-    pub table: LatencyTable,
-    /// Per-budget outcomes.
-    pub outcomes: Vec<BudgetOutcome>,
-    /// The loaded model.
-    pub model: LlamaModel,
-}
+/// A mistral.rs run's results (the session holds the loaded [`LlamaModel`]).
+pub type MistralRun = JobRun<MistralSession>;
 
 /// Calibration windows held out for the SPDY loss, and their length cap.
 const LOSS_SAMPLES: usize = 4;
@@ -71,24 +63,6 @@ pub fn model_tokenizer(
         detail: e,
     })?;
     Tokenizer::from_tokenizer(inner, path)
-}
-
-/// Calibration windows for a job: tokenised text cut into windows, or random ids.
-pub fn calibration_samples(job: &PruneJob, model: &LlamaModel) -> Result<Vec<Vec<i64>>> {
-    let Some(cal) = &job.calibration else {
-        return Ok(data::random_samples(
-            model.weights.config.vocab,
-            job.random_samples,
-            job.workload.seq_len,
-            job.seed,
-        ));
-    };
-    let tok = tokenizer_for(job, model)?;
-    let format = cal
-        .format
-        .unwrap_or_else(|| DataFormat::from_path(&cal.path));
-    let texts = data::read_texts(&cal.path, format)?;
-    data::make_samples(&tok, &texts, SampleMode::Windows, cal.samples, cal.seq_len)
 }
 
 /// Decode steps generated per decode timing sample.
@@ -208,48 +182,6 @@ pub fn time_pair_loaded(
     }
 }
 
-struct Backend<'a> {
-    model: &'a LlamaModel,
-    loss: Option<&'a HiddenLoss>,
-    job: &'a PruneJob,
-    dest: PathBuf,
-    dense: &'a mut Option<LoadedModel>,
-    dense_path: &'a Path,
-    prompt: &'a [u32],
-    emit_s: f64,
-    verify_s: f64,
-}
-
-impl EmitAndMeasure for Backend<'_> {
-    fn emit(&mut self, plan: &Plan, weights: &PrunedWeights) -> Result<EmitSummary> {
-        let t = Instant::now();
-        let s = self.model.emit(plan, weights, &self.dest)?;
-        self.emit_s += t.elapsed().as_secs_f64();
-        Ok(s)
-    }
-    fn measure(&mut self, emitted: &EmitSummary) -> Result<(Timing, Timing)> {
-        let t = Instant::now();
-        if self.dense.is_none() {
-            *self.dense = Some(LoadedModel::load(self.dense_path)?);
-        }
-        let pruned = LoadedModel::load(&emitted.path)?;
-        let dense = self.dense.as_ref().expect("loaded above");
-        let r = time_pair_loaded(
-            dense,
-            &pruned,
-            self.prompt,
-            &self.job.workload,
-            &self.job.verify_settings,
-        )?;
-        self.verify_s += t.elapsed().as_secs_f64();
-        Ok(r)
-    }
-    fn loss(&mut self, plan: &Plan, weights: &PrunedWeights) -> Option<Result<f64>> {
-        let loss = self.loss?;
-        Some(loss.loss(self.model, plan, weights).map_err(Into::into))
-    }
-}
-
 /// Times the probe models of [`runtime_fit`] in mistral.rs against the dense model.
 struct ProbeRuntime<'a> {
     model: &'a LlamaModel,
@@ -334,95 +266,133 @@ impl ProbeRuntime<'_> {
     }
 }
 
-/// Runs a job end to end and writes the models (`NAME.BUDGET.gguf`, or `NAME.BUDGET/`
-/// folders for safetensors) and the report into the job's output folder.
-pub fn run(job: &PruneJob, progress: &dyn Progress) -> Result<MistralRun> {
-    job.check_budgets()?;
-    crate::fsutil::check_output_folder(&job.out_dir)?;
-    if let Device::Cuda { .. } = job.device {
-        return Err(Error::Invalid(
-            "CUDA targets are not built into this ziplm: the mistralrs backend profiles and verifies on the CPU (target.device = \"cpu\")".into(),
-        ));
-    }
-    job.workload.validate().map_err(Error::Invalid)?;
-    let mut stages = StageTimes::default();
-    let t = Instant::now();
-    let mut model = LlamaModel::load(
-        &job.model,
-        LlamaOptions {
-            gqa_policy: job.gqa_policy,
-            output_dtype: job.gguf_dtype,
-            format: job.llm_format,
-            tokenizer_json: job.tokenizer.clone(),
-        },
-    )?;
-    stages.load_s = t.elapsed().as_secs_f64();
-    check_timed_workload(&job.workload, model.weights.config.context_length)?;
-    let samples = calibration_samples(job, &model)?;
-    model.set_calibration(samples)?;
-    let database = Database::build(&mut model, &job.database, progress)?;
-    stages.calibrate_s = database.timings.calibrate_s;
-    stages.database_s = database.timings.database_s;
+/// A Llama GGUF file or Hugging Face folder loaded for one job.
+pub struct MistralSession {
+    /// The loaded model (ziplm's reader and forward).
+    pub model: LlamaModel,
+    loss: Option<HiddenLoss>,
+    /// The dense model as emitted (same tensor types), loaded in mistral.rs.
+    dense: Option<LoadedModel>,
+    dense_path: PathBuf,
+    prompt: Vec<u32>,
+}
 
-    let t = Instant::now();
-    let mut notes = vec![format!(
-        "latencies: blocks timed with candle {} kernels ({} threads); verification times whole models in mistral.rs ({})",
-        super::profile::CANDLE_VERSION,
-        super::profile::candle_threads(),
-        match job.workload.phase {
-            Phase::Prefill => "wall time of a one-token request on the prompt".to_string(),
-            Phase::Decode { .. } => format!(
-                "per generated token: wall time of 1 + {DECODE_STEPS} tokens minus 1 token after the prompt, over the tokens generated"
-            ),
+impl MistralSession {
+    /// Loads the job's model (CPU targets only; the workload must be one mistral.rs can
+    /// time on this model).
+    pub fn open(job: &PruneJob) -> Result<MistralSession> {
+        check_llm_source(&job.model)?;
+        match job.device {
+            Device::Cuda { .. } => {
+                return Err(Error::Invalid(
+                    "CUDA targets are not built into this ziplm: the mistralrs backend profiles and verifies on the CPU (target.threads)".into(),
+                ))
+            }
+            // candle and mistral.rs size their thread pools once per process.
+            Device::Cpu { threads } if threads != 1 && threads != super::profile::candle_threads() => {
+                return Err(Error::Invalid(format!(
+                    "--threads {threads}: the mistralrs backend runs on candle's thread pool, {} threads in this process; set RAYON_NUM_THREADS={threads} to time on {threads} threads",
+                    super::profile::candle_threads()
+                )))
+            }
+            Device::Cpu { .. } => {}
         }
-    )];
-    let acquired = {
-        let mut profiler = CandleProfiler::new(&model, job.gguf_dtype);
-        profile::acquire_table(job, &mut profiler, &database.shapes(), progress)?
-    };
-    let verify = job.verify && acquired.verify_here;
-    notes.extend(acquired.notes);
-    let mut table = acquired.table;
-    stages.profile_s = t.elapsed().as_secs_f64();
-
-    // Every budget is checked before anything is written.
-    let problem = database.search_problem(&table)?;
-    for budget in &job.budgets {
-        problem.solve(*budget, &[], job.search.buckets)?;
-    }
-    let loss = match job.search.refine {
-        Some(_) => Some(HiddenLoss::new(&model, LOSS_SAMPLES, LOSS_TOKENS)?),
-        None => None,
-    };
-    std::fs::create_dir_all(&job.out_dir).map_err(|e| Error::io(&job.out_dir, e))?;
-    // The dense model through the same emitter (same tensor types), for timing.
-    let scratch = tempfile::Builder::new()
-        .prefix(".ziplm-dense-")
-        .tempdir_in(&job.out_dir)
-        .map_err(|e| Error::io(&job.out_dir, e))?;
-    let dense_path = scratch.path().join(output_name(&model, "dense"));
-    if verify {
-        model.emit(
-            &Plan::dense(model.structure()),
-            &PrunedWeights::default(),
-            &dense_path,
+        job.workload.validate().map_err(Error::Invalid)?;
+        let model = LlamaModel::load(
+            &job.model,
+            LlamaOptions {
+                gqa_policy: job.gqa_policy,
+                output_dtype: job.gguf_dtype,
+                format: job.llm_format,
+                tokenizer_json: job.tokenizer.clone(),
+            },
         )?;
+        check_timed_workload(&job.workload, model.weights.config.context_length)?;
+        Ok(MistralSession {
+            model,
+            loss: None,
+            dense: None,
+            dense_path: PathBuf::new(),
+            prompt: vec![],
+        })
     }
-    let prompt = timing_prompt(&model, &job.workload);
-    let mut dense_loaded: Option<LoadedModel> = None;
-    if verify && job.runtime_fit {
-        let t = Instant::now();
-        let dense = LoadedModel::load(&dense_path)?;
+
+    /// The dense model in mistral.rs, loaded on first use.
+    fn dense(&mut self) -> Result<&LoadedModel> {
+        if self.dense.is_none() {
+            self.dense = Some(LoadedModel::load(&self.dense_path)?);
+        }
+        Ok(self.dense.as_ref().expect("loaded above"))
+    }
+}
+
+impl Session for MistralSession {
+    type Model = LlamaModel;
+
+    fn model(&self) -> &LlamaModel {
+        &self.model
+    }
+    fn model_mut(&mut self) -> &mut LlamaModel {
+        &mut self.model
+    }
+    fn embedded_tokenizer(&self, job: &PruneJob) -> Option<Result<Tokenizer>> {
+        Some(model_tokenizer(&job.model, None, &self.model))
+    }
+    fn notes(&self, job: &PruneJob) -> Vec<String> {
+        vec![format!(
+            "latencies: blocks timed with candle {} kernels ({} threads); verification times whole models in mistral.rs ({})",
+            super::profile::CANDLE_VERSION,
+            super::profile::candle_threads(),
+            match job.workload.phase {
+                Phase::Prefill => "wall time of a one-token request on the prompt".to_string(),
+                Phase::Decode { .. } => format!(
+                    "per generated token: wall time of 1 + {DECODE_STEPS} tokens minus 1 token after the prompt, over the tokens generated"
+                ),
+            }
+        )]
+    }
+    fn profiler(&self, job: &PruneJob) -> Box<dyn LatencyProfiler + '_> {
+        Box::new(CandleProfiler::new(&self.model, job.gguf_dtype))
+    }
+    fn prepare_loss(&mut self, _job: &PruneJob) -> Result<()> {
+        self.loss = Some(HiddenLoss::new(&self.model, LOSS_SAMPLES, LOSS_TOKENS)?);
+        Ok(())
+    }
+    fn loss(&self, plan: &Plan, weights: &PrunedWeights) -> Option<Result<f64>> {
+        let loss = self.loss.as_ref()?;
+        Some(loss.loss(&self.model, plan, weights).map_err(Into::into))
+    }
+    fn prepare_verification(
+        &mut self,
+        job: &PruneJob,
+        database: &Database,
+        table: LatencyTable,
+        scratch: &Path,
+        progress: &dyn Progress,
+    ) -> Result<(LatencyTable, Vec<String>)> {
+        // The dense model through the same emitter (same tensor types), for timing.
+        self.dense_path = scratch.join(output_name(&self.model, "dense"));
+        self.model.emit(
+            &Plan::dense(self.model.structure()),
+            &PrunedWeights::default(),
+            &self.dense_path,
+        )?;
+        self.prompt = timing_prompt(&self.model, &job.workload);
+        if !job.runtime_fit {
+            return Ok((table, vec![]));
+        }
+        let problem = database.search_problem(&table)?;
+        self.dense()?;
         let probe = ProbeRuntime {
-            model: &model,
-            database: &database,
-            dense: &dense,
-            dir: scratch.path(),
-            prompt: &prompt,
+            model: &self.model,
+            database,
+            dense: self.dense.as_ref().expect("loaded above"),
+            dir: scratch,
+            prompt: &self.prompt,
             job,
             progress,
         };
-        match probe.fit(&problem)? {
+        Ok(match probe.fit(&problem)? {
             Ok((fit, note)) => {
                 // A fit from two noisy probes must not turn a budget the table can
                 // meet into an error: then verification decides, as without a fit.
@@ -433,95 +403,154 @@ pub fn run(job: &PruneJob, progress: &dyn Progress) -> Result<MistralRun> {
                     .iter()
                     .find_map(|b| fitted.solve(*b, &[], job.search.buckets).err());
                 match refused {
-                    None => {
-                        table = fitted_table;
-                        notes.push(note);
-                    }
-                    Some(e) => notes.push(format!(
+                    None => (fitted_table, vec![note]),
+                    Some(e) => (
+                        table,
+                        vec![format!(
                         "{note}; not used: with it {e}; the searches use the candle table as it is"
-                    )),
+                    )],
+                    ),
                 }
             }
-            Err(why) => notes.push(format!(
-                "runtime fit skipped ({why}); the searches use the candle table as it is"
-            )),
-        }
-        dense_loaded = Some(dense);
-        stages.profile_s += t.elapsed().as_secs_f64();
+            Err(why) => (
+                table,
+                vec![format!(
+                    "runtime fit skipped ({why}); the searches use the candle table as it is"
+                )],
+            ),
+        })
     }
-    let mut outcomes = vec![];
-    let mut budgets = vec![];
-    let t_search = Instant::now();
-    let (mut emit_s, mut verify_s) = (0.0, 0.0);
-    for budget in &job.budgets {
-        let dest = job
-            .out_dir
-            .join(output_name(&model, &job.output_stem(budget)));
-        let mut backend = Backend {
-            model: &model,
-            loss: loss.as_ref(),
-            job,
-            dest,
-            dense: &mut dense_loaded,
-            dense_path: &dense_path,
-            prompt: &prompt,
-            emit_s: 0.0,
-            verify_s: 0.0,
+    fn output_name(&self, stem: &str) -> String {
+        output_name(&self.model, stem)
+    }
+    fn measure(&mut self, job: &PruneJob, emitted: &EmitSummary) -> Result<(Timing, Timing)> {
+        self.dense()?;
+        let pruned = LoadedModel::load(&emitted.path)?;
+        let dense = self.dense.as_ref().expect("loaded above");
+        Ok(time_pair_loaded(
+            dense,
+            &pruned,
+            &self.prompt,
+            &job.workload,
+            &job.verify_settings,
+        )?)
+    }
+    fn check_served(&mut self, _job: &PruneJob, outcome: &BudgetOutcome) -> Result<Vec<String>> {
+        let label = PruneJob::budget_label(&outcome.budget);
+        match LoadedModel::load(&outcome.emitted.path)?.chat(CHAT_PROMPT, 24) {
+            Ok(reply) => Ok(vec![format!(
+                "{label}: mistral.rs reply to {CHAT_PROMPT:?}: {:?}",
+                reply.text
+            )]),
+            // A model without a chat template still serves raw prompts.
+            Err(e) if e.to_string().contains("chat template") => Ok(vec![format!(
+                "{label}: no chat reply (the model has no chat template)"
+            )]),
+            Err(e) => Err(e.into()),
+        }
+    }
+    fn finish(&mut self) {
+        self.dense = None;
+    }
+}
+
+/// Runs a job with mistral.rs end to end (see [`pipeline::run`]): writes the models
+/// (`NAME.BUDGET.gguf`, or `NAME.BUDGET/` folders for safetensors) and the report.
+pub fn run(job: &PruneJob, progress: &dyn Progress) -> Result<MistralRun> {
+    pipeline::run(job, MistralSession::open, progress)
+}
+
+/// A GGUF file or a model folder; anything else gets a clear error.
+fn check_llm_source(model: &Path) -> Result<()> {
+    if takes(model) {
+        Ok(())
+    } else {
+        Err(Error::Invalid(format!(
+            "{}: not a model ziplm knows (give an .onnx file, a .gguf file, or a Hugging Face folder with config.json and model.safetensors)",
+            model.display()
+        )))
+    }
+}
+
+/// The models this backend reads: `.gguf` files and folders.
+pub(crate) fn takes(model: &Path) -> bool {
+    model.extension().and_then(|e| e.to_str()) == Some("gguf") || model.is_dir()
+}
+
+/// The mistral.rs backend: Llama-family GGUF files and Hugging Face folders.
+pub struct MistralBackend;
+
+impl Backend for MistralBackend {
+    fn name(&self) -> &'static str {
+        "mistralrs"
+    }
+    fn takes(&self, model: &Path) -> bool {
+        takes(model)
+    }
+    fn profile_settings(&self) -> ProfileSettings {
+        super::profile_settings()
+    }
+    fn run(&self, job: &PruneJob, progress: &dyn Progress) -> Result<PruneReport> {
+        Ok(run(job, progress)?.report)
+    }
+    fn apply_output_format(&self, job: &mut PruneJob, format: &str) -> bool {
+        use crate::job::{GgufDType, LlmFormat};
+        let dtype = match format {
+            "gguf" => Some(GgufDType::F32),
+            "gguf-f16" => Some(GgufDType::F16),
+            "gguf-q8_0" => Some(GgufDType::Q8_0),
+            "gguf-q4_k" => Some(GgufDType::Q4K),
+            _ => None,
         };
-        let outcome = pipeline::prune_to_budget(
-            &database,
-            &table,
-            *budget,
-            &job.search,
-            verify,
-            &mut backend,
-        )?;
-        emit_s += backend.emit_s;
-        verify_s += backend.verify_s;
-        let plan_path = job
-            .out_dir
-            .join(format!("{}.plan.json", job.output_stem(budget)));
-        crate::fsutil::write_json_atomic(&plan_path, &outcome.plan)?;
-        notes.extend(report::dense_note(&database, &outcome));
-        if verify {
-            let t = Instant::now();
-            let label = PruneJob::budget_label(budget);
-            match LoadedModel::load(&outcome.emitted.path)?.chat(CHAT_PROMPT, 24) {
-                Ok(reply) => notes.push(format!(
-                    "{label}: mistral.rs reply to {CHAT_PROMPT:?}: {:?}",
-                    reply.text
-                )),
-                // A model without a chat template still serves raw prompts.
-                Err(e) if e.to_string().contains("chat template") => notes.push(format!(
-                    "{label}: no chat reply (the model has no chat template)"
-                )),
-                Err(e) => return Err(e.into()),
-            }
-            verify_s += t.elapsed().as_secs_f64();
+        if let Some(d) = dtype {
+            job.gguf_dtype = d;
+            job.llm_format = Some(LlmFormat::Gguf);
         }
-        budgets.push(report::budget_report(&database, &table, &outcome)?);
-        outcomes.push(outcome);
+        if format == "safetensors" {
+            job.llm_format = Some(LlmFormat::Safetensors);
+        }
+        dtype.is_some() || format == "safetensors"
     }
-    drop(dense_loaded);
-    drop(scratch);
-    stages.emit_s = emit_s;
-    stages.verify_s = verify_s;
-    stages.search_s = (t_search.elapsed().as_secs_f64() - emit_s - verify_s).max(0.0);
-    let report = PruneReport::new(
-        job,
-        &model.structure().architecture,
-        &table,
-        &database,
-        stages,
-        budgets,
-        notes,
-    );
-    report.write(&job.out_dir, "report")?;
-    Ok(MistralRun {
-        report,
-        database,
-        table,
-        outcomes,
-        model,
-    })
+    fn time_files(
+        &self,
+        dense: &Path,
+        models: &[PathBuf],
+        workload: &Workload,
+        _threads: usize,
+        settings: &ProfileSettings,
+        progress: &dyn Progress,
+    ) -> Result<Vec<(Timing, Timing)>> {
+        time_files(dense, models, workload, settings, progress)
+    }
+    fn structure(&self, model: &Path, _workload: &Workload) -> Result<ModelStructure> {
+        check_llm_source(model)?;
+        let m = LlamaModel::load(model, Default::default())?;
+        Ok(m.structure().clone())
+    }
+    fn profile(
+        &self,
+        model: &Path,
+        request: &ProfileRequest,
+        progress: &dyn Progress,
+    ) -> Result<LatencyTable> {
+        check_llm_source(model)?;
+        let m = LlamaModel::load(
+            model,
+            LlamaOptions {
+                gqa_policy: request.gqa_policy,
+                output_dtype: request.gguf_dtype,
+                ..Default::default()
+            },
+        )?;
+        let shapes = crate::database::grid_shapes(m.structure(), request.grid);
+        let mut profiler = CandleProfiler::new(&m, request.gguf_dtype);
+        profile::build_table(
+            &mut profiler,
+            &request.workload,
+            &shapes,
+            &request.settings,
+            request.reuse,
+            progress,
+        )
+    }
 }

@@ -11,11 +11,22 @@
 
 use super::gguf::GgufFile;
 use super::llama::LlamaWeights;
-use super::model::OutputDType;
+use crate::job::GgufDType as OutputDType;
 use candle_core::quantized::gguf_file::{self, Value};
 use candle_core::quantized::{GgmlDType, QTensor};
 use std::path::Path;
 use ziplm_plugin_api::{AdapterError, AdapterResult};
+
+/// The candle type of an output type.
+pub fn ggml_dtype(d: OutputDType) -> candle_core::quantized::GgmlDType {
+    use candle_core::quantized::GgmlDType as G;
+    match d {
+        OutputDType::F32 => G::F32,
+        OutputDType::F16 => G::F16,
+        OutputDType::Q8_0 => G::Q8_0,
+        OutputDType::Q4K => G::Q4K,
+    }
+}
 
 /// Metadata keys the emitter writes itself.
 const REWRITTEN: &[&str] = &[
@@ -106,7 +117,7 @@ pub fn gguf_parts(
         })
     };
     let f32q = |t: &candle_core::Tensor| quantize(t, GgmlDType::F32).map_err(ce);
-    let proj = |t: &candle_core::Tensor| quantize(t, super::model::ggml_dtype(dtype)).map_err(ce);
+    let proj = |t: &candle_core::Tensor| quantize(t, ggml_dtype(dtype)).map_err(ce);
     let mut tensors = vec![(
         "token_embd.weight".to_string(),
         stored("token_embd.weight")?,

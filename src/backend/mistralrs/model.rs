@@ -16,16 +16,7 @@ use ziplm_plugin_api::{
 pub use crate::job::GgufDType as OutputDType;
 pub use crate::job::LlmFormat;
 
-/// The candle type of an output type.
-pub fn ggml_dtype(d: OutputDType) -> candle_core::quantized::GgmlDType {
-    use candle_core::quantized::GgmlDType as G;
-    match d {
-        OutputDType::F32 => G::F32,
-        OutputDType::F16 => G::F16,
-        OutputDType::Q8_0 => G::Q8_0,
-        OutputDType::Q4K => G::Q4K,
-    }
-}
+pub use super::emit::ggml_dtype;
 
 /// Options for loading a Llama model.
 #[derive(Clone, Debug, PartialEq)]
@@ -462,6 +453,31 @@ pub fn prune(
 ) -> AdapterResult<LlamaWeights> {
     let hd = dense.config.head_dim;
     let ce = |e: candle_core::Error| AdapterError::runtime("pruning weights", e);
+    use ziplm_plugin_api::{ROLE_GATE, ROLE_K, ROLE_Q, ROLE_UP, ROLE_V};
+    let writes = |b: BlockId, role: &str| match structure.block(b).map(|b| b.kind) {
+        Some(BlockKind::Attention(_)) => [ROLE_Q, ROLE_K, ROLE_V].contains(&role),
+        Some(BlockKind::Ffn(_)) => [ROLE_GATE, ROLE_UP].contains(&role),
+        None => false,
+    };
+    if let Some((b, role)) = compensated.unwritable(writes) {
+        return Err(AdapterError::InvalidRequest(format!(
+            "{b}: the mistralrs backend cannot write a replaced `{role}` tensor (it writes q_proj, k_proj, v_proj for attention and gate_proj, up_proj for FFNs)"
+        )));
+    }
+    // A stage's replacement of a sliced tensor, which must have the sliced shape.
+    let replaced = |b: BlockId, role: &str, sliced: Tensor| -> AdapterResult<Tensor> {
+        let Some(m) = compensated.tensor(b, role) else {
+            return Ok(sliced);
+        };
+        let (r, c) = sliced.dims2().map_err(ce)?;
+        if (m.rows, m.cols) != (r, c) {
+            return Err(AdapterError::InvalidRequest(format!(
+                "{b}: the replaced `{role}` is {}x{}, the pruned tensor is {r}x{c}",
+                m.rows, m.cols
+            )));
+        }
+        matrix(m).map_err(ce)
+    };
     let mut layers = vec![];
     let mut heads: Option<(usize, usize)> = None;
     for (i, layer) in dense.layers.iter().enumerate() {
@@ -529,13 +545,17 @@ pub fn prune(
         };
         layers.push(LayerWeights {
             attn_norm: layer.attn_norm.clone(),
-            wq: rows(&layer.wq, &q_rows).map_err(ce)?,
-            wk: rows(&layer.wk, &kv_rows).map_err(ce)?,
-            wv: rows(&layer.wv, &kv_rows).map_err(ce)?,
+            wq: replaced(pa.block, ROLE_Q, rows(&layer.wq, &q_rows).map_err(ce)?)?,
+            wk: replaced(pa.block, ROLE_K, rows(&layer.wk, &kv_rows).map_err(ce)?)?,
+            wv: replaced(pa.block, ROLE_V, rows(&layer.wv, &kv_rows).map_err(ce)?)?,
             wo,
             ffn_norm: layer.ffn_norm.clone(),
-            gate: rows(&layer.gate, &pf.kept).map_err(ce)?,
-            up: rows(&layer.up, &pf.kept).map_err(ce)?,
+            gate: replaced(
+                pf.block,
+                ROLE_GATE,
+                rows(&layer.gate, &pf.kept).map_err(ce)?,
+            )?,
+            up: replaced(pf.block, ROLE_UP, rows(&layer.up, &pf.kept).map_err(ce)?)?,
             down,
             qkv_bias: match &layer.qkv_bias {
                 Some(b) => Some(QkvBias {
@@ -562,6 +582,14 @@ pub fn prune(
 }
 
 impl ziplm_plugin_api::ModelAdapter for LlamaModel {
+    fn set_calibration(&mut self, samples: Vec<Vec<i64>>) -> AdapterResult<()> {
+        LlamaModel::set_calibration(self, samples)
+    }
+
+    fn vocab_size(&self) -> Option<usize> {
+        Some(self.weights.config.vocab)
+    }
+
     fn structure(&self) -> &ModelStructure {
         &self.structure
     }

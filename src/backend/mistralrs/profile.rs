@@ -50,7 +50,7 @@ fn ce(e: candle_core::Error) -> AdapterError {
 
 /// A projection as mistral.rs holds it.
 fn qmatmul(w: &Tensor, dtype: OutputDType) -> candle_core::Result<QMatMul> {
-    QMatMul::from_qtensor(super::emit::quantize(w, super::model::ggml_dtype(dtype))?)
+    QMatMul::from_qtensor(super::emit::quantize(w, super::emit::ggml_dtype(dtype))?)
 }
 
 /// The first `n` rows of `t`.
@@ -313,7 +313,7 @@ impl LatencyProfiler for CandleProfiler<'_> {
                     // Folders hold the head in the projections' float type.
                     _ => super::emit::quantize(
                         w.output.as_ref().unwrap_or(&w.embed),
-                        super::model::ggml_dtype(self.dtype),
+                        super::emit::ggml_dtype(self.dtype),
                     )
                     .map_err(ce)?,
                 };

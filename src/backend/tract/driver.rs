@@ -1,74 +1,54 @@
-//! Running a [`PruneJob`] with tract: load -> calibrate -> database -> profile ->
-//! search -> emit -> verify, and the report.
+//! The tract backend in the pipeline: [`TractSession`] (an ONNX model loaded for one
+//! job) and [`TractBackend`], its entry in the backend registry.
 
 use super::loss::OutputLoss;
 use super::model::{TractModel, TractOptions};
 use super::profile::{time_pair, TractProfiler};
-use crate::data::{self, tokenizer::Tokenizer, DataFormat, SampleMode};
-use crate::database::Database;
+use crate::backend::{Backend, ProfileRequest};
+use crate::data::SampleMode;
 use crate::error::{Error, Result};
 use crate::job::{Device, PruneJob};
-use crate::pipeline::{self, BudgetOutcome, EmitAndMeasure};
-use crate::profile;
+use crate::pipeline::{self, BudgetOutcome, JobRun, Session};
+use crate::profile::ProfileSettings;
 use crate::progress::Progress;
-use crate::report::{self, PruneReport, StageTimes};
-use std::path::PathBuf;
-use std::time::Instant;
-use ziplm_plugin_api::{EmitSummary, LatencyTable, ModelAdapter, Plan, PrunedWeights, Timing};
+use crate::report::PruneReport;
+use std::path::{Path, PathBuf};
+use ziplm_plugin_api::{
+    EmitSummary, LatencyProfiler, LatencyTable, ModelAdapter, ModelStructure, Plan, PrunedWeights,
+    Timing, Workload,
+};
 
-/// Everything a tract run produced.
-pub struct TractRun {
-    /// The report (also written to the output folder).
-    pub report: PruneReport,
-    /// The database (reusable for more budgets).
-    pub database: Database,
-    /// The latency table used.
-    pub table: LatencyTable,
-    /// Per-budget outcomes.
-    pub outcomes: Vec<BudgetOutcome>,
+/// Calibration samples the SPDY loss hook scores candidates on.
+const LOSS_SAMPLES: usize = 64;
+
+/// A tract run's results (the session holds the loaded [`TractModel`]).
+pub type TractRun = JobRun<TractSession>;
+
+/// An ONNX model loaded in tract for one job.
+pub struct TractSession {
     /// The loaded model.
     pub model: TractModel,
+    threads: usize,
+    loss: Option<OutputLoss>,
 }
 
-/// Calibration samples for a job: tokenised data, or random ids when none is given.
-pub fn calibration_samples(job: &PruneJob, model: &TractModel) -> Result<Vec<Vec<i64>>> {
-    let Some(cal) = &job.calibration else {
-        let vocab = model.vocab().ok_or_else(|| {
-            Error::Invalid(
-                "no calibration data given and the vocabulary size is unknown; pass --calibration"
-                    .into(),
-            )
-        })?;
-        return Ok(data::random_samples(
-            vocab,
-            job.random_samples,
-            job.workload.seq_len,
-            job.seed,
-        ));
-    };
-    let tok_path = job.tokenizer.clone().or_else(|| Tokenizer::next_to(&job.model)).ok_or_else(|| {
-        Error::Invalid(format!(
-            "calibration text needs the model's tokenizer: no tokenizer.json next to {}; pass --tokenizer",
-            job.model.display()
-        ))
-    })?;
-    let tok = Tokenizer::from_file(&tok_path)?;
-    let format = cal
-        .format
-        .unwrap_or_else(|| DataFormat::from_path(&cal.path));
-    let texts = data::read_texts(&cal.path, format)?;
-    let mode = if model.structure().architecture == "bert" {
-        SampleMode::PerText
-    } else {
-        SampleMode::Windows
-    };
-    data::make_samples(
-        &tok,
-        &texts,
-        mode,
-        cal.samples,
-        cal.seq_len.min(job.workload.seq_len.max(cal.seq_len)),
-    )
+impl TractSession {
+    /// Loads the job's model (the device must be a CPU with at least one thread).
+    pub fn open(job: &PruneJob) -> Result<TractSession> {
+        let threads = threads(job)?;
+        let model = TractModel::load(
+            &job.model,
+            TractOptions {
+                workload: job.workload,
+                gqa_policy: job.gqa_policy,
+            },
+        )?;
+        Ok(TractSession {
+            model,
+            threads,
+            loss: None,
+        })
+    }
 }
 
 fn threads(job: &PruneJob) -> Result<usize> {
@@ -76,181 +56,166 @@ fn threads(job: &PruneJob) -> Result<usize> {
         Device::Cpu { threads } if threads >= 1 => Ok(threads),
         Device::Cpu { .. } => Err(Error::Invalid("threads must be at least 1".into())),
         Device::Cuda { .. } => Err(Error::Invalid(
-            "the tract backend runs on the CPU; use target.threads (CUDA targets are for the mistralrs backend)".into(),
+            "the tract backend runs on the CPU in this ziplm; use target.threads".into(),
         )),
     }
 }
 
-/// Calibration samples the SPDY loss hook scores candidates on.
-const LOSS_SAMPLES: usize = 64;
+impl Session for TractSession {
+    type Model = TractModel;
 
-struct Backend<'a> {
-    model: &'a TractModel,
-    loss: Option<&'a OutputLoss>,
-    job: &'a PruneJob,
-    threads: usize,
-    dest: PathBuf,
-    emit_s: f64,
-    verify_s: f64,
-}
-
-impl EmitAndMeasure for Backend<'_> {
-    fn emit(&mut self, plan: &Plan, weights: &PrunedWeights) -> Result<EmitSummary> {
-        let t = Instant::now();
-        let s = self.model.emit(plan, weights, &self.dest)?;
-        self.emit_s += t.elapsed().as_secs_f64();
-        Ok(s)
+    fn model(&self) -> &TractModel {
+        &self.model
     }
-    fn measure(&mut self, emitted: &EmitSummary) -> Result<(Timing, Timing)> {
-        let t = Instant::now();
-        let r = time_pair(
-            self.model,
-            &self.job.model,
-            &emitted.path,
-            &self.job.workload,
-            self.threads,
-            &self.job.verify_settings,
-        )?;
-        self.verify_s += t.elapsed().as_secs_f64();
-        Ok(r)
+    fn model_mut(&mut self) -> &mut TractModel {
+        &mut self.model
     }
-    fn loss(&mut self, plan: &Plan, weights: &PrunedWeights) -> Option<Result<f64>> {
-        let loss = self.loss?;
-        Some(loss.loss(self.model, plan, weights).map_err(Into::into))
-    }
-}
-
-/// Runs a job end to end and writes the models and the report (`report.json`,
-/// `report.txt`, `report.svg`) into the job's output folder.
-pub fn run(job: &PruneJob, progress: &dyn Progress) -> Result<TractRun> {
-    job.check_budgets()?;
-    crate::fsutil::check_output_folder(&job.out_dir)?;
-    let threads = threads(job)?;
-    let mut stages = StageTimes::default();
-    let t = Instant::now();
-    let mut model = TractModel::load(
-        &job.model,
-        TractOptions {
-            workload: job.workload,
-            gqa_policy: job.gqa_policy,
-        },
-    )?;
-    stages.load_s = t.elapsed().as_secs_f64();
-    let samples = calibration_samples(job, &model)?;
-    model.set_calibration(samples)?;
-    let database = Database::build(&mut model, &job.database, progress)?;
-    stages.calibrate_s = database.timings.calibrate_s;
-    stages.database_s = database.timings.database_s;
-
-    let t = Instant::now();
-    let mut notes = vec![];
-    let mut verify = job.verify;
-    let table = {
-        let mut profiler = TractProfiler::new(&model, threads);
-        let acquired = profile::acquire_table(job, &mut profiler, &database.shapes(), progress)?;
-        if !acquired.verify_here {
-            verify = false;
+    fn sample_mode(&self) -> SampleMode {
+        // An encoder sees one text per sample; a decoder reads windows of running text.
+        if self.model.structure().architecture == "bert" {
+            SampleMode::PerText
+        } else {
+            SampleMode::Windows
         }
-        notes.extend(acquired.notes);
-        acquired.table
-    };
-    stages.profile_s = t.elapsed().as_secs_f64();
-
-    // Every budget is checked before anything is written: an impossible one fails the
-    // job with the fastest achievable latency, leaving the output folder untouched.
-    let problem = database.search_problem(&table)?;
-    for budget in &job.budgets {
-        problem.solve(*budget, &[], job.search.buckets)?;
     }
-    // SPDY refinement scores candidates by their output error on held samples.
-    let loss = match job.search.refine {
-        Some(_) => {
-            let cap = match job.workload.phase {
-                ziplm_plugin_api::Phase::Prefill => job.workload.seq_len,
-                ziplm_plugin_api::Phase::Decode { .. } => 128,
-            };
-            Some(OutputLoss::new(
-                &model,
-                model.calibration_samples(),
-                LOSS_SAMPLES,
-                cap,
-            )?)
-        }
-        None => None,
-    };
-    std::fs::create_dir_all(&job.out_dir).map_err(|e| Error::io(&job.out_dir, e))?;
-    let mut outcomes = vec![];
-    let mut budgets = vec![];
-    let t_search = Instant::now();
-    let (mut emit_s, mut verify_s) = (0.0, 0.0);
-    for budget in &job.budgets {
-        let dest = job
-            .out_dir
-            .join(format!("{}.onnx", job.output_stem(budget)));
-        let mut backend = Backend {
-            model: &model,
-            loss: loss.as_ref(),
-            job,
-            threads,
-            dest,
-            emit_s: 0.0,
-            verify_s: 0.0,
+    fn profiler(&self, _job: &PruneJob) -> Box<dyn LatencyProfiler + '_> {
+        Box::new(TractProfiler::new(&self.model, self.threads))
+    }
+    fn prepare_loss(&mut self, job: &PruneJob) -> Result<()> {
+        // SPDY refinement scores candidates by their output error on held samples.
+        let cap = match job.workload.phase {
+            ziplm_plugin_api::Phase::Prefill => job.workload.seq_len,
+            ziplm_plugin_api::Phase::Decode { .. } => 128,
         };
-        let outcome = pipeline::prune_to_budget(
-            &database,
-            &table,
-            *budget,
-            &job.search,
-            verify,
-            &mut backend,
-        )?;
-        emit_s += backend.emit_s;
-        verify_s += backend.verify_s;
+        self.loss = Some(OutputLoss::new(
+            &self.model,
+            self.model.calibration_samples(),
+            LOSS_SAMPLES,
+            cap,
+        )?);
+        Ok(())
+    }
+    fn loss(&self, plan: &Plan, weights: &PrunedWeights) -> Option<Result<f64>> {
+        let loss = self.loss.as_ref()?;
+        Some(loss.loss(&self.model, plan, weights).map_err(Into::into))
+    }
+    fn output_name(&self, stem: &str) -> String {
+        format!("{stem}.onnx")
+    }
+    fn measure(&mut self, job: &PruneJob, emitted: &EmitSummary) -> Result<(Timing, Timing)> {
+        Ok(time_pair(
+            &self.model,
+            &job.model,
+            &emitted.path,
+            &job.workload,
+            self.threads,
+            &job.verify_settings,
+        )?)
+    }
+    fn write_artifacts(
+        &mut self,
+        job: &PruneJob,
+        stem: &str,
+        outcome: &BudgetOutcome,
+    ) -> Result<()> {
         if job.nnef {
             let onnx_bytes = std::fs::read(&outcome.emitted.path)
                 .map_err(|e| Error::io(&outcome.emitted.path, e))?;
-            let nnef_path = job
-                .out_dir
-                .join(format!("{}.nnef.tar", job.output_stem(budget)));
+            let nnef_path = job.out_dir.join(format!("{stem}.nnef.tar"));
             super::nnef::write_nnef(&onnx_bytes, &job.workload, &nnef_path)?;
         }
-        let plan_path = job
-            .out_dir
-            .join(format!("{}.plan.json", job.output_stem(budget)));
-        crate::fsutil::write_json_atomic(&plan_path, &outcome.plan)?;
-        // The bundle for the load-time tract transform (same model as the ONNX).
-        let weights = database.pruned_weights(&outcome.search.selection)?;
-        let bundle_path = job
-            .out_dir
-            .join(format!("{}.plan-bundle.json", job.output_stem(budget)));
+        // The bundle for the load-time tract transform (same model as the ONNX: the
+        // weights the model was emitted with).
         super::hook::write_bundle(
-            &bundle_path,
+            &job.out_dir.join(format!("{stem}.plan-bundle.json")),
             &outcome.plan,
-            &weights,
-            super::onnx::keeps_bias_when_removed(&model)?,
-        )?;
-        notes.extend(report::dense_note(&database, &outcome));
-        budgets.push(report::budget_report(&database, &table, &outcome)?);
-        outcomes.push(outcome);
+            &outcome.weights,
+            super::onnx::keeps_bias_when_removed(&self.model)?,
+        )
     }
-    stages.emit_s = emit_s;
-    stages.verify_s = verify_s;
-    stages.search_s = (t_search.elapsed().as_secs_f64() - emit_s - verify_s).max(0.0);
-    let report = PruneReport::new(
-        job,
-        &model.structure().architecture,
-        &table,
-        &database,
-        stages,
-        budgets,
-        notes,
-    );
-    report.write(&job.out_dir, "report")?;
-    Ok(TractRun {
-        report,
-        database,
-        table,
-        outcomes,
-        model,
-    })
+}
+
+/// Runs a job with tract end to end (see [`pipeline::run`]).
+pub fn run(job: &PruneJob, progress: &dyn Progress) -> Result<TractRun> {
+    pipeline::run(job, TractSession::open, progress)
+}
+
+/// The tract backend: ONNX files, on the CPU.
+pub struct TractBackend;
+
+impl Backend for TractBackend {
+    fn name(&self) -> &'static str {
+        "tract"
+    }
+    fn takes(&self, model: &Path) -> bool {
+        model.extension().and_then(|e| e.to_str()) == Some("onnx")
+    }
+    fn profile_settings(&self) -> ProfileSettings {
+        // Preparing a tract block model costs more than timing it: one pass.
+        ProfileSettings::new(2, 9)
+    }
+    fn run(&self, job: &PruneJob, progress: &dyn Progress) -> Result<PruneReport> {
+        Ok(run(job, progress)?.report)
+    }
+    fn apply_output_format(&self, job: &mut PruneJob, format: &str) -> bool {
+        job.nnef = format == "nnef";
+        format == "onnx" || format == "nnef"
+    }
+    fn time_files(
+        &self,
+        dense: &Path,
+        models: &[PathBuf],
+        workload: &Workload,
+        threads: usize,
+        settings: &ProfileSettings,
+        progress: &dyn Progress,
+    ) -> Result<Vec<(Timing, Timing)>> {
+        let model = TractModel::load(
+            dense,
+            TractOptions {
+                workload: *workload,
+                ..Default::default()
+            },
+        )?;
+        let mut out = vec![];
+        for m in models {
+            out.push(time_pair(&model, dense, m, workload, threads, settings)?);
+            progress.advance(1);
+        }
+        Ok(out)
+    }
+    fn structure(&self, model: &Path, workload: &Workload) -> Result<ModelStructure> {
+        let m = TractModel::load(
+            model,
+            TractOptions {
+                workload: *workload,
+                ..Default::default()
+            },
+        )?;
+        Ok(m.structure().clone())
+    }
+    fn profile(
+        &self,
+        model: &Path,
+        request: &ProfileRequest,
+        progress: &dyn Progress,
+    ) -> Result<LatencyTable> {
+        let m = TractModel::load(
+            model,
+            TractOptions {
+                workload: request.workload,
+                gqa_policy: request.gqa_policy,
+            },
+        )?;
+        let shapes = crate::database::grid_shapes(m.structure(), request.grid);
+        let mut profiler = TractProfiler::new(&m, request.threads);
+        crate::profile::build_table(
+            &mut profiler,
+            &request.workload,
+            &shapes,
+            &request.settings,
+            request.reuse,
+            progress,
+        )
+    }
 }

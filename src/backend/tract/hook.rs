@@ -66,6 +66,7 @@ pub fn write_bundle(
     weights: &PrunedWeights,
     keep_bias: Vec<bool>,
 ) -> crate::Result<()> {
+    super::onnx::edit::refuse_other_tensors(weights)?;
     let bin = path.with_extension("bin");
     let mut index = vec![];
     let mut offset = 0;

@@ -22,6 +22,7 @@ pub mod profile;
 pub mod recognize;
 pub mod surgery;
 
+pub use driver::TractBackend;
 pub use model::{TractModel, TractOptions};
 
 /// The exact tract version this backend is built against (all tract crates pin it).

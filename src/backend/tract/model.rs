@@ -363,7 +363,36 @@ fn structure_of(
     })
 }
 
+impl onnx::OnnxSource for TractModel {
+    fn source_path(&self) -> &Path {
+        &self.path
+    }
+    fn source_file(&self) -> &OnnxFile {
+        &self.file
+    }
+    fn source_inputs(&self) -> &[InputSpec] {
+        &self.inputs
+    }
+    fn source_workload(&self) -> Workload {
+        self.options.workload
+    }
+    fn source_structure(&self) -> &ModelStructure {
+        &self.structure
+    }
+    fn source_blocks(&self) -> &[RecognizedBlock] {
+        &self.blocks
+    }
+}
+
 impl ModelAdapter for TractModel {
+    fn set_calibration(&mut self, samples: Vec<Vec<i64>>) -> AdapterResult<()> {
+        TractModel::set_calibration(self, samples)
+    }
+
+    fn vocab_size(&self) -> Option<usize> {
+        self.vocab
+    }
+
     fn structure(&self) -> &ModelStructure {
         &self.structure
     }

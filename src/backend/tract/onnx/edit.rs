@@ -3,15 +3,15 @@
 use super::locate::{self, Matrices, OnnxBlock, OnnxProj};
 use super::roles::{self, Dims, Role, ShapeEdit};
 use super::tensors::{self, ConstLoc, GraphIndex};
+use super::OnnxSource;
 use crate::backend::tract::inputs;
-use crate::backend::tract::TractModel;
 use std::collections::{BTreeMap, HashMap, HashSet};
 use tract_onnx::pb;
 use tract_onnx::prelude::*;
 #[allow(unused_imports)]
 use tract_onnx::tract_core::internal::{bail, TractErrorContext};
 use ziplm_plugin_api::{
-    AdapterError, AdapterResult, BlockChoice, BlockKind, ModelAdapter, Plan, PrunedWeights,
+    AdapterError, AdapterResult, BlockChoice, BlockKind, Plan, PrunedWeights,
 };
 
 /// Kept indices along an axis of each role, for one block.
@@ -58,33 +58,59 @@ impl Edits {
 }
 
 /// Writes the ONNX model pruned by `plan`, with the out-projections of `weights`.
-pub fn emit(model: &TractModel, plan: &Plan, weights: &PrunedWeights) -> AdapterResult<Vec<u8>> {
+/// Replaced tensors other than out-projections are refused (not written yet).
+pub fn emit(
+    model: &impl OnnxSource,
+    plan: &Plan,
+    weights: &PrunedWeights,
+) -> AdapterResult<Vec<u8>> {
+    refuse_other_tensors(weights)?;
     emit_inner(model, plan, weights).map_err(|e| {
         super::emit_error(
-            &format!("writing the pruned ONNX of {}", model.path().display()),
+            &format!(
+                "writing the pruned ONNX of {}",
+                model.source_path().display()
+            ),
             e,
         )
     })
 }
 
-fn emit_inner(model: &TractModel, plan: &Plan, weights: &PrunedWeights) -> TractResult<Vec<u8>> {
-    let mut proto = model.file().proto.clone();
-    let graph = model.file().graph();
+/// The tract backend writes out-projections only: any other replaced tensor is an
+/// error, never silently dropped.
+pub fn refuse_other_tensors(weights: &PrunedWeights) -> AdapterResult<()> {
+    match weights.unwritable(|_, _| false) {
+        None => Ok(()),
+        Some((b, role)) => Err(AdapterError::Unsupported {
+            what: format!("replaced `{role}` tensor of {b}"),
+            detail: "the tract backend writes compensated out-projections only".into(),
+            hint: "run the job without the stage that changed it".into(),
+        }),
+    }
+}
+
+fn emit_inner(
+    model: &impl OnnxSource,
+    plan: &Plan,
+    weights: &PrunedWeights,
+) -> TractResult<Vec<u8>> {
+    let mut proto = model.source_file().proto.clone();
+    let graph = model.source_file().graph();
     let index = GraphIndex::new(graph);
-    let specs = model.input_specs();
-    let workload = model.options().workload;
+    let specs = model.source_inputs();
+    let workload = model.source_workload();
     let input_shapes: Vec<(DatumType, Vec<usize>)> = specs
         .iter()
         .map(|s| (s.datum_type, inputs::shape_for(s, &workload)))
         .collect();
-    let shapes = model.file().tensor_shapes(&input_shapes)?;
+    let shapes = model.source_file().tensor_shapes(&input_shapes)?;
     let mut mats = Matrices::default();
     let mut edits = Edits::default();
-    let structure = model.structure();
+    let structure = model.source_structure();
     for (bp, (block, rec)) in plan
         .blocks
         .iter()
-        .zip(structure.blocks.iter().zip(model.blocks()))
+        .zip(structure.blocks.iter().zip(model.source_blocks()))
     {
         let choice = bp.choice();
         if choice == BlockChoice::Dense {
@@ -591,22 +617,24 @@ fn _unused(_: &AdapterError, _: AdapterResult<()>) {}
 /// out-projections (no OBS update, no shape change): the reference a pruned model
 /// without compensation must reproduce. Removed blocks are masked whole; in pre-LN
 /// models their out-projection bias is zeroed too, as the bypass drops it.
-pub fn emit_masked(model: &TractModel, plan: &Plan) -> AdapterResult<Vec<u8>> {
+pub fn emit_masked(model: &impl OnnxSource, plan: &Plan) -> AdapterResult<Vec<u8>> {
     masked_inner(model, plan)
         .map_err(|e| super::emit_error("writing the masked reference model", e))
 }
 
-fn masked_inner(model: &TractModel, plan: &Plan) -> TractResult<Vec<u8>> {
-    let mut proto = model.file().proto.clone();
-    let graph = model.file().graph();
+fn masked_inner(model: &impl OnnxSource, plan: &Plan) -> TractResult<Vec<u8>> {
+    let mut proto = model.source_file().proto.clone();
+    let graph = model.source_file().graph();
     let index = GraphIndex::new(graph);
     let mut mats = Matrices::default();
     let mut edits = Edits::default();
-    for (bp, (block, rec)) in plan
-        .blocks
-        .iter()
-        .zip(model.structure().blocks.iter().zip(model.blocks()))
-    {
+    for (bp, (block, rec)) in plan.blocks.iter().zip(
+        model
+            .source_structure()
+            .blocks
+            .iter()
+            .zip(model.source_blocks()),
+    ) {
         if bp.choice() == BlockChoice::Dense {
             continue;
         }
@@ -691,12 +719,12 @@ fn chain_biases(
 
 /// Per block: whether removing it keeps the out-projection bias (post-LN: the residual
 /// sum feeds only a LayerNorm), as [`emit`] decides.
-pub fn keeps_bias_when_removed(model: &TractModel) -> AdapterResult<Vec<bool>> {
-    let graph = model.file().graph();
+pub fn keeps_bias_when_removed(model: &impl OnnxSource) -> AdapterResult<Vec<bool>> {
+    let graph = model.source_file().graph();
     let index = GraphIndex::new(graph);
     let mut mats = Matrices::default();
     let mut out = vec![];
-    for rec in model.blocks() {
+    for rec in model.source_blocks() {
         let located = locate::locate(graph, &index, &mut mats, rec)
             .map_err(|e| super::emit_error("locating blocks", e))?;
         let o = match &located {

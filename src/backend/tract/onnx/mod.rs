@@ -27,6 +27,24 @@ use ziplm_plugin_api::{AdapterError, AdapterResult, Plan, PrunedWeights};
 
 pub use edit::{emit, emit_masked, keeps_bias_when_removed};
 
+/// What rewriting the ONNX file for a plan needs of the loaded model: the file and
+/// what tract recognised in it. `TractModel` implements it; the rewrite depends on
+/// this trait only, not on the adapter.
+pub trait OnnxSource {
+    /// The file's path (for messages).
+    fn source_path(&self) -> &Path;
+    /// The parsed file.
+    fn source_file(&self) -> &OnnxFile;
+    /// The model's inputs by role.
+    fn source_inputs(&self) -> &[crate::backend::tract::inputs::InputSpec];
+    /// The workload the model was loaded at (concrete shapes).
+    fn source_workload(&self) -> ziplm_plugin_api::Workload;
+    /// The prunable structure.
+    fn source_structure(&self) -> &ziplm_plugin_api::ModelStructure;
+    /// The recognised blocks, in structure order.
+    fn source_blocks(&self) -> &[crate::backend::tract::recognize::RecognizedBlock];
+}
+
 /// A parsed ONNX file.
 #[derive(Clone)]
 pub struct OnnxFile {

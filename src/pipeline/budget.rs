@@ -1,4 +1,4 @@
-//! The pruning pass after the database: search, emit, verify, correct.
+//! One budget: search, transform the weights, emit, verify, correct.
 //!
 //! `search -> emit -> verify`: for each budget the DP picks levels, the backend writes
 //! the model, and the backend times the dense and the pruned model end to end in the
@@ -83,6 +83,10 @@ pub struct BudgetOutcome {
     pub chosen: usize,
     /// Loss of the refined selection and of the plain one, when refined.
     pub refined_loss: Option<(f64, f64)>,
+    /// The weights of the chosen round as emitted: the database's compensation after
+    /// every weight stage ([`EmitAndMeasure::transform`]). Not serialised.
+    #[serde(skip)]
+    pub weights: PrunedWeights,
 }
 
 impl BudgetOutcome {
@@ -113,6 +117,12 @@ pub fn meets(budget: Budget, dense: &Timing, pruned: &Timing) -> bool {
 
 /// Backend operations the pass needs.
 pub trait EmitAndMeasure {
+    /// The stage after the search: turns the database's compensated weights of a plan
+    /// into the weights emitted (sequential correction or recovery go here). The
+    /// default keeps them as they are.
+    fn transform(&mut self, _plan: &Plan, weights: PrunedWeights) -> Result<PrunedWeights> {
+        Ok(weights)
+    }
     /// Writes the model for a plan and its compensated weights.
     fn emit(&mut self, plan: &Plan, weights: &PrunedWeights) -> Result<EmitSummary>;
     /// Times the dense and the emitted model end to end, alternating runs.
@@ -178,7 +188,7 @@ pub fn prune_to_budget(
             }
         }
         let plan = db.plan(&search.selection)?;
-        let weights = db.pruned_weights(&search.selection)?;
+        let weights = backend.transform(&plan, db.pruned_weights(&search.selection)?)?;
         let emitted = backend.emit(&plan, &weights)?;
         let mut attempt = Attempt {
             search_budget_ms: search_budget,
@@ -192,22 +202,27 @@ pub fn prune_to_budget(
                 attempt,
                 search,
                 plan,
+                weights,
                 emitted,
                 loss,
             });
             break;
         }
         let (dense, pruned) = backend.measure(&emitted)?;
-        let met = meets(budget, &dense, &pruned);
+        let dense_selected = search.selection == db.dense_selection();
+        // The dense model meets any speedup of at most 1x by definition: timing it
+        // against itself would only sample the noise.
+        let met = (dense_selected && matches!(budget, Budget::Speedup(s) if s <= 1.0))
+            || meets(budget, &dense, &pruned);
         attempt.measured_dense = Some(dense);
         attempt.measured = Some(pruned);
         attempt.met = Some(met);
-        let dense_selected = search.selection == db.dense_selection();
         let predicted = search.predicted_ms.max(f64::MIN_POSITIVE);
         rounds.push(Round {
             attempt,
             search,
             plan,
+            weights,
             emitted,
             loss,
         });
@@ -250,12 +265,12 @@ pub fn prune_to_budget(
     if chosen != last {
         // The file on disk is the last round's: write the chosen one again.
         let r = &rounds[chosen];
-        let weights = db.pruned_weights(&r.search.selection)?;
-        rounds[chosen].emitted = backend.emit(&r.plan, &weights)?;
+        rounds[chosen].emitted = backend.emit(&r.plan, &r.weights)?;
     }
     let Round {
         search,
         plan,
+        weights,
         emitted,
         loss,
         ..
@@ -268,6 +283,7 @@ pub fn prune_to_budget(
         attempts,
         chosen,
         refined_loss: loss,
+        weights,
     })
 }
 
@@ -276,6 +292,7 @@ struct Round {
     attempt: Attempt,
     search: SearchOutcome,
     plan: Plan,
+    weights: PrunedWeights,
     emitted: EmitSummary,
     loss: Option<(f64, f64)>,
 }

@@ -1,0 +1,91 @@
+//! The mistral.rs backend in a build without the `mistralrs` feature: the same API
+//! as `backend/mistralrs/` for what the rest of ziplm calls, each call a clear error
+//! that says how to build it in. GGUF files and model folders still reach this
+//! backend (so a user learns what is missing rather than getting tract's error).
+
+use crate::backend::{Backend, ProfileRequest};
+use crate::error::{Error, Result};
+use crate::job::PruneJob;
+use crate::profile::ProfileSettings;
+use crate::progress::Progress;
+use crate::report::PruneReport;
+use std::path::{Path, PathBuf};
+use ziplm_plugin_api::{LatencyTable, ModelStructure, Timing, Workload};
+
+/// The error every call of this stub returns.
+fn not_built(model: &Path) -> Error {
+    Error::Invalid(format!(
+        "{}: GGUF and safetensors models need ziplm built with the `mistralrs` feature (cargo build --features mistralrs)",
+        model.display()
+    ))
+}
+
+/// The same defaults as the real backend, so jobs resolve alike in both builds.
+pub fn profile_settings() -> ProfileSettings {
+    ProfileSettings::new(2, 15).in_passes(crate::profile::LLM_PROFILE_PASSES)
+}
+
+/// The mistral.rs backend's registry entry, not built in.
+pub struct MistralBackend;
+
+impl Backend for MistralBackend {
+    fn name(&self) -> &'static str {
+        "mistralrs"
+    }
+    fn takes(&self, model: &Path) -> bool {
+        model.extension().and_then(|e| e.to_str()) == Some("gguf") || model.is_dir()
+    }
+    fn profile_settings(&self) -> ProfileSettings {
+        profile_settings()
+    }
+    fn run(&self, job: &PruneJob, _: &dyn Progress) -> Result<PruneReport> {
+        Err(not_built(&job.model))
+    }
+    fn structure(&self, model: &Path, _: &Workload) -> Result<ModelStructure> {
+        Err(not_built(model))
+    }
+    fn profile(&self, model: &Path, _: &ProfileRequest, _: &dyn Progress) -> Result<LatencyTable> {
+        Err(not_built(model))
+    }
+    fn time_files(
+        &self,
+        dense: &Path,
+        _: &[PathBuf],
+        _: &Workload,
+        _: usize,
+        _: &ProfileSettings,
+        _: &dyn Progress,
+    ) -> Result<Vec<(Timing, Timing)>> {
+        Err(not_built(dense))
+    }
+}
+
+/// Perplexity evaluation (`ziplm eval --text`), not built in.
+pub mod eval {
+    use crate::progress::Progress;
+    use std::path::Path;
+
+    /// A perplexity figure (never produced by this stub).
+    pub struct Perplexity {
+        /// exp(mean NLL).
+        pub ppl: f64,
+        /// Mean negative log-likelihood per predicted token (nats).
+        pub mean_nll: f64,
+        /// Predicted tokens.
+        pub tokens: usize,
+        /// Windows evaluated.
+        pub windows: usize,
+    }
+
+    /// Always the "build with --features mistralrs" error.
+    pub fn text_perplexity(
+        model: &Path,
+        _text: &Path,
+        _tokenizer: Option<&Path>,
+        _window: usize,
+        _max_windows: Option<usize>,
+        _progress: &dyn Progress,
+    ) -> crate::Result<Perplexity> {
+        Err(super::not_built(model))
+    }
+}

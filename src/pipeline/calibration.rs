@@ -1,0 +1,58 @@
+//! The calibrate stage's input: the samples a job calibrates on, for any backend.
+
+use super::Session;
+use crate::data::{self, tokenizer::Tokenizer, DataFormat};
+use crate::error::{Error, Result};
+use crate::job::PruneJob;
+use ziplm_plugin_api::ModelAdapter;
+
+/// The tokenizer a job's calibration text is encoded with: `--tokenizer`, else a
+/// `tokenizer.json` next to (or inside) the model, else the one the session's model
+/// carries ([`Session::embedded_tokenizer`], e.g. a GGUF file's metadata).
+pub fn tokenizer<S: Session>(job: &PruneJob, session: &S) -> Result<Tokenizer> {
+    if let Some(p) = job
+        .tokenizer
+        .clone()
+        .or_else(|| Tokenizer::next_to(&job.model))
+    {
+        return Tokenizer::from_file(&p);
+    }
+    session.embedded_tokenizer(job).unwrap_or_else(|| {
+        Err(Error::Invalid(format!(
+            "calibration text needs the model's tokenizer: no tokenizer.json next to {}; pass --tokenizer",
+            job.model.display()
+        )))
+    })
+}
+
+/// Calibration samples for a job: its calibration text tokenised and cut as the
+/// session asks ([`Session::sample_mode`]), or `job.random_samples` random id sequences
+/// of the workload's length when no data is given.
+pub fn samples<S: Session>(job: &PruneJob, session: &S) -> Result<Vec<Vec<i64>>> {
+    let Some(cal) = &job.calibration else {
+        let vocab = session.model().vocab_size().ok_or_else(|| {
+            Error::Invalid(
+                "no calibration data given and the vocabulary size is unknown; pass --calibration"
+                    .into(),
+            )
+        })?;
+        return Ok(data::random_samples(
+            vocab,
+            job.random_samples,
+            job.workload.seq_len,
+            job.seed,
+        ));
+    };
+    let tok = tokenizer(job, session)?;
+    let format = cal
+        .format
+        .unwrap_or_else(|| DataFormat::from_path(&cal.path));
+    let texts = data::read_texts(&cal.path, format)?;
+    data::make_samples(
+        &tok,
+        &texts,
+        session.sample_mode(),
+        cal.samples,
+        cal.seq_len,
+    )
+}

@@ -1,0 +1,331 @@
+//! The one pipeline every prune job runs, whatever its backend.
+//!
+//! [`run`] passes one named value from each stage to the next:
+//!
+//! ```text
+//! load       Backend::open            -> S: Session (the loaded model)
+//! calibrate  calibration::samples     -> Calibration (token samples set on the model)
+//! database   Database::build          -> Database (removal orders, errors, weights)
+//! profile    profile::acquire_table   -> Profiled (LatencyTable, whether to verify)
+//! prepare    Session::prepare_*       -> Prepared (loss hook, verification set-up)
+//! per budget, budget::prune_to_budget:
+//!   search     DP / SPDY              -> Selection, Plan
+//!   transform  EmitAndMeasure::transform (weight stages)  -> PrunedWeights
+//!   emit       Session::emit          -> EmitSummary (the model file)
+//!   verify     Session::measure       -> measured Timing pair, next round or done
+//!   artifacts  Session::write_artifacts, Session::check_served
+//! report     PruneReport              -> report.{json,txt,svg}
+//! ```
+//!
+//! A backend supplies a [`Session`]; everything else lives here once.
+
+pub mod budget;
+pub mod calibration;
+
+pub use budget::{
+    meets, next_search_budget, prune_to_budget, Attempt, Bracket, BudgetOutcome, EmitAndMeasure,
+    SearchSettings,
+};
+
+use crate::data::{tokenizer::Tokenizer, SampleMode};
+use crate::database::Database;
+use crate::error::{Error, Result};
+use crate::job::PruneJob;
+use crate::profile::{self, TableRequest};
+use crate::progress::Progress;
+use crate::report::{self, PruneReport, StageTimes};
+use std::path::{Path, PathBuf};
+use std::time::Instant;
+use ziplm_plugin_api::{
+    EmitSummary, LatencyProfiler, LatencyTable, ModelAdapter, Plan, PrunedWeights, Timing,
+};
+
+/// A model loaded by a backend for one job: what the pipeline asks of a runtime.
+///
+/// The pipeline calls, in order: the calibration hooks, [`Session::profiler`],
+/// [`Session::prepare_loss`], [`Session::prepare_verification`] (when verifying), then
+/// per budget [`Session::emit`] / [`Session::measure`] / [`Session::loss`] from the
+/// verification loop, [`Session::write_artifacts`] and [`Session::check_served`], and
+/// last [`Session::finish`].
+pub trait Session {
+    /// The backend's model type.
+    type Model: ModelAdapter;
+
+    /// The loaded model.
+    fn model(&self) -> &Self::Model;
+    /// The loaded model, mutably (calibration runs it).
+    fn model_mut(&mut self) -> &mut Self::Model;
+
+    /// How calibration text is cut into samples.
+    fn sample_mode(&self) -> SampleMode {
+        SampleMode::Windows
+    }
+    /// A tokenizer the model carries itself, used when no `tokenizer.json` is found.
+    fn embedded_tokenizer(&self, _job: &PruneJob) -> Option<Result<Tokenizer>> {
+        None
+    }
+
+    /// Notes the report starts with (how this backend times).
+    fn notes(&self, _job: &PruneJob) -> Vec<String> {
+        vec![]
+    }
+    /// The profiler of this job's target.
+    fn profiler(&self, job: &PruneJob) -> Box<dyn LatencyProfiler + '_>;
+
+    /// Prepares the loss the SPDY refinement scores candidates with (called only when
+    /// the job refines).
+    fn prepare_loss(&mut self, _job: &PruneJob) -> Result<()> {
+        Ok(())
+    }
+    /// The loss of a candidate; `None` when the backend has none.
+    fn loss(&self, _plan: &Plan, _weights: &PrunedWeights) -> Option<Result<f64>> {
+        None
+    }
+
+    /// Sets up verification once before the budgets (called only when verifying):
+    /// `scratch` is a folder inside the output folder that is removed after the run.
+    /// Returns the table the searches use (a backend may fit it to its runtime) and
+    /// report notes.
+    fn prepare_verification(
+        &mut self,
+        _job: &PruneJob,
+        _database: &Database,
+        table: LatencyTable,
+        _scratch: &Path,
+        _progress: &dyn Progress,
+    ) -> Result<(LatencyTable, Vec<String>)> {
+        Ok((table, vec![]))
+    }
+
+    /// The file (or folder) name of the model emitted under `stem`.
+    fn output_name(&self, stem: &str) -> String;
+    /// Writes the model for a plan with its weights to `dest` (atomically).
+    fn emit(&self, plan: &Plan, weights: &PrunedWeights, dest: &Path) -> Result<EmitSummary> {
+        Ok(self.model().emit(plan, weights, dest)?)
+    }
+    /// Times the dense and the emitted model end to end in the runtime, alternating.
+    fn measure(&mut self, job: &PruneJob, emitted: &EmitSummary) -> Result<(Timing, Timing)>;
+
+    /// Writes the backend's other files of a finished budget (next to the model,
+    /// named after `stem`).
+    fn write_artifacts(
+        &mut self,
+        _job: &PruneJob,
+        _stem: &str,
+        _outcome: &BudgetOutcome,
+    ) -> Result<()> {
+        Ok(())
+    }
+    /// Checks a verified model as its runtime serves it; returns report notes.
+    fn check_served(&mut self, _job: &PruneJob, _outcome: &BudgetOutcome) -> Result<Vec<String>> {
+        Ok(vec![])
+    }
+    /// Releases what verification held (loaded runtimes) before the scratch folder
+    /// goes.
+    fn finish(&mut self) {}
+}
+
+/// Everything a run produced.
+pub struct JobRun<S> {
+    /// The report (also written to the output folder).
+    pub report: PruneReport,
+    /// The database (reusable for more budgets).
+    pub database: Database,
+    /// The latency table the searches used.
+    pub table: LatencyTable,
+    /// Per-budget outcomes, in the job's order.
+    pub outcomes: Vec<BudgetOutcome>,
+    /// The backend's session, with its loaded model.
+    pub session: S,
+}
+
+/// Checks a job before a backend loads anything: its budgets, its name and its output
+/// folder.
+pub fn check_job(job: &PruneJob) -> Result<()> {
+    job.check_budgets()?;
+    job.check_name()?;
+    crate::fsutil::check_output_folder(&job.out_dir)
+}
+
+/// The profile stage's value: the table and whether this machine verifies.
+pub struct Profiled {
+    /// The latency table.
+    pub table: LatencyTable,
+    /// Whether models are timed here (false with another target's table).
+    pub verify: bool,
+    /// Report notes.
+    pub notes: Vec<String>,
+}
+
+/// Runs a job end to end: checks it ([`check_job`]), loads its model with `open` (the
+/// backend's), then calibration, database, profile, every budget's search-emit-verify
+/// loop, the backend's artifacts and the report (`report.json`, `report.txt`,
+/// `report.svg` in the output folder).
+pub fn run<S: Session>(
+    job: &PruneJob,
+    open: impl FnOnce(&PruneJob) -> Result<S>,
+    progress: &dyn Progress,
+) -> Result<JobRun<S>> {
+    check_job(job)?;
+    let t = Instant::now();
+    let mut session = open(job)?;
+    let mut stages = StageTimes {
+        load_s: t.elapsed().as_secs_f64(),
+        ..Default::default()
+    };
+
+    // calibrate + database
+    let samples = calibration::samples(job, &session)?;
+    session.model_mut().set_calibration(samples)?;
+    let database = Database::build(session.model_mut(), &job.database, progress)?;
+    stages.calibrate_s = database.timings.calibrate_s;
+    stages.database_s = database.timings.database_s;
+
+    // profile
+    let t = Instant::now();
+    let mut notes = session.notes(job);
+    let profiled = profile_stage(job, &session, &database, progress)?;
+    notes.extend(profiled.notes);
+    let verify = profiled.verify;
+    let mut table = profiled.table;
+    stages.profile_s = t.elapsed().as_secs_f64();
+
+    // Every budget is checked before anything is written: an impossible one fails the
+    // job with the fastest achievable latency, leaving the output folder untouched.
+    let problem = database.search_problem(&table)?;
+    for budget in &job.budgets {
+        problem.solve(*budget, &[], job.search.buckets)?;
+    }
+    if job.search.refine.is_some() {
+        session.prepare_loss(job)?;
+    }
+    std::fs::create_dir_all(&job.out_dir).map_err(|e| Error::io(&job.out_dir, e))?;
+    let scratch = tempfile::Builder::new()
+        .prefix(".ziplm-scratch-")
+        .tempdir_in(&job.out_dir)
+        .map_err(|e| Error::io(&job.out_dir, e))?;
+    if verify {
+        let t = Instant::now();
+        let (fitted, more) =
+            session.prepare_verification(job, &database, table, scratch.path(), progress)?;
+        table = fitted;
+        notes.extend(more);
+        stages.profile_s += t.elapsed().as_secs_f64();
+    }
+
+    // per budget: search -> transform -> emit -> verify -> artifacts
+    let mut outcomes = vec![];
+    let mut budgets = vec![];
+    let t_search = Instant::now();
+    let (mut emit_s, mut verify_s) = (0.0, 0.0);
+    for budget in &job.budgets {
+        let stem = job.output_stem(budget);
+        let mut runtime = BudgetRuntime {
+            dest: job.out_dir.join(session.output_name(&stem)),
+            session: &mut session,
+            job,
+            emit_s: 0.0,
+            verify_s: 0.0,
+        };
+        let outcome = prune_to_budget(
+            &database,
+            &table,
+            *budget,
+            &job.search,
+            verify,
+            &mut runtime,
+        )?;
+        emit_s += runtime.emit_s;
+        verify_s += runtime.verify_s;
+        let t = Instant::now();
+        crate::fsutil::write_json_atomic(
+            &job.out_dir.join(format!("{stem}.plan.json")),
+            &outcome.plan,
+        )?;
+        session.write_artifacts(job, &stem, &outcome)?;
+        emit_s += t.elapsed().as_secs_f64();
+        notes.extend(report::dense_note(&database, &outcome));
+        if verify {
+            let t = Instant::now();
+            notes.extend(session.check_served(job, &outcome)?);
+            verify_s += t.elapsed().as_secs_f64();
+        }
+        budgets.push(report::budget_report(&database, &table, &outcome)?);
+        outcomes.push(outcome);
+    }
+    session.finish();
+    drop(scratch);
+    stages.emit_s = emit_s;
+    stages.verify_s = verify_s;
+    stages.search_s = (t_search.elapsed().as_secs_f64() - emit_s - verify_s).max(0.0);
+
+    // report
+    let report = PruneReport::new(
+        job,
+        &session.model().structure().architecture,
+        &table,
+        &database,
+        stages,
+        budgets,
+        notes,
+    );
+    report.write(&job.out_dir, "report")?;
+    Ok(JobRun {
+        report,
+        database,
+        table,
+        outcomes,
+        session,
+    })
+}
+
+/// The profile stage: the job's committed table completed, or a new one profiled.
+fn profile_stage<S: Session>(
+    job: &PruneJob,
+    session: &S,
+    database: &Database,
+    progress: &dyn Progress,
+) -> Result<Profiled> {
+    let mut profiler = session.profiler(job);
+    let request = TableRequest {
+        workload: &job.workload,
+        settings: &job.profile,
+        path: job.latency_table.as_deref(),
+        verify: job.verify,
+    };
+    let acquired =
+        profile::acquire_table(&request, profiler.as_mut(), &database.shapes(), progress)?;
+    Ok(Profiled {
+        table: acquired.table,
+        verify: job.verify && acquired.verify_here,
+        notes: acquired.notes,
+    })
+}
+
+/// The verification loop's view of a session for one budget: emits to the budget's
+/// file and keeps the stage times.
+struct BudgetRuntime<'a, S> {
+    session: &'a mut S,
+    job: &'a PruneJob,
+    dest: PathBuf,
+    emit_s: f64,
+    verify_s: f64,
+}
+
+impl<S: Session> EmitAndMeasure for BudgetRuntime<'_, S> {
+    fn emit(&mut self, plan: &Plan, weights: &PrunedWeights) -> Result<EmitSummary> {
+        let t = Instant::now();
+        let s = self.session.emit(plan, weights, &self.dest)?;
+        self.emit_s += t.elapsed().as_secs_f64();
+        Ok(s)
+    }
+    fn measure(&mut self, emitted: &EmitSummary) -> Result<(Timing, Timing)> {
+        let t = Instant::now();
+        let r = self.session.measure(self.job, emitted)?;
+        self.verify_s += t.elapsed().as_secs_f64();
+        Ok(r)
+    }
+    fn loss(&mut self, plan: &Plan, weights: &PrunedWeights) -> Option<Result<f64>> {
+        self.session.loss(plan, weights)
+    }
+}
