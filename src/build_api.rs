@@ -1,11 +1,9 @@
 //! Pruning from an app's build script.
 //!
 //! ```no_run
-//! // build.rs
-//! fn main() {
-//!     // Reads [package.metadata.ziplm] of this crate's Cargo.toml (or pass a ziplm.toml).
-//!     ziplm::build::Builder::from_env().unwrap().run().unwrap();
-//! }
+//! // build.rs, in `fn main()`: reads [package.metadata.ziplm] of this crate's
+//! // Cargo.toml (or pass a ziplm.toml).
+//! ziplm::build::Builder::from_env().unwrap().run().unwrap();
 //! ```
 //! ```ignore
 //! // main.rs: the emitted files' paths, one constant per model and budget.

@@ -16,6 +16,8 @@
 //! Runtime adapters implement the traits of [`ziplm_plugin_api`] (re-exported as
 //! [`api`]).
 
+#![warn(missing_docs)]
+
 pub mod backend;
 pub mod baselines;
 #[path = "build_api.rs"]

@@ -93,12 +93,12 @@ pub fn cosine(a: &[f32], b: &[f32]) -> f64 {
     d / (na.sqrt() * nb.sqrt()).max(f64::MIN_POSITIVE)
 }
 
+/// Embeds a batch of sentences (one vector each).
+pub type Embed<'a> = dyn FnMut(&[String]) -> Result<Vec<Vec<f32>>> + 'a;
+
 /// STS score: Spearman correlation (x 100) between the cosine similarity of the
 /// embeddings of each pair and the gold score. `embed` maps sentences to embeddings.
-pub fn evaluate(
-    pairs: &[StsPair],
-    embed: &mut dyn FnMut(&[String]) -> Result<Vec<Vec<f32>>>,
-) -> Result<f64> {
+pub fn evaluate(pairs: &[StsPair], embed: &mut Embed<'_>) -> Result<f64> {
     if pairs.is_empty() {
         return Err(Error::Invalid("no STS pairs to evaluate".into()));
     }

@@ -99,6 +99,8 @@ impl<'a> ColumnGreedy<'a> {
     }
 
     /// Removes the cheapest column. `None` when none is left.
+    // `!(d > 0.0)` on purpose: a NaN pivot is refused too.
+    #[allow(clippy::neg_cmp_op_on_partial_ord)]
     pub fn step(&mut self) -> Result<Option<Removal>> {
         let m = self.active.len();
         let mut best: Option<(usize, f64)> = None;
@@ -107,6 +109,7 @@ impl<'a> ColumnGreedy<'a> {
                 continue;
             }
             let d = self.diag[j];
+            // Negated so that a NaN pivot is refused too.
             if !(d > 0.0) {
                 return Err(Error::numerical(
                     format!("OBS step {}", self.n_removed),
@@ -154,6 +157,7 @@ impl<'a> ColumnGreedy<'a> {
             matmul(acol, Accum::Add, left.as_ref(), coef, -1.0, Par::Seq);
         }
         let d = self.u[(p, t)];
+        // Negated so that a NaN pivot is refused too.
         if !(d > 0.0) {
             return Err(Error::numerical(
                 format!("OBS step {}", self.n_removed),

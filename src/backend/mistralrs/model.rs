@@ -44,6 +44,8 @@ impl Default for LlamaOptions {
 }
 
 /// Where a model was read from.
+// One value per loaded model: boxing the large variant would buy nothing.
+#[allow(clippy::large_enum_variant)]
 pub enum Source {
     /// A GGUF file (metadata and stored embeddings are copied into emitted GGUF files).
     Gguf(GgufFile),

@@ -52,6 +52,8 @@ impl WeightEinsum {
 }
 
 /// What kind of block was recognised.
+// A handful per model: boxing the large variant would buy nothing.
+#[allow(clippy::large_enum_variant)]
 #[derive(Clone, Debug)]
 pub enum RecognizedKind {
     /// Multi-head attention.

@@ -476,10 +476,8 @@ fn edit_block(model: &TypedModel, e: &BlockEdit, edits: &mut Edits) -> TractResu
             r
         } else if let Some(op) = node.op_as::<TypedConcat>() {
             let mut out: Option<Vec<Role>> = None;
-            for slot in 0..node.inputs.len() {
-                if let Some(r) = in_roles[slot] {
-                    out = Some(r.clone());
-                }
+            for r in in_roles.iter().take(node.inputs.len()).flatten() {
+                out = Some((*r).clone());
             }
             let out = out.expect("has roles");
             if out[op.axis] != Role::None {
@@ -573,9 +571,11 @@ pub fn apply(model: &TypedModel, blocks: &[BlockEdit]) -> TractResult<TypedModel
                 .with_context(|| format!("pruning {}", e.block.name))?,
         }
     }
-    let mut new = TypedModel::default();
-    new.symbols = model.symbols.clone();
-    new.properties = model.properties.clone();
+    let mut new = TypedModel {
+        symbols: model.symbols.clone(),
+        properties: model.properties.clone(),
+        ..Default::default()
+    };
     let mut map: HashMap<OutletId, OutletId> = HashMap::new();
     let mut used_names: HashSet<String> = HashSet::new();
     for n in model.eval_order()? {

@@ -10,9 +10,7 @@ use tract_onnx::pb;
 use tract_onnx::prelude::*;
 #[allow(unused_imports)]
 use tract_onnx::tract_core::internal::{bail, TractErrorContext};
-use ziplm_plugin_api::{
-    AdapterError, AdapterResult, BlockChoice, BlockKind, Plan, PrunedWeights,
-};
+use ziplm_plugin_api::{AdapterError, AdapterResult, BlockChoice, BlockKind, Plan, PrunedWeights};
 
 /// Kept indices along an axis of each role, for one block.
 struct Kept {

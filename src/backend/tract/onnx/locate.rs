@@ -26,6 +26,8 @@ pub struct OnnxProj {
 }
 
 /// A block's projections in the file.
+// A handful per model: boxing the large variant would buy nothing.
+#[allow(clippy::large_enum_variant)]
 #[derive(Clone, Debug)]
 pub enum OnnxBlock {
     /// Attention.
@@ -48,10 +50,13 @@ pub enum OnnxBlock {
     },
 }
 
+/// A constant's dims and values, or `None` when it is not a float matrix.
+type CachedConst = Option<(Vec<usize>, Vec<f32>)>;
+
 /// Cache of decoded float matrices (rank-2 float constants).
 #[derive(Default)]
 pub struct Matrices {
-    cache: HashMap<String, Option<(Vec<usize>, Vec<f32>)>>,
+    cache: HashMap<String, CachedConst>,
 }
 
 impl Matrices {
