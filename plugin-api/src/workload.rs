@@ -55,6 +55,9 @@ impl Workload {
         if self.seq_len == 0 {
             return Err("workload sequence length must be at least 1".into());
         }
+        if self.phase == (Phase::Decode { kv_len: 0 }) {
+            return Err("a decode workload needs at least one cached token (kv_len >= 1)".into());
+        }
         Ok(())
     }
 }

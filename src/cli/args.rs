@@ -29,15 +29,28 @@ pub enum Command {
     Speedup(SpeedupArgs),
 }
 
+impl Command {
+    /// Whether the command was asked for JSON output (`--json`).
+    pub fn json(&self) -> bool {
+        match self {
+            Command::Prune(a) => a.json,
+            Command::Profile(a) => a.json,
+            Command::Inspect(a) => a.json,
+            Command::Eval(a) => a.json,
+            Command::Speedup(a) => a.json,
+        }
+    }
+}
+
 /// Where and how the model runs.
 #[derive(Args, Debug, Clone)]
 pub struct WorkloadArgs {
     /// Sequences per call.
     #[arg(long, default_value_t = 1)]
     pub batch: usize,
-    /// Tokens per sequence (prefill), or new tokens per step (decode).
-    #[arg(long, default_value_t = 128)]
-    pub seq_len: usize,
+    /// Tokens per sequence (prefill), or new tokens per step (decode) [default: 128].
+    #[arg(long)]
+    pub seq_len: Option<usize>,
     /// Time decode steps with a KV cache of this many tokens instead of prefill.
     #[arg(long)]
     pub decode_kv_len: Option<usize>,
@@ -115,15 +128,15 @@ pub struct PruneArgs {
     /// Calibration samples.
     #[arg(long, default_value_t = 256)]
     pub samples: usize,
-    /// Tokens per calibration sample.
-    #[arg(long, default_value_t = 128)]
-    pub calibration_seq_len: usize,
+    /// Tokens per calibration sample (with --calibration) [default: 128].
+    #[arg(long)]
+    pub calibration_seq_len: Option<usize>,
     /// The model's tokenizer.json (default: next to the model).
     #[arg(long)]
     pub tokenizer: Option<PathBuf>,
-    /// Output folder for the models, plans and report.
-    #[arg(long, short, default_value = "ziplm-out")]
-    pub out: PathBuf,
+    /// Output folder for the models, plans and report [default: ziplm-out].
+    #[arg(long, short)]
+    pub out: Option<PathBuf>,
     /// Latency table to reuse and update.
     #[arg(long)]
     pub latency_table: Option<PathBuf>,
@@ -154,9 +167,10 @@ pub struct PruneArgs {
     /// (1.0 = any width down to the grid's smallest). 0.5 helped SmolLM2 a lot (README).
     #[arg(long, default_value_t = 1.0)]
     pub max_ffn_removed: f64,
-    /// Tensor type of the pruned projections in emitted GGUF files (mistralrs backend).
-    #[arg(long, value_enum, default_value_t = GgufDTypeArg::F32)]
-    pub gguf_dtype: GgufDTypeArg,
+    /// Tensor type of the pruned projections in emitted GGUF files (mistralrs backend)
+    /// [default: f32].
+    #[arg(long, value_enum)]
+    pub gguf_dtype: Option<GgufDTypeArg>,
     /// Format of emitted LLMs (mistralrs backend; default: the source's format).
     #[arg(long, value_enum)]
     pub llm_format: Option<LlmFormatArg>,

@@ -26,13 +26,16 @@ pub fn dispatch(cli: Cli) -> anyhow::Result<ExitCode> {
 fn workload(w: &WorkloadArgs) -> Workload {
     Workload {
         batch: w.batch,
-        seq_len: w.seq_len,
+        seq_len: w.seq_len.unwrap_or(DEFAULT_SEQ_LEN),
         phase: match w.decode_kv_len {
             Some(kv_len) => Phase::Decode { kv_len },
             None => Phase::Prefill,
         },
     }
 }
+
+/// `--seq-len` when not given.
+const DEFAULT_SEQ_LEN: usize = 128;
 
 fn gqa(g: GqaArg) -> GqaPolicy {
     match g {
@@ -51,6 +54,26 @@ fn progress(quiet: bool) -> Box<dyn Progress> {
 
 fn job_from_args(a: &PruneArgs) -> anyhow::Result<Vec<PruneJob>> {
     if let Some(cfg) = &a.config {
+        // The config names each model, its budgets, workload and output folder: a flag
+        // for one of them would be dropped, so it is refused.
+        let given: Vec<&str> = [
+            (a.model.is_some(), "MODEL"),
+            (!a.speedup.is_empty(), "--speedup"),
+            (!a.latency_ms.is_empty(), "--latency-ms"),
+            (a.out.is_some(), "--out"),
+            (a.workload.seq_len.is_some(), "--seq-len"),
+            (a.workload.decode_kv_len.is_some(), "--decode-kv-len"),
+            (a.calibration.is_some(), "--calibration"),
+        ]
+        .into_iter()
+        .filter_map(|(given, flag)| given.then_some(flag))
+        .collect();
+        if !given.is_empty() {
+            bail!(
+                "{} cannot be combined with --config: the config sets each model, its budgets, workload, calibration and output folder (set them there, or leave out --config)",
+                given.join(", ")
+            );
+        }
         let jobs = crate::config::load_jobs(cfg)?;
         return Ok(jobs);
     }
@@ -67,6 +90,9 @@ fn job_from_args(a: &PruneArgs) -> anyhow::Result<Vec<PruneJob>> {
     if !budgets.is_empty() {
         job.budgets = budgets;
     }
+    if a.calibration.is_none() && a.calibration_seq_len.is_some() {
+        bail!("--calibration-seq-len sets the length of calibration samples: give --calibration FILE too");
+    }
     job.calibration = a.calibration.as_ref().map(|p| CalibrationData {
         path: p.clone(),
         format: a.format.map(|f| match f {
@@ -75,14 +101,17 @@ fn job_from_args(a: &PruneArgs) -> anyhow::Result<Vec<PruneJob>> {
             FormatArg::StsTsv => DataFormat::StsTsv,
         }),
         samples: a.samples,
-        seq_len: a.calibration_seq_len,
+        seq_len: a.calibration_seq_len.unwrap_or(DEFAULT_SEQ_LEN),
     });
     job.random_samples = a.samples.min(64);
     job.tokenizer = a.tokenizer.clone();
-    job.out_dir = a.out.clone();
+    job.out_dir = a.out.clone().unwrap_or_else(|| "ziplm-out".into());
     job.latency_table = a.latency_table.clone();
     job.seed = a.seed;
     job.gqa_policy = gqa(a.gqa);
+    if a.ffn_multiple == 0 {
+        bail!("--ffn-multiple must be at least 1 (FFN widths are kept in multiples of it)");
+    }
     job.database.ffn_width_multiple = a.ffn_multiple;
     if !(0.0..=1.0).contains(&a.max_ffn_removed) {
         bail!(
@@ -94,7 +123,24 @@ fn job_from_args(a: &PruneArgs) -> anyhow::Result<Vec<PruneJob>> {
     job.verify = !a.no_verify;
     job.runtime_fit = !a.no_runtime_fit;
     job.nnef = a.nnef;
-    job.gguf_dtype = gguf_dtype(a.gguf_dtype);
+    // Options of one backend are refused for a model of another.
+    let llm = job.backend == crate::job::BackendKind::MISTRALRS;
+    for (given, flag) in [
+        (a.gguf_dtype.is_some(), "--gguf-dtype"),
+        (a.llm_format.is_some(), "--llm-format"),
+        (a.no_runtime_fit, "--no-runtime-fit"),
+    ] {
+        if given && !llm {
+            bail!("{flag} is an option of the mistralrs backend (GGUF files and model folders); {} is not one", model.display());
+        }
+    }
+    if a.nnef && llm {
+        bail!(
+            "--nnef writes tract NNEF archives of ONNX models; {} is not one",
+            model.display()
+        );
+    }
+    job.gguf_dtype = a.gguf_dtype.map(gguf_dtype).unwrap_or_default();
     job.llm_format = a.llm_format.map(|f| match f {
         LlmFormatArg::Gguf => crate::job::LlmFormat::Gguf,
         LlmFormatArg::Safetensors => crate::job::LlmFormat::Safetensors,
@@ -105,6 +151,13 @@ fn job_from_args(a: &PruneArgs) -> anyhow::Result<Vec<PruneJob>> {
 
 fn prune(a: PruneArgs) -> anyhow::Result<ExitCode> {
     let jobs = job_from_args(&a)?;
+    let cores = std::thread::available_parallelism().map_or(1, |n| n.get());
+    if a.workload.threads > cores {
+        eprintln!(
+            "ziplm: warning: --threads {} is more than this machine's {cores} cores: the latencies will be those of an oversubscribed CPU",
+            a.workload.threads
+        );
+    }
     let progress = progress(a.quiet);
     let mut missed = false;
     let mut reports = vec![];
@@ -155,6 +208,9 @@ fn profile(a: ProfileArgs) -> anyhow::Result<ExitCode> {
             "--max-ffn-removed must be between 0 and 1 (a fraction of each FFN), got {}",
             a.max_ffn_removed
         );
+    }
+    if a.ffn_multiple == 0 {
+        bail!("--ffn-multiple must be at least 1 (FFN widths are kept in multiples of it)");
     }
     let cfg = crate::database::DatabaseConfig {
         ffn_width_multiple: a.ffn_multiple,
@@ -255,6 +311,10 @@ fn speedup(a: SpeedupArgs) -> anyhow::Result<ExitCode> {
 }
 
 fn eval(a: EvalArgs) -> anyhow::Result<ExitCode> {
+    // The checks prune makes of a workload (batch and sequence length at least 1).
+    Workload::prefill(a.batch, a.seq_len)
+        .validate()
+        .map_err(|e| anyhow::anyhow!("{e} (--batch, --seq-len)"))?;
     match (&a.sts, &a.text) {
         (Some(sts), _) => eval_sts(&a, sts),
         (None, Some(text)) => eval_perplexity(&a, text),

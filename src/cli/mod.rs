@@ -22,5 +22,16 @@ pub fn run(args: impl IntoIterator<Item = OsString>) -> anyhow::Result<ExitCode>
             return Ok(ExitCode::from(code));
         }
     };
-    commands::dispatch(cli)
+    let json = cli.command.json();
+    match commands::dispatch(cli) {
+        // With --json the error is JSON on stdout too (same exit code; the message also
+        // goes to stderr for people).
+        Err(e) if json => {
+            let message = format!("{e:#}");
+            println!("{}", serde_json::json!({ "error": message }));
+            eprintln!("ziplm: {message}");
+            Ok(ExitCode::from(2))
+        }
+        other => other,
+    }
 }

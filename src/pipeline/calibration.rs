@@ -4,7 +4,7 @@ use super::Session;
 use crate::data::{self, tokenizer::Tokenizer, DataFormat};
 use crate::error::{Error, Result};
 use crate::job::PruneJob;
-use ziplm_plugin_api::ModelAdapter;
+use ziplm_plugin_api::{ModelAdapter, ModelStructure};
 
 /// The tokenizer a job's calibration text is encoded with: `--tokenizer`, else a
 /// `tokenizer.json` next to (or inside) the model, else the one the session's model
@@ -55,4 +55,21 @@ pub fn samples<S: Session>(job: &PruneJob, session: &S) -> Result<Vec<Vec<i64>>>
         cal.samples,
         cal.seq_len,
     )
+}
+
+/// A warning when calibration saw fewer tokens than the widest out-projection has
+/// inputs: then `H = 2 X X^T / N` is singular and the OBS errors mostly measure the
+/// dampening, not the data.
+pub fn too_few_tokens(tokens: u64, structure: &ModelStructure) -> Option<String> {
+    let widest = structure
+        .blocks
+        .iter()
+        .map(|b| b.kind.out_proj_inputs())
+        .max()
+        .unwrap_or(0) as u64;
+    (tokens < widest).then(|| {
+        format!(
+            "warning: calibration saw {tokens} tokens, fewer than the {widest} inputs of the widest out-projection: its Hessian is singular and the pruning choices are poor; give more calibration data (--samples, --calibration-seq-len)"
+        )
+    })
 }

@@ -184,6 +184,10 @@ pub fn run<S: Session>(
     // profile
     let t = Instant::now();
     let mut notes = session.notes(job);
+    notes.extend(calibration::too_few_tokens(
+        database.calibration_tokens,
+        session.model().structure(),
+    ));
     let profiled = profile_stage(job, &session, &database, progress)?;
     notes.extend(profiled.notes);
     let verify = profiled.verify;

@@ -304,3 +304,111 @@ fn speedup_times_emitted_models_against_the_dense_one_in_tract() {
     let (code, _, stderr) = speedup(&[&model]);
     assert_eq!(code, Some(2), "{stderr}");
 }
+
+/// Runs `ziplm ARGS`; returns the exit code, stdout and stderr.
+fn run(args: &[&str]) -> (Option<i32>, String, String) {
+    let o = ziplm().args(args).output().unwrap();
+    (
+        o.status.code(),
+        String::from_utf8_lossy(&o.stdout).into_owned(),
+        String::from_utf8_lossy(&o.stderr).into_owned(),
+    )
+}
+
+#[test]
+fn options_that_would_be_dropped_or_do_nothing_are_refused() {
+    let dir = tempfile::tempdir().unwrap();
+    let bert = fixture("tiny-bert-feature-extraction");
+    let out = dir.path().join("o");
+    let out = out.to_str().unwrap();
+    let cfg = dir.path().join("ziplm.toml");
+    std::fs::write(&cfg, "[[model]]\nsource = \"m.onnx\"\n").unwrap();
+    let cfg = cfg.to_str().unwrap();
+    let cases: Vec<(Vec<&str>, &str)> = vec![
+        // --config sets models, budgets, workloads and folders: flags are not dropped.
+        (
+            vec!["prune", "--config", cfg, "--speedup", "2", "--out", out],
+            "--speedup, --out cannot be combined with --config",
+        ),
+        (
+            vec!["prune", &bert, "--config", cfg],
+            "MODEL cannot be combined with --config",
+        ),
+        (
+            vec!["prune", &bert, "--calibration-seq-len", "64", "--out", out],
+            "give --calibration FILE too",
+        ),
+        (
+            vec!["prune", &bert, "--gguf-dtype", "q8_0", "--out", out],
+            "--gguf-dtype is an option of the mistralrs backend",
+        ),
+        (
+            vec!["prune", &bert, "--llm-format", "gguf", "--out", out],
+            "--llm-format is an option of the mistralrs backend",
+        ),
+        (
+            vec!["prune", &bert, "--ffn-multiple", "0", "--out", out],
+            "--ffn-multiple must be at least 1",
+        ),
+        (
+            vec!["prune", &bert, "--decode-kv-len", "0", "--out", out],
+            "at least one cached token",
+        ),
+        (
+            vec![
+                "prune",
+                &bert,
+                "--speedup",
+                "1.5",
+                "--speedup",
+                "1.5",
+                "--out",
+                out,
+            ],
+            "is given twice",
+        ),
+        // eval checks what prune checks.
+        (
+            vec!["eval", &bert, "--sts", "x.tsv", "--seq-len", "0"],
+            "sequence length must be at least 1",
+        ),
+        (
+            vec!["eval", &bert, "--sts", "x.tsv", "--batch", "0"],
+            "batch must be at least 1",
+        ),
+    ];
+    for (args, expect) in cases {
+        let (code, _, stderr) = run(&args);
+        assert_eq!(code, Some(2), "{args:?}: {stderr}");
+        assert!(
+            stderr.contains(expect),
+            "{args:?}: expected `{expect}` in: {stderr}"
+        );
+    }
+    // Nothing was written for any of them.
+    assert!(!dir.path().join("o").exists());
+}
+
+#[test]
+fn json_errors_are_json_on_stdout_with_the_same_exit_code() {
+    for args in [
+        vec!["inspect", "/nonexistent/model.onnx", "--json"],
+        vec!["prune", "/nonexistent/model.onnx", "--json", "--quiet"],
+        vec![
+            "eval",
+            "/nonexistent/model.onnx",
+            "--sts",
+            "x.tsv",
+            "--batch",
+            "0",
+            "--json",
+        ],
+    ] {
+        let (code, stdout, stderr) = run(&args);
+        assert_eq!(code, Some(2), "{args:?}: {stderr}");
+        let v: serde_json::Value = serde_json::from_str(&stdout)
+            .unwrap_or_else(|e| panic!("{args:?}: stdout is not JSON ({e}): {stdout}"));
+        let msg = v["error"].as_str().unwrap_or_else(|| panic!("{v}"));
+        assert!(!msg.is_empty() && stderr.contains(msg), "{msg} / {stderr}");
+    }
+}
