@@ -108,7 +108,7 @@ fn main() -> anyhow::Result<()> {
     };
     let measure = |path: &Path| {
         time_pair(
-            &run.session.model,
+            &run.model,
             &model,
             path,
             &job.workload,
@@ -166,7 +166,7 @@ fn main() -> anyhow::Result<()> {
             };
             let (selection, plan, weights) = (b.selection, b.plan, b.weights);
             let path = PathBuf::from(format!("{}.{method}.onnx", stem.display()));
-            std::fs::write(&path, onnx::emit(&run.session.model, &plan, &weights)?)?;
+            std::fs::write(&path, onnx::emit(&run.model, &plan, &weights)?)?;
             let (d, m) = measure(&path)?;
             points.push(FrontierPoint {
                 method: method.clone(),

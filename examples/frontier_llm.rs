@@ -118,7 +118,7 @@ fn main() -> anyhow::Result<()> {
     println!("{}", run.report.to_text());
 
     // The whole test text, tokenised once without BOS.
-    let tok = driver::tokenizer_for(&job, &run.session.model)?;
+    let tok = driver::tokenizer_for(&job, &run.model)?;
     let text = std::fs::read_to_string(&test_text)
         .with_context(|| format!("reading {}", test_text.display()))?;
     let ids: Vec<u32> = tok
@@ -148,11 +148,9 @@ fn main() -> anyhow::Result<()> {
         Ok(p)
     };
     let problem = run.database.search_problem(&run.table)?;
-    let dense_gguf = args
-        .out
-        .join(driver::output_name(&run.session.model, "dense"));
-    run.session.model.emit(
-        &ziplm_plugin_api::Plan::dense(run.session.model.structure()),
+    let dense_gguf = args.out.join(driver::output_name(&run.model, "dense"));
+    run.model.emit(
+        &ziplm_plugin_api::Plan::dense(run.model.structure()),
         &PrunedWeights::default(),
         &dense_gguf,
     )?;
@@ -206,11 +204,8 @@ fn main() -> anyhow::Result<()> {
                 continue;
             };
             let (selection, plan, weights) = (b.selection, b.plan, b.weights);
-            let path = PathBuf::from(driver::output_name(
-                &run.session.model,
-                &format!("{stem}.{method}"),
-            ));
-            run.session.model.emit(&plan, &weights, &path)?;
+            let path = PathBuf::from(driver::output_name(&run.model, &format!("{stem}.{method}")));
+            run.model.emit(&plan, &weights, &path)?;
             let (d, m) = measure(&path)?;
             dense_ms.push(d);
             points.push(FrontierPoint {

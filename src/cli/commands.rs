@@ -9,7 +9,7 @@ use crate::inspect;
 use crate::job::{Device, PruneJob};
 use crate::progress::{Bars, Progress, Quiet};
 use crate::search::Budget;
-use anyhow::{bail, Context};
+use anyhow::bail;
 use std::process::ExitCode;
 use ziplm_plugin_api::{GqaPolicy, Phase, Workload};
 
@@ -355,26 +355,20 @@ fn eval_perplexity(a: &EvalArgs, text: &std::path::Path) -> anyhow::Result<ExitC
 }
 
 fn eval_sts(a: &EvalArgs, sts_path: &std::path::Path) -> anyhow::Result<ExitCode> {
-    use crate::backend::tract::encode::SentenceEncoder;
-    use crate::data::{sts, tokenizer::Tokenizer};
-    let tok_path = a
-        .tokenizer
-        .clone()
-        .or_else(|| Tokenizer::next_to(&a.model))
-        .context("no tokenizer.json next to the model; pass --tokenizer")?;
-    let tok = Tokenizer::from_file(&tok_path)?;
-    let pairs = sts::read_pairs(sts_path)?;
-    let bytes =
-        std::fs::read(&a.model).with_context(|| format!("reading {}", a.model.display()))?;
-    let enc = SentenceEncoder::new(&bytes, a.batch, a.seq_len)?;
-    let score = sts::evaluate(&pairs, &mut |s: &[String]| enc.embed(&tok, s))?;
+    let (score, pairs) = crate::backend::tract::encode::sts_score(
+        &a.model,
+        a.tokenizer.as_deref(),
+        sts_path,
+        a.batch,
+        a.seq_len,
+    )?;
     if a.json {
         println!(
             "{}",
-            serde_json::json!({ "model": a.model, "metric": "sts_spearman_x100", "pairs": pairs.len(), "value": score })
+            serde_json::json!({ "model": a.model, "metric": "sts_spearman_x100", "pairs": pairs, "value": score })
         );
     } else {
-        println!("STS Spearman x100: {score:.2} ({} pairs)", pairs.len());
+        println!("STS Spearman x100: {score:.2} ({pairs} pairs)");
     }
     Ok(ExitCode::SUCCESS)
 }

@@ -9,7 +9,7 @@ use ziplm_plugin_api::{ModelAdapter, ModelStructure};
 /// The tokenizer a job's calibration text is encoded with: `--tokenizer`, else a
 /// `tokenizer.json` next to (or inside) the model, else the one the session's model
 /// carries ([`Session::embedded_tokenizer`], e.g. a GGUF file's metadata).
-pub fn tokenizer<S: Session>(job: &PruneJob, session: &S) -> Result<Tokenizer> {
+pub fn tokenizer<S: Session>(job: &PruneJob, model: &S::Model, session: &S) -> Result<Tokenizer> {
     if let Some(p) = job
         .tokenizer
         .clone()
@@ -17,7 +17,7 @@ pub fn tokenizer<S: Session>(job: &PruneJob, session: &S) -> Result<Tokenizer> {
     {
         return Tokenizer::from_file(&p);
     }
-    session.embedded_tokenizer(job).unwrap_or_else(|| {
+    session.embedded_tokenizer(model, job).unwrap_or_else(|| {
         Err(Error::Invalid(format!(
             "calibration text needs the model's tokenizer: no tokenizer.json next to {}; pass --tokenizer",
             job.model.display()
@@ -28,9 +28,9 @@ pub fn tokenizer<S: Session>(job: &PruneJob, session: &S) -> Result<Tokenizer> {
 /// Calibration samples for a job: its calibration text tokenised and cut as the
 /// session asks ([`Session::sample_mode`]), or `job.random_samples` random id sequences
 /// of the workload's length when no data is given.
-pub fn samples<S: Session>(job: &PruneJob, session: &S) -> Result<Vec<Vec<i64>>> {
+pub fn samples<S: Session>(job: &PruneJob, model: &S::Model, session: &S) -> Result<Vec<Vec<i64>>> {
     let Some(cal) = &job.calibration else {
-        let vocab = session.model().vocab_size().ok_or_else(|| {
+        let vocab = model.vocab_size().ok_or_else(|| {
             Error::Invalid(
                 "no calibration data given and the vocabulary size is unknown; pass --calibration"
                     .into(),
@@ -43,7 +43,7 @@ pub fn samples<S: Session>(job: &PruneJob, session: &S) -> Result<Vec<Vec<i64>>>
             job.seed,
         ));
     };
-    let tok = tokenizer(job, session)?;
+    let tok = tokenizer(job, model, session)?;
     let format = cal
         .format
         .unwrap_or_else(|| DataFormat::from_path(&cal.path));
@@ -51,7 +51,7 @@ pub fn samples<S: Session>(job: &PruneJob, session: &S) -> Result<Vec<Vec<i64>>>
     data::make_samples(
         &tok,
         &texts,
-        session.sample_mode(),
+        session.sample_mode(model),
         cal.samples,
         cal.seq_len,
     )

@@ -40,7 +40,8 @@ use ziplm_plugin_api::{
     EmitSummary, LatencyProfiler, LatencyTable, ModelAdapter, Plan, PrunedWeights, Timing,
 };
 
-/// A model loaded by a backend for one job: what the pipeline asks of a runtime.
+/// A backend's state for one job beside its loaded model: what the pipeline asks of a
+/// runtime. Every call gets the model ([`Session::Model`], the plugin API's adapter).
 ///
 /// The pipeline calls, in order: the calibration hooks, [`Session::profiler`],
 /// [`Session::prepare_loss`], [`Session::prepare_verification`] (when verifying), then
@@ -51,17 +52,16 @@ pub trait Session {
     /// The backend's model type.
     type Model: ModelAdapter;
 
-    /// The loaded model.
-    fn model(&self) -> &Self::Model;
-    /// The loaded model, mutably (calibration runs it).
-    fn model_mut(&mut self) -> &mut Self::Model;
-
     /// How calibration text is cut into samples.
-    fn sample_mode(&self) -> SampleMode {
+    fn sample_mode(&self, _model: &Self::Model) -> SampleMode {
         SampleMode::Windows
     }
     /// A tokenizer the model carries itself, used when no `tokenizer.json` is found.
-    fn embedded_tokenizer(&self, _job: &PruneJob) -> Option<Result<Tokenizer>> {
+    fn embedded_tokenizer(
+        &self,
+        _model: &Self::Model,
+        _job: &PruneJob,
+    ) -> Option<Result<Tokenizer>> {
         None
     }
 
@@ -70,15 +70,24 @@ pub trait Session {
         vec![]
     }
     /// The profiler of this job's target.
-    fn profiler(&self, job: &PruneJob) -> Box<dyn LatencyProfiler + '_>;
+    fn profiler<'a>(
+        &'a self,
+        model: &'a Self::Model,
+        job: &PruneJob,
+    ) -> Box<dyn LatencyProfiler + 'a>;
 
     /// Prepares the loss the SPDY refinement scores candidates with (called only when
     /// the job refines).
-    fn prepare_loss(&mut self, _job: &PruneJob) -> Result<()> {
+    fn prepare_loss(&mut self, _model: &Self::Model, _job: &PruneJob) -> Result<()> {
         Ok(())
     }
     /// The loss of a candidate; `None` when the backend has none.
-    fn loss(&self, _plan: &Plan, _weights: &PrunedWeights) -> Option<Result<f64>> {
+    fn loss(
+        &self,
+        _model: &Self::Model,
+        _plan: &Plan,
+        _weights: &PrunedWeights,
+    ) -> Option<Result<f64>> {
         None
     }
 
@@ -88,6 +97,7 @@ pub trait Session {
     /// report notes.
     fn prepare_verification(
         &mut self,
+        _model: &Self::Model,
         _job: &PruneJob,
         _database: &Database,
         table: LatencyTable,
@@ -98,18 +108,30 @@ pub trait Session {
     }
 
     /// The file (or folder) name of the model emitted under `stem`.
-    fn output_name(&self, stem: &str) -> String;
+    fn output_name(&self, model: &Self::Model, stem: &str) -> String;
     /// Writes the model for a plan with its weights to `dest` (atomically).
-    fn emit(&self, plan: &Plan, weights: &PrunedWeights, dest: &Path) -> Result<EmitSummary> {
-        Ok(self.model().emit(plan, weights, dest)?)
+    fn emit(
+        &self,
+        model: &Self::Model,
+        plan: &Plan,
+        weights: &PrunedWeights,
+        dest: &Path,
+    ) -> Result<EmitSummary> {
+        Ok(model.emit(plan, weights, dest)?)
     }
     /// Times the dense and the emitted model end to end in the runtime, alternating.
-    fn measure(&mut self, job: &PruneJob, emitted: &EmitSummary) -> Result<(Timing, Timing)>;
+    fn measure(
+        &mut self,
+        model: &Self::Model,
+        job: &PruneJob,
+        emitted: &EmitSummary,
+    ) -> Result<(Timing, Timing)>;
 
     /// Writes the backend's other files of a finished budget (next to the model,
     /// named after `stem`).
     fn write_artifacts(
         &mut self,
+        _model: &Self::Model,
         _job: &PruneJob,
         _stem: &str,
         _outcome: &BudgetOutcome,
@@ -126,7 +148,7 @@ pub trait Session {
 }
 
 /// Everything a run produced.
-pub struct JobRun<S> {
+pub struct JobRun<S: Session> {
     /// The report (also written to the output folder).
     pub report: PruneReport,
     /// The database (reusable for more budgets).
@@ -135,7 +157,9 @@ pub struct JobRun<S> {
     pub table: LatencyTable,
     /// Per-budget outcomes, in the job's order.
     pub outcomes: Vec<BudgetOutcome>,
-    /// The backend's session, with its loaded model.
+    /// The loaded model.
+    pub model: S::Model,
+    /// The backend's state for the job.
     pub session: S,
 }
 
@@ -158,26 +182,26 @@ pub struct Profiled {
 }
 
 /// Runs a job end to end: checks it ([`check_job`]), loads its model with `open` (the
-/// backend's), then calibration, database, profile, every budget's search-emit-verify
+/// backend's: the model and the backend's state for the job), then calibration, database, profile, every budget's search-emit-verify
 /// loop, the backend's artifacts and the report (`report.json`, `report.txt`,
 /// `report.svg` in the output folder).
 pub fn run<S: Session>(
     job: &PruneJob,
-    open: impl FnOnce(&PruneJob) -> Result<S>,
+    open: impl FnOnce(&PruneJob) -> Result<(S::Model, S)>,
     progress: &dyn Progress,
 ) -> Result<JobRun<S>> {
     check_job(job)?;
     let t = Instant::now();
-    let mut session = open(job)?;
+    let (mut model, mut session) = open(job)?;
     let mut stages = StageTimes {
         load_s: t.elapsed().as_secs_f64(),
         ..Default::default()
     };
 
     // calibrate + database
-    let samples = calibration::samples(job, &session)?;
-    session.model_mut().set_calibration(samples)?;
-    let database = Database::build(session.model_mut(), &job.database, progress)?;
+    let samples = calibration::samples(job, &model, &session)?;
+    model.set_calibration(samples)?;
+    let database = Database::build(&mut model, &job.database, progress)?;
     stages.calibrate_s = database.timings.calibrate_s;
     stages.database_s = database.timings.database_s;
 
@@ -186,9 +210,9 @@ pub fn run<S: Session>(
     let mut notes = session.notes(job);
     notes.extend(calibration::too_few_tokens(
         database.calibration_tokens,
-        session.model().structure(),
+        model.structure(),
     ));
-    let profiled = profile_stage(job, &session, &database, progress)?;
+    let profiled = profile_stage(job, &model, &session, &database, progress)?;
     notes.extend(profiled.notes);
     let verify = profiled.verify;
     let mut table = profiled.table;
@@ -201,7 +225,7 @@ pub fn run<S: Session>(
         problem.solve(*budget, &[], job.search.buckets)?;
     }
     if job.search.refine.is_some() {
-        session.prepare_loss(job)?;
+        session.prepare_loss(&model, job)?;
     }
     std::fs::create_dir_all(&job.out_dir).map_err(|e| Error::io(&job.out_dir, e))?;
     let scratch = tempfile::Builder::new()
@@ -210,8 +234,14 @@ pub fn run<S: Session>(
         .map_err(|e| Error::io(&job.out_dir, e))?;
     if verify {
         let t = Instant::now();
-        let (fitted, more) =
-            session.prepare_verification(job, &database, table, scratch.path(), progress)?;
+        let (fitted, more) = session.prepare_verification(
+            &model,
+            job,
+            &database,
+            table,
+            scratch.path(),
+            progress,
+        )?;
         table = fitted;
         notes.extend(more);
         stages.profile_s += t.elapsed().as_secs_f64();
@@ -225,7 +255,8 @@ pub fn run<S: Session>(
     for budget in &job.budgets {
         let stem = job.output_stem(budget);
         let mut runtime = BudgetRuntime {
-            dest: job.out_dir.join(session.output_name(&stem)),
+            dest: job.out_dir.join(session.output_name(&model, &stem)),
+            model: &model,
             session: &mut session,
             job,
             emit_s: 0.0,
@@ -246,7 +277,7 @@ pub fn run<S: Session>(
             &job.out_dir.join(format!("{stem}.plan.json")),
             &outcome.plan,
         )?;
-        session.write_artifacts(job, &stem, &outcome)?;
+        session.write_artifacts(&model, job, &stem, &outcome)?;
         emit_s += t.elapsed().as_secs_f64();
         notes.extend(report::dense_note(&database, &outcome));
         if verify {
@@ -266,7 +297,7 @@ pub fn run<S: Session>(
     // report
     let report = PruneReport::new(
         job,
-        &session.model().structure().architecture,
+        &model.structure().architecture,
         &table,
         &database,
         stages,
@@ -279,6 +310,7 @@ pub fn run<S: Session>(
         database,
         table,
         outcomes,
+        model,
         session,
     })
 }
@@ -286,11 +318,12 @@ pub fn run<S: Session>(
 /// The profile stage: the job's committed table completed, or a new one profiled.
 fn profile_stage<S: Session>(
     job: &PruneJob,
+    model: &S::Model,
     session: &S,
     database: &Database,
     progress: &dyn Progress,
 ) -> Result<Profiled> {
-    let mut profiler = session.profiler(job);
+    let mut profiler = session.profiler(model, job);
     let request = TableRequest {
         workload: &job.workload,
         settings: &job.profile,
@@ -308,7 +341,8 @@ fn profile_stage<S: Session>(
 
 /// The verification loop's view of a session for one budget: emits to the budget's
 /// file and keeps the stage times.
-struct BudgetRuntime<'a, S> {
+struct BudgetRuntime<'a, S: Session> {
+    model: &'a S::Model,
     session: &'a mut S,
     job: &'a PruneJob,
     dest: PathBuf,
@@ -319,17 +353,17 @@ struct BudgetRuntime<'a, S> {
 impl<S: Session> EmitAndMeasure for BudgetRuntime<'_, S> {
     fn emit(&mut self, plan: &Plan, weights: &PrunedWeights) -> Result<EmitSummary> {
         let t = Instant::now();
-        let s = self.session.emit(plan, weights, &self.dest)?;
+        let s = self.session.emit(self.model, plan, weights, &self.dest)?;
         self.emit_s += t.elapsed().as_secs_f64();
         Ok(s)
     }
     fn measure(&mut self, emitted: &EmitSummary) -> Result<(Timing, Timing)> {
         let t = Instant::now();
-        let r = self.session.measure(self.job, emitted)?;
+        let r = self.session.measure(self.model, self.job, emitted)?;
         self.verify_s += t.elapsed().as_secs_f64();
         Ok(r)
     }
     fn loss(&mut self, plan: &Plan, weights: &PrunedWeights) -> Option<Result<f64>> {
-        self.session.loss(plan, weights)
+        self.session.loss(self.model, plan, weights)
     }
 }

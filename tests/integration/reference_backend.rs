@@ -510,28 +510,26 @@ impl LatencyProfiler for RefProfiler {
     }
 }
 
-struct RefSession {
-    adapter: RefAdapter,
-}
+/// The backend's state for a job: nothing beyond the model.
+struct RefSession;
 
 impl Session for RefSession {
     type Model = RefAdapter;
-    fn model(&self) -> &RefAdapter {
-        &self.adapter
-    }
-    fn model_mut(&mut self) -> &mut RefAdapter {
-        &mut self.adapter
-    }
-    fn profiler(&self, _: &PruneJob) -> Box<dyn LatencyProfiler + '_> {
+    fn profiler<'a>(
+        &'a self,
+        model: &'a RefAdapter,
+        _: &PruneJob,
+    ) -> Box<dyn LatencyProfiler + 'a> {
         Box::new(RefProfiler {
-            hidden: self.adapter.net.hidden,
+            hidden: model.net.hidden,
         })
     }
-    fn output_name(&self, stem: &str) -> String {
+    fn output_name(&self, _: &RefAdapter, stem: &str) -> String {
         format!("{stem}.refnet")
     }
     fn measure(
         &mut self,
+        _: &RefAdapter,
         job: &PruneJob,
         emitted: &EmitSummary,
     ) -> ziplm::Result<(Timing, Timing)> {
@@ -561,11 +559,12 @@ impl Backend for RefBackend {
         ProfileSettings::new(1, 5)
     }
     fn run(&self, job: &PruneJob, progress: &dyn Progress) -> ziplm::Result<PruneReport> {
-        let open = |job: &PruneJob| -> ziplm::Result<RefSession> {
+        let open = |job: &PruneJob| -> ziplm::Result<(RefAdapter, RefSession)> {
             let net = RefNet::load(&job.model)?;
-            Ok(RefSession {
-                adapter: RefAdapter::new(net, job.database.ffn_width_multiple),
-            })
+            Ok((
+                RefAdapter::new(net, job.database.ffn_width_multiple),
+                RefSession,
+            ))
         };
         Ok(pipeline::run(job, open, progress)?.report)
     }

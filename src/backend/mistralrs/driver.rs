@@ -24,7 +24,7 @@ use ziplm_plugin_api::{
     PrunedWeights, Timing, Workload,
 };
 
-/// A mistral.rs run's results (the session holds the loaded [`LlamaModel`]).
+/// A mistral.rs run's results (with the loaded [`LlamaModel`]).
 pub type MistralRun = JobRun<MistralSession>;
 
 /// Calibration windows held out for the SPDY loss, and their length cap.
@@ -266,10 +266,9 @@ impl ProbeRuntime<'_> {
     }
 }
 
-/// A Llama GGUF file or Hugging Face folder loaded for one job.
+/// The mistral.rs backend's state for one job beside its [`LlamaModel`]: the loss and
+/// what verification loads.
 pub struct MistralSession {
-    /// The loaded model (ziplm's reader and forward).
-    pub model: LlamaModel,
     loss: Option<HiddenLoss>,
     /// The dense model as emitted (same tensor types), loaded in mistral.rs.
     dense: Option<LoadedModel>,
@@ -280,7 +279,7 @@ pub struct MistralSession {
 impl MistralSession {
     /// Loads the job's model (CPU targets only; the workload must be one mistral.rs can
     /// time on this model).
-    pub fn open(job: &PruneJob) -> Result<MistralSession> {
+    pub fn open(job: &PruneJob) -> Result<(LlamaModel, MistralSession)> {
         check_llm_source(&job.model)?;
         match job.device {
             Device::Cuda { .. } => {
@@ -308,13 +307,15 @@ impl MistralSession {
             },
         )?;
         check_timed_workload(&job.workload, model.weights.config.context_length)?;
-        Ok(MistralSession {
+        Ok((
             model,
-            loss: None,
-            dense: None,
-            dense_path: PathBuf::new(),
-            prompt: vec![],
-        })
+            MistralSession {
+                loss: None,
+                dense: None,
+                dense_path: PathBuf::new(),
+                prompt: vec![],
+            },
+        ))
     }
 
     /// The dense model in mistral.rs, loaded on first use.
@@ -329,14 +330,8 @@ impl MistralSession {
 impl Session for MistralSession {
     type Model = LlamaModel;
 
-    fn model(&self) -> &LlamaModel {
-        &self.model
-    }
-    fn model_mut(&mut self) -> &mut LlamaModel {
-        &mut self.model
-    }
-    fn embedded_tokenizer(&self, job: &PruneJob) -> Option<Result<Tokenizer>> {
-        Some(model_tokenizer(&job.model, None, &self.model))
+    fn embedded_tokenizer(&self, model: &LlamaModel, job: &PruneJob) -> Option<Result<Tokenizer>> {
+        Some(model_tokenizer(&job.model, None, model))
     }
     fn notes(&self, job: &PruneJob) -> Vec<String> {
         vec![format!(
@@ -351,19 +346,29 @@ impl Session for MistralSession {
             }
         )]
     }
-    fn profiler(&self, job: &PruneJob) -> Box<dyn LatencyProfiler + '_> {
-        Box::new(CandleProfiler::new(&self.model, job.gguf_dtype))
+    fn profiler<'a>(
+        &'a self,
+        model: &'a LlamaModel,
+        job: &PruneJob,
+    ) -> Box<dyn LatencyProfiler + 'a> {
+        Box::new(CandleProfiler::new(model, job.gguf_dtype))
     }
-    fn prepare_loss(&mut self, _job: &PruneJob) -> Result<()> {
-        self.loss = Some(HiddenLoss::new(&self.model, LOSS_SAMPLES, LOSS_TOKENS)?);
+    fn prepare_loss(&mut self, model: &LlamaModel, _job: &PruneJob) -> Result<()> {
+        self.loss = Some(HiddenLoss::new(model, LOSS_SAMPLES, LOSS_TOKENS)?);
         Ok(())
     }
-    fn loss(&self, plan: &Plan, weights: &PrunedWeights) -> Option<Result<f64>> {
+    fn loss(
+        &self,
+        model: &LlamaModel,
+        plan: &Plan,
+        weights: &PrunedWeights,
+    ) -> Option<Result<f64>> {
         let loss = self.loss.as_ref()?;
-        Some(loss.loss(&self.model, plan, weights).map_err(Into::into))
+        Some(loss.loss(model, plan, weights).map_err(Into::into))
     }
     fn prepare_verification(
         &mut self,
+        model: &LlamaModel,
         job: &PruneJob,
         database: &Database,
         table: LatencyTable,
@@ -371,20 +376,20 @@ impl Session for MistralSession {
         progress: &dyn Progress,
     ) -> Result<(LatencyTable, Vec<String>)> {
         // The dense model through the same emitter (same tensor types), for timing.
-        self.dense_path = scratch.join(output_name(&self.model, "dense"));
-        self.model.emit(
-            &Plan::dense(self.model.structure()),
+        self.dense_path = scratch.join(output_name(model, "dense"));
+        model.emit(
+            &Plan::dense(model.structure()),
             &PrunedWeights::default(),
             &self.dense_path,
         )?;
-        self.prompt = timing_prompt(&self.model, &job.workload);
+        self.prompt = timing_prompt(model, &job.workload);
         if !job.runtime_fit {
             return Ok((table, vec![]));
         }
         let problem = database.search_problem(&table)?;
         self.dense()?;
         let probe = ProbeRuntime {
-            model: &self.model,
+            model,
             database,
             dense: self.dense.as_ref().expect("loaded above"),
             dir: scratch,
@@ -420,10 +425,15 @@ impl Session for MistralSession {
             ),
         })
     }
-    fn output_name(&self, stem: &str) -> String {
-        output_name(&self.model, stem)
+    fn output_name(&self, model: &LlamaModel, stem: &str) -> String {
+        output_name(model, stem)
     }
-    fn measure(&mut self, job: &PruneJob, emitted: &EmitSummary) -> Result<(Timing, Timing)> {
+    fn measure(
+        &mut self,
+        _model: &LlamaModel,
+        job: &PruneJob,
+        emitted: &EmitSummary,
+    ) -> Result<(Timing, Timing)> {
         self.dense()?;
         let pruned = LoadedModel::load(&emitted.path)?;
         let dense = self.dense.as_ref().expect("loaded above");

@@ -21,20 +21,18 @@ use ziplm_plugin_api::{
 /// Calibration samples the SPDY loss hook scores candidates on.
 const LOSS_SAMPLES: usize = 64;
 
-/// A tract run's results (the session holds the loaded [`TractModel`]).
+/// A tract run's results (with the loaded [`TractModel`]).
 pub type TractRun = JobRun<TractSession>;
 
-/// An ONNX model loaded in tract for one job.
+/// The tract backend's state for one job: the target's threads and the loss.
 pub struct TractSession {
-    /// The loaded model.
-    pub model: TractModel,
     threads: usize,
     loss: Option<OutputLoss>,
 }
 
 impl TractSession {
     /// Loads the job's model (the device must be a CPU with at least one thread).
-    pub fn open(job: &PruneJob) -> Result<TractSession> {
+    pub fn open(job: &PruneJob) -> Result<(TractModel, TractSession)> {
         let threads = threads(job)?;
         let model = TractModel::load(
             &job.model,
@@ -43,11 +41,13 @@ impl TractSession {
                 gqa_policy: job.gqa_policy,
             },
         )?;
-        Ok(TractSession {
+        Ok((
             model,
-            threads,
-            loss: None,
-        })
+            TractSession {
+                threads,
+                loss: None,
+            },
+        ))
     }
 }
 
@@ -56,7 +56,7 @@ fn threads(job: &PruneJob) -> Result<usize> {
         Device::Cpu { threads } if threads >= 1 => Ok(threads),
         Device::Cpu { .. } => Err(Error::Invalid("threads must be at least 1".into())),
         Device::Cuda { .. } => Err(Error::Invalid(
-            "the tract backend runs on the CPU in this ziplm; use target.threads".into(),
+            "CUDA targets are not built into this ziplm: the tract backend profiles and verifies on the CPU (target.threads)".into(),
         )),
     }
 }
@@ -64,47 +64,55 @@ fn threads(job: &PruneJob) -> Result<usize> {
 impl Session for TractSession {
     type Model = TractModel;
 
-    fn model(&self) -> &TractModel {
-        &self.model
-    }
-    fn model_mut(&mut self) -> &mut TractModel {
-        &mut self.model
-    }
-    fn sample_mode(&self) -> SampleMode {
+    fn sample_mode(&self, model: &TractModel) -> SampleMode {
         // An encoder sees one text per sample; a decoder reads windows of running text.
-        if self.model.structure().architecture == "bert" {
+        if model.structure().architecture == "bert" {
             SampleMode::PerText
         } else {
             SampleMode::Windows
         }
     }
-    fn profiler(&self, _job: &PruneJob) -> Box<dyn LatencyProfiler + '_> {
-        Box::new(TractProfiler::new(&self.model, self.threads))
+    fn profiler<'a>(
+        &'a self,
+        model: &'a TractModel,
+        _job: &PruneJob,
+    ) -> Box<dyn LatencyProfiler + 'a> {
+        Box::new(TractProfiler::new(model, self.threads))
     }
-    fn prepare_loss(&mut self, job: &PruneJob) -> Result<()> {
+    fn prepare_loss(&mut self, model: &TractModel, job: &PruneJob) -> Result<()> {
         // SPDY refinement scores candidates by their output error on held samples.
         let cap = match job.workload.phase {
             ziplm_plugin_api::Phase::Prefill => job.workload.seq_len,
             ziplm_plugin_api::Phase::Decode { .. } => 128,
         };
         self.loss = Some(OutputLoss::new(
-            &self.model,
-            self.model.calibration_samples(),
+            model,
+            model.calibration_samples(),
             LOSS_SAMPLES,
             cap,
         )?);
         Ok(())
     }
-    fn loss(&self, plan: &Plan, weights: &PrunedWeights) -> Option<Result<f64>> {
+    fn loss(
+        &self,
+        model: &TractModel,
+        plan: &Plan,
+        weights: &PrunedWeights,
+    ) -> Option<Result<f64>> {
         let loss = self.loss.as_ref()?;
-        Some(loss.loss(&self.model, plan, weights).map_err(Into::into))
+        Some(loss.loss(model, plan, weights).map_err(Into::into))
     }
-    fn output_name(&self, stem: &str) -> String {
+    fn output_name(&self, _model: &TractModel, stem: &str) -> String {
         format!("{stem}.onnx")
     }
-    fn measure(&mut self, job: &PruneJob, emitted: &EmitSummary) -> Result<(Timing, Timing)> {
+    fn measure(
+        &mut self,
+        model: &TractModel,
+        job: &PruneJob,
+        emitted: &EmitSummary,
+    ) -> Result<(Timing, Timing)> {
         Ok(time_pair(
-            &self.model,
+            model,
             &job.model,
             &emitted.path,
             &job.workload,
@@ -114,6 +122,7 @@ impl Session for TractSession {
     }
     fn write_artifacts(
         &mut self,
+        model: &TractModel,
         job: &PruneJob,
         stem: &str,
         outcome: &BudgetOutcome,
@@ -130,7 +139,7 @@ impl Session for TractSession {
             &job.out_dir.join(format!("{stem}.plan-bundle.json")),
             &outcome.plan,
             &outcome.weights,
-            super::onnx::keeps_bias_when_removed(&self.model)?,
+            super::onnx::keeps_bias_when_removed(model)?,
         )
     }
 }

@@ -104,3 +104,31 @@ impl SentenceEncoder {
         Ok(out)
     }
 }
+
+/// STS Benchmark Spearman x100 of the encoder at `model` on the pairs of `sts` (`ziplm
+/// eval --sts`), with its tokenizer (`tokenizer`, else `tokenizer.json` next to the
+/// model); `batch` sentences of up to `max_len` tokens per run. Returns the score and
+/// the number of pairs.
+pub fn sts_score(
+    model: &std::path::Path,
+    tokenizer: Option<&std::path::Path>,
+    sts: &std::path::Path,
+    batch: usize,
+    max_len: usize,
+) -> Result<(f64, usize)> {
+    let tok_path = tokenizer
+        .map(std::path::Path::to_path_buf)
+        .or_else(|| Tokenizer::next_to(model))
+        .ok_or_else(|| {
+            Error::Invalid(format!(
+                "no tokenizer.json next to {}; pass --tokenizer",
+                model.display()
+            ))
+        })?;
+    let tok = Tokenizer::from_file(&tok_path)?;
+    let pairs = crate::data::sts::read_pairs(sts)?;
+    let bytes = std::fs::read(model).map_err(|e| Error::io(model, e))?;
+    let enc = SentenceEncoder::new(&bytes, batch, max_len)?;
+    let score = crate::data::sts::evaluate(&pairs, &mut |s: &[String]| enc.embed(&tok, s))?;
+    Ok((score, pairs.len()))
+}
