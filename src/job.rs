@@ -46,7 +46,9 @@ impl BackendKind {
     pub fn profile_settings(&self) -> ProfileSettings {
         crate::backend::named(self.name())
             .map(|b| b.profile_settings())
-            .unwrap_or_else(|_| ProfileSettings::new(2, 9))
+            .unwrap_or_else(|_| {
+                crate::backend::Backend::profile_settings(&crate::backend::tract::TractBackend)
+            })
     }
 }
 

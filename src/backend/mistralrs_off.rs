@@ -20,11 +20,6 @@ fn not_built(model: &Path) -> Error {
     ))
 }
 
-/// The same defaults as the real backend, so jobs resolve alike in both builds.
-pub fn profile_settings() -> ProfileSettings {
-    ProfileSettings::new(2, 15).in_passes(crate::profile::LLM_PROFILE_PASSES)
-}
-
 /// The mistral.rs backend's registry entry, not built in.
 pub struct MistralBackend;
 
@@ -32,11 +27,13 @@ impl Backend for MistralBackend {
     fn name(&self) -> &'static str {
         "mistralrs"
     }
+    // The same paths and defaults as the real backend, so jobs resolve alike in both
+    // builds.
     fn takes(&self, model: &Path) -> bool {
-        model.extension().and_then(|e| e.to_str()) == Some("gguf") || model.is_dir()
+        crate::backend::is_llm_path(model)
     }
     fn profile_settings(&self) -> ProfileSettings {
-        profile_settings()
+        crate::backend::llm_profile_settings()
     }
     fn run(&self, job: &PruneJob, _: &dyn Progress) -> Result<PruneReport> {
         Err(not_built(&job.model))

@@ -30,6 +30,17 @@ use std::path::{Path, PathBuf};
 use std::sync::RwLock;
 use ziplm_plugin_api::{GqaPolicy, LatencyTable, ModelStructure, Timing, Workload};
 
+/// The models the mistral.rs backend reads, built in or not: `.gguf` files and folders.
+pub(crate) fn is_llm_path(model: &Path) -> bool {
+    model.extension().and_then(|e| e.to_str()) == Some("gguf") || model.is_dir()
+}
+
+/// The mistral.rs backend's profiling defaults, built in or not: profiling a candle
+/// block is cheap, so more runs, in passes ([`crate::profile::LLM_PROFILE_PASSES`]).
+pub(crate) fn llm_profile_settings() -> ProfileSettings {
+    ProfileSettings::new(2, 15).in_passes(crate::profile::LLM_PROFILE_PASSES)
+}
+
 /// What a runtime backend offers the front ends (CLI, config, build API, `speedup`).
 pub trait Backend: Sync {
     /// The name jobs, configs and reports use (`backend = "tract"`).

@@ -472,7 +472,7 @@ pub fn run(job: &PruneJob, progress: &dyn Progress) -> Result<MistralRun> {
 
 /// A GGUF file or a model folder; anything else gets a clear error.
 fn check_llm_source(model: &Path) -> Result<()> {
-    if takes(model) {
+    if crate::backend::is_llm_path(model) {
         Ok(())
     } else {
         Err(Error::Invalid(format!(
@@ -480,11 +480,6 @@ fn check_llm_source(model: &Path) -> Result<()> {
             model.display()
         )))
     }
-}
-
-/// The models this backend reads: `.gguf` files and folders.
-pub(crate) fn takes(model: &Path) -> bool {
-    model.extension().and_then(|e| e.to_str()) == Some("gguf") || model.is_dir()
 }
 
 /// The mistral.rs backend: Llama-family GGUF files and Hugging Face folders.
@@ -495,10 +490,10 @@ impl Backend for MistralBackend {
         "mistralrs"
     }
     fn takes(&self, model: &Path) -> bool {
-        takes(model)
+        crate::backend::is_llm_path(model)
     }
     fn profile_settings(&self) -> ProfileSettings {
-        super::profile_settings()
+        crate::backend::llm_profile_settings()
     }
     fn run(&self, job: &PruneJob, progress: &dyn Progress) -> Result<PruneReport> {
         Ok(run(job, progress)?.report)

@@ -33,12 +33,6 @@ pub use driver::MistralBackend;
 pub use model::{LlamaModel, LlamaOptions};
 pub use runtime::LoadedModel;
 
-/// How this backend profiles a latency table by default: profiling a candle block is
-/// cheap, so more runs, in passes ([`crate::profile::LLM_PROFILE_PASSES`]).
-pub fn profile_settings() -> crate::profile::ProfileSettings {
-    crate::profile::ProfileSettings::new(2, 15).in_passes(crate::profile::LLM_PROFILE_PASSES)
-}
-
 /// Loads an artifact ziplm emitted (a GGUF file or a model folder) in mistral.rs, ready to serve: the one
 /// call where an app's build step (`ziplm::build` writes the file into `OUT_DIR`) and its
 /// serving code meet.

@@ -14,8 +14,8 @@ use crate::progress::Progress;
 use crate::report::PruneReport;
 use std::path::{Path, PathBuf};
 use ziplm_plugin_api::{
-    EmitSummary, LatencyProfiler, LatencyTable, ModelAdapter, ModelStructure, Plan, PrunedWeights,
-    Timing, Workload,
+    EmitSummary, GqaPolicy, LatencyProfiler, LatencyTable, ModelAdapter, ModelStructure, Plan,
+    PrunedWeights, Timing, Workload,
 };
 
 /// Calibration samples the SPDY loss hook scores candidates on.
@@ -34,13 +34,7 @@ impl TractSession {
     /// Loads the job's model (the device must be a CPU with at least one thread).
     pub fn open(job: &PruneJob) -> Result<(TractModel, TractSession)> {
         let threads = threads(job)?;
-        let model = TractModel::load(
-            &job.model,
-            TractOptions {
-                workload: job.workload,
-                gqa_policy: job.gqa_policy,
-            },
-        )?;
+        let model = load(&job.model, job.workload, job.gqa_policy)?;
         Ok((
             model,
             TractSession {
@@ -49,6 +43,17 @@ impl TractSession {
             },
         ))
     }
+}
+
+/// Loads an ONNX file in tract at a workload.
+fn load(model: &Path, workload: Workload, gqa_policy: GqaPolicy) -> Result<TractModel> {
+    Ok(TractModel::load(
+        model,
+        TractOptions {
+            workload,
+            gqa_policy,
+        },
+    )?)
 }
 
 fn threads(job: &PruneJob) -> Result<usize> {
@@ -179,13 +184,7 @@ impl Backend for TractBackend {
         settings: &ProfileSettings,
         progress: &dyn Progress,
     ) -> Result<Vec<(Timing, Timing)>> {
-        let model = TractModel::load(
-            dense,
-            TractOptions {
-                workload: *workload,
-                ..Default::default()
-            },
-        )?;
+        let model = load(dense, *workload, GqaPolicy::WholeKvGroups)?;
         let mut out = vec![];
         for m in models {
             out.push(time_pair(&model, dense, m, workload, threads, settings)?);
@@ -194,13 +193,7 @@ impl Backend for TractBackend {
         Ok(out)
     }
     fn structure(&self, model: &Path, workload: &Workload) -> Result<ModelStructure> {
-        let m = TractModel::load(
-            model,
-            TractOptions {
-                workload: *workload,
-                ..Default::default()
-            },
-        )?;
+        let m = load(model, *workload, GqaPolicy::WholeKvGroups)?;
         Ok(m.structure().clone())
     }
     fn profile(
@@ -209,13 +202,7 @@ impl Backend for TractBackend {
         request: &ProfileRequest,
         progress: &dyn Progress,
     ) -> Result<LatencyTable> {
-        let m = TractModel::load(
-            model,
-            TractOptions {
-                workload: request.workload,
-                gqa_policy: request.gqa_policy,
-            },
-        )?;
+        let m = load(model, request.workload, request.gqa_policy)?;
         let shapes = crate::database::grid_shapes(m.structure(), request.grid);
         let mut profiler = TractProfiler::new(&m, request.threads);
         crate::profile::build_table(
