@@ -110,9 +110,11 @@ fn main() -> anyhow::Result<()> {
     job.search.refine = ziplm::search::spdy::RefineConfig::with_evaluations(args.refine, job.seed);
     job.database.max_ffn_removed_fraction = args.max_ffn_removed;
     job.verify_settings = ziplm::profile::ProfileSettings::new(2, 9);
-    job.runtime_fit = !args.no_runtime_fit;
+    if args.no_runtime_fit {
+        job.options.set("runtime_fit", "false");
+    }
     if args.safetensors {
-        job.llm_format = Some(ziplm::job::LlmFormat::Safetensors);
+        job.options.set("llm_format", "safetensors");
     }
     let run = driver::run(&job, &ziplm::progress::Bars::default())?;
     println!("{}", run.report.to_text());

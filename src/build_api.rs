@@ -216,38 +216,34 @@ impl Builder {
         // Link (or copy) the entry's files into the output folder.
         let dest = self.out_dir.join("ziplm").join(&name);
         std::fs::create_dir_all(&dest).map_err(|e| Error::io(&dest, e))?;
+        // The entry's committed set, as its manifest lists it (models, plans, bundles,
+        // archives, report).
+        let manifest = crate::outputs::read_manifest(&entry, &name).ok_or_else(|| {
+            Error::Invalid(format!(
+                "{}: the cached run of `{name}` has no manifest; remove this cache entry",
+                entry.display()
+            ))
+        })?;
+        for file in &manifest.files {
+            let (src, dst) = (entry.join(file), dest.join(file));
+            if src.is_dir() {
+                place_dir(&src, &dst)?;
+            } else {
+                place(&src, &dst)?;
+            }
+        }
         let mut files = vec![];
         for budget in &job.budgets {
             let stem = job.output_stem(budget);
-            for ext in [
-                "onnx",
-                "nnef.tar",
-                "gguf",
-                "plan.json",
-                "plan-bundle.json",
-                "plan-bundle.bin",
-            ] {
-                let src = entry.join(format!("{stem}.{ext}"));
-                if src.exists() {
-                    let dst = dest.join(format!("{stem}.{ext}"));
-                    place(&src, &dst)?;
-                    if ext == "onnx" || ext == "gguf" {
-                        files.push((*budget, dst));
-                    }
-                }
-            }
-            // A model written as a folder (safetensors for mistral.rs).
-            let folder = entry.join(&stem);
-            if folder.is_dir() {
-                let dst = dest.join(&stem);
-                place_dir(&folder, &dst)?;
-                files.push((*budget, dst));
-            }
-        }
-        for report in ["report.json", "report.txt", "report.svg"] {
-            let src = entry.join(report);
-            if src.exists() {
-                place(&src, &dest.join(report))?;
+            // The model: `STEM.onnx`, `STEM.gguf`, or a folder `STEM` (safetensors).
+            let model = manifest.files.iter().find(|f| {
+                **f == stem
+                    || [".onnx", ".gguf"]
+                        .iter()
+                        .any(|e| **f == format!("{stem}{e}"))
+            });
+            if let Some(m) = model {
+                files.push((*budget, dest.join(m)));
             }
         }
         Ok(Built {

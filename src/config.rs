@@ -7,7 +7,7 @@
 //! backend = "tract"                                # default: from the extension
 //! seed = 0
 //! [model.target]
-//! threads = 1                                      # or: cuda = 0
+//! threads = 1                                      # default: the backend's
 //! [model.workload]
 //! batch = 1
 //! seq_len = 128
@@ -26,15 +26,16 @@
 //! latency_table = "latency/minilm-cpu1.json"       # reused when it matches the target
 //! ```
 //!
-//! Unknown keys and bad values are errors naming the file, the line and the key.
+//! Unknown keys and bad values are errors naming the file, the line and the key. A table
+//! lowers into a [`JobRequest`], which the same step as the CLI's resolves.
 
-use crate::data::{CalibrationData, DataFormat};
+use crate::data::DataFormat;
 use crate::error::{Error, Result};
-use crate::job::{BackendKind, Device, PruneJob};
-use crate::search::Budget;
+use crate::job::request::{JobRequest, Origin, RawOption};
+use crate::job::{BackendKind, PruneJob};
 use serde::{Deserialize, Serialize};
 use std::path::{Path, PathBuf};
-use ziplm_plugin_api::{GqaPolicy, Phase, Workload};
+use ziplm_plugin_api::GqaPolicy;
 
 /// A serving config: one or more models.
 #[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
@@ -227,6 +228,10 @@ pub struct PruningConfig {
     /// SPDY refinement with at most this many loss evaluations (default 32; 0 = off).
     #[serde(default)]
     pub refine: Option<usize>,
+    /// Largest fraction of one layer's FFN neurons removed short of dropping the layer
+    /// (default 1.0).
+    #[serde(default)]
+    pub max_ffn_removed: Option<f64>,
 }
 
 fn bad(path: &Path, detail: impl Into<String>) -> Error {
@@ -237,161 +242,59 @@ fn bad(path: &Path, detail: impl Into<String>) -> Error {
 }
 
 impl ModelConfig {
-    /// Resolves paths against `base` and checks every value; names the file and key in
-    /// errors.
-    pub fn to_job(&self, file: &Path, base: &Path) -> Result<PruneJob> {
-        let key = |k: &str| {
-            format!(
-                "model `{}`: {k}",
-                self.name
-                    .as_deref()
-                    .unwrap_or(&self.source.display().to_string())
-            )
-        };
-        let resolve = |p: &Path| {
-            if p.is_absolute() {
-                p.to_path_buf()
-            } else {
-                base.join(p)
-            }
-        };
-        let mut job = PruneJob::new(resolve(&self.source));
-        job.name = self.name.clone();
-        if let Some(b) = &self.backend {
-            // The named backend's own defaults, not those of the one the path implied.
-            crate::backend::named(b.name()).map_err(|e| bad(file, key(&e.to_string())))?;
-            job.backend = b.clone();
-            job.profile = b.profile_settings();
-        }
-        job.tokenizer = self.tokenizer.as_deref().map(resolve);
-        job.seed = self.seed;
-        job.device = match (self.target.threads, self.target.cuda) {
-            (Some(_), Some(_)) => {
-                return Err(bad(
-                    file,
-                    key("target: give threads (CPU) or cuda (GPU), not both"),
-                ))
-            }
-            (_, Some(d)) => Device::Cuda { device: d },
-            (Some(0), None) => return Err(bad(file, key("target.threads must be at least 1"))),
-            (t, None) => Device::Cpu {
-                threads: t.unwrap_or(1),
-            },
-        };
-        let w = &self.workload;
-        if w.batch == 0 || w.seq_len == 0 {
-            return Err(bad(
-                file,
-                key("workload.batch and workload.seq_len must be at least 1"),
-            ));
-        }
-        job.workload = Workload {
-            batch: w.batch,
-            seq_len: w.seq_len,
-            phase: match (w.phase.as_str(), w.kv_len) {
-                ("prefill", None) => Phase::Prefill,
-                ("prefill", Some(_)) => {
-                    return Err(bad(
-                        file,
-                        key("workload.kv_len is only for phase = \"decode\""),
-                    ))
-                }
-                ("decode", Some(kv_len)) => Phase::Decode { kv_len },
-                ("decode", None) => {
-                    return Err(bad(
-                        file,
-                        key("workload.phase = \"decode\" needs workload.kv_len"),
-                    ))
-                }
-                (other, _) => {
-                    return Err(bad(
-                        file,
-                        key(&format!(
-                            "workload.phase is `{other}`, expected \"prefill\" or \"decode\""
-                        )),
-                    ))
-                }
-            },
-        };
-        let mut budgets = vec![];
-        for &s in &self.budget.speedup {
-            if !(s.is_finite() && s > 0.0) {
-                return Err(bad(
-                    file,
-                    key(&format!("budget.speedup {s} must be a positive number")),
-                ));
-            }
-            budgets.push(Budget::Speedup(s));
-        }
-        for &ms in &self.budget.latency_ms {
-            if !(ms.is_finite() && ms > 0.0) {
-                return Err(bad(
-                    file,
-                    key(&format!("budget.latency_ms {ms} must be a positive number")),
-                ));
-            }
-            budgets.push(Budget::LatencyMs(ms));
-        }
-        if budgets.is_empty() {
-            return Err(bad(
-                file,
-                key("budget: give speedup = [...] or latency_ms = [...]"),
-            ));
-        }
-        job.budgets = budgets;
+    /// The raw job this table stands for, with paths resolved against `base` (the
+    /// config's folder); `file` names the config in errors.
+    pub fn request(&self, file: &Path, base: &Path) -> JobRequest {
+        let resolve = |p: &Path| resolve(base, p);
+        let mut r = JobRequest::new(Origin::Config {
+            file: file.to_path_buf(),
+            model: self
+                .name
+                .clone()
+                .unwrap_or_else(|| self.source.display().to_string()),
+        });
+        r.model = Some(resolve(&self.source));
+        r.name = self.name.clone();
+        r.backend = self.backend.as_ref().map(|b| b.name().to_string());
+        r.tokenizer = self.tokenizer.as_deref().map(resolve);
+        r.seed = Some(self.seed);
+        r.threads = self.target.threads;
+        r.cuda = self.target.cuda;
+        r.batch = Some(self.workload.batch);
+        r.seq_len = Some(self.workload.seq_len);
+        r.phase = Some(self.workload.phase.clone());
+        r.kv_len = self.workload.kv_len;
+        r.speedup = self.budget.speedup.clone();
+        r.latency_ms = self.budget.latency_ms.clone();
         if let Some(c) = &self.calibration {
-            if c.samples == 0 || c.seq_len == 0 {
-                return Err(bad(
-                    file,
-                    key("calibration.samples and calibration.seq_len must be at least 1"),
-                ));
-            }
-            job.calibration = Some(CalibrationData {
-                path: resolve(&c.path),
-                format: c.format,
-                samples: c.samples,
-                seq_len: c.seq_len,
+            r.calibration = Some(resolve(&c.path));
+            r.calibration_format = c.format;
+            r.samples = Some(c.samples);
+            r.calibration_seq_len = Some(c.seq_len);
+        }
+        r.out = Some(resolve(&self.output.dir));
+        r.output_format = self.output.format.clone();
+        r.latency_table = self.profile.latency_table.as_deref().map(resolve);
+        r.runs = self.profile.runs;
+        r.verify = Some(!self.profile.no_verify);
+        if self.profile.no_runtime_fit {
+            r.options.push(RawOption {
+                name: "runtime_fit".into(),
+                value: "false".into(),
+                spelled: "profile.no_runtime_fit".into(),
             });
         }
-        job.out_dir = resolve(&self.output.dir);
-        if let Some(f) = &self.output.format {
-            let backend = crate::backend::named(job.backend.name())
-                .map_err(|e| bad(file, key(&e.to_string())))?;
-            let ok = backend.apply_output_format(&mut job, f);
-            if !ok {
-                return Err(bad(
-                    file,
-                    key(&format!(
-                        "output.format `{f}` is not one this backend writes"
-                    )),
-                ));
-            }
-        }
-        job.latency_table = self.profile.latency_table.as_deref().map(resolve);
-        if let Some(r) = self.profile.runs {
-            if r == 0 {
-                return Err(bad(file, key("profile.runs must be at least 1")));
-            }
-            job.profile.runs = r;
-        }
-        job.verify = !self.profile.no_verify;
-        job.runtime_fit = !self.profile.no_runtime_fit;
-        if let Some(m) = self.pruning.ffn_multiple {
-            if m == 0 {
-                return Err(bad(file, key("pruning.ffn_multiple must be at least 1")));
-            }
-            job.database.ffn_width_multiple = m;
-        }
-        if let Some(g) = self.pruning.gqa {
-            job.gqa_policy = g;
-        }
-        job.search.refine = crate::search::spdy::RefineConfig::with_evaluations(
-            self.pruning
-                .refine
-                .unwrap_or(crate::search::spdy::RefineConfig::default().max_evaluations),
-            self.seed,
-        );
-        Ok(job)
+        r.ffn_multiple = self.pruning.ffn_multiple;
+        r.max_ffn_removed = self.pruning.max_ffn_removed;
+        r.gqa = self.pruning.gqa;
+        r.refine = self.pruning.refine;
+        r
+    }
+
+    /// Resolves the table into a job ([`JobRequest::resolve`]): every value checked,
+    /// errors naming the file, the model and the key.
+    pub fn to_job(&self, file: &Path, base: &Path) -> Result<PruneJob> {
+        Ok(self.request(file, base).resolve()?.job)
     }
 }
 
@@ -413,9 +316,9 @@ struct ManifestMetadata {
     ziplm: Option<ServingConfig>,
 }
 
-/// Reads the jobs of a serving config: a `ziplm.toml`, or a `Cargo.toml` whose
+/// Reads the raw jobs of a serving config: a `ziplm.toml`, or a `Cargo.toml` whose
 /// `[package.metadata.ziplm]` holds the same tables (found with `cargo_metadata`).
-pub fn load_jobs(path: &Path) -> Result<Vec<PruneJob>> {
+pub fn load_requests(path: &Path) -> Result<Vec<JobRequest>> {
     let text = std::fs::read_to_string(path).map_err(|e| Error::io(path, e))?;
     let base = path.parent().map(Path::to_path_buf).unwrap_or_default();
     let config = if path.file_name().is_some_and(|n| n == "Cargo.toml") {
@@ -426,7 +329,19 @@ pub fn load_jobs(path: &Path) -> Result<Vec<PruneJob>> {
     if config.model.is_empty() {
         return Err(bad(path, "no [[model]] table"));
     }
-    config.model.iter().map(|m| m.to_job(path, &base)).collect()
+    Ok(config
+        .model
+        .iter()
+        .map(|m| m.request(path, &base))
+        .collect())
+}
+
+/// Reads and resolves the jobs of a serving config ([`load_requests`]).
+pub fn load_jobs(path: &Path) -> Result<Vec<PruneJob>> {
+    load_requests(path)?
+        .iter()
+        .map(|r| Ok(r.resolve()?.job))
+        .collect()
 }
 
 fn cargo_config(path: &Path, text: &str) -> Result<ServingConfig> {

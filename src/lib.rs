@@ -35,6 +35,7 @@ pub mod inspect;
 pub mod job;
 pub(crate) mod memory;
 pub mod obs;
+pub mod outputs;
 pub mod pipeline;
 pub mod profile;
 pub mod progress;
@@ -54,3 +55,6 @@ pub fn run_cli(
     cli::run(args)
 }
 pub use ziplm_plugin_api as api;
+
+#[doc(hidden)]
+pub use cli::resolve_prune_args;

@@ -5,7 +5,7 @@
 
 use crate::backend::{Backend, ProfileRequest};
 use crate::error::{Error, Result};
-use crate::job::PruneJob;
+use crate::job::{OptionSpec, PruneJob};
 use crate::profile::ProfileSettings;
 use crate::progress::Progress;
 use crate::report::PruneReport;
@@ -34,6 +34,15 @@ impl Backend for MistralBackend {
     }
     fn profile_settings(&self) -> ProfileSettings {
         crate::backend::llm_profile_settings()
+    }
+    fn models(&self) -> &'static str {
+        crate::backend::LLM_MODELS
+    }
+    fn options(&self) -> &'static [OptionSpec] {
+        crate::backend::LLM_OPTIONS
+    }
+    fn output_format(&self, format: &str) -> Option<Vec<(&'static str, &'static str)>> {
+        crate::backend::llm_output_format(format)
     }
     fn run(&self, job: &PruneJob, _: &dyn Progress) -> Result<PruneReport> {
         Err(not_built(&job.model))

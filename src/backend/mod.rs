@@ -22,7 +22,7 @@ pub mod tract;
 
 use crate::database::DatabaseConfig;
 use crate::error::{Error, Result};
-use crate::job::{GgufDType, PruneJob};
+use crate::job::{BackendOptions, OptionSpec, PruneJob};
 use crate::profile::ProfileSettings;
 use crate::progress::Progress;
 use crate::report::PruneReport;
@@ -41,6 +41,41 @@ pub(crate) fn llm_profile_settings() -> ProfileSettings {
     ProfileSettings::new(2, 15).in_passes(crate::profile::LLM_PROFILE_PASSES)
 }
 
+/// What the mistral.rs backend reads, built in or not (for messages).
+pub(crate) const LLM_MODELS: &str = "GGUF files and Hugging Face model folders";
+
+/// The mistral.rs backend's options, built in or not (read by
+/// `mistralrs::options::MistralOptions`).
+pub(crate) const LLM_OPTIONS: &[OptionSpec] = &[
+    OptionSpec {
+        name: "gguf_dtype",
+        values: &["f32", "f16", "q8_0", "q4_k"],
+        help: "tensor type of the pruned projections in emitted GGUF files",
+    },
+    OptionSpec {
+        name: "llm_format",
+        values: &["gguf", "safetensors"],
+        help: "format of the emitted models (default: the source's)",
+    },
+    OptionSpec::flag(
+        "runtime_fit",
+        "fit the candle block table to mistral.rs with two probe models before searching",
+    ),
+];
+
+/// The mistral.rs backend's options for a serving config's `output.format`.
+pub(crate) fn llm_output_format(format: &str) -> Option<Vec<(&'static str, &'static str)>> {
+    let gguf = |dtype| Some(vec![("llm_format", "gguf"), ("gguf_dtype", dtype)]);
+    match format {
+        "gguf" => gguf("f32"),
+        "gguf-f16" => gguf("f16"),
+        "gguf-q8_0" => gguf("q8_0"),
+        "gguf-q4_k" => gguf("q4_k"),
+        "safetensors" => Some(vec![("llm_format", "safetensors")]),
+        _ => None,
+    }
+}
+
 /// What a runtime backend offers the front ends (CLI, config, build API, `speedup`).
 pub trait Backend: Sync {
     /// The name jobs, configs and reports use (`backend = "tract"`).
@@ -49,6 +84,22 @@ pub trait Backend: Sync {
     fn takes(&self, model: &Path) -> bool;
     /// How this backend profiles a latency table by default.
     fn profile_settings(&self) -> ProfileSettings;
+    /// The models it reads, in words (for messages: "ONNX models").
+    fn models(&self) -> &'static str;
+    /// The options it takes ([`crate::job::BackendOptions`]); a job that sets another
+    /// is refused when it is resolved.
+    fn options(&self) -> &'static [OptionSpec] {
+        &[]
+    }
+    /// The options that a serving config's `output.format` stands for; `None` when
+    /// this backend writes no such format.
+    fn output_format(&self, _format: &str) -> Option<Vec<(&'static str, &'static str)>> {
+        None
+    }
+    /// The CPU threads a job targets when it names none.
+    fn default_threads(&self) -> usize {
+        1
+    }
     /// Runs a resolved job end to end through [`crate::pipeline::run`].
     fn run(&self, job: &PruneJob, progress: &dyn Progress) -> Result<PruneReport>;
     /// The prunable structure of a model (`ziplm inspect`).
@@ -61,11 +112,6 @@ pub trait Backend: Sync {
         request: &ProfileRequest,
         progress: &dyn Progress,
     ) -> Result<LatencyTable>;
-    /// Sets the job's options for a serving config's `output.format`; false when this
-    /// backend writes no such format.
-    fn apply_output_format(&self, _job: &mut PruneJob, _format: &str) -> bool {
-        false
-    }
     /// Times each of `models` against `dense` end to end in the runtime, alternating
     /// runs (`ziplm speedup`); one (dense, model) timing pair per model.
     fn time_files(
@@ -139,8 +185,8 @@ pub struct ProfileRequest<'a> {
     pub grid: &'a DatabaseConfig,
     /// How GQA heads are removed.
     pub gqa_policy: GqaPolicy,
-    /// Type of the projections as the emitted model stores them (mistral.rs backend).
-    pub gguf_dtype: GgufDType,
+    /// The backend's options (the tensor type the table is for, for mistral.rs).
+    pub options: &'a BackendOptions,
     /// Warm-up and timed runs per shape.
     pub settings: ProfileSettings,
     /// An earlier table of the same target and workload: only missing shapes are timed.

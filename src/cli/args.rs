@@ -54,9 +54,10 @@ pub struct WorkloadArgs {
     /// Time decode steps with a KV cache of this many tokens instead of prefill.
     #[arg(long)]
     pub decode_kv_len: Option<usize>,
-    /// CPU threads of the target (1 and N threads are different targets).
-    #[arg(long, default_value_t = 1)]
-    pub threads: usize,
+    /// CPU threads of the target (1 and N threads are different targets) [default: 1
+    /// for ONNX models; candle's thread pool for LLMs].
+    #[arg(long)]
+    pub threads: Option<usize>,
 }
 
 /// GQA policy on the command line.
@@ -207,9 +208,9 @@ pub struct ProfileArgs {
     #[arg(long, default_value_t = 1.0)]
     pub max_ffn_removed: f64,
     /// Tensor type of the pruned projections the table is for (GGUF models; the same as
-    /// `prune --gguf-dtype`).
-    #[arg(long, value_enum, default_value_t = GgufDTypeArg::F32)]
-    pub gguf_dtype: GgufDTypeArg,
+    /// `prune --gguf-dtype`) [default: f32].
+    #[arg(long, value_enum)]
+    pub gguf_dtype: Option<GgufDTypeArg>,
     /// Print the table as JSON on stdout too.
     #[arg(long)]
     pub json: bool,

@@ -4,18 +4,19 @@ use super::args::{
     Cli, Command, EvalArgs, FormatArg, GgufDTypeArg, GqaArg, InspectArgs, LlmFormatArg,
     ProfileArgs, PruneArgs, SpeedupArgs, WorkloadArgs,
 };
-use crate::data::{CalibrationData, DataFormat};
+use crate::data::DataFormat;
 use crate::inspect;
-use crate::job::{Device, PruneJob};
+use crate::job::request::{JobRequest, Origin, RawOption, Resolved, DEFAULT_SEQ_LEN};
+use crate::job::Device;
 use crate::progress::{Bars, Progress, Quiet};
-use crate::search::Budget;
 use anyhow::bail;
 use std::process::ExitCode;
 use ziplm_plugin_api::{GqaPolicy, Phase, Workload};
 
-pub fn dispatch(cli: Cli) -> anyhow::Result<ExitCode> {
+/// Runs a command; `given` names the arguments written on its command line.
+pub fn dispatch(cli: Cli, given: &[String]) -> anyhow::Result<ExitCode> {
     match cli.command {
-        Command::Prune(a) => prune(a),
+        Command::Prune(a) => prune(a, given),
         Command::Profile(a) => profile(a),
         Command::Inspect(a) => inspect(a),
         Command::Eval(a) => eval(a),
@@ -34,9 +35,6 @@ fn workload(w: &WorkloadArgs) -> Workload {
     }
 }
 
-/// `--seq-len` when not given.
-const DEFAULT_SEQ_LEN: usize = 128;
-
 fn gqa(g: GqaArg) -> GqaPolicy {
     match g {
         GqaArg::WholeKvGroups => GqaPolicy::WholeKvGroups,
@@ -52,121 +50,109 @@ fn progress(quiet: bool) -> Box<dyn Progress> {
     }
 }
 
-fn job_from_args(a: &PruneArgs) -> anyhow::Result<Vec<PruneJob>> {
+/// A backend option given as a flag.
+fn option(name: &str, value: &str, flag: &str) -> RawOption {
+    RawOption {
+        name: name.into(),
+        value: value.into(),
+        spelled: flag.into(),
+    }
+}
+
+/// The flags `ziplm prune` and `ziplm profile` share, lowered into a raw job.
+fn target_request(model: &std::path::Path, w: &WorkloadArgs, gqa_arg: GqaArg) -> JobRequest {
+    let mut r = JobRequest::new(Origin::Cli);
+    r.model = Some(model.to_path_buf());
+    r.batch = Some(w.batch);
+    r.seq_len = w.seq_len;
+    r.kv_len = w.decode_kv_len;
+    r.threads = w.threads;
+    r.gqa = Some(gqa(gqa_arg));
+    r
+}
+
+/// Lowers `ziplm prune`'s flags into raw jobs: one, or one per model of `--config`.
+/// `given` names the arguments written on the command line.
+pub(super) fn prune_requests(a: &PruneArgs, given: &[String]) -> anyhow::Result<Vec<JobRequest>> {
     if let Some(cfg) = &a.config {
-        // The config names each model, its budgets, workload and output folder: a flag
-        // for one of them would be dropped, so it is refused.
-        let given: Vec<&str> = [
-            (a.model.is_some(), "MODEL"),
-            (!a.speedup.is_empty(), "--speedup"),
-            (!a.latency_ms.is_empty(), "--latency-ms"),
-            (a.out.is_some(), "--out"),
-            (a.workload.seq_len.is_some(), "--seq-len"),
-            (a.workload.decode_kv_len.is_some(), "--decode-kv-len"),
-            (a.calibration.is_some(), "--calibration"),
-        ]
-        .into_iter()
-        .filter_map(|(given, flag)| given.then_some(flag))
-        .collect();
-        if !given.is_empty() {
+        // The config sets the whole job: a flag beside it would be dropped, so it is
+        // refused (only --json and --quiet, which shape the output, go with it).
+        let dropped: Vec<String> = given
+            .iter()
+            .filter(|id| !["config", "json", "quiet"].contains(&id.as_str()))
+            .map(|id| match id.as_str() {
+                "model" => "MODEL".to_string(),
+                other => format!("--{}", other.replace('_', "-")),
+            })
+            .collect();
+        if !dropped.is_empty() {
             bail!(
-                "{} cannot be combined with --config: the config sets each model, its budgets, workload, calibration and output folder (set them there, or leave out --config)",
-                given.join(", ")
+                "{} cannot be combined with --config: the config sets each model, its budgets, workload, calibration, output folder and options (set them there, or leave out --config)",
+                dropped.join(", ")
             );
         }
-        let jobs = crate::config::load_jobs(cfg)?;
-        return Ok(jobs);
+        return Ok(crate::config::load_requests(cfg)?);
     }
     let Some(model) = &a.model else {
         bail!("give a model file (ziplm prune MODEL) or a serving config (--config ziplm.toml)");
     };
-    let mut job = PruneJob::new(model);
-    job.workload = workload(&a.workload);
-    job.device = Device::Cpu {
-        threads: a.workload.threads,
-    };
-    let mut budgets: Vec<Budget> = a.speedup.iter().map(|&s| Budget::Speedup(s)).collect();
-    budgets.extend(a.latency_ms.iter().map(|&ms| Budget::LatencyMs(ms)));
-    if !budgets.is_empty() {
-        job.budgets = budgets;
-    }
-    if a.calibration.is_none() && a.calibration_seq_len.is_some() {
-        bail!("--calibration-seq-len sets the length of calibration samples: give --calibration FILE too");
-    }
-    job.calibration = a.calibration.as_ref().map(|p| CalibrationData {
-        path: p.clone(),
-        format: a.format.map(|f| match f {
-            FormatArg::Text => DataFormat::Text,
-            FormatArg::Jsonl => DataFormat::Jsonl,
-            FormatArg::StsTsv => DataFormat::StsTsv,
-        }),
-        samples: a.samples,
-        seq_len: a.calibration_seq_len.unwrap_or(DEFAULT_SEQ_LEN),
+    let mut r = target_request(model, &a.workload, a.gqa);
+    r.speedup = a.speedup.clone();
+    r.latency_ms = a.latency_ms.clone();
+    r.calibration = a.calibration.clone();
+    r.calibration_format = a.format.map(|f| match f {
+        FormatArg::Text => DataFormat::Text,
+        FormatArg::Jsonl => DataFormat::Jsonl,
+        FormatArg::StsTsv => DataFormat::StsTsv,
     });
-    job.random_samples = a.samples.min(64);
-    job.tokenizer = a.tokenizer.clone();
-    job.out_dir = a.out.clone().unwrap_or_else(|| "ziplm-out".into());
-    job.latency_table = a.latency_table.clone();
-    job.seed = a.seed;
-    job.gqa_policy = gqa(a.gqa);
-    if a.ffn_multiple == 0 {
-        bail!("--ffn-multiple must be at least 1 (FFN widths are kept in multiples of it)");
+    r.samples = Some(a.samples);
+    r.calibration_seq_len = a.calibration_seq_len;
+    r.tokenizer = a.tokenizer.clone();
+    r.out = a.out.clone();
+    r.latency_table = a.latency_table.clone();
+    r.seed = Some(a.seed);
+    r.ffn_multiple = Some(a.ffn_multiple);
+    r.max_ffn_removed = Some(a.max_ffn_removed);
+    r.verify = Some(!a.no_verify);
+    r.refine = Some(a.refine);
+    if a.no_runtime_fit {
+        r.options
+            .push(option("runtime_fit", "false", "--no-runtime-fit"));
     }
-    job.database.ffn_width_multiple = a.ffn_multiple;
-    if !(0.0..=1.0).contains(&a.max_ffn_removed) {
-        bail!(
-            "--max-ffn-removed must be between 0 and 1 (a fraction of each FFN), got {}",
-            a.max_ffn_removed
-        );
+    if a.nnef {
+        r.options.push(option("nnef", "true", "--nnef"));
     }
-    job.database.max_ffn_removed_fraction = a.max_ffn_removed;
-    job.verify = !a.no_verify;
-    job.runtime_fit = !a.no_runtime_fit;
-    job.nnef = a.nnef;
-    // Options of one backend are refused for a model of another.
-    let llm = job.backend == crate::job::BackendKind::MISTRALRS;
-    for (given, flag) in [
-        (a.gguf_dtype.is_some(), "--gguf-dtype"),
-        (a.llm_format.is_some(), "--llm-format"),
-        (a.no_runtime_fit, "--no-runtime-fit"),
-    ] {
-        if given && !llm {
-            bail!("{flag} is an option of the mistralrs backend (GGUF files and model folders); {} is not one", model.display());
-        }
+    if let Some(d) = a.gguf_dtype {
+        r.options
+            .push(option("gguf_dtype", gguf_dtype(d), "--gguf-dtype"));
     }
-    if a.nnef && llm {
-        bail!(
-            "--nnef writes tract NNEF archives of ONNX models; {} is not one",
-            model.display()
-        );
+    if let Some(f) = a.llm_format {
+        let value = match f {
+            LlmFormatArg::Gguf => "gguf",
+            LlmFormatArg::Safetensors => "safetensors",
+        };
+        r.options.push(option("llm_format", value, "--llm-format"));
     }
-    job.gguf_dtype = a.gguf_dtype.map(gguf_dtype).unwrap_or_default();
-    job.llm_format = a.llm_format.map(|f| match f {
-        LlmFormatArg::Gguf => crate::job::LlmFormat::Gguf,
-        LlmFormatArg::Safetensors => crate::job::LlmFormat::Safetensors,
-    });
-    job.search.refine = crate::search::spdy::RefineConfig::with_evaluations(a.refine, a.seed);
-    Ok(vec![job])
+    Ok(vec![r])
 }
 
-fn prune(a: PruneArgs) -> anyhow::Result<ExitCode> {
-    let jobs = job_from_args(&a)?;
-    let cores = std::thread::available_parallelism().map_or(1, |n| n.get());
-    if a.workload.threads > cores {
-        eprintln!(
-            "ziplm: warning: --threads {} is more than this machine's {cores} cores: the latencies will be those of an oversubscribed CPU",
-            a.workload.threads
-        );
-    }
+/// Parses `ziplm prune ...` arguments and resolves them into jobs without running
+/// anything (what `prune` runs; also the fuzz target's entry).
+pub(super) fn resolve_prune(a: &PruneArgs, given: &[String]) -> anyhow::Result<Vec<Resolved>> {
+    prune_requests(a, given)?
+        .iter()
+        .map(|r| Ok(r.resolve()?))
+        .collect()
+}
+
+fn prune(a: PruneArgs, given: &[String]) -> anyhow::Result<ExitCode> {
+    let resolved = resolve_prune(&a, given)?;
     let progress = progress(a.quiet);
     let mut missed = false;
     let mut reports = vec![];
-    for job in &jobs {
-        if job.calibration.is_none() {
-            eprintln!(
-                "ziplm: no calibration data given: calibrating on {} random token sequences (fine for test models; pass --calibration for real ones)",
-                job.random_samples
-            );
+    for Resolved { job, warnings } in &resolved {
+        for w in warnings {
+            eprintln!("ziplm: warning: {w}");
         }
         let report = crate::backend::run_job(job, progress.as_ref())?;
         missed |= report.budgets.iter().any(|b| b.met == Some(false));
@@ -191,41 +177,32 @@ fn prune(a: PruneArgs) -> anyhow::Result<ExitCode> {
     })
 }
 
-/// The job's GGUF tensor type for a `--gguf-dtype` value.
-fn gguf_dtype(a: GgufDTypeArg) -> crate::job::GgufDType {
+/// The backend option value of a `--gguf-dtype` flag.
+fn gguf_dtype(a: GgufDTypeArg) -> &'static str {
     match a {
-        GgufDTypeArg::F32 => crate::job::GgufDType::F32,
-        GgufDTypeArg::F16 => crate::job::GgufDType::F16,
-        GgufDTypeArg::Q8_0 => crate::job::GgufDType::Q8_0,
-        GgufDTypeArg::Q4K => crate::job::GgufDType::Q4K,
+        GgufDTypeArg::F32 => "f32",
+        GgufDTypeArg::F16 => "f16",
+        GgufDTypeArg::Q8_0 => "q8_0",
+        GgufDTypeArg::Q4K => "q4_k",
     }
 }
 
 fn profile(a: ProfileArgs) -> anyhow::Result<ExitCode> {
-    let w = workload(&a.workload);
-    if !(0.0..=1.0).contains(&a.max_ffn_removed) {
-        bail!(
-            "--max-ffn-removed must be between 0 and 1 (a fraction of each FFN), got {}",
-            a.max_ffn_removed
-        );
+    // The checks and defaults of a prune job of this model.
+    let mut r = target_request(&a.model, &a.workload, a.gqa);
+    r.ffn_multiple = Some(a.ffn_multiple);
+    r.max_ffn_removed = Some(a.max_ffn_removed);
+    r.runs = a.runs;
+    if let Some(d) = a.gguf_dtype {
+        r.options
+            .push(option("gguf_dtype", gguf_dtype(d), "--gguf-dtype"));
     }
-    if a.ffn_multiple == 0 {
-        bail!("--ffn-multiple must be at least 1 (FFN widths are kept in multiples of it)");
-    }
-    let cfg = crate::database::DatabaseConfig {
-        ffn_width_multiple: a.ffn_multiple,
-        max_ffn_removed_fraction: a.max_ffn_removed,
-        ..Default::default()
+    let job = r.resolve_target()?;
+    let w = job.workload;
+    let threads = match job.device {
+        Device::Cpu { threads } => threads,
+        Device::Cuda { .. } => 1,
     };
-    // The same settings a prune job of this model would profile with.
-    let backend = crate::job::BackendKind::of(&a.model);
-    let mut settings = backend.profile_settings();
-    if let Some(runs) = a.runs {
-        if runs == 0 {
-            bail!("--runs must be at least 1");
-        }
-        settings.runs = runs;
-    }
     let reuse = if a.out.exists() {
         crate::profile::load_table(&a.out).ok()
     } else {
@@ -234,15 +211,18 @@ fn profile(a: ProfileArgs) -> anyhow::Result<ExitCode> {
     let progress = progress(a.quiet);
     let request = crate::backend::ProfileRequest {
         workload: w,
-        threads: a.workload.threads,
-        grid: &cfg,
-        gqa_policy: gqa(a.gqa),
-        gguf_dtype: gguf_dtype(a.gguf_dtype),
-        settings,
+        threads,
+        grid: &job.database,
+        gqa_policy: job.gqa_policy,
+        options: &job.options,
+        settings: job.profile,
         reuse: reuse.as_ref(),
     };
-    let table =
-        crate::backend::named(backend.name())?.profile(&a.model, &request, progress.as_ref())?;
+    let table = crate::backend::named(job.backend.name())?.profile(
+        &a.model,
+        &request,
+        progress.as_ref(),
+    )?;
     crate::profile::save_table(&table, &a.out)?;
     if a.json {
         println!("{}", serde_json::to_string_pretty(&table)?);
@@ -279,7 +259,7 @@ fn speedup(a: SpeedupArgs) -> anyhow::Result<ExitCode> {
         &a.dense,
         &a.models,
         &w,
-        a.workload.threads,
+        a.workload.threads.unwrap_or(1),
         &settings,
         progress(a.quiet).as_ref(),
     )?;

@@ -8,13 +8,51 @@ mod commands;
 
 use args::Cli;
 
-use clap::Parser;
+use clap::parser::ValueSource;
+use clap::{CommandFactory, FromArgMatches};
 use std::ffi::OsString;
 use std::process::ExitCode;
 
+/// Parses the arguments: the command, and the ids of the arguments its command line
+/// wrote (not defaults), or clap's error.
+fn parse(
+    args: impl IntoIterator<Item = OsString>,
+) -> std::result::Result<(Cli, Vec<String>), clap::Error> {
+    let matches = Cli::command().try_get_matches_from(args)?;
+    let cli = Cli::from_arg_matches(&matches)?;
+    let given = matches
+        .subcommand()
+        .map(|(_, sub)| {
+            sub.ids()
+                .filter(|id| sub.value_source(id.as_str()) == Some(ValueSource::CommandLine))
+                .map(|id| id.as_str().to_string())
+                .collect()
+        })
+        .unwrap_or_default();
+    Ok((cli, given))
+}
+
+/// Parses `ziplm prune ...` arguments (without the program name) and resolves them into
+/// jobs, running nothing: the CLI's lowering and checks alone (for the fuzz target).
+#[doc(hidden)]
+pub fn resolve_prune_args(args: &[String]) -> anyhow::Result<Vec<crate::job::PruneJob>> {
+    let argv = ["ziplm", "prune"]
+        .into_iter()
+        .map(String::from)
+        .chain(args.iter().cloned());
+    let (cli, given) = parse(argv.map(OsString::from)).map_err(|e| anyhow::anyhow!("{e}"))?;
+    match cli.command {
+        args::Command::Prune(a) => Ok(commands::resolve_prune(&a, &given)?
+            .into_iter()
+            .map(|r| r.job)
+            .collect()),
+        _ => anyhow::bail!("not a prune command"),
+    }
+}
+
 /// Parses arguments and runs the command.
 pub fn run(args: impl IntoIterator<Item = OsString>) -> anyhow::Result<ExitCode> {
-    let cli = match Cli::try_parse_from(args) {
+    let (cli, given) = match parse(args) {
         Ok(c) => c,
         Err(e) => {
             let code = if e.use_stderr() { 2 } else { 0 };
@@ -23,7 +61,7 @@ pub fn run(args: impl IntoIterator<Item = OsString>) -> anyhow::Result<ExitCode>
         }
     };
     let json = cli.command.json();
-    match commands::dispatch(cli) {
+    match commands::dispatch(cli, &given) {
         // With --json the error is JSON on stdout too (same exit code; the message also
         // goes to stderr for people).
         Err(e) if json => {

@@ -31,6 +31,7 @@ use crate::data::{tokenizer::Tokenizer, SampleMode};
 use crate::database::Database;
 use crate::error::{Error, Result};
 use crate::job::PruneJob;
+use crate::outputs::OutputSet;
 use crate::profile::{self, TableRequest};
 use crate::progress::Progress;
 use crate::report::{self, PruneReport, StageTimes};
@@ -127,12 +128,13 @@ pub trait Session {
         emitted: &EmitSummary,
     ) -> Result<(Timing, Timing)>;
 
-    /// Writes the backend's other files of a finished budget (next to the model,
-    /// named after `stem`).
+    /// Writes the backend's other files of a finished budget into `dir` (the staging
+    /// folder of the output set, beside the model), named after `stem`.
     fn write_artifacts(
         &mut self,
         _model: &Self::Model,
         _job: &PruneJob,
+        _dir: &Path,
         _stem: &str,
         _outcome: &BudgetOutcome,
     ) -> Result<()> {
@@ -183,14 +185,17 @@ pub struct Profiled {
 
 /// Runs a job end to end: checks it ([`check_job`]), loads its model with `open` (the
 /// backend's: the model and the backend's state for the job), then calibration, database, profile, every budget's search-emit-verify
-/// loop, the backend's artifacts and the report (`report.json`, `report.txt`,
-/// `report.svg` in the output folder).
+/// loop, the backend's artifacts and the report (`NAME.report.json`, `.txt`, `.svg`),
+/// all committed into the output folder as one set ([`crate::outputs`]).
 pub fn run<S: Session>(
     job: &PruneJob,
     open: impl FnOnce(&PruneJob) -> Result<(S::Model, S)>,
     progress: &dyn Progress,
 ) -> Result<JobRun<S>> {
     check_job(job)?;
+    // The output folder is locked for the whole run, and every file goes to a staging
+    // folder first: the set is committed at the end, or not at all.
+    let set = OutputSet::begin(&job.out_dir, &job.display_name())?;
     let t = Instant::now();
     let (mut model, mut session) = open(job)?;
     let mut stages = StageTimes {
@@ -227,11 +232,10 @@ pub fn run<S: Session>(
     if job.search.refine.is_some() {
         session.prepare_loss(&model, job)?;
     }
-    std::fs::create_dir_all(&job.out_dir).map_err(|e| Error::io(&job.out_dir, e))?;
     let scratch = tempfile::Builder::new()
-        .prefix(".ziplm-scratch-")
-        .tempdir_in(&job.out_dir)
-        .map_err(|e| Error::io(&job.out_dir, e))?;
+        .prefix(".scratch-")
+        .tempdir_in(set.stage())
+        .map_err(|e| Error::io(set.stage(), e))?;
     if verify {
         let t = Instant::now();
         let (fitted, more) = session.prepare_verification(
@@ -254,15 +258,16 @@ pub fn run<S: Session>(
     let (mut emit_s, mut verify_s) = (0.0, 0.0);
     for budget in &job.budgets {
         let stem = job.output_stem(budget);
+        let output_name = session.output_name(&model, &stem);
         let mut runtime = BudgetRuntime {
-            dest: job.out_dir.join(session.output_name(&model, &stem)),
+            dest: set.stage().join(&output_name),
             model: &model,
             session: &mut session,
             job,
             emit_s: 0.0,
             verify_s: 0.0,
         };
-        let outcome = prune_to_budget(
+        let mut outcome = prune_to_budget(
             &database,
             &table,
             *budget,
@@ -274,10 +279,10 @@ pub fn run<S: Session>(
         verify_s += runtime.verify_s;
         let t = Instant::now();
         crate::fsutil::write_json_atomic(
-            &job.out_dir.join(format!("{stem}.plan.json")),
+            &set.stage().join(format!("{stem}.plan.json")),
             &outcome.plan,
         )?;
-        session.write_artifacts(&model, job, &stem, &outcome)?;
+        session.write_artifacts(&model, job, set.stage(), &stem, &outcome)?;
         emit_s += t.elapsed().as_secs_f64();
         notes.extend(report::dense_note(&database, &outcome));
         if verify {
@@ -285,6 +290,8 @@ pub fn run<S: Session>(
             notes.extend(session.check_served(job, &outcome)?);
             verify_s += t.elapsed().as_secs_f64();
         }
+        // Where the model is once the set is committed.
+        outcome.emitted.path = set.final_path(&output_name);
         budgets.push(report::budget_report(&database, &table, &outcome)?);
         outcomes.push(outcome);
     }
@@ -304,7 +311,8 @@ pub fn run<S: Session>(
         budgets,
         notes,
     );
-    report.write(&job.out_dir, "report")?;
+    report.write(set.stage(), &format!("{}.report", job.display_name()))?;
+    set.commit()?;
     Ok(JobRun {
         report,
         database,

@@ -86,10 +86,10 @@ fn prune_writes_models_plans_bundles_and_reports() {
             );
         }
     }
-    for f in ["report.json", "report.txt", "report.svg"] {
+    for f in ["model.report.json", "model.report.txt", "model.report.svg"] {
         assert!(dir.path().join(f).exists(), "{f} missing");
     }
-    let svg = std::fs::read_to_string(dir.path().join("report.svg")).unwrap();
+    let svg = std::fs::read_to_string(dir.path().join("model.report.svg")).unwrap();
     assert!(svg.starts_with("<svg") || svg.contains("<svg"));
     // Exit code 1 exactly when a verified budget was missed.
     let missed = report["budgets"]

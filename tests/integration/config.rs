@@ -26,12 +26,29 @@ samples = 16
 seq_len = 32
 "#;
 
+/// An app folder holding the files GOOD names (empty: resolving checks they exist).
+fn app() -> tempfile::TempDir {
+    let dir = tempfile::tempdir().unwrap();
+    for f in [
+        "models/model.onnx",
+        "models/smollm2.gguf",
+        "data/train.jsonl",
+    ] {
+        let p = dir.path().join(f);
+        std::fs::create_dir_all(p.parent().unwrap()).unwrap();
+        std::fs::write(p, b"").unwrap();
+    }
+    dir
+}
+
 #[test]
 fn a_valid_config_becomes_jobs_with_resolved_paths() {
-    let file = Path::new("/srv/app/ziplm.toml");
+    let app = app();
+    let base = app.path();
+    let file = &base.join("ziplm.toml");
     let cfg = config::parse(GOOD, file).unwrap();
-    let job = cfg.model[0].to_job(file, Path::new("/srv/app")).unwrap();
-    assert_eq!(job.model, Path::new("/srv/app/models/model.onnx"));
+    let job = cfg.model[0].to_job(file, base).unwrap();
+    assert_eq!(job.model, base.join("models/model.onnx"));
     assert_eq!(job.device, Device::Cpu { threads: 2 });
     assert_eq!(job.workload.phase, Phase::Decode { kv_len: 256 });
     assert_eq!(
@@ -44,46 +61,44 @@ fn a_valid_config_becomes_jobs_with_resolved_paths() {
     );
     assert_eq!(
         job.calibration.as_ref().unwrap().path,
-        Path::new("/srv/app/data/train.jsonl")
+        base.join("data/train.jsonl")
     );
     assert_eq!(job.output_stem(&Budget::Speedup(1.5)), "minilm.speedup-1.5");
 }
 
 #[test]
-fn llm_output_formats_become_the_job_format() {
-    use ziplm::job::{GgufDType, LlmFormat};
-    let file = Path::new("/srv/app/ziplm.toml");
+fn llm_output_formats_become_the_backend_options() {
+    let app = app();
+    let base = app.path();
+    let file = &base.join("ziplm.toml");
     let llm = GOOD
         .replace("models/model.onnx", "models/smollm2.gguf")
         .replace("phase = \"decode\"\nkv_len = 256\n", "");
     for (format, want) in [
-        (
-            "safetensors",
-            (Some(LlmFormat::Safetensors), GgufDType::F32),
-        ),
-        ("gguf-q8_0", (Some(LlmFormat::Gguf), GgufDType::Q8_0)),
+        ("safetensors", (Some("safetensors"), None)),
+        ("gguf-q8_0", (Some("gguf"), Some("q8_0"))),
     ] {
         let text = format!("{llm}[model.output]\ndir = \"pruned\"\nformat = \"{format}\"\n");
         let cfg = config::parse(&text, file).unwrap();
-        let job = cfg.model[0].to_job(file, Path::new("/srv/app")).unwrap();
-        assert_eq!((job.llm_format, job.gguf_dtype), want, "{format}");
+        let job = cfg.model[0].to_job(file, base).unwrap();
+        let got = (job.options.get("llm_format"), job.options.get("gguf_dtype"));
+        assert_eq!(got, want, "{format}");
     }
     let text = format!("{llm}[model.output]\ndir = \"pruned\"\nformat = \"onnx\"\n");
     let cfg = config::parse(&text, file).unwrap();
-    let err = cfg.model[0]
-        .to_job(file, Path::new("/srv/app"))
-        .unwrap_err()
-        .to_string();
+    let err = cfg.model[0].to_job(file, base).unwrap_err().to_string();
     assert!(err.contains("output.format"), "{err}");
     // The runtime fit is on unless the config turns it off.
     let job = |extra: &str| {
         let text = format!("{llm}{extra}");
         config::parse(&text, file).unwrap().model[0]
-            .to_job(file, Path::new("/srv/app"))
+            .to_job(file, base)
             .unwrap()
     };
-    assert!(job("").runtime_fit);
-    assert!(!job("[model.profile]\nno_runtime_fit = true\n").runtime_fit);
+    assert!(job("").options.flag("runtime_fit", true));
+    assert!(!job("[model.profile]\nno_runtime_fit = true\n")
+        .options
+        .flag("runtime_fit", true));
 }
 
 #[test]
@@ -112,10 +127,11 @@ fn unknown_keys_and_bad_values_name_file_line_and_key() {
             "calibration.samples",
         ),
     ];
+    let app = app();
     for (text, key) in cases {
         let cfg = config::parse(&text, file).unwrap();
         let err = cfg.model[0]
-            .to_job(file, Path::new("."))
+            .to_job(file, app.path())
             .unwrap_err()
             .to_string();
         assert!(

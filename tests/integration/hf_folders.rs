@@ -5,8 +5,8 @@
 
 use super::mistralrs_backend::{max_abs_diff, plan_keeping, tiny as tiny_gguf, tiny_job};
 use std::path::{Path, PathBuf};
+use ziplm::backend::mistralrs::options::LlmFormat;
 use ziplm::backend::mistralrs::{self as mrs, LlamaModel, LlamaOptions, LoadedModel};
-use ziplm::job::LlmFormat;
 use ziplm_plugin_api::{ModelAdapter, Plan, PrunedWeights};
 
 fn root() -> PathBuf {
@@ -359,7 +359,7 @@ fn bad_folders_get_clear_errors() {
     let e = err(&f, gguf_out);
     assert!(e.contains("GGUF output needs a GGUF source"), "{e}");
     let q8 = LlamaOptions {
-        output_dtype: ziplm::job::GgufDType::Q8_0,
+        output_dtype: ziplm::backend::mistralrs::options::GgufDType::Q8_0,
         ..Default::default()
     };
     let e = err(&f, q8);

@@ -12,6 +12,7 @@ mod hf_folders;
 mod mistralrs_backend;
 mod obs_identities;
 mod obs_quality;
+mod output_sets;
 mod reference_backend;
 mod reproducible;
 mod search_dp;

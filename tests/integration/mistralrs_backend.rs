@@ -439,7 +439,7 @@ fn smollm2_logits_agree_with_mistralrs_and_the_tokenizer_too() {
 fn q8_0_output_loads_in_mistralrs_and_stays_close() {
     let dir = tempfile::tempdir().unwrap();
     let options = LlamaOptions {
-        output_dtype: ziplm::job::GgufDType::Q8_0,
+        output_dtype: ziplm::backend::mistralrs::options::GgufDType::Q8_0,
         ..Default::default()
     };
     let model = LlamaModel::load(&tiny(), options).unwrap();

@@ -558,6 +558,9 @@ impl Backend for RefBackend {
     fn profile_settings(&self) -> ProfileSettings {
         ProfileSettings::new(1, 5)
     }
+    fn models(&self) -> &'static str {
+        "refnet files"
+    }
     fn run(&self, job: &PruneJob, progress: &dyn Progress) -> ziplm::Result<PruneReport> {
         let open = |job: &PruneJob| -> ziplm::Result<(RefAdapter, RefSession)> {
             let net = RefNet::load(&job.model)?;
@@ -639,14 +642,19 @@ fn a_backend_registered_with_one_line_runs_the_whole_pipeline() {
     assert!(b.params.1 < b.params.0, "{:?}", b.params);
     let emitted = job.out_dir.join("tiny.speedup-1.5.refnet");
     assert_eq!(Path::new(&b.output), emitted);
-    for f in ["tiny.speedup-1.5.plan.json", "report.json", "report.txt"] {
+    for f in [
+        "tiny.speedup-1.5.plan.json",
+        "tiny.report.json",
+        "tiny.report.txt",
+        "tiny.manifest.json",
+    ] {
         assert!(job.out_dir.join(f).exists(), "{f}");
     }
     // No scratch folder is left behind.
     let left: Vec<_> = std::fs::read_dir(&job.out_dir)
         .unwrap()
         .map(|e| e.unwrap().file_name().to_string_lossy().into_owned())
-        .filter(|n| n.starts_with('.'))
+        .filter(|n| n.starts_with('.') && n != ziplm::outputs::LOCK_FILE)
         .collect();
     assert!(left.is_empty(), "{left:?}");
 

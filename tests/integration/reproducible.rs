@@ -56,9 +56,10 @@ fn assert_same_outputs_whatever_the_thread_count(job: &PruneJob, dir: &Path) -> 
         pool.install(|| ziplm::backend::run_job(&j, &ziplm::progress::Quiet))
             .unwrap();
         let mut f = files(&j.out_dir);
-        let report = f.remove("report.json").unwrap();
-        f.remove("report.txt");
-        f.remove("report.svg");
+        let stem = format!("{}.report", j.display_name());
+        let report = f.remove(&format!("{stem}.json")).unwrap();
+        f.remove(&format!("{stem}.txt"));
+        f.remove(&format!("{stem}.svg"));
         outputs.push((threads, f, report_without_stage_times(&report)));
     }
     let (_, first, first_report) = &outputs[0];
@@ -106,8 +107,8 @@ fn same_inputs_give_identical_outputs_whatever_the_thread_count() {
 fn llm_outputs_are_identical_whatever_the_thread_count() {
     let root = Path::new(env!("CARGO_MANIFEST_DIR"));
     for format in [
-        ziplm::job::LlmFormat::Gguf,
-        ziplm::job::LlmFormat::Safetensors,
+        ziplm::backend::mistralrs::options::LlmFormat::Gguf,
+        ziplm::backend::mistralrs::options::LlmFormat::Safetensors,
     ] {
         let dir = tempfile::tempdir().unwrap();
         let mut job = PruneJob::new(root.join("fixtures/gguf/tiny-llama-gqa.gguf"));
@@ -115,11 +116,17 @@ fn llm_outputs_are_identical_whatever_the_thread_count() {
         job.random_samples = 16;
         job.budgets = vec![Budget::Speedup(1.3), Budget::Speedup(1.8)];
         job.profile = ziplm::profile::ProfileSettings::new(0, 1);
-        job.llm_format = Some(format);
+        job.options.set(
+            "llm_format",
+            match format {
+                ziplm::backend::mistralrs::options::LlmFormat::Gguf => "gguf",
+                ziplm::backend::mistralrs::options::LlmFormat::Safetensors => "safetensors",
+            },
+        );
         let names = assert_same_outputs_whatever_the_thread_count(&job, dir.path());
         let model = match format {
-            ziplm::job::LlmFormat::Gguf => ".gguf",
-            ziplm::job::LlmFormat::Safetensors => "/model.safetensors",
+            ziplm::backend::mistralrs::options::LlmFormat::Gguf => ".gguf",
+            ziplm::backend::mistralrs::options::LlmFormat::Safetensors => "/model.safetensors",
         };
         assert!(
             names.iter().filter(|k| k.ends_with(model)).count() == 2,

@@ -5,13 +5,14 @@
 
 use super::loss::HiddenLoss;
 use super::model::{LlamaModel, LlamaOptions};
+use super::options::MistralOptions;
 use super::profile::CandleProfiler;
 use super::runtime::LoadedModel;
 use crate::backend::{Backend, ProfileRequest};
 use crate::data::{self, tokenizer::Tokenizer};
 use crate::database::Database;
 use crate::error::{Error, Result};
-use crate::job::{Device, PruneJob};
+use crate::job::{Device, OptionSpec, PruneJob};
 use crate::pipeline::{self, BudgetOutcome, JobRun, Session};
 use crate::profile::{self, ProfileSettings};
 use crate::progress::Progress;
@@ -269,6 +270,7 @@ impl ProbeRuntime<'_> {
 /// The mistral.rs backend's state for one job beside its [`LlamaModel`]: the loss and
 /// what verification loads.
 pub struct MistralSession {
+    options: MistralOptions,
     loss: Option<HiddenLoss>,
     /// The dense model as emitted (same tensor types), loaded in mistral.rs.
     dense: Option<LoadedModel>,
@@ -288,7 +290,8 @@ impl MistralSession {
                 ))
             }
             // candle and mistral.rs size their thread pools once per process.
-            Device::Cpu { threads } if threads != 1 && threads != super::profile::candle_threads() => {
+            // The default is candle's pool; any other count is refused, not ignored.
+            Device::Cpu { threads } if threads != super::profile::candle_threads() => {
                 return Err(Error::Invalid(format!(
                     "--threads {threads}: the mistralrs backend runs on candle's thread pool, {} threads in this process; set RAYON_NUM_THREADS={threads} to time on {threads} threads",
                     super::profile::candle_threads()
@@ -297,12 +300,13 @@ impl MistralSession {
             Device::Cpu { .. } => {}
         }
         job.workload.validate().map_err(Error::Invalid)?;
+        let options = MistralOptions::of(&job.options)?;
         let model = LlamaModel::load(
             &job.model,
             LlamaOptions {
                 gqa_policy: job.gqa_policy,
-                output_dtype: job.gguf_dtype,
-                format: job.llm_format,
+                output_dtype: options.gguf_dtype,
+                format: options.llm_format,
                 tokenizer_json: job.tokenizer.clone(),
             },
         )?;
@@ -310,6 +314,7 @@ impl MistralSession {
         Ok((
             model,
             MistralSession {
+                options,
                 loss: None,
                 dense: None,
                 dense_path: PathBuf::new(),
@@ -349,9 +354,9 @@ impl Session for MistralSession {
     fn profiler<'a>(
         &'a self,
         model: &'a LlamaModel,
-        job: &PruneJob,
+        _job: &PruneJob,
     ) -> Box<dyn LatencyProfiler + 'a> {
-        Box::new(CandleProfiler::new(model, job.gguf_dtype))
+        Box::new(CandleProfiler::new(model, self.options.gguf_dtype))
     }
     fn prepare_loss(&mut self, model: &LlamaModel, _job: &PruneJob) -> Result<()> {
         self.loss = Some(HiddenLoss::new(model, LOSS_SAMPLES, LOSS_TOKENS)?);
@@ -383,7 +388,7 @@ impl Session for MistralSession {
             &self.dense_path,
         )?;
         self.prompt = timing_prompt(model, &job.workload);
-        if !job.runtime_fit {
+        if !self.options.runtime_fit {
             return Ok((table, vec![]));
         }
         let problem = database.search_problem(&table)?;
@@ -498,23 +503,17 @@ impl Backend for MistralBackend {
     fn run(&self, job: &PruneJob, progress: &dyn Progress) -> Result<PruneReport> {
         Ok(run(job, progress)?.report)
     }
-    fn apply_output_format(&self, job: &mut PruneJob, format: &str) -> bool {
-        use crate::job::{GgufDType, LlmFormat};
-        let dtype = match format {
-            "gguf" => Some(GgufDType::F32),
-            "gguf-f16" => Some(GgufDType::F16),
-            "gguf-q8_0" => Some(GgufDType::Q8_0),
-            "gguf-q4_k" => Some(GgufDType::Q4K),
-            _ => None,
-        };
-        if let Some(d) = dtype {
-            job.gguf_dtype = d;
-            job.llm_format = Some(LlmFormat::Gguf);
-        }
-        if format == "safetensors" {
-            job.llm_format = Some(LlmFormat::Safetensors);
-        }
-        dtype.is_some() || format == "safetensors"
+    fn models(&self) -> &'static str {
+        crate::backend::LLM_MODELS
+    }
+    fn options(&self) -> &'static [OptionSpec] {
+        crate::backend::LLM_OPTIONS
+    }
+    fn output_format(&self, format: &str) -> Option<Vec<(&'static str, &'static str)>> {
+        crate::backend::llm_output_format(format)
+    }
+    fn default_threads(&self) -> usize {
+        super::profile::candle_threads()
     }
     fn time_files(
         &self,
@@ -539,16 +538,17 @@ impl Backend for MistralBackend {
         progress: &dyn Progress,
     ) -> Result<LatencyTable> {
         check_llm_source(model)?;
+        let options = MistralOptions::of(request.options)?;
         let m = LlamaModel::load(
             model,
             LlamaOptions {
                 gqa_policy: request.gqa_policy,
-                output_dtype: request.gguf_dtype,
+                output_dtype: options.gguf_dtype,
                 ..Default::default()
             },
         )?;
         let shapes = crate::database::grid_shapes(m.structure(), request.grid);
-        let mut profiler = CandleProfiler::new(&m, request.gguf_dtype);
+        let mut profiler = CandleProfiler::new(&m, options.gguf_dtype);
         profile::build_table(
             &mut profiler,
             &request.workload,

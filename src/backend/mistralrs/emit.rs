@@ -11,7 +11,7 @@
 
 use super::gguf::GgufFile;
 use super::llama::LlamaWeights;
-use crate::job::GgufDType as OutputDType;
+use super::options::GgufDType as OutputDType;
 use candle_core::quantized::gguf_file::{self, Value};
 use candle_core::quantized::{GgmlDType, QTensor};
 use std::path::Path;

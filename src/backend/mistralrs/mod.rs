@@ -25,6 +25,7 @@ pub mod hf;
 pub mod llama;
 pub mod loss;
 pub mod model;
+pub mod options;
 pub mod profile;
 pub mod runtime;
 pub mod tokenizer;

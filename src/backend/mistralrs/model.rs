@@ -13,8 +13,8 @@ use ziplm_plugin_api::{
     ShapeConstraints, WeightMatrix,
 };
 
-pub use crate::job::GgufDType as OutputDType;
-pub use crate::job::LlmFormat;
+pub use super::options::GgufDType as OutputDType;
+pub use super::options::LlmFormat;
 
 pub use super::emit::ggml_dtype;
 

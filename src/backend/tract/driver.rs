@@ -7,7 +7,7 @@ use super::profile::{time_pair, TractProfiler};
 use crate::backend::{Backend, ProfileRequest};
 use crate::data::SampleMode;
 use crate::error::{Error, Result};
-use crate::job::{Device, PruneJob};
+use crate::job::{Device, OptionSpec, PruneJob};
 use crate::pipeline::{self, BudgetOutcome, JobRun, Session};
 use crate::profile::ProfileSettings;
 use crate::progress::Progress;
@@ -129,19 +129,20 @@ impl Session for TractSession {
         &mut self,
         model: &TractModel,
         job: &PruneJob,
+        dir: &Path,
         stem: &str,
         outcome: &BudgetOutcome,
     ) -> Result<()> {
-        if job.nnef {
+        if job.options.flag("nnef", false) {
             let onnx_bytes = std::fs::read(&outcome.emitted.path)
                 .map_err(|e| Error::io(&outcome.emitted.path, e))?;
-            let nnef_path = job.out_dir.join(format!("{stem}.nnef.tar"));
+            let nnef_path = dir.join(format!("{stem}.nnef.tar"));
             super::nnef::write_nnef(&onnx_bytes, &job.workload, &nnef_path)?;
         }
         // The bundle for the load-time tract transform (same model as the ONNX: the
         // weights the model was emitted with).
         super::hook::write_bundle(
-            &job.out_dir.join(format!("{stem}.plan-bundle.json")),
+            &dir.join(format!("{stem}.plan-bundle.json")),
             &outcome.plan,
             &outcome.weights,
             super::onnx::keeps_bias_when_removed(model)?,
@@ -171,9 +172,22 @@ impl Backend for TractBackend {
     fn run(&self, job: &PruneJob, progress: &dyn Progress) -> Result<PruneReport> {
         Ok(run(job, progress)?.report)
     }
-    fn apply_output_format(&self, job: &mut PruneJob, format: &str) -> bool {
-        job.nnef = format == "nnef";
-        format == "onnx" || format == "nnef"
+    fn models(&self) -> &'static str {
+        "ONNX models"
+    }
+    fn options(&self) -> &'static [OptionSpec] {
+        const OPTIONS: &[OptionSpec] = &[OptionSpec::flag(
+            "nnef",
+            "also write each pruned model as a tract NNEF archive (NAME.nnef.tar)",
+        )];
+        OPTIONS
+    }
+    fn output_format(&self, format: &str) -> Option<Vec<(&'static str, &'static str)>> {
+        match format {
+            "onnx" => Some(vec![("nnef", "false")]),
+            "nnef" => Some(vec![("nnef", "true")]),
+            _ => None,
+        }
     }
     fn time_files(
         &self,

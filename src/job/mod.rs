@@ -1,5 +1,11 @@
 //! A resolved prune job: what the CLI flags, a serving config or `[package.metadata.ziplm]`
-//! all turn into, and what a backend driver runs.
+//! all turn into ([`request`]: one raw request, one resolving step), and what the
+//! pipeline runs.
+
+pub mod options;
+pub mod request;
+
+pub use options::{BackendOptions, OptionSpec};
 
 use crate::data::CalibrationData;
 use crate::database::DatabaseConfig;
@@ -44,11 +50,16 @@ impl BackendKind {
     /// How this backend profiles a latency table by default (tract's settings for a
     /// name no backend has: the run then fails with that name).
     pub fn profile_settings(&self) -> ProfileSettings {
-        crate::backend::named(self.name())
-            .map(|b| b.profile_settings())
-            .unwrap_or_else(|_| {
-                crate::backend::Backend::profile_settings(&crate::backend::tract::TractBackend)
-            })
+        self.backend().profile_settings()
+    }
+
+    /// The CPU threads this backend targets by default.
+    pub fn default_threads(&self) -> usize {
+        self.backend().default_threads()
+    }
+
+    fn backend(&self) -> &'static dyn crate::backend::Backend {
+        crate::backend::named(self.name()).unwrap_or(&crate::backend::tract::TractBackend)
     }
 }
 
@@ -72,34 +83,6 @@ pub enum Device {
         /// Device index.
         device: usize,
     },
-}
-
-/// The tensor type of the pruned projections in an emitted GGUF file (mistral.rs
-/// backend). Norms are always F32; embeddings keep their stored type.
-#[derive(Clone, Copy, Debug, Default, PartialEq, Eq, Hash, Serialize, Deserialize)]
-#[serde(rename_all = "snake_case")]
-pub enum GgufDType {
-    /// 32-bit floats: exact, and fast on any CPU (candle's f32 matmul picks its SIMD
-    /// kernels at run time).
-    #[default]
-    F32,
-    /// 16-bit floats.
-    F16,
-    /// ggml Q8_0 (32-wide blocks).
-    Q8_0,
-    /// ggml Q4_K (256-wide super-blocks: FFN widths become multiples of 256).
-    Q4K,
-}
-
-/// The file format of models the mistral.rs backend emits.
-#[derive(Clone, Copy, Debug, PartialEq, Eq, Hash, Serialize, Deserialize)]
-#[serde(rename_all = "snake_case")]
-pub enum LlmFormat {
-    /// One GGUF file (`llama` architecture; per-layer FFN widths). Needs a GGUF source.
-    Gguf,
-    /// A Hugging Face folder (`config.json` + `model.safetensors` + tokenizer files),
-    /// loaded by mistral.rs's `mistral` loader: one FFN width for every layer.
-    Safetensors,
 }
 
 /// Everything a prune run needs, resolved.
@@ -143,39 +126,46 @@ pub struct PruneJob {
     pub verify: bool,
     /// Timing settings of the verification.
     pub verify_settings: ProfileSettings,
-    /// Also write each emitted model as a tract NNEF archive (`.nnef.tar`).
+    /// Options of the job's backend (`gguf_dtype`, `nnef`, ...: see each backend's
+    /// [`crate::backend::Backend::options`]).
     #[serde(default)]
-    pub nnef: bool,
-    /// Tensor type of the pruned projections in emitted GGUF files.
-    #[serde(default)]
-    pub gguf_dtype: GgufDType,
-    /// Format of the emitted LLMs (mistralrs backend); `None` = the source's format.
-    #[serde(default)]
-    pub llm_format: Option<LlmFormat>,
-    /// Fit the block table to the runtime before searching (mistralrs backend, when
-    /// verifying): two probe models timed in mistral.rs set per-kind scales
-    /// ([`crate::runtime_fit`]).
-    #[serde(default = "yes")]
-    pub runtime_fit: bool,
+    pub options: BackendOptions,
 }
 
-fn yes() -> bool {
-    true
+/// Checks a list of budgets: at least one, each valid, none twice.
+fn check_budgets(budgets: &[Budget]) -> crate::Result<()> {
+    if budgets.is_empty() {
+        return Err(crate::Error::Invalid(
+            "no budget given: ask for a latency (ms) or a speedup".into(),
+        ));
+    }
+    for (i, b) in budgets.iter().enumerate() {
+        b.validate()?;
+        if budgets[..i].contains(b) {
+            return Err(crate::Error::Invalid(format!(
+                "the budget {} is given twice: give each budget once",
+                PruneJob::budget_label(b)
+            )));
+        }
+    }
+    Ok(())
 }
 
 impl PruneJob {
-    /// A job with defaults that work out of the box: CPU, one thread, prefill 1x128,
+    /// A job with defaults that work out of the box: CPU with the backend's default
+    /// threads (one for tract, candle's pool for mistral.rs), prefill 1x128,
     /// a 1.5x speedup, random calibration ids unless data is given.
     pub fn new(model: impl Into<PathBuf>) -> PruneJob {
         let model = model.into();
         let backend = BackendKind::of(&model);
         let profile = backend.profile_settings();
+        let threads = backend.default_threads();
         PruneJob {
             name: None,
             out_dir: PathBuf::from("ziplm-out"),
             model,
             backend,
-            device: Device::Cpu { threads: 1 },
+            device: Device::Cpu { threads },
             workload: Workload::prefill(1, 128),
             budgets: vec![Budget::Speedup(1.5)],
             calibration: None,
@@ -189,30 +179,14 @@ impl PruneJob {
             search: SearchSettings::default(),
             verify: true,
             verify_settings: ProfileSettings::new(3, 15),
-            nnef: false,
-            gguf_dtype: GgufDType::F32,
-            llm_format: None,
-            runtime_fit: true,
+            options: BackendOptions::default(),
         }
     }
 
-    /// Checks that the job asks for at least one budget and that each is valid.
+    /// Checks that the job asks for at least one budget, that each is valid, and that
+    /// none is given twice.
     pub fn check_budgets(&self) -> crate::Result<()> {
-        if self.budgets.is_empty() {
-            return Err(crate::Error::Invalid(
-                "no budget given: ask for a latency (ms) or a speedup".into(),
-            ));
-        }
-        for (i, b) in self.budgets.iter().enumerate() {
-            b.validate()?;
-            if self.budgets[..i].contains(b) {
-                return Err(crate::Error::Invalid(format!(
-                    "the budget {} is given twice: give each budget once",
-                    Self::budget_label(b)
-                )));
-            }
-        }
-        Ok(())
+        check_budgets(&self.budgets)
     }
 
     /// Checks that the job's name, which becomes part of every output file name, is one

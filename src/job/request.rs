@@ -1,0 +1,618 @@
+//! The raw job every front end lowers into, and the one step that resolves it
+//! (ripgrep's LowArgs -> HiArgs).
+//!
+//! The CLI's flags and a serving config's tables (`ziplm.toml`, `[package.metadata.ziplm]`)
+//! both become a [`JobRequest`]: values as the user wrote them, `None` where they wrote
+//! nothing. [`JobRequest::resolve`] makes every check, once, and names the flag or the
+//! config key the user wrote ([`Origin`] spells each [`Field`]).
+
+use super::{BackendKind, BackendOptions, Device, PruneJob};
+use crate::data::{CalibrationData, DataFormat};
+use crate::error::{Error, Result};
+use crate::search::spdy::RefineConfig;
+use crate::search::Budget;
+use std::path::{Path, PathBuf};
+use ziplm_plugin_api::{GqaPolicy, Phase, Workload};
+
+/// Where a request came from, for messages.
+#[derive(Clone, Debug, PartialEq)]
+pub enum Origin {
+    /// Command-line flags.
+    Cli,
+    /// One `[[model]]` table of a serving config.
+    Config {
+        /// The config file.
+        file: PathBuf,
+        /// The model's name or source, as the table gives it.
+        model: String,
+    },
+}
+
+/// The values of a request that are checked, by what they mean.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum Field {
+    /// The model file or folder.
+    Model,
+    /// The outputs' name.
+    Name,
+    /// The backend's name.
+    Backend,
+    /// The tokenizer file.
+    Tokenizer,
+    /// CPU threads.
+    Threads,
+    /// CUDA device.
+    Cuda,
+    /// Sequences per call.
+    Batch,
+    /// Tokens per sequence.
+    SeqLen,
+    /// Prefill or decode.
+    Phase,
+    /// Cached tokens of a decode step.
+    KvLen,
+    /// A speedup budget.
+    Speedup,
+    /// A latency budget.
+    LatencyMs,
+    /// The calibration file.
+    Calibration,
+    /// Calibration samples.
+    Samples,
+    /// Tokens per calibration sample.
+    CalibrationSeqLen,
+    /// Timed runs per shape.
+    Runs,
+    /// The FFN width grid.
+    FfnMultiple,
+    /// The largest fraction of an FFN removed.
+    MaxFfnRemoved,
+    /// The output format.
+    OutputFormat,
+}
+
+impl Field {
+    /// How the CLI and a serving config spell the field.
+    fn spellings(self) -> (&'static str, &'static str) {
+        match self {
+            Field::Model => ("MODEL", "source"),
+            Field::Name => ("the name", "name"),
+            Field::Backend => ("the backend", "backend"),
+            Field::Tokenizer => ("--tokenizer", "tokenizer"),
+            Field::Threads => ("--threads", "target.threads"),
+            Field::Cuda => ("the CUDA device", "target.cuda"),
+            Field::Batch => ("--batch", "workload.batch"),
+            Field::SeqLen => ("--seq-len", "workload.seq_len"),
+            Field::Phase => ("the phase", "workload.phase"),
+            Field::KvLen => ("--decode-kv-len", "workload.kv_len"),
+            Field::Speedup => ("--speedup", "budget.speedup"),
+            Field::LatencyMs => ("--latency-ms", "budget.latency_ms"),
+            Field::Calibration => ("--calibration", "calibration.path"),
+            Field::Samples => ("--samples", "calibration.samples"),
+            Field::CalibrationSeqLen => ("--calibration-seq-len", "calibration.seq_len"),
+            Field::Runs => ("--runs", "profile.runs"),
+            Field::FfnMultiple => ("--ffn-multiple", "pruning.ffn_multiple"),
+            Field::MaxFfnRemoved => ("--max-ffn-removed", "pruning.max_ffn_removed"),
+            Field::OutputFormat => ("the output format", "output.format"),
+        }
+    }
+}
+
+impl Origin {
+    /// How this front end spells `field`.
+    pub fn spell(&self, field: Field) -> &'static str {
+        let (cli, config) = field.spellings();
+        match self {
+            Origin::Cli => cli,
+            Origin::Config { .. } => config,
+        }
+    }
+
+    /// An error about the request, in this front end's terms (a config error names the
+    /// file and the model).
+    pub fn error(&self, detail: impl Into<String>) -> Error {
+        match self {
+            Origin::Cli => Error::Invalid(detail.into()),
+            Origin::Config { file, model } => Error::Format {
+                path: file.clone(),
+                detail: format!("model `{model}`: {}", detail.into()),
+            },
+        }
+    }
+}
+
+/// A backend option as given: `gguf_dtype = "q8_0"`, spelled `--gguf-dtype`.
+#[derive(Clone, Debug, PartialEq)]
+pub struct RawOption {
+    /// The option's name ([`crate::job::OptionSpec::name`]).
+    pub name: String,
+    /// Its value.
+    pub value: String,
+    /// How the user wrote it (for messages).
+    pub spelled: String,
+}
+
+/// A job as a front end received it: every value optional, nothing checked yet.
+#[derive(Clone, Debug, PartialEq)]
+pub struct JobRequest {
+    /// Where it came from.
+    pub origin: Origin,
+    /// The model file or folder.
+    pub model: Option<PathBuf>,
+    /// The outputs' name (default: the model's file stem).
+    pub name: Option<String>,
+    /// A backend by name (default: the one that reads the model).
+    pub backend: Option<String>,
+    /// The tokenizer (default: next to the model).
+    pub tokenizer: Option<PathBuf>,
+    /// Seed for sampling and refinement (default 0).
+    pub seed: Option<u64>,
+    /// CPU threads (default: the backend's).
+    pub threads: Option<usize>,
+    /// A CUDA device instead of the CPU.
+    pub cuda: Option<usize>,
+    /// Sequences per call (default 1).
+    pub batch: Option<usize>,
+    /// Tokens per sequence (default 128).
+    pub seq_len: Option<usize>,
+    /// `prefill` or `decode` (default: decode when `kv_len` is given).
+    pub phase: Option<String>,
+    /// Cached tokens of a decode step.
+    pub kv_len: Option<usize>,
+    /// Speedup budgets.
+    pub speedup: Vec<f64>,
+    /// Latency budgets (ms).
+    pub latency_ms: Vec<f64>,
+    /// Calibration data.
+    pub calibration: Option<PathBuf>,
+    /// Its format (default: from the extension).
+    pub calibration_format: Option<DataFormat>,
+    /// Calibration samples (default 256; random ones: at most 64).
+    pub samples: Option<usize>,
+    /// Tokens per calibration sample (default 128).
+    pub calibration_seq_len: Option<usize>,
+    /// Output folder (default `ziplm-out`).
+    pub out: Option<PathBuf>,
+    /// Latency table to reuse and update.
+    pub latency_table: Option<PathBuf>,
+    /// Timed runs per shape (default: the backend's).
+    pub runs: Option<usize>,
+    /// Time the emitted models end to end (default true).
+    pub verify: Option<bool>,
+    /// FFN widths kept are multiples of this (default 32).
+    pub ffn_multiple: Option<usize>,
+    /// Largest fraction of an FFN removed short of dropping it (default 1).
+    pub max_ffn_removed: Option<f64>,
+    /// GQA head removal (default: whole KV groups).
+    pub gqa: Option<GqaPolicy>,
+    /// SPDY evaluations per search (default 32; 0 = off).
+    pub refine: Option<usize>,
+    /// A named output format (config `output.format`), standing for backend options.
+    pub output_format: Option<String>,
+    /// Backend options.
+    pub options: Vec<RawOption>,
+}
+
+impl JobRequest {
+    /// An empty request from `origin`.
+    pub fn new(origin: Origin) -> JobRequest {
+        JobRequest {
+            origin,
+            model: None,
+            name: None,
+            backend: None,
+            tokenizer: None,
+            seed: None,
+            threads: None,
+            cuda: None,
+            batch: None,
+            seq_len: None,
+            phase: None,
+            kv_len: None,
+            speedup: vec![],
+            latency_ms: vec![],
+            calibration: None,
+            calibration_format: None,
+            samples: None,
+            calibration_seq_len: None,
+            out: None,
+            latency_table: None,
+            runs: None,
+            verify: None,
+            ffn_multiple: None,
+            max_ffn_removed: None,
+            gqa: None,
+            refine: None,
+            output_format: None,
+            options: vec![],
+        }
+    }
+}
+
+/// A resolved job and what the user should hear about it.
+#[derive(Clone, Debug)]
+pub struct Resolved {
+    /// The job.
+    pub job: PruneJob,
+    /// Things accepted but worth a word (printed before the run).
+    pub warnings: Vec<String>,
+}
+
+/// Tokens per sequence, and per calibration sample, when none is given.
+pub const DEFAULT_SEQ_LEN: usize = 128;
+/// Calibration samples when none is given.
+pub const DEFAULT_SAMPLES: usize = 256;
+/// Random calibration samples at most (no calibration data).
+const MAX_RANDOM_SAMPLES: usize = 64;
+
+impl JobRequest {
+    /// Checks every value and resolves the request into a job. Nothing is read but
+    /// the file system's answer to whether the named files exist.
+    pub fn resolve(&self) -> Result<Resolved> {
+        self.resolve_with(true)
+    }
+
+    /// [`JobRequest::resolve`] for a command that prunes nothing (`ziplm profile`):
+    /// the same checks, no budget needed.
+    pub fn resolve_target(&self) -> Result<PruneJob> {
+        Ok(self.resolve_with(false)?.job)
+    }
+
+    fn resolve_with(&self, needs_budget: bool) -> Result<Resolved> {
+        let o = &self.origin;
+        let at_least_one = |v: Option<usize>, f: Field| match v {
+            Some(0) => Err(o.error(format!("{} must be at least 1", o.spell(f)))),
+            _ => Ok(()),
+        };
+        let mut warnings = vec![];
+
+        // model and backend
+        let Some(model) = &self.model else {
+            return Err(o.error(
+                "give a model file (ziplm prune MODEL) or a serving config (--config ziplm.toml)",
+            ));
+        };
+        if !model.exists() {
+            return Err(o.error(format!(
+                "{}: no such model file or folder ({})",
+                model.display(),
+                o.spell(Field::Model)
+            )));
+        }
+        let mut job = PruneJob::new(model);
+        if let Some(b) = &self.backend {
+            // The named backend's own defaults, not those of the one the path implied.
+            let backend = crate::backend::named(b).map_err(|e| o.error(e.to_string()))?;
+            job.backend = BackendKind::named(backend.name());
+            job.profile = backend.profile_settings();
+            job.device = Device::Cpu {
+                threads: backend.default_threads(),
+            };
+        }
+        let backend = crate::backend::named(job.backend.name()).ok();
+        job.name = self.name.clone();
+        job.check_name().map_err(|e| o.error(e.to_string()))?;
+
+        // target
+        at_least_one(self.threads, Field::Threads)?;
+        job.device = match (self.threads, self.cuda) {
+            (Some(_), Some(_)) => {
+                return Err(o.error(format!(
+                    "give {} (CPU) or {} (GPU), not both",
+                    o.spell(Field::Threads),
+                    o.spell(Field::Cuda)
+                )))
+            }
+            (_, Some(device)) => Device::Cuda { device },
+            (Some(threads), None) => Device::Cpu { threads },
+            (None, None) => job.device,
+        };
+        let cores = std::thread::available_parallelism().map_or(1, |n| n.get());
+        if let Device::Cpu { threads } = job.device {
+            if threads > cores {
+                warnings.push(format!(
+                    "{} {threads} is more than this machine's {cores} cores: the latencies will be those of an oversubscribed CPU",
+                    o.spell(Field::Threads)
+                ));
+            }
+        }
+
+        // workload
+        let phase = match (self.phase.as_deref(), self.kv_len) {
+            (None, None) | (Some("prefill"), None) => Phase::Prefill,
+            (None, Some(kv_len)) | (Some("decode"), Some(kv_len)) => Phase::Decode { kv_len },
+            (Some("prefill"), Some(_)) => {
+                return Err(o.error(format!(
+                    "{} is only for decode workloads",
+                    o.spell(Field::KvLen)
+                )))
+            }
+            (Some("decode"), None) => {
+                return Err(o.error(format!(
+                    "a decode workload needs {} (the cached tokens of each step)",
+                    o.spell(Field::KvLen)
+                )))
+            }
+            (Some(other), _) => {
+                return Err(o.error(format!(
+                    "{} is `{other}`, expected \"prefill\" or \"decode\"",
+                    o.spell(Field::Phase)
+                )))
+            }
+        };
+        job.workload = Workload {
+            batch: self.batch.unwrap_or(1),
+            seq_len: self.seq_len.unwrap_or(DEFAULT_SEQ_LEN),
+            phase,
+        };
+        job.workload.validate().map_err(|e| {
+            o.error(format!(
+                "{e} ({}, {}, {})",
+                o.spell(Field::Batch),
+                o.spell(Field::SeqLen),
+                o.spell(Field::KvLen)
+            ))
+        })?;
+
+        // calibration
+        at_least_one(self.samples, Field::Samples)?;
+        at_least_one(self.calibration_seq_len, Field::CalibrationSeqLen)?;
+        let samples = self.samples.unwrap_or(DEFAULT_SAMPLES);
+        match &self.calibration {
+            None if self.calibration_seq_len.is_some() => {
+                return Err(o.error(format!(
+                    "{} sets the length of calibration samples: give {} FILE too",
+                    o.spell(Field::CalibrationSeqLen),
+                    o.spell(Field::Calibration)
+                )))
+            }
+            None => {
+                job.random_samples = samples.min(MAX_RANDOM_SAMPLES);
+                warnings.push(format!(
+                    "no calibration data given: calibrating on {} random token sequences (fine for test models; give {} for real ones)",
+                    job.random_samples,
+                    o.spell(Field::Calibration)
+                ));
+            }
+            Some(path) => {
+                if !path.is_file() {
+                    return Err(o.error(format!(
+                        "{}: no such calibration file ({})",
+                        path.display(),
+                        o.spell(Field::Calibration)
+                    )));
+                }
+                job.calibration = Some(CalibrationData {
+                    path: path.clone(),
+                    format: self.calibration_format,
+                    samples,
+                    seq_len: self.calibration_seq_len.unwrap_or(DEFAULT_SEQ_LEN),
+                });
+            }
+        }
+        if let Some(t) = &self.tokenizer {
+            if !t.is_file() {
+                return Err(o.error(format!(
+                    "{}: no such tokenizer file ({})",
+                    t.display(),
+                    o.spell(Field::Tokenizer)
+                )));
+            }
+        }
+        job.tokenizer = self.tokenizer.clone();
+
+        // outputs, profiling, pruning, search
+        job.out_dir = self
+            .out
+            .clone()
+            .unwrap_or_else(|| PathBuf::from("ziplm-out"));
+        crate::fsutil::check_output_folder(&job.out_dir).map_err(|e| o.error(e.to_string()))?;
+        job.latency_table = self.latency_table.clone();
+        at_least_one(self.runs, Field::Runs)?;
+        if let Some(runs) = self.runs {
+            job.profile.runs = runs;
+        }
+        job.verify = self.verify.unwrap_or(true);
+        at_least_one(self.ffn_multiple, Field::FfnMultiple)?;
+        if let Some(m) = self.ffn_multiple {
+            job.database.ffn_width_multiple = m;
+        }
+        if let Some(f) = self.max_ffn_removed {
+            if !(0.0..=1.0).contains(&f) {
+                return Err(o.error(format!(
+                    "{} must be between 0 and 1 (a fraction of each FFN), got {f}",
+                    o.spell(Field::MaxFfnRemoved)
+                )));
+            }
+            job.database.max_ffn_removed_fraction = f;
+        }
+        if let Some(g) = self.gqa {
+            job.gqa_policy = g;
+        }
+        job.seed = self.seed.unwrap_or(0);
+        job.search.refine = RefineConfig::with_evaluations(
+            self.refine
+                .unwrap_or(RefineConfig::default().max_evaluations),
+            job.seed,
+        );
+
+        // backend options
+        job.options = self.options_for(backend, model)?;
+
+        // budgets (last: every other mistake is named first)
+        if needs_budget {
+            job.budgets = self.budgets()?;
+        }
+        Ok(Resolved { job, warnings })
+    }
+
+    /// The backend options, each checked against the backend's declared ones.
+    fn options_for(
+        &self,
+        backend: Option<&'static dyn crate::backend::Backend>,
+        model: &Path,
+    ) -> Result<BackendOptions> {
+        let o = &self.origin;
+        let mut options = BackendOptions::default();
+        let mut given: Vec<RawOption> = vec![];
+        if let Some(format) = &self.output_format {
+            let implied = backend
+                .and_then(|b| b.output_format(format))
+                .ok_or_else(|| {
+                    o.error(format!(
+                        "{} `{format}` is not one the {} backend writes",
+                        o.spell(Field::OutputFormat),
+                        backend.map_or("job's", |b| b.name())
+                    ))
+                })?;
+            given.extend(implied.into_iter().map(|(name, value)| RawOption {
+                name: name.into(),
+                value: value.into(),
+                spelled: o.spell(Field::OutputFormat).into(),
+            }));
+        }
+        given.extend(self.options.iter().cloned());
+        for opt in given {
+            let spec = backend.and_then(|b| b.options().iter().find(|s| s.name == opt.name));
+            let Some(spec) = spec else {
+                let owner = crate::backend::all()
+                    .into_iter()
+                    .find(|b| b.options().iter().any(|s| s.name == opt.name));
+                return Err(o.error(match owner {
+                    Some(b) => format!(
+                        "{} is an option of the {} backend ({}); {} is not one",
+                        opt.spelled,
+                        b.name(),
+                        b.models(),
+                        model.display()
+                    ),
+                    None => format!("{}: no backend has an option `{}`", opt.spelled, opt.name),
+                }));
+            };
+            if !spec.values.contains(&opt.value.as_str()) {
+                return Err(o.error(format!(
+                    "{} `{}`: expected one of {}",
+                    opt.spelled,
+                    opt.value,
+                    spec.values.join(", ")
+                )));
+            }
+            options.set(opt.name, opt.value);
+        }
+        Ok(options)
+    }
+
+    /// The budgets: each positive, none twice, at least one.
+    fn budgets(&self) -> Result<Vec<Budget>> {
+        let o = &self.origin;
+        let given = self
+            .speedup
+            .iter()
+            .map(|&s| (Budget::Speedup(s), Field::Speedup))
+            .chain(
+                self.latency_ms
+                    .iter()
+                    .map(|&ms| (Budget::LatencyMs(ms), Field::LatencyMs)),
+            );
+        let mut budgets: Vec<Budget> = vec![];
+        for (budget, field) in given {
+            budget
+                .validate()
+                .map_err(|e| o.error(format!("{}: {e}", o.spell(field))))?;
+            budgets.push(budget);
+        }
+        if budgets.is_empty() {
+            return Err(o.error(format!(
+                "no budget given: give {} X (times faster than the dense model) or {} MS",
+                o.spell(Field::Speedup),
+                o.spell(Field::LatencyMs)
+            )));
+        }
+        // The job's own check (a budget given twice), which library callers get too.
+        super::check_budgets(&budgets).map_err(|e| o.error(e.to_string()))?;
+        Ok(budgets)
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn request(model: &Path) -> JobRequest {
+        let mut r = JobRequest::new(Origin::Cli);
+        r.model = Some(model.to_path_buf());
+        r.speedup = vec![1.5];
+        r
+    }
+
+    #[test]
+    fn each_check_names_the_flag_or_the_key_the_user_wrote() {
+        let dir = tempfile::tempdir().unwrap();
+        let model = dir.path().join("m.onnx");
+        std::fs::write(&model, b"").unwrap();
+        let config = Origin::Config {
+            file: "ziplm.toml".into(),
+            model: "m".into(),
+        };
+        let mut r = request(&model);
+        r.ffn_multiple = Some(0);
+        let cli = r.resolve().unwrap_err().to_string();
+        assert!(cli.contains("--ffn-multiple must be at least 1"), "{cli}");
+        r.origin = config;
+        let cfg = r.resolve().unwrap_err().to_string();
+        assert!(
+            cfg.contains("ziplm.toml") && cfg.contains("pruning.ffn_multiple must be at least 1"),
+            "{cfg}"
+        );
+    }
+
+    #[test]
+    fn options_of_another_backend_and_unknown_values_are_refused() {
+        let dir = tempfile::tempdir().unwrap();
+        let model = dir.path().join("m.onnx");
+        std::fs::write(&model, b"").unwrap();
+        let mut r = request(&model);
+        r.options.push(RawOption {
+            name: "gguf_dtype".into(),
+            value: "q8_0".into(),
+            spelled: "--gguf-dtype".into(),
+        });
+        let e = r.resolve().unwrap_err().to_string();
+        assert!(
+            e.contains("--gguf-dtype is an option of the mistralrs backend"),
+            "{e}"
+        );
+        r.options = vec![RawOption {
+            name: "nnef".into(),
+            value: "maybe".into(),
+            spelled: "nnef".into(),
+        }];
+        let e = r.resolve().unwrap_err().to_string();
+        assert!(e.contains("expected one of true, false"), "{e}");
+        r.options[0].value = "true".into();
+        let job = r.resolve().unwrap().job;
+        assert!(job.options.flag("nnef", false));
+    }
+
+    #[test]
+    fn no_budget_is_refused_and_missing_files_are_named() {
+        let dir = tempfile::tempdir().unwrap();
+        let model = dir.path().join("m.onnx");
+        std::fs::write(&model, b"").unwrap();
+        let mut r = request(&model);
+        r.speedup.clear();
+        let e = r.resolve().unwrap_err().to_string();
+        assert!(e.contains("no budget given"), "{e}");
+        let mut r = request(&model);
+        r.tokenizer = Some(dir.path().join("nope.json"));
+        let e = r.resolve().unwrap_err().to_string();
+        assert!(e.contains("nope.json: no such tokenizer file"), "{e}");
+        let mut r = request(&model);
+        r.calibration = Some(dir.path().join("data.txt"));
+        let e = r.resolve().unwrap_err().to_string();
+        assert!(e.contains("data.txt: no such calibration file"), "{e}");
+        let r = request(&dir.path().join("gone.onnx"));
+        let e = r.resolve().unwrap_err().to_string();
+        assert!(e.contains("gone.onnx: no such model"), "{e}");
+    }
+}
