@@ -25,7 +25,6 @@ use clap::Parser;
 use std::path::{Path, PathBuf};
 use ziplm::backend::tract::encode::SentenceEncoder;
 use ziplm::backend::tract::{driver, onnx, profile::time_pair};
-use ziplm::baselines;
 use ziplm::data::{sts, tokenizer::Tokenizer, CalibrationData, DataFormat};
 use ziplm::frontier::{self, FrontierPoint};
 use ziplm::job::PruneJob;
@@ -148,36 +147,32 @@ fn main() -> anyhow::Result<()> {
         }
         // The baselines aim at ZipLM's final (corrected) millisecond budget.
         let budget = Budget::LatencyMs(last.search_budget_ms);
-        for method in args
+        let methods: Vec<String> = args
             .methods
             .iter()
             .filter(|m| *m != "ziplm" && !(*m == "ziplm-plain" && args.refine == 0))
-        {
-            let Some(b) = baselines::baseline_model(
-                &run.database,
-                &problem,
-                method,
-                &outcome.search.selection,
-                budget,
-                job.search.buckets,
-            )?
-            else {
-                continue;
-            };
-            let (selection, plan, weights) = (b.selection, b.plan, b.weights);
-            let path = PathBuf::from(format!("{}.{method}.onnx", stem.display()));
-            std::fs::write(&path, onnx::emit(&run.model, &plan, &weights)?)?;
-            let (d, m) = measure(&path)?;
-            points.push(FrontierPoint {
-                method: method.clone(),
-                target,
-                predicted_ms: problem.time_of(&selection),
-                dense_ms: d.median_ms,
-                measured_ms: m.median_ms,
-                quality: score(&path)?,
-                metric: METRIC.into(),
-            });
-        }
+            .cloned()
+            .collect();
+        points.extend(frontier::baseline_points(
+            &run.database,
+            &problem,
+            &outcome.search.selection,
+            budget,
+            job.search.buckets,
+            &methods,
+            (target, METRIC),
+            |method, plan, weights| {
+                let path = PathBuf::from(format!("{}.{method}.onnx", stem.display()));
+                std::fs::write(&path, onnx::emit(&run.model, plan, weights)?)
+                    .map_err(|e| ziplm::Error::io(&path, e))?;
+                let (d, m) = measure(&path).map_err(|e| ziplm::Error::Invalid(format!("{e:#}")))?;
+                Ok(frontier::Measured {
+                    dense_ms: d.median_ms,
+                    measured_ms: m.median_ms,
+                    quality: score(&path).map_err(|e| ziplm::Error::Invalid(format!("{e:#}")))?,
+                })
+            },
+        )?);
     }
     let dense_med = median(&mut dense_ms);
     points.insert(

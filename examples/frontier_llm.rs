@@ -25,7 +25,6 @@ use anyhow::Context;
 use clap::Parser;
 use std::path::{Path, PathBuf};
 use ziplm::backend::mistralrs::{driver, eval, LlamaModel, LlamaOptions, LoadedModel};
-use ziplm::baselines;
 use ziplm::data::{CalibrationData, DataFormat};
 use ziplm::frontier::{self, FrontierPoint};
 use ziplm::job::PruneJob;
@@ -193,33 +192,30 @@ fn main() -> anyhow::Result<()> {
             .display()
             .to_string();
         let budget = Budget::LatencyMs(last.search_budget_ms);
-        for method in &args.methods {
-            let Some(b) = baselines::baseline_model(
-                &run.database,
-                &problem,
-                method,
-                &outcome.search.selection,
-                budget,
-                job.search.buckets,
-            )?
-            else {
-                continue;
-            };
-            let (selection, plan, weights) = (b.selection, b.plan, b.weights);
-            let path = PathBuf::from(driver::output_name(&run.model, &format!("{stem}.{method}")));
-            run.model.emit(&plan, &weights, &path)?;
-            let (d, m) = measure(&path)?;
-            dense_ms.push(d);
-            points.push(FrontierPoint {
-                method: method.clone(),
-                target,
-                predicted_ms: problem.time_of(&selection),
-                dense_ms: d,
-                measured_ms: m,
-                quality: ppl(&path)?.ppl,
-                metric: METRIC.into(),
-            });
-        }
+        let baselines = frontier::baseline_points(
+            &run.database,
+            &problem,
+            &outcome.search.selection,
+            budget,
+            job.search.buckets,
+            &args.methods,
+            (target, METRIC),
+            |method, plan, weights| {
+                let path =
+                    PathBuf::from(driver::output_name(&run.model, &format!("{stem}.{method}")));
+                run.model.emit(plan, weights, &path)?;
+                let (d, m) = measure(&path).map_err(|e| ziplm::Error::Invalid(format!("{e:#}")))?;
+                Ok(frontier::Measured {
+                    dense_ms: d,
+                    measured_ms: m,
+                    quality: ppl(&path)
+                        .map_err(|e| ziplm::Error::Invalid(format!("{e:#}")))?
+                        .ppl,
+                })
+            },
+        )?;
+        dense_ms.extend(baselines.iter().map(|p| p.dense_ms));
+        points.extend(baselines);
     }
     dense_ms.sort_by(f64::total_cmp);
     let dense_med = dense_ms

@@ -36,6 +36,57 @@ impl FrontierPoint {
     }
 }
 
+/// A baseline model's measurement, as an example's runtime gives it: the dense and the
+/// model's medians from one alternating run (ms) and the model's quality.
+pub struct Measured {
+    /// Dense median (ms).
+    pub dense_ms: f64,
+    /// The model's median (ms).
+    pub measured_ms: f64,
+    /// Its quality.
+    pub quality: f64,
+}
+
+/// The frontier points of the baseline `methods` at one ZipLM outcome: each baseline
+/// ([`crate::baselines::baseline_model`]) aims at `budget` (ZipLM's final search budget)
+/// and is emitted and measured by `measure` (given the method, its plan and weights).
+/// Methods with no model within the budget are skipped.
+#[allow(clippy::too_many_arguments)]
+pub fn baseline_points(
+    database: &crate::database::Database,
+    problem: &crate::search::SearchProblem,
+    ziplm: &crate::search::Selection,
+    budget: crate::search::Budget,
+    buckets: usize,
+    methods: &[String],
+    (target, metric): (f64, &str),
+    mut measure: impl FnMut(
+        &str,
+        &ziplm_plugin_api::Plan,
+        &ziplm_plugin_api::PrunedWeights,
+    ) -> Result<Measured>,
+) -> Result<Vec<FrontierPoint>> {
+    let mut points = vec![];
+    for method in methods {
+        let Some(b) =
+            crate::baselines::baseline_model(database, problem, method, ziplm, budget, buckets)?
+        else {
+            continue;
+        };
+        let m = measure(method, &b.plan, &b.weights)?;
+        points.push(FrontierPoint {
+            method: method.clone(),
+            target,
+            predicted_ms: problem.time_of(&b.selection),
+            dense_ms: m.dense_ms,
+            measured_ms: m.measured_ms,
+            quality: m.quality,
+            metric: metric.into(),
+        });
+    }
+    Ok(points)
+}
+
 /// The CSV form: a header and one row per point, in the given order.
 pub fn to_csv(points: &[FrontierPoint]) -> String {
     let mut s = String::from(

@@ -203,6 +203,27 @@ pub fn load_table(path: &Path) -> Result<LatencyTable> {
             ),
         });
     }
+    // A bad time is named with the file and the shape here, not later in the search.
+    let bad_time = |what: String, t: &Timing| {
+        let ok = [t.median_ms, t.min_ms, t.max_ms]
+            .iter()
+            .all(|v| v.is_finite() && *v >= 0.0);
+        (!ok).then(|| Error::Format {
+            path: path.to_path_buf(),
+            detail: format!(
+                "{what}: times must be finite and non-negative milliseconds, got median {} (min {}, max {}); profile again with `ziplm profile`",
+                t.median_ms, t.min_ms, t.max_ms
+            ),
+        })
+    };
+    if let Some(e) = bad_time("rest".into(), &table.rest) {
+        return Err(e);
+    }
+    for entry in &table.entries {
+        if let Some(e) = bad_time(format!("entry {:?}", entry.shape), &entry.timing) {
+            return Err(e);
+        }
+    }
     Ok(table)
 }
 

@@ -199,6 +199,7 @@ fn profile(a: ProfileArgs) -> anyhow::Result<ExitCode> {
     }
     let job = r.resolve_target()?;
     let w = job.workload;
+    let backend = crate::backend::named(job.backend.name())?;
     let threads = match job.device {
         Device::Cpu { threads } => threads,
         Device::Cuda { .. } => 1,
@@ -218,11 +219,7 @@ fn profile(a: ProfileArgs) -> anyhow::Result<ExitCode> {
         settings: job.profile,
         reuse: reuse.as_ref(),
     };
-    let table = crate::backend::named(job.backend.name())?.profile(
-        &a.model,
-        &request,
-        progress.as_ref(),
-    )?;
+    let table = backend.profile(&a.model, &request, progress.as_ref())?;
     crate::profile::save_table(&table, &a.out)?;
     if a.json {
         println!("{}", serde_json::to_string_pretty(&table)?);
@@ -254,6 +251,9 @@ fn inspect(a: InspectArgs) -> anyhow::Result<ExitCode> {
 
 fn speedup(a: SpeedupArgs) -> anyhow::Result<ExitCode> {
     let w = workload(&a.workload);
+    w.validate()
+        .map_err(|e| anyhow::anyhow!("{e} (--batch, --seq-len, --decode-kv-len)"))?;
+
     let settings = crate::profile::ProfileSettings::new(a.warmup, a.runs);
     let results = crate::speedup::measure(
         &a.dense,

@@ -62,14 +62,43 @@ pub fn run(args: impl IntoIterator<Item = OsString>) -> anyhow::Result<ExitCode>
     };
     let json = cli.command.json();
     match commands::dispatch(cli, &given) {
-        // With --json the error is JSON on stdout too (same exit code; the message also
-        // goes to stderr for people).
-        Err(e) if json => {
-            let message = format!("{e:#}");
-            println!("{}", serde_json::json!({ "error": message }));
+        Ok(code) => Ok(code),
+        // The message goes to stderr; with --json it is JSON on stdout too (same exit
+        // code).
+        Err(e) => {
+            let message = error_message(&e);
+            if json {
+                println!("{}", serde_json::json!({ "error": message }));
+            }
             eprintln!("ziplm: {message}");
             Ok(ExitCode::from(2))
         }
-        other => other,
+    }
+}
+
+/// An error and its causes on one line, each cause once: a cause whose text the message
+/// already holds (an OS error a path error prints too) is not repeated.
+fn error_message(e: &anyhow::Error) -> String {
+    let mut message = e.to_string();
+    for cause in e.chain().skip(1) {
+        let text = cause.to_string();
+        if !message.contains(&text) {
+            message.push_str(": ");
+            message.push_str(&text);
+        }
+    }
+    message
+}
+
+#[cfg(test)]
+mod tests {
+    #[test]
+    fn an_os_error_is_printed_once() {
+        let io = std::fs::read("/nonexistent-ziplm/x").unwrap_err();
+        let os = io.to_string();
+        let e = anyhow::Error::new(crate::Error::io("/nonexistent-ziplm/x", io));
+        let m = super::error_message(&e);
+        assert_eq!(m.matches(&os).count(), 1, "{m}");
+        assert!(m.starts_with("/nonexistent-ziplm/x: "), "{m}");
     }
 }

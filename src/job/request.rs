@@ -229,6 +229,15 @@ impl JobRequest {
     }
 }
 
+/// Why `path`, which should be a `what` file, is not one.
+fn not_a_file(path: &Path, what: &str) -> String {
+    if path.is_dir() {
+        format!("a folder, not a {what} file")
+    } else {
+        format!("no such {what} file")
+    }
+}
+
 /// A resolved job and what the user should hear about it.
 #[derive(Clone, Debug)]
 pub struct Resolved {
@@ -377,8 +386,9 @@ impl JobRequest {
             Some(path) => {
                 if !path.is_file() {
                     return Err(o.error(format!(
-                        "{}: no such calibration file ({})",
+                        "{}: {} ({})",
                         path.display(),
+                        not_a_file(path, "calibration"),
                         o.spell(Field::Calibration)
                     )));
                 }
@@ -393,8 +403,9 @@ impl JobRequest {
         if let Some(t) = &self.tokenizer {
             if !t.is_file() {
                 return Err(o.error(format!(
-                    "{}: no such tokenizer file ({})",
+                    "{}: {} ({})",
                     t.display(),
+                    not_a_file(t, "tokenizer"),
                     o.spell(Field::Tokenizer)
                 )));
             }

@@ -198,6 +198,7 @@ pub fn run<S: Session>(
     let set = OutputSet::begin(&job.out_dir, &job.display_name())?;
     let t = Instant::now();
     let (mut model, mut session) = open(job)?;
+    crate::memory::check_workload_fits(model.structure(), &job.workload, model.vocab_size())?;
     let mut stages = StageTimes {
         load_s: t.elapsed().as_secs_f64(),
         ..Default::default()

@@ -412,3 +412,188 @@ fn json_errors_are_json_on_stdout_with_the_same_exit_code() {
         assert!(!msg.is_empty() && stderr.contains(msg), "{msg} / {stderr}");
     }
 }
+
+/// Issue 16, items 8, 11 and 12: workloads checked against the model and memory before
+/// any work, options no longer accepted silently, and messages that name the problem.
+#[test]
+fn workloads_and_inputs_are_checked_before_any_work_with_clear_messages() {
+    let dir = tempfile::tempdir().unwrap();
+    let bert = fixture("tiny-bert-feature-extraction");
+    let out = dir.path().join("o");
+    let out = out.to_str().unwrap();
+    let cfg = dir.path().join("ziplm.toml");
+    let cfg_text = |workload: &str, extra: &str| {
+        format!(
+            "[[model]]\nsource = {bert:?}\n{extra}[model.workload]\n{workload}\n[model.budget]\nspeedup = [1.5]\n[model.output]\ndir = {out:?}\n"
+        )
+    };
+    let table = dir.path().join("table.json");
+    // A latency table with a negative time.
+    let (code, _, stderr) = run(&[
+        "profile",
+        &bert,
+        "--seq-len",
+        "16",
+        "--runs",
+        "1",
+        "-o",
+        table.to_str().unwrap(),
+        "--quiet",
+    ]);
+    assert_eq!(code, Some(0), "{stderr}");
+    let mut v: serde_json::Value =
+        serde_json::from_str(&std::fs::read_to_string(&table).unwrap()).unwrap();
+    v["rest"]["median_ms"] = serde_json::json!(-1.0);
+    let bad_table = dir.path().join("bad-table.json");
+    std::fs::write(&bad_table, serde_json::to_string_pretty(&v).unwrap()).unwrap();
+    let corrupt = dir.path().join("corrupt.onnx");
+    std::fs::write(&corrupt, b"not an onnx file").unwrap();
+    let cases: Vec<(Vec<String>, &str)> = vec![
+        // 8: a batch far beyond memory, and a config sequence beyond the model.
+        (
+            vec![
+                "prune".into(),
+                bert.clone(),
+                "--speedup".into(),
+                "1.5".into(),
+                "--seq-len".into(),
+                "16".into(),
+                "--batch".into(),
+                "10000000".into(),
+                "--out".into(),
+                out.into(),
+            ],
+            "GiB of activations",
+        ),
+        (
+            {
+                std::fs::write(&cfg, cfg_text("seq_len = 100000000000", "")).unwrap();
+                vec!["prune".into(), "--config".into(), cfg.display().to_string()]
+            },
+            "positions",
+        ),
+        // 11: no budget; a config tokenizer that does not exist.
+        (
+            vec![
+                "prune".into(),
+                bert.clone(),
+                "--seq-len".into(),
+                "16".into(),
+                "--out".into(),
+                out.into(),
+            ],
+            "no budget given",
+        ),
+        (
+            {
+                let c = dir.path().join("tok.toml");
+                std::fs::write(
+                    &c,
+                    cfg_text("seq_len = 16", "tokenizer = \"missing-tokenizer.json\"\n"),
+                )
+                .unwrap();
+                vec!["prune".into(), "--config".into(), c.display().to_string()]
+            },
+            "missing-tokenizer.json: no such tokenizer file",
+        ),
+        // 12: more tokens than positions; decode on an encoder; a corrupt model timed by
+        // `speedup`; a bad latency-table value; a missing calibration file.
+        (
+            vec![
+                "prune".into(),
+                bert.clone(),
+                "--speedup".into(),
+                "1.5".into(),
+                "--seq-len".into(),
+                "65".into(),
+                "--out".into(),
+                out.into(),
+            ],
+            "has 64 (its position-embedding table)",
+        ),
+        (
+            vec![
+                "prune".into(),
+                bert.clone(),
+                "--speedup".into(),
+                "1.5".into(),
+                "--seq-len".into(),
+                "1".into(),
+                "--decode-kv-len".into(),
+                "8".into(),
+                "--out".into(),
+                out.into(),
+            ],
+            "takes no KV cache",
+        ),
+        (
+            vec![
+                "speedup".into(),
+                bert.clone(),
+                corrupt.display().to_string(),
+                "--seq-len".into(),
+                "16".into(),
+            ],
+            "corrupt.onnx",
+        ),
+        (
+            vec![
+                "prune".into(),
+                bert.clone(),
+                "--speedup".into(),
+                "1.5".into(),
+                "--seq-len".into(),
+                "16".into(),
+                "--latency-table".into(),
+                bad_table.display().to_string(),
+                "--out".into(),
+                out.into(),
+            ],
+            "bad-table.json: rest: times must be finite and non-negative",
+        ),
+        (
+            vec![
+                "prune".into(),
+                bert.clone(),
+                "--speedup".into(),
+                "1.5".into(),
+                "--calibration".into(),
+                "/nonexistent/data.txt".into(),
+                "--out".into(),
+                out.into(),
+            ],
+            "/nonexistent/data.txt: no such calibration file",
+        ),
+        // An output folder that cannot be made fails before any work.
+        (
+            vec![
+                "prune".into(),
+                bert.clone(),
+                "--speedup".into(),
+                "1.5".into(),
+                "--seq-len".into(),
+                "16".into(),
+                "--out".into(),
+                "/proc/ziplm-cannot-write-here".into(),
+            ],
+            "/proc/ziplm-cannot-write-here",
+        ),
+    ];
+    for (args, expect) in &cases {
+        let args: Vec<&str> = args.iter().map(String::as_str).collect();
+        let (code, _, stderr) = run(&args);
+        assert_eq!(code, Some(2), "{args:?}: {stderr}");
+        assert!(
+            stderr.contains(expect),
+            "{args:?}: expected `{expect}` in: {stderr}"
+        );
+        assert!(!stderr.contains("panicked"), "{args:?}: {stderr}");
+        // One error line (warnings aside), no cause printed twice.
+        let errors = stderr.lines().filter(|l| !l.starts_with("ziplm: warning:"));
+        assert_eq!(errors.count(), 1, "{args:?}: {stderr}");
+    }
+    assert!(
+        !std::path::Path::new(out).exists(),
+        "a failed run left its output folder"
+    );
+}

@@ -381,3 +381,59 @@ fn nnef_archive_of_a_pruned_model_runs_like_its_onnx() {
         assert!(d <= 1e-5, "{name}: NNEF vs ONNX max abs diff {d}");
     }
 }
+
+/// A model ziplm pruned to one head in a layer is one ziplm reads again and re-prunes
+/// (issue 16, item 6: its head split is decluttered into a new axis, not a reshape).
+#[test]
+fn a_model_pruned_to_one_head_per_layer_is_read_and_pruned_again() {
+    let dir = tempfile::tempdir().unwrap();
+    for name in FIXTURES.iter().filter(|n| !n.contains("llama")) {
+        let m = load(name);
+        let mut plan = Plan::dense(m.structure());
+        for bp in plan.blocks.iter_mut() {
+            if let BlockKind::Attention(_) = bp.kind {
+                bp.kept = vec![2];
+                bp.kept_kv_heads = vec![2];
+            }
+        }
+        let bytes =
+            ziplm::backend::tract::onnx::emit(&m, &plan, &PrunedWeights::default()).unwrap();
+        let path = dir.path().join(format!("{name}.onnx"));
+        std::fs::write(&path, &bytes).unwrap();
+        let w = workload(name);
+        let again = TractModel::load(
+            &path,
+            TractOptions {
+                workload: w,
+                ..Default::default()
+            },
+        )
+        .unwrap_or_else(|e| panic!("{name}: {e}"));
+        for b in &again.structure().blocks {
+            if let BlockKind::Attention(a) = b.kind {
+                assert_eq!((a.n_heads, a.head_dim), (1, 16), "{name}");
+            }
+        }
+        // Pruned again (FFN neurons): the same as pruning the one-head model's masked
+        // dense form.
+        let mut plan2 = Plan::dense(again.structure());
+        for bp in plan2.blocks.iter_mut() {
+            if let BlockKind::Ffn(_) = bp.kind {
+                bp.kept = (0..128).filter(|j| j % 2 == 0).collect();
+            }
+        }
+        let twice =
+            ziplm::backend::tract::onnx::emit(&again, &plan2, &PrunedWeights::default()).unwrap();
+        let sample = ids(3, 16);
+        let out = run(&twice, &w, &sample);
+        assert!(out.iter().all(|v| v.is_finite()), "{name}");
+        let dense_again = ziplm::backend::tract::onnx::emit(
+            &again,
+            &Plan::dense(again.structure()),
+            &PrunedWeights::default(),
+        )
+        .unwrap();
+        let d = max_abs_diff(&run(&dense_again, &w, &sample), &run(&bytes, &w, &sample));
+        assert!(d <= 1e-5, "{name}: the re-read model differs by {d}");
+    }
+}

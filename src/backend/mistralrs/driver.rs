@@ -547,6 +547,9 @@ impl Backend for MistralBackend {
                 ..Default::default()
             },
         )?;
+        // The workloads a prune job of this model can time (one sequence, within the
+        // context), so no table is built for one it could not use.
+        check_timed_workload(&request.workload, m.weights.config.context_length)?;
         let shapes = crate::database::grid_shapes(m.structure(), request.grid);
         let mut profiler = CandleProfiler::new(&m, options.gguf_dtype);
         profile::build_table(

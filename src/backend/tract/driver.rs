@@ -45,15 +45,18 @@ impl TractSession {
     }
 }
 
-/// Loads an ONNX file in tract at a workload.
+/// Loads an ONNX file in tract at a workload, refusing a workload whose forward would
+/// not fit in memory.
 fn load(model: &Path, workload: Workload, gqa_policy: GqaPolicy) -> Result<TractModel> {
-    Ok(TractModel::load(
+    let m = TractModel::load(
         model,
         TractOptions {
             workload,
             gqa_policy,
         },
-    )?)
+    )?;
+    crate::memory::check_workload_fits(m.structure(), &workload, m.vocab())?;
+    Ok(m)
 }
 
 fn threads(job: &PruneJob) -> Result<usize> {

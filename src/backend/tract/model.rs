@@ -60,6 +60,35 @@ pub(crate) fn typed_at(
     model.into_typed()?.into_decluttered()
 }
 
+/// Checks a workload against what the model can take, before tract analyses the graph
+/// at it (whose errors would name a reshape, not the workload).
+fn check_workload(
+    path: &Path,
+    file: &OnnxFile,
+    specs: &[InputSpec],
+    workload: &Workload,
+) -> AdapterResult<()> {
+    let has_past = specs
+        .iter()
+        .any(|s| matches!(s.role, inputs::InputRole::Past { .. }));
+    if matches!(workload.phase, ziplm_plugin_api::Phase::Decode { .. }) && !has_past {
+        return Err(AdapterError::InvalidRequest(format!(
+            "{} takes no KV cache (no past_key_values inputs), so it cannot be timed at a decode workload: use a prefill workload (no --decode-kv-len), or export the model with its past (optimum's `text-generation-with-past`)",
+            path.display()
+        )));
+    }
+    let tokens = workload.seq_len + inputs::past_len(workload);
+    if let Some(positions) = file.max_positions() {
+        if tokens > positions {
+            return Err(AdapterError::InvalidRequest(format!(
+                "the workload needs {tokens} positions and {} has {positions} (its position-embedding table): lower --seq-len (or workload.seq_len / kv_len) to at most {positions} tokens in all",
+                path.display()
+            )));
+        }
+    }
+    Ok(())
+}
+
 impl TractModel {
     /// Loads `path`, makes the inputs concrete for the workload and recognises the
     /// prunable blocks.
@@ -80,6 +109,7 @@ impl TractModel {
             detail: format!("{e:#}"),
             hint: "export the model with the Hugging Face exporter (optimum)".into(),
         })?;
+        check_workload(path, &file, &specs, &options.workload)?;
         let typed =
             typed_at(&file, &specs, &options.workload).map_err(|e| AdapterError::InvalidModel {
                 path: path.into(),

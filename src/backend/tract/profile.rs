@@ -260,8 +260,14 @@ pub fn time_pair(
 ) -> AdapterResult<(ziplm_plugin_api::Timing, ziplm_plugin_api::Timing)> {
     let profiler = TractProfiler::new(model, threads);
     let read = |p: &Path| std::fs::read(p).map_err(|e| AdapterError::io(p, e));
-    let mut pa = profiler.prepare_bytes(&read(a)?, workload)?;
-    let mut pb = profiler.prepare_bytes(&read(b)?, workload)?;
+    // A file that is not ONNX is named as such (the runner sees only bytes).
+    let prepare = |p: &Path| {
+        let bytes = read(p)?;
+        onnx::OnnxFile::from_bytes(&bytes, p)?;
+        profiler.prepare_bytes(&bytes, workload)
+    };
+    let mut pa = prepare(a)?;
+    let mut pb = prepare(b)?;
     let executor = profiler.executor.clone();
     let err = |e| AdapterError::runtime("timing", e);
     crate::profile::time_alternating(

@@ -382,7 +382,11 @@ pub fn recognize(model: &TypedModel) -> TractResult<Vec<RecognizedBlock>> {
             qk.swap(0, 1);
         }
         let (q, k) = (qk[0].clone(), qk[1].clone());
-        let Some((n_heads, head_dim)) = head_split(model, q.node, q.outputs) else {
+        // No split at all: one head of the whole width (a model ziplm pruned to one
+        // head, whose reshape tract folded away). Keeping or removing it whole is all
+        // a plan can do with one head, so nothing depends on the split's form.
+        let one_head = (q.outputs == o.inputs()).then_some((1, q.outputs));
+        let Some((n_heads, head_dim)) = head_split(model, q.node, q.outputs).or(one_head) else {
             bail!(
                 "attention before node {} ({}): no reshape splitting the query projection ({} features) \
                  into heads (expected Reshape [H*hd] -> [H, hd])",

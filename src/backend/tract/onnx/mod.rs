@@ -55,6 +55,21 @@ pub struct OnnxFile {
 }
 
 impl OnnxFile {
+    /// The positions the model has, when it stores a learned position-embedding table
+    /// (`...position_embeddings...` as BERT exports write it, `wpe` as GPT-2's): the rows
+    /// of that table. `None` for rotary or unknown position schemes.
+    pub fn max_positions(&self) -> Option<usize> {
+        let graph = self.proto.graph.as_ref()?;
+        graph
+            .initializer
+            .iter()
+            .filter(|t| t.name.contains("position_embeddings") || t.name.contains("wpe."))
+            .find_map(|t| match t.dims.as_slice() {
+                [rows, _] if *rows > 0 => Some(*rows as usize),
+                _ => None,
+            })
+    }
+
     /// Reads and decodes an ONNX file. Corrupt or truncated files are reported as such.
     pub fn read(path: &Path) -> AdapterResult<OnnxFile> {
         let bytes = std::fs::read(path).map_err(|e| AdapterError::io(path, e))?;
