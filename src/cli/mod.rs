@@ -18,14 +18,22 @@ use std::process::ExitCode;
 fn parse(
     args: impl IntoIterator<Item = OsString>,
 ) -> std::result::Result<(Cli, Vec<String>), clap::Error> {
-    let matches = Cli::command().try_get_matches_from(args)?;
+    let command = Cli::command();
+    let matches = command.clone().try_get_matches_from(args)?;
     let cli = Cli::from_arg_matches(&matches)?;
     let given = matches
         .subcommand()
-        .map(|(_, sub)| {
+        .map(|(name, sub)| {
+            // Arguments only (a flattened struct's group has an id too).
+            let is_arg = |id: &str| {
+                command
+                    .find_subcommand(name)
+                    .is_some_and(|c| c.get_arguments().any(|a| a.get_id() == id))
+            };
             sub.ids()
-                .filter(|id| sub.value_source(id.as_str()) == Some(ValueSource::CommandLine))
-                .map(|id| id.as_str().to_string())
+                .map(|id| id.as_str())
+                .filter(|id| is_arg(id) && sub.value_source(id) == Some(ValueSource::CommandLine))
+                .map(str::to_string)
                 .collect()
         })
         .unwrap_or_default();

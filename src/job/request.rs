@@ -606,6 +606,26 @@ mod tests {
     }
 
     #[test]
+    fn more_threads_than_cores_and_no_calibration_data_are_warned_about() {
+        let dir = tempfile::tempdir().unwrap();
+        let model = dir.path().join("m.onnx");
+        std::fs::write(&model, b"").unwrap();
+        let mut r = request(&model);
+        r.threads = Some(100_000);
+        let warnings = r.resolve().unwrap().warnings;
+        assert!(
+            warnings
+                .iter()
+                .any(|w| w.contains("--threads 100000 is more than")),
+            "{warnings:?}"
+        );
+        assert!(
+            warnings.iter().any(|w| w.contains("no calibration data")),
+            "{warnings:?}"
+        );
+    }
+
+    #[test]
     fn no_budget_is_refused_and_missing_files_are_named() {
         let dir = tempfile::tempdir().unwrap();
         let model = dir.path().join("m.onnx");

@@ -73,3 +73,21 @@ pub fn too_few_tokens(tokens: u64, structure: &ModelStructure) -> Option<String>
         )
     })
 }
+
+#[cfg(test)]
+mod tests {
+    #[test]
+    fn too_few_calibration_tokens_are_warned_about() {
+        let bert = std::path::Path::new(env!("CARGO_MANIFEST_DIR"))
+            .join("fixtures/onnx/tiny-bert-feature-extraction/model.onnx");
+        let w = ziplm_plugin_api::Workload::prefill(1, 16);
+        let structure = crate::backend::load_structure(&bert, &w).unwrap();
+        // The widest out-projection of the fixture has 128 inputs (its FFN).
+        let warning = super::too_few_tokens(9, &structure).unwrap();
+        assert!(
+            warning.contains("calibration saw 9 tokens, fewer than the 128"),
+            "{warning}"
+        );
+        assert!(super::too_few_tokens(128, &structure).is_none());
+    }
+}

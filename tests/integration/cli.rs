@@ -335,6 +335,18 @@ fn options_that_would_be_dropped_or_do_nothing_are_refused() {
             "MODEL cannot be combined with --config",
         ),
         (
+            vec![
+                "prune",
+                "--config",
+                cfg,
+                "--threads",
+                "2",
+                "--ffn-multiple",
+                "64",
+            ],
+            "--threads, --ffn-multiple cannot be combined with --config",
+        ),
+        (
             vec!["prune", &bert, "--calibration-seq-len", "64", "--out", out],
             "give --calibration FILE too",
         ),
