@@ -94,4 +94,37 @@ pub mod eval {
     ) -> crate::Result<Perplexity> {
         Err(super::not_built(model))
     }
+
+    /// Agreement with a reference model (never produced by this stub).
+    pub struct Agreement {
+        /// Top-1 next-token agreement.
+        pub top1: f64,
+        /// Mean KL(reference || model), nats per token.
+        pub kl: f64,
+        /// Tokens compared.
+        pub tokens: usize,
+    }
+
+    /// Always the "build with --features mistralrs" error.
+    pub fn text_eval(
+        model: &Path,
+        _reference: Option<&Path>,
+        _text: &Path,
+        _tokenizer: Option<&Path>,
+        _window: usize,
+        _max_windows: Option<usize>,
+        _progress: &dyn Progress,
+    ) -> crate::Result<(Perplexity, Option<Agreement>)> {
+        Err(super::not_built(model))
+    }
+
+    /// Always the "build with --features mistralrs" error.
+    pub fn probe_replies(
+        model: &Path,
+        _probes: &[crate::data::probes::Probe],
+        _max_tokens: usize,
+        _progress: &dyn Progress,
+    ) -> crate::Result<Vec<crate::data::probes::ProbeReply>> {
+        Err(super::not_built(model))
+    }
 }

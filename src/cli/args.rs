@@ -257,7 +257,7 @@ pub struct SpeedupArgs {
 
 /// `ziplm eval`.
 #[derive(Args, Debug)]
-#[command(group(clap::ArgGroup::new("data").required(true).args(["sts", "text"])))]
+#[command(group(clap::ArgGroup::new("data").required(true).multiple(true).args(["sts", "text", "probes"])))]
 pub struct EvalArgs {
     /// The model: an ONNX encoder (with --sts) or an LLM, GGUF file or Hugging Face
     /// folder (with --text).
@@ -269,6 +269,19 @@ pub struct EvalArgs {
     /// non-overlapping windows, mean NLL over every predicted token.
     #[arg(long)]
     pub text: Option<PathBuf>,
+    /// The dense model a pruned LLM was made from: with --text, also report the
+    /// next-token agreement and KL(dense || model) on the same windows; with --probes,
+    /// also ask it the probes and count the ones both answer.
+    #[arg(long)]
+    pub reference: Option<PathBuf>,
+    /// Ask an LLM plain questions through its chat template (greedy replies, checked by
+    /// keyword): the set that ships with ziplm (data/probes.jsonl), or a JSON-lines file
+    /// of {"question": ..., "keywords": [...]}.
+    #[arg(long, num_args = 0..=1, default_missing_value = "")]
+    pub probes: Option<PathBuf>,
+    /// Largest reply to a probe, in tokens.
+    #[arg(long, default_value_t = 32)]
+    pub reply_tokens: usize,
     /// Tokens per perplexity window.
     #[arg(long, default_value_t = 1024)]
     pub window: usize,

@@ -295,20 +295,42 @@ fn eval(a: EvalArgs) -> anyhow::Result<ExitCode> {
     Workload::prefill(a.batch, a.seq_len)
         .validate()
         .map_err(|e| anyhow::anyhow!("{e} (--batch, --seq-len)"))?;
-    match (&a.sts, &a.text) {
-        (Some(sts), _) => eval_sts(&a, sts),
-        (None, Some(text)) => eval_perplexity(&a, text),
-        (None, None) => bail!("give --sts FILE (encoders) or --text FILE (LLM perplexity)"),
+    if let Some(sts) = &a.sts {
+        if a.text.is_some() || a.probes.is_some() || a.reference.is_some() {
+            bail!("--sts evaluates an encoder; --text, --probes and --reference are for LLMs: give one or the other");
+        }
+        return eval_sts(&a, sts);
     }
+    if a.reference.is_some() && a.text.is_none() && a.probes.is_none() {
+        bail!("--reference compares with a dense model on --text or --probes: give one of them");
+    }
+    if a.reply_tokens == 0 {
+        bail!("--reply-tokens must be at least 1");
+    }
+    let mut json = serde_json::json!({ "model": a.model });
+    if let Some(text) = &a.text {
+        // The perplexity's keys at the top level (the form `eval --text` always had).
+        if let serde_json::Value::Object(m) = eval_perplexity(&a, text)? {
+            json.as_object_mut().expect("an object").extend(m);
+        }
+    }
+    if let Some(file) = &a.probes {
+        json["probes"] = eval_probes(&a, file)?;
+    }
+    if a.json {
+        println!("{}", serde_json::to_string_pretty(&json)?);
+    }
+    Ok(ExitCode::SUCCESS)
 }
 
-fn eval_perplexity(a: &EvalArgs, text: &std::path::Path) -> anyhow::Result<ExitCode> {
-    use crate::backend::mistralrs::eval::text_perplexity;
+fn eval_perplexity(a: &EvalArgs, text: &std::path::Path) -> anyhow::Result<serde_json::Value> {
+    use crate::backend::mistralrs::eval::text_eval;
     // Nothing is timed here: let the allocator keep the forward's buffers (~1.5x).
     crate::memory::keep_freed_buffers();
     let started = std::time::Instant::now();
-    let p = text_perplexity(
+    let (p, agreement) = text_eval(
         &a.model,
+        a.reference.as_deref(),
         text,
         a.tokenizer.as_deref(),
         a.window,
@@ -316,22 +338,96 @@ fn eval_perplexity(a: &EvalArgs, text: &std::path::Path) -> anyhow::Result<ExitC
         progress(a.quiet).as_ref(),
     )?;
     let seconds = started.elapsed().as_secs_f64();
-    if a.json {
-        println!(
-            "{}",
-            serde_json::json!({
-                "model": a.model, "text": text, "metric": "perplexity", "value": p.ppl,
-                "mean_nll": p.mean_nll, "tokens": p.tokens, "windows": p.windows,
-                "window": a.window, "seconds": seconds,
-            })
-        );
-    } else {
+    if !a.json {
         println!(
             "perplexity {:.3} (mean NLL {:.5} nats) over {} predicted tokens in {} windows of {} ({:.1} s)",
             p.ppl, p.mean_nll, p.tokens, p.windows, a.window, seconds
         );
+        if let (Some(g), Some(r)) = (&agreement, &a.reference) {
+            println!(
+                "against {}: next-token agreement {:.2}%, KL(dense || model) {:.5} nats per token",
+                r.display(),
+                100.0 * g.top1,
+                g.kl
+            );
+        }
     }
-    Ok(ExitCode::SUCCESS)
+    let mut v = serde_json::json!({
+        "text": text, "metric": "perplexity", "value": p.ppl,
+        "mean_nll": p.mean_nll, "tokens": p.tokens, "windows": p.windows,
+        "window": a.window, "seconds": seconds,
+    });
+    if let Some(g) = agreement {
+        v["reference"] = serde_json::json!(a.reference);
+        v["top1_agreement"] = serde_json::json!(g.top1);
+        v["kl"] = serde_json::json!(g.kl);
+    }
+    Ok(v)
+}
+
+fn eval_probes(a: &EvalArgs, file: &std::path::Path) -> anyhow::Result<serde_json::Value> {
+    use crate::backend::mistralrs::eval::probe_replies;
+    use crate::data::probes::{parse_probes, DEFAULT_PROBES};
+    let (text, source) = if file.as_os_str().is_empty() {
+        (
+            DEFAULT_PROBES.to_string(),
+            std::path::PathBuf::from("data/probes.jsonl"),
+        )
+    } else {
+        let text = std::fs::read_to_string(file).map_err(|e| crate::Error::io(file, e))?;
+        (text, file.to_path_buf())
+    };
+    let probes = parse_probes(&text, &source)?;
+    let replies = probe_replies(
+        &a.model,
+        &probes,
+        a.reply_tokens,
+        progress(a.quiet).as_ref(),
+    )?;
+    let answered = replies.iter().filter(|r| r.answered).count();
+    let mut v = serde_json::json!({
+        "set": source, "questions": probes.len(), "answered": answered, "replies": replies,
+    });
+    if !a.json {
+        println!(
+            "probes ({}): {answered} of {} answered",
+            source.display(),
+            probes.len()
+        );
+        for r in &replies {
+            println!(
+                "  [{}] {} -> {:?}",
+                if r.answered { "x" } else { " " },
+                r.question,
+                r.reply
+            );
+        }
+    }
+    if let Some(reference) = &a.reference {
+        let dense = probe_replies(
+            reference,
+            &probes,
+            a.reply_tokens,
+            progress(a.quiet).as_ref(),
+        )?;
+        let by_dense = dense.iter().filter(|r| r.answered).count();
+        let both = dense
+            .iter()
+            .zip(&replies)
+            .filter(|(d, m)| d.answered && m.answered)
+            .count();
+        if !a.json {
+            println!(
+                "the reference {} answers {by_dense}; the model answers {both} of those",
+                reference.display()
+            );
+        }
+        v["reference"] = serde_json::json!(reference);
+        v["reference_answered"] = serde_json::json!(by_dense);
+        v["answered_of_reference"] = serde_json::json!(both);
+        v["reference_replies"] = serde_json::json!(dense);
+    }
+    Ok(v)
 }
 
 fn eval_sts(a: &EvalArgs, sts_path: &std::path::Path) -> anyhow::Result<ExitCode> {

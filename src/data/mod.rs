@@ -1,6 +1,7 @@
 //! Calibration and evaluation data: reading text files, JSONL and STS-style TSV, and
 //! tokenising them into samples.
 
+pub mod probes;
 pub mod sts;
 pub mod tokenizer;
 

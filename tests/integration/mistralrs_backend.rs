@@ -757,3 +757,75 @@ fn the_cli_times_emitted_gguf_files_in_mistralrs() {
         "{stderr}"
     );
 }
+
+/// `ziplm eval --reference DENSE`: against itself a model agrees on every next token
+/// with zero KL; a pruned model agrees less, with positive KL. `--probes`: the shipped
+/// questions asked through mistral.rs, counted against the reference's answers.
+#[test]
+fn eval_compares_with_the_dense_model_and_asks_the_probes() {
+    let dir = tempfile::tempdir().unwrap();
+    let text = dir.path().join("text.txt");
+    let body: String = (0..60)
+        .map(|i| format!("ab abc{} xyz, {}! ", i % 7, i * 13 % 97))
+        .collect();
+    std::fs::write(&text, &body).unwrap();
+    let model = LlamaModel::load(&tiny(), Default::default()).unwrap();
+    let (plan, weights) = a_pruned_plan(&model);
+    let pruned = dir.path().join("pruned.gguf");
+    model.emit(&plan, &weights, &pruned).unwrap();
+    let eval = |m: &Path, extra: &[&str]| -> serde_json::Value {
+        let out = std::process::Command::new(env!("CARGO_BIN_EXE_ziplm"))
+            .arg("eval")
+            .arg(m)
+            .args(["--window", "32", "--quiet", "--json", "--reference"])
+            .arg(tiny())
+            .args(extra)
+            .output()
+            .unwrap();
+        let stderr = String::from_utf8_lossy(&out.stderr);
+        assert!(out.status.success(), "{stderr}");
+        serde_json::from_slice(&out.stdout).unwrap()
+    };
+    let text_arg = text.display().to_string();
+    let same = eval(&tiny(), &["--text", &text_arg]);
+    assert_eq!(same["top1_agreement"], 1.0, "{same}");
+    assert!(same["kl"].as_f64().unwrap().abs() < 1e-5, "{same}");
+    let p = eval(&pruned, &["--text", &text_arg]);
+    let (top1, kl) = (
+        p["top1_agreement"].as_f64().unwrap(),
+        p["kl"].as_f64().unwrap(),
+    );
+    assert!(top1 < 1.0 && kl > 1e-4, "{p}");
+    // The perplexity is the one without a reference.
+    let plain = std::process::Command::new(env!("CARGO_BIN_EXE_ziplm"))
+        .args([
+            "eval",
+            pruned.to_str().unwrap(),
+            "--window",
+            "32",
+            "--quiet",
+            "--json",
+            "--text",
+        ])
+        .arg(&text)
+        .output()
+        .unwrap();
+    let plain: serde_json::Value = serde_json::from_slice(&plain.stdout).unwrap();
+    assert_eq!(plain["value"], p["value"]);
+
+    let probes = dir.path().join("probes.jsonl");
+    std::fs::write(
+        &probes,
+        "{\"question\": \"What is the capital of France?\", \"keywords\": [\"Paris\"]}\n{\"question\": \"What color is grass?\", \"keywords\": [\"green\"]}\n",
+    )
+    .unwrap();
+    let v = eval(
+        &tiny(),
+        &["--probes", probes.to_str().unwrap(), "--reply-tokens", "8"],
+    );
+    let v = &v["probes"];
+    assert_eq!(v["questions"], 2, "{v}");
+    assert_eq!(v["replies"].as_array().unwrap().len(), 2, "{v}");
+    // Against itself: it answers exactly what the reference answers.
+    assert_eq!(v["answered_of_reference"], v["reference_answered"], "{v}");
+}

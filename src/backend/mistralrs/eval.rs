@@ -1,4 +1,7 @@
-//! Language-model quality: perplexity over a token stream in non-overlapping windows.
+//! Language-model quality: perplexity over a token stream in non-overlapping windows;
+//! against a reference (the dense model), next-token agreement and KL divergence on the
+//! same windows; and greedy chat replies to a probe set of plain questions, checked by
+//! keyword.
 
 use super::llama::LlamaWeights;
 use crate::progress::Progress;
@@ -56,6 +59,112 @@ pub fn perplexity(
     })
 }
 
+/// A model's next-token distributions against a reference's on the same windows.
+#[derive(Clone, Copy, Debug, PartialEq, Serialize, Deserialize)]
+pub struct Agreement {
+    /// Fraction of predicted tokens whose most likely next token is the reference's.
+    pub top1: f64,
+    /// Mean KL(reference || model) of the next-token distributions (nats per token).
+    pub kl: f64,
+    /// Predicted tokens compared.
+    pub tokens: usize,
+}
+
+/// The statistics of one window: `(sum of NLL of the model, tokens, sum of KL, top-1
+/// matches)`.
+fn window_against(
+    model: &LlamaWeights,
+    reference: &LlamaWeights,
+    ids: &[u32],
+) -> candle_core::Result<(f64, usize, f64, usize)> {
+    use candle_core::{Device, Tensor, D};
+    if ids.len() < 2 {
+        return Ok((0.0, 0, 0.0, 0));
+    }
+    let lp = model.window_log_probs(ids)?;
+    let lq = reference.window_log_probs(ids)?;
+    let n = ids.len() - 1;
+    let target = Tensor::new(&ids[1..], &Device::Cpu)?.unsqueeze(1)?;
+    let nll = -(lp.gather(&target, 1)?.sum_all()?.to_scalar::<f32>()? as f64);
+    // KL(q || p) = sum q (log q - log p), per position.
+    let kl = (lq.exp()? * (&lq - &lp)?)?.sum_all()?.to_scalar::<f32>()? as f64;
+    let a = lp.argmax(D::Minus1)?.to_vec1::<u32>()?;
+    let b = lq.argmax(D::Minus1)?.to_vec1::<u32>()?;
+    let matches = a.iter().zip(&b).filter(|(x, y)| x == y).count();
+    Ok((nll, n, kl, matches))
+}
+
+/// Perplexity of `model` and its [`Agreement`] with `reference` on `ids`, in the same
+/// windows as [`perplexity`].
+pub fn perplexity_against(
+    model: &LlamaWeights,
+    reference: &LlamaWeights,
+    ids: &[u32],
+    window: usize,
+    max_windows: Option<usize>,
+    progress: &dyn Progress,
+) -> candle_core::Result<(Perplexity, Agreement)> {
+    let window = window.max(2);
+    let total = ids.len().div_ceil(window);
+    progress.start(
+        "perplexity and agreement",
+        max_windows.map_or(total, |m| m.min(total)) as u64,
+    );
+    let (mut nll, mut n, mut kl, mut matches, mut windows) = (0.0, 0, 0.0, 0, 0);
+    for chunk in ids.chunks(window) {
+        if max_windows.is_some_and(|m| windows >= m) {
+            break;
+        }
+        let (a, b, c, d) = window_against(model, reference, chunk)?;
+        nll += a;
+        n += b;
+        kl += c;
+        matches += d;
+        windows += 1;
+        progress.advance(1);
+    }
+    progress.finish();
+    let mean = nll / n.max(1) as f64;
+    Ok((
+        Perplexity {
+            ppl: mean.exp(),
+            mean_nll: mean,
+            tokens: n,
+            windows,
+        },
+        Agreement {
+            top1: matches as f64 / n.max(1) as f64,
+            kl: kl / n.max(1) as f64,
+            tokens: n,
+        },
+    ))
+}
+
+/// Greedy replies (at most `max_tokens` each) of the model at `model`, loaded in
+/// mistral.rs as it is served, to every probe; one progress unit per probe.
+pub fn probe_replies(
+    model: &std::path::Path,
+    probes: &[crate::data::probes::Probe],
+    max_tokens: usize,
+    progress: &dyn Progress,
+) -> crate::Result<Vec<crate::data::probes::ProbeReply>> {
+    use crate::data::probes::{answers, ProbeReply};
+    let rt = super::LoadedModel::load(model)?;
+    progress.start("chat probes", probes.len() as u64);
+    let mut out = vec![];
+    for p in probes {
+        let reply = rt.chat(&p.question, max_tokens)?.text;
+        out.push(ProbeReply {
+            question: p.question.clone(),
+            answered: answers(p, &reply),
+            reply,
+        });
+        progress.advance(1);
+    }
+    progress.finish();
+    Ok(out)
+}
+
 /// Perplexity of the model at `model` (GGUF file or folder) on a whole text file,
 /// tokenised without BOS by the model's tokenizer (`tokenizer`, else the one next to
 /// the model, else the GGUF metadata's), in non-overlapping windows of `window` tokens.
@@ -67,6 +176,20 @@ pub fn text_perplexity(
     max_windows: Option<usize>,
     progress: &dyn Progress,
 ) -> crate::Result<Perplexity> {
+    Ok(text_eval(model, None, text, tokenizer, window, max_windows, progress)?.0)
+}
+
+/// [`text_perplexity`], and with a `reference` model (the dense one) the [`Agreement`]
+/// of the model's next-token distributions with the reference's on the same windows.
+pub fn text_eval(
+    model: &std::path::Path,
+    reference: Option<&std::path::Path>,
+    text: &std::path::Path,
+    tokenizer: Option<&std::path::Path>,
+    window: usize,
+    max_windows: Option<usize>,
+    progress: &dyn Progress,
+) -> crate::Result<(Perplexity, Option<Agreement>)> {
     use crate::Error;
     if window < 2 {
         return Err(Error::Invalid(format!(
@@ -102,6 +225,36 @@ pub fn text_perplexity(
              pass the model's own tokenizer.json with --tokenizer"
         )));
     }
-    perplexity(&llm.weights, &ids, window, max_windows, progress)
-        .map_err(|e| Error::Invalid(format!("{}: forward pass failed: {e}", model.display())))
+    let failed = |e: candle_core::Error| {
+        Error::Invalid(format!("{}: forward pass failed: {e}", model.display()))
+    };
+    let Some(reference) = reference else {
+        return Ok((
+            perplexity(&llm.weights, &ids, window, max_windows, progress).map_err(failed)?,
+            None,
+        ));
+    };
+    let dense = super::LlamaModel::load(reference, super::LlamaOptions::default())?;
+    let (a, b) = (&llm.weights.config, &dense.weights.config);
+    if (a.vocab, a.hidden) != (b.vocab, b.hidden) {
+        return Err(Error::Invalid(format!(
+            "{} (vocabulary {}, width {}) is not a pruned form of {} (vocabulary {}, width {}): give the dense model the pruned one was made from",
+            model.display(),
+            a.vocab,
+            a.hidden,
+            reference.display(),
+            b.vocab,
+            b.hidden
+        )));
+    }
+    let (p, agreement) = perplexity_against(
+        &llm.weights,
+        &dense.weights,
+        &ids,
+        window,
+        max_windows,
+        progress,
+    )
+    .map_err(failed)?;
+    Ok((p, Some(agreement)))
 }

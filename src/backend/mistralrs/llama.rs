@@ -238,6 +238,14 @@ impl LlamaWeights {
         linear(&x, self.output.as_ref().unwrap_or(&self.embed))
     }
 
+    /// Log-probabilities of each next token for one window of ids: `[len - 1, vocab]`
+    /// (the last position predicts nothing inside the window).
+    pub fn window_log_probs(&self, ids: &[u32]) -> candle_core::Result<Tensor> {
+        let logits = self.forward(ids, true, &mut |_, _, _| Ok(()))?;
+        let logits = logits.narrow(0, 0, ids.len().saturating_sub(1))?;
+        candle_nn::ops::log_softmax(&logits, D::Minus1)
+    }
+
     /// Sum of negative log-likelihoods of each next token and their count, for one
     /// window of ids (position 0 is not predicted).
     pub fn window_nll(&self, ids: &[u32]) -> candle_core::Result<(f64, usize)> {
