@@ -232,6 +232,10 @@ pub struct PruningConfig {
     /// (default 1.0).
     #[serde(default)]
     pub max_ffn_removed: Option<f64>,
+    /// Re-fit the kept out-projections on the pruned model's own inputs after each
+    /// search (sequential correction; mistralrs backend).
+    #[serde(default)]
+    pub sequential: bool,
 }
 
 fn bad(path: &Path, detail: impl Into<String>) -> Error {
@@ -282,6 +286,13 @@ impl ModelConfig {
                 name: "runtime_fit".into(),
                 value: "false".into(),
                 spelled: "profile.no_runtime_fit".into(),
+            });
+        }
+        if self.pruning.sequential {
+            r.options.push(RawOption {
+                name: "sequential".into(),
+                value: "true".into(),
+                spelled: "pruning.sequential".into(),
             });
         }
         r.ffn_multiple = self.pruning.ffn_multiple;

@@ -157,6 +157,11 @@ pub struct PruneArgs {
     /// first (two probe models timed against the dense one; mistralrs backend).
     #[arg(long)]
     pub no_runtime_fit: bool,
+    /// After each search, re-fit the kept out-projections on the pruned model's own
+    /// inputs, block by block (sequential correction, ZIPLM.md section 8; mistralrs
+    /// backend).
+    #[arg(long)]
+    pub sequential: bool,
     /// Also write each pruned model as a tract NNEF archive (NAME.nnef.tar).
     #[arg(long)]
     pub nnef: bool,
@@ -275,10 +280,13 @@ pub struct EvalArgs {
     #[arg(long)]
     pub reference: Option<PathBuf>,
     /// Ask an LLM plain questions through its chat template (greedy replies, checked by
-    /// keyword): the set that ships with ziplm (data/probes.jsonl), or a JSON-lines file
-    /// of {"question": ..., "keywords": [...]}.
-    #[arg(long, num_args = 0..=1, default_missing_value = "")]
-    pub probes: Option<PathBuf>,
+    /// keyword): the 40 that ship with ziplm (data/probes.jsonl), or --probe-set's.
+    #[arg(long)]
+    pub probes: bool,
+    /// A probe set of your own for --probes: JSON lines of
+    /// {"question": ..., "keywords": [...]}.
+    #[arg(long, requires = "probes")]
+    pub probe_set: Option<PathBuf>,
     /// Largest reply to a probe, in tokens.
     #[arg(long, default_value_t = 32)]
     pub reply_tokens: usize,

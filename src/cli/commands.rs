@@ -122,6 +122,9 @@ pub(super) fn prune_requests(a: &PruneArgs, given: &[String]) -> anyhow::Result<
     if a.nnef {
         r.options.push(option("nnef", "true", "--nnef"));
     }
+    if a.sequential {
+        r.options.push(option("sequential", "true", "--sequential"));
+    }
     if let Some(d) = a.gguf_dtype {
         r.options
             .push(option("gguf_dtype", gguf_dtype(d), "--gguf-dtype"));
@@ -296,12 +299,12 @@ fn eval(a: EvalArgs) -> anyhow::Result<ExitCode> {
         .validate()
         .map_err(|e| anyhow::anyhow!("{e} (--batch, --seq-len)"))?;
     if let Some(sts) = &a.sts {
-        if a.text.is_some() || a.probes.is_some() || a.reference.is_some() {
+        if a.text.is_some() || a.probes || a.reference.is_some() {
             bail!("--sts evaluates an encoder; --text, --probes and --reference are for LLMs: give one or the other");
         }
         return eval_sts(&a, sts);
     }
-    if a.reference.is_some() && a.text.is_none() && a.probes.is_none() {
+    if a.reference.is_some() && a.text.is_none() && !a.probes {
         bail!("--reference compares with a dense model on --text or --probes: give one of them");
     }
     if a.reply_tokens == 0 {
@@ -314,8 +317,8 @@ fn eval(a: EvalArgs) -> anyhow::Result<ExitCode> {
             json.as_object_mut().expect("an object").extend(m);
         }
     }
-    if let Some(file) = &a.probes {
-        json["probes"] = eval_probes(&a, file)?;
+    if a.probes {
+        json["probes"] = eval_probes(&a, a.probe_set.as_deref())?;
     }
     if a.json {
         println!("{}", serde_json::to_string_pretty(&json)?);
@@ -365,17 +368,18 @@ fn eval_perplexity(a: &EvalArgs, text: &std::path::Path) -> anyhow::Result<serde
     Ok(v)
 }
 
-fn eval_probes(a: &EvalArgs, file: &std::path::Path) -> anyhow::Result<serde_json::Value> {
+fn eval_probes(a: &EvalArgs, file: Option<&std::path::Path>) -> anyhow::Result<serde_json::Value> {
     use crate::backend::mistralrs::eval::probe_replies;
     use crate::data::probes::{parse_probes, DEFAULT_PROBES};
-    let (text, source) = if file.as_os_str().is_empty() {
-        (
+    let (text, source) = match file {
+        None => (
             DEFAULT_PROBES.to_string(),
             std::path::PathBuf::from("data/probes.jsonl"),
-        )
-    } else {
-        let text = std::fs::read_to_string(file).map_err(|e| crate::Error::io(file, e))?;
-        (text, file.to_path_buf())
+        ),
+        Some(file) => {
+            let text = std::fs::read_to_string(file).map_err(|e| crate::Error::io(file, e))?;
+            (text, file.to_path_buf())
+        }
     };
     let probes = parse_probes(&text, &source)?;
     let replies = probe_replies(

@@ -108,6 +108,19 @@ pub trait Session {
         Ok((table, vec![]))
     }
 
+    /// The weight stage after every search ([`EmitAndMeasure::transform`]): turns the
+    /// database's compensated weights of `plan` into the weights emitted (sequential
+    /// correction); the default keeps them.
+    fn transform(
+        &mut self,
+        _model: &Self::Model,
+        _job: &PruneJob,
+        _plan: &Plan,
+        weights: PrunedWeights,
+    ) -> Result<PrunedWeights> {
+        Ok(weights)
+    }
+
     /// The file (or folder) name of the model emitted under `stem`.
     fn output_name(&self, model: &Self::Model, stem: &str) -> String;
     /// Writes the model for a plan with its weights to `dest` (atomically).
@@ -360,6 +373,14 @@ struct BudgetRuntime<'a, S: Session> {
 }
 
 impl<S: Session> EmitAndMeasure for BudgetRuntime<'_, S> {
+    fn transform(&mut self, plan: &Plan, weights: PrunedWeights) -> Result<PrunedWeights> {
+        let t = Instant::now();
+        let w = self
+            .session
+            .transform(self.model, self.job, plan, weights)?;
+        self.emit_s += t.elapsed().as_secs_f64();
+        Ok(w)
+    }
     fn emit(&mut self, plan: &Plan, weights: &PrunedWeights) -> Result<EmitSummary> {
         let t = Instant::now();
         let s = self.session.emit(self.model, plan, weights, &self.dest)?;

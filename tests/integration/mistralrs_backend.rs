@@ -821,11 +821,113 @@ fn eval_compares_with_the_dense_model_and_asks_the_probes() {
     .unwrap();
     let v = eval(
         &tiny(),
-        &["--probes", probes.to_str().unwrap(), "--reply-tokens", "8"],
+        &[
+            "--probes",
+            "--probe-set",
+            probes.to_str().unwrap(),
+            "--reply-tokens",
+            "8",
+        ],
     );
     let v = &v["probes"];
     assert_eq!(v["questions"], 2, "{v}");
     assert_eq!(v["replies"].as_array().unwrap().len(), 2, "{v}");
     // Against itself: it answers exactly what the reference answers.
     assert_eq!(v["answered_of_reference"], v["reference_answered"], "{v}");
+}
+
+/// Sequential correction (ZIPLM.md section 8): with the pruned inputs equal to the dense
+/// ones (every block before the last dense), the re-fit is the database's dense-input
+/// compensation (and W itself for the dense blocks); with every block pruned, the
+/// corrected model is closer to the dense one end to end than the dense-input OBS
+/// weights at the same shapes.
+#[test]
+fn sequential_correction_refits_each_block_on_the_pruned_inputs() {
+    use ziplm::database::{Database, DatabaseConfig};
+    use ziplm::search::Selection;
+    let mut model = LlamaModel::load(&tiny(), LlamaOptions::default()).unwrap();
+    let samples: Vec<Vec<i64>> = (0..24)
+        .map(|s| {
+            (0..32)
+                .map(|i| ((i * 37 + s * 11 + 5) % 128) as i64)
+                .collect()
+        })
+        .collect();
+    model.set_calibration(samples).unwrap();
+    let cfg = DatabaseConfig {
+        dampening: 0.0,
+        ffn_width_multiple: 16,
+        ..Default::default()
+    };
+    let db = Database::build(&mut model, &cfg, &ziplm::progress::Quiet).unwrap();
+    let n_levels: Vec<usize> = db.blocks.iter().map(|b| b.levels.len()).collect();
+    let last = n_levels.len() - 1;
+    let correct = |plan: &Plan| {
+        mrs::sequential::correct(
+            &model.weights,
+            model.structure(),
+            plan,
+            model.calibration_samples(),
+            0.0,
+            &ziplm::progress::Quiet,
+        )
+        .unwrap()
+    };
+    let max_diff = |a: &WeightMatrix, b: &[f32]| {
+        let scale = b.iter().fold(0f32, |m, x| m.max(x.abs()));
+        a.data
+            .iter()
+            .zip(b)
+            .fold(0f32, |m, (x, y)| m.max((x - y).abs()))
+            / scale
+    };
+
+    // Only the last block pruned.
+    let mut levels = vec![0; n_levels.len()];
+    levels[last] = n_levels[last] / 2;
+    let selection = Selection { levels };
+    let plan = db.plan(&selection).unwrap();
+    let obs = db.pruned_weights(&selection).unwrap();
+    let seq = correct(&plan);
+    let id = plan.blocks[last].block;
+    let d = max_diff(&seq.out_projections[&id], &obs.out_projections[&id].data);
+    assert!(
+        d < 1e-3,
+        "last block: sequential vs dense-input OBS differ by {d}"
+    );
+    // A dense block's re-fit on its own (dense) inputs is its weight.
+    let first = &seq.out_projections[&plan.blocks[0].block];
+    let wo = model.weights.layers[0]
+        .wo
+        .flatten_all()
+        .unwrap()
+        .to_vec1::<f32>()
+        .unwrap();
+    assert!(max_diff(first, &wo) < 1e-3);
+
+    // Every block pruned: the end-to-end hidden error is smaller with the correction.
+    let selection = Selection {
+        levels: n_levels.iter().map(|n| n / 2).collect(),
+    };
+    let plan = db.plan(&selection).unwrap();
+    let obs = db.pruned_weights(&selection).unwrap();
+    let seq = correct(&plan);
+    let error = |w: &PrunedWeights| {
+        let pruned = model.pruned_weights(&plan, w).unwrap();
+        let mut e = 0.0f64;
+        for s in model.calibration_samples() {
+            let hook = &mut |_, _, _: &candle_core::Tensor| Ok(());
+            let a = model.weights.forward(s, false, hook).unwrap();
+            let b = pruned.forward(s, false, hook).unwrap();
+            let diff = (a - b).unwrap().sqr().unwrap().sum_all().unwrap();
+            e += diff.to_scalar::<f32>().unwrap() as f64;
+        }
+        e
+    };
+    let (e_obs, e_seq) = (error(&obs), error(&seq));
+    eprintln!("end-to-end hidden error: dense-input OBS {e_obs:.4}, sequential {e_seq:.4}");
+    assert!(
+        e_seq < e_obs,
+        "sequential {e_seq} is not below dense-input OBS {e_obs}"
+    );
 }

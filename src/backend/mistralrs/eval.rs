@@ -77,14 +77,14 @@ fn window_against(
     reference: &LlamaWeights,
     ids: &[u32],
 ) -> candle_core::Result<(f64, usize, f64, usize)> {
-    use candle_core::{Device, Tensor, D};
+    use candle_core::{Tensor, D};
     if ids.len() < 2 {
         return Ok((0.0, 0, 0.0, 0));
     }
     let lp = model.window_log_probs(ids)?;
     let lq = reference.window_log_probs(ids)?;
     let n = ids.len() - 1;
-    let target = Tensor::new(&ids[1..], &Device::Cpu)?.unsqueeze(1)?;
+    let target = Tensor::new(&ids[1..], lp.device())?.unsqueeze(1)?;
     let nll = -(lp.gather(&target, 1)?.sum_all()?.to_scalar::<f32>()? as f64);
     // KL(q || p) = sum q (log q - log p), per position.
     let kl = (lq.exp()? * (&lq - &lp)?)?.sum_all()?.to_scalar::<f32>()? as f64;

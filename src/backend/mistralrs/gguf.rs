@@ -5,7 +5,7 @@
 use crate::gguf_header::check_header;
 use candle_core::quantized::gguf_file::{Content, Value};
 use candle_core::quantized::{GgmlDType, QTensor};
-use candle_core::{Device, Tensor};
+use candle_core::Tensor;
 use std::collections::HashMap;
 use std::fs::File;
 use std::io::{BufReader, Seek, SeekFrom};
@@ -127,14 +127,14 @@ impl GgufFile {
             .lock()
             .map_err(|_| "reader poisoned".to_string())?;
         self.content
-            .tensor(&mut *r, name, &Device::Cpu)
+            .tensor(&mut *r, name, &super::target_device())
             .map_err(|e| format!("tensor `{name}`: {e}"))
     }
 
     /// A tensor dequantised to f32.
     pub fn f32_tensor(&self, name: &str) -> GgufResult<Tensor> {
         self.qtensor(name)?
-            .dequantize(&Device::Cpu)
+            .dequantize(&super::target_device())
             .map_err(|e| format!("tensor `{name}`: {e}"))
     }
 }

@@ -19,7 +19,7 @@ use super::gguf::GgufFile;
 use super::llama::{LayerWeights, LlamaConfig, LlamaWeights, QkvBias};
 use crate::hf_format::{check_safetensors, shard_files, ConfigError, HfLlamaConfig};
 use candle_core::safetensors::Load;
-use candle_core::{DType, Device, Tensor};
+use candle_core::{DType, Tensor};
 use std::collections::{BTreeMap, HashMap};
 use std::path::{Path, PathBuf};
 use ziplm_plugin_api::{AdapterError, AdapterResult};
@@ -174,7 +174,7 @@ impl HfFolder {
                 .map_err(|e| format!("{}: {e}", file.display()))?;
             for (name, view) in st.tensors() {
                 let t = view
-                    .load(&Device::Cpu)
+                    .load(&super::target_device())
                     .and_then(|t| t.to_dtype(DType::F32))
                     .map_err(|e| format!("{}: tensor `{name}`: {e}", file.display()))?;
                 all.insert(name, t);

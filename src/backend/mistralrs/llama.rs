@@ -116,18 +116,32 @@ pub enum Site {
 pub type Hook<'a> = dyn FnMut(usize, Site, &Tensor) -> candle_core::Result<()> + 'a;
 
 /// cos / sin tables for interleaved RoPE, as mistral.rs builds them.
-fn rope_tables(cfg: &LlamaConfig, len: usize) -> candle_core::Result<(Tensor, Tensor)> {
+fn rope_tables(
+    cfg: &LlamaConfig,
+    len: usize,
+    device: &Device,
+) -> candle_core::Result<(Tensor, Tensor)> {
     let inv: Vec<f32> = (0..cfg.rope_dim)
         .step_by(2)
         .map(|i| 1f32 / cfg.rope_base.powf(i as f32 / cfg.rope_dim as f32))
         .collect();
     let n = inv.len();
-    let inv = Tensor::from_vec(inv, (1, n), &Device::Cpu)?;
-    let t = Tensor::arange(0u32, len as u32, &Device::Cpu)?
+    let inv = Tensor::from_vec(inv, (1, n), device)?;
+    let t = Tensor::arange(0u32, len as u32, device)?
         .to_dtype(DType::F32)?
         .reshape((len, 1))?;
     let freqs = t.matmul(&inv)?;
     Ok((freqs.cos()?, freqs.sin()?))
+}
+
+/// The RoPE tables and the causal mask of a `len`-token sequence: `(cos, sin, mask)`.
+pub fn rope_and_mask(
+    cfg: &LlamaConfig,
+    len: usize,
+    device: &Device,
+) -> candle_core::Result<(Tensor, Tensor, Tensor)> {
+    let (cos, sin) = rope_tables(cfg, len, device)?;
+    Ok((cos, sin, causal_mask(len, device)?))
 }
 
 /// `x @ w^T` for `x: [t, in]`, `w: [out, in]`.
@@ -136,11 +150,11 @@ pub fn linear(x: &Tensor, w: &Tensor) -> candle_core::Result<Tensor> {
 }
 
 /// Additive causal mask `[t, t]`: 0 on and below the diagonal, -inf above.
-fn causal_mask(t: usize) -> candle_core::Result<Tensor> {
+fn causal_mask(t: usize, device: &Device) -> candle_core::Result<Tensor> {
     let v: Vec<f32> = (0..t)
         .flat_map(|i| (0..t).map(move |j| if j > i { f32::NEG_INFINITY } else { 0.0 }))
         .collect();
-    Tensor::from_vec(v, (t, t), &Device::Cpu)
+    Tensor::from_vec(v, (t, t), device)
 }
 
 /// The attention sub-layer on normed input `h: [t, hidden]`; returns the o_proj input
@@ -216,10 +230,11 @@ impl LlamaWeights {
     ) -> candle_core::Result<Tensor> {
         let cfg = &self.config;
         let t = ids.len();
-        let ids_t = Tensor::new(ids, &Device::Cpu)?;
+        let device = self.embed.device();
+        let ids_t = Tensor::new(ids, device)?;
         let mut x = self.embed.index_select(&ids_t, 0)?;
-        let (cos, sin) = rope_tables(cfg, t)?;
-        let mask = causal_mask(t)?;
+        let (cos, sin) = rope_tables(cfg, t, device)?;
+        let mask = causal_mask(t, device)?;
         let eps = cfg.rms_eps;
         for (i, layer) in self.layers.iter().enumerate() {
             let h = candle_nn::ops::rms_norm(&x, &layer.attn_norm, eps)?;
@@ -256,7 +271,7 @@ impl LlamaWeights {
         let n = ids.len() - 1;
         let logits = logits.narrow(0, 0, n)?;
         let logp = candle_nn::ops::log_softmax(&logits, D::Minus1)?;
-        let target = Tensor::new(&ids[1..], &Device::Cpu)?.unsqueeze(1)?;
+        let target = Tensor::new(&ids[1..], logp.device())?.unsqueeze(1)?;
         let picked = logp.gather(&target, 1)?.sum_all()?.to_scalar::<f32>()?;
         Ok((-(picked as f64), n))
     }
@@ -304,8 +319,8 @@ mod tests {
         };
         let t = 5;
         let h = rand(&[t, 16], 8);
-        let (cos, sin) = rope_tables(&cfg, t).unwrap();
-        let mask = causal_mask(t).unwrap();
+        let (cos, sin) = rope_tables(&cfg, t, &Device::Cpu).unwrap();
+        let mask = causal_mask(t, &Device::Cpu).unwrap();
         let got = attention_core(&cfg, &layer, &h, &cos, &sin, &mask)
             .unwrap()
             .to_vec2::<f32>()

@@ -28,9 +28,19 @@ pub mod model;
 pub mod options;
 pub mod profile;
 pub mod runtime;
+pub mod sequential;
 pub mod tokenizer;
 
 pub use driver::MistralBackend;
+
+/// The candle device every tensor of this backend lives on: the one place that names
+/// it. The CPU: candle is built here without CUDA, and `MistralSession::open` refuses a
+/// CUDA target; the forward, the profiler and the corrections make their tensors on the
+/// device of the weights they work with, so a CUDA target changes this function (with
+/// the job's device index) and the runtime's device map.
+pub fn target_device() -> candle_core::Device {
+    candle_core::Device::Cpu
+}
 pub use model::{LlamaModel, LlamaOptions};
 pub use runtime::LoadedModel;
 

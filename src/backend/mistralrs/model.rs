@@ -5,7 +5,7 @@
 use super::gguf::GgufFile;
 use super::hf::{HfDType, HfExtras, HfFolder, ReadError};
 use super::llama::{LayerWeights, LlamaConfig, LlamaWeights, QkvBias, Site};
-use candle_core::{Device, Tensor};
+use candle_core::Tensor;
 use std::path::{Path, PathBuf};
 use ziplm_plugin_api::{
     ActivationSink, AdapterError, AdapterResult, AttentionShape, BlockId, BlockKind, FfnShape,
@@ -430,17 +430,17 @@ fn check_finite(w: &LlamaWeights, hf_names: bool) -> Result<(), String> {
 
 fn rows(t: &Tensor, idx: &[usize]) -> candle_core::Result<Tensor> {
     let idx: Vec<u32> = idx.iter().map(|&i| i as u32).collect();
-    t.index_select(&Tensor::new(idx.as_slice(), &Device::Cpu)?, 0)
+    t.index_select(&Tensor::new(idx.as_slice(), t.device())?, 0)
 }
 
 fn cols(t: &Tensor, idx: &[usize]) -> candle_core::Result<Tensor> {
     let idx: Vec<u32> = idx.iter().map(|&i| i as u32).collect();
-    t.index_select(&Tensor::new(idx.as_slice(), &Device::Cpu)?, 1)?
+    t.index_select(&Tensor::new(idx.as_slice(), t.device())?, 1)?
         .contiguous()
 }
 
 fn matrix(m: &WeightMatrix) -> candle_core::Result<Tensor> {
-    Tensor::from_slice(&m.data, (m.rows, m.cols), &Device::Cpu)
+    Tensor::from_slice(&m.data, (m.rows, m.cols), &super::target_device())
 }
 
 /// Applies a plan: rows of Q/K/V and gate/up removed, out-projection columns kept or

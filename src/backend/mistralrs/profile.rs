@@ -16,7 +16,7 @@
 use super::llama::{LayerWeights, LlamaConfig};
 use super::model::{LlamaModel, LlmFormat, OutputDType};
 use candle_core::quantized::QMatMul;
-use candle_core::{DType, Device, Module, Tensor};
+use candle_core::{DType, Module, Tensor};
 use std::time::{Duration, Instant};
 use ziplm_plugin_api::{
     AdapterError, AdapterResult, BlockShape, LatencyProfiler, Measured, TargetFingerprint,
@@ -180,7 +180,7 @@ fn input(cfg: &LlamaConfig, workload: &Workload) -> candle_core::Result<Tensor> 
     Tensor::from_vec(
         v,
         (workload.batch, workload.seq_len, cfg.hidden),
-        &Device::Cpu,
+        &super::target_device(),
     )
 }
 
@@ -207,9 +207,9 @@ fn attention_run(
         .step_by(2)
         .map(|i| 1f32 / cfg.rope_base.powf(i as f32 / hd as f32))
         .collect();
-    let inv = Tensor::from_vec(inv, (1, hd / 2), &Device::Cpu)?;
+    let inv = Tensor::from_vec(inv, (1, hd / 2), &super::target_device())?;
     // The new tokens sit at positions past..past + t.
-    let pos = Tensor::arange(past as u32, (past + t) as u32, &Device::Cpu)?
+    let pos = Tensor::arange(past as u32, (past + t) as u32, &super::target_device())?
         .to_dtype(DType::F32)?
         .reshape((t, 1))?;
     let freqs = pos.matmul(&inv)?;
@@ -225,7 +225,11 @@ fn attention_run(
             let v: Vec<f32> = (0..len)
                 .map(|i| ((i * 7907 % 1000) as f32 / 1000.0) - 0.5)
                 .collect();
-            let kc = Tensor::from_vec(v, (workload.batch, kv_heads, n, hd), &Device::Cpu)?;
+            let kc = Tensor::from_vec(
+                v,
+                (workload.batch, kv_heads, n, hd),
+                &super::target_device(),
+            )?;
             Some((kc.clone(), kc))
         }
     };
@@ -242,7 +246,7 @@ fn attention_run(
         head_dim: hd,
         cos: freqs.cos()?,
         sin: freqs.sin()?,
-        mask: Tensor::from_vec(mask, (t, past + t), &Device::Cpu)?,
+        mask: Tensor::from_vec(mask, (t, past + t), &super::target_device())?,
         cache,
     })
 }
@@ -318,7 +322,7 @@ impl LatencyProfiler for CandleProfiler<'_> {
                     .map_err(ce)?,
                 };
                 Run::Rest(RestRun {
-                    ids: Tensor::new(ids.as_slice(), &Device::Cpu).map_err(ce)?,
+                    ids: Tensor::new(ids.as_slice(), &super::target_device()).map_err(ce)?,
                     embed: w.embed.clone(),
                     norm: w.norm.clone(),
                     eps: cfg.rms_eps,

@@ -2,7 +2,6 @@
 //! prefill timing and chat replies. This is what verification and the app helper use;
 //! nothing here knows about pruning.
 
-use candle_core::Device;
 use either::Either;
 use indexmap::IndexMap;
 use mistralrs_core::{
@@ -102,7 +101,7 @@ impl LoadedModel {
                     None,
                     TokenSource::None,
                     &ModelDType::F32,
-                    &Device::Cpu,
+                    &super::target_device(),
                     true,
                     DeviceMapSetting::Auto(AutoDeviceMapParams::default_text()),
                     None,
