@@ -8,8 +8,11 @@
 //! the dense model and `X~` the same input computed from the pruned stream (blocks
 //! before `l` pruned and corrected; block `l`'s kept heads or neurons are those of the
 //! dense block). The kept columns `K` are re-fitted to the dense output,
-//! `min ||W' X~_K - W X||`: `W'_K = W C_K H~_KK^-1` with `H~ = X~_K X~_K^T`,
-//! `C_K = X X~_K^T` (dampened as the database is). The plan (and so every shape and the
+//! `min ||W' X~_K - W X||^2 + lambda ||W' - W_K||^2`:
+//! `W'_K = (W C_K + lambda W_K) (H~_KK + lambda I)^-1` with `H~ = X~_K X~_K^T`,
+//! `C_K = X X~_K^T` and `lambda` the database's dampening (relative to the mean
+//! diagonal): where the calibration data says little, the fit stays near the block's
+//! own weights. The plan (and so every shape and the
 //! latency) stays as it is; only the out-projections change.
 
 use super::llama::{attention_core, ffn_core, linear, LlamaWeights};
@@ -111,7 +114,9 @@ pub fn correct(
                 }
                 h[(i, i)] += lambda;
             }
-            // W' = (W C) H~^-1, i.e. H~ W'^T = (W C)^T.
+            // The dampening pulls the fit towards the block's own kept weights, not
+            // towards zero: W' = (W C_K + lambda W_K) (H~_KK + lambda I)^-1, i.e.
+            // (H~_KK + lambda I) W'^T = (W C_K + lambda W_K)^T. W' = W when X~ = X.
             let wv = w
                 .to_dtype(DType::F64)
                 .map_err(&err)?
@@ -119,7 +124,12 @@ pub fn correct(
                 .map_err(&err)?;
             let d_out = wv.len();
             let wmat = Mat::from_fn(d_out, d_in, |i, j| wv[i][j]);
-            let wc = &wmat * &c;
+            let mut wc = &wmat * &c;
+            for i in 0..d_out {
+                for (a, &col) in kept.iter().enumerate() {
+                    wc[(i, a)] += lambda * wv[i][col];
+                }
+            }
             let llt = h.as_ref().llt(Side::Lower).map_err(|e| {
                 Error::numerical(
                     context,
