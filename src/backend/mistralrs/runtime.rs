@@ -95,8 +95,8 @@ impl LoadedModel {
             )
             .build()
         };
-        let pipeline = rt
-            .block_on(async {
+        let load_pipeline = || {
+            rt.block_on(async {
                 loader.load_model_from_hf(
                     None,
                     TokenSource::None,
@@ -113,20 +113,42 @@ impl LoadedModel {
                     format!("mistral.rs loading {}", path.display()),
                     format!("{e:#}"),
                 )
-            })?;
-        let engine = rt.block_on(async {
-            MistralRsBuilder::new(
-                pipeline,
-                SchedulerConfig::DefaultScheduler {
-                    method: DefaultSchedulerMethod::Fixed(NonZeroUsize::new(1).expect("1 > 0")),
-                },
-                false,
-                None,
-            )
-            .with_no_prefix_cache(true)
-            .build()
-            .await
-        });
+            })
+        };
+        // mistralrs-core 0.8.1 starts its engine thread and then takes the pipeline's
+        // lock with `try_lock().unwrap()` (lib.rs:733): when the new engine thread holds
+        // it at that moment, the build panics. The race is rare; the model is loaded and
+        // the engine built again (at most three times).
+        let mut attempts = 0;
+        let engine = loop {
+            attempts += 1;
+            let pipeline = load_pipeline()?;
+            let built = std::panic::catch_unwind(std::panic::AssertUnwindSafe(|| {
+                rt.block_on(async {
+                    MistralRsBuilder::new(
+                        pipeline,
+                        SchedulerConfig::DefaultScheduler {
+                            method: DefaultSchedulerMethod::Fixed(
+                                NonZeroUsize::new(1).expect("1 > 0"),
+                            ),
+                        },
+                        false,
+                        None,
+                    )
+                    .with_no_prefix_cache(true)
+                    .build()
+                    .await
+                })
+            }));
+            match built {
+                Ok(engine) => break engine,
+                Err(_) if attempts < 3 => continue,
+                Err(_) => return Err(AdapterError::runtime(
+                    format!("mistral.rs starting the engine for {}", path.display()),
+                    "the engine failed to start three times (mistralrs-core's pipeline lock race)",
+                )),
+            }
+        };
         Ok(LoadedModel {
             engine,
             rt,
