@@ -30,33 +30,69 @@ pub fn perplexity(
     max_windows: Option<usize>,
     progress: &dyn Progress,
 ) -> candle_core::Result<Perplexity> {
+    let totals = over_windows("perplexity", ids, window, max_windows, progress, |chunk| {
+        let (nll, n) = w.window_nll(chunk)?;
+        Ok((nll, n, 0.0, 0))
+    })?;
+    Ok(totals.perplexity())
+}
+
+/// Sums of the window statistics over a token stream.
+struct Totals {
+    nll: f64,
+    tokens: usize,
+    kl: f64,
+    matches: usize,
+    windows: usize,
+}
+
+impl Totals {
+    fn perplexity(&self) -> Perplexity {
+        let mean = self.nll / self.tokens.max(1) as f64;
+        Perplexity {
+            ppl: mean.exp(),
+            mean_nll: mean,
+            tokens: self.tokens,
+            windows: self.windows,
+        }
+    }
+}
+
+/// Runs `score` (a window's `(sum of NLL, tokens, sum of KL, top-1 matches)`) over the
+/// non-overlapping windows of `ids` (the last, shorter one included; at most
+/// `max_windows`), one progress unit per window, and sums what it returns.
+fn over_windows(
+    label: &str,
+    ids: &[u32],
+    window: usize,
+    max_windows: Option<usize>,
+    progress: &dyn Progress,
+    mut score: impl FnMut(&[u32]) -> candle_core::Result<(f64, usize, f64, usize)>,
+) -> candle_core::Result<Totals> {
     let window = window.max(2);
     let total = ids.len().div_ceil(window);
-    progress.start(
-        "perplexity",
-        max_windows.map_or(total, |m| m.min(total)) as u64,
-    );
-    let mut nll = 0.0;
-    let mut n = 0;
-    let mut windows = 0;
+    progress.start(label, max_windows.map_or(total, |m| m.min(total)) as u64);
+    let mut t = Totals {
+        nll: 0.0,
+        tokens: 0,
+        kl: 0.0,
+        matches: 0,
+        windows: 0,
+    };
     for chunk in ids.chunks(window) {
-        if max_windows.is_some_and(|m| windows >= m) {
+        if max_windows.is_some_and(|m| t.windows >= m) {
             break;
         }
-        let (s, c) = w.window_nll(chunk)?;
-        nll += s;
-        n += c;
-        windows += 1;
+        let (nll, n, kl, matches) = score(chunk)?;
+        t.nll += nll;
+        t.tokens += n;
+        t.kl += kl;
+        t.matches += matches;
+        t.windows += 1;
         progress.advance(1);
     }
     progress.finish();
-    let mean = nll / n.max(1) as f64;
-    Ok(Perplexity {
-        ppl: mean.exp(),
-        mean_nll: mean,
-        tokens: n,
-        windows,
-    })
+    Ok(t)
 }
 
 /// A model's next-token distributions against a reference's on the same windows.
@@ -104,38 +140,21 @@ pub fn perplexity_against(
     max_windows: Option<usize>,
     progress: &dyn Progress,
 ) -> candle_core::Result<(Perplexity, Agreement)> {
-    let window = window.max(2);
-    let total = ids.len().div_ceil(window);
-    progress.start(
+    let t = over_windows(
         "perplexity and agreement",
-        max_windows.map_or(total, |m| m.min(total)) as u64,
-    );
-    let (mut nll, mut n, mut kl, mut matches, mut windows) = (0.0, 0, 0.0, 0, 0);
-    for chunk in ids.chunks(window) {
-        if max_windows.is_some_and(|m| windows >= m) {
-            break;
-        }
-        let (a, b, c, d) = window_against(model, reference, chunk)?;
-        nll += a;
-        n += b;
-        kl += c;
-        matches += d;
-        windows += 1;
-        progress.advance(1);
-    }
-    progress.finish();
-    let mean = nll / n.max(1) as f64;
+        ids,
+        window,
+        max_windows,
+        progress,
+        |chunk| window_against(model, reference, chunk),
+    )?;
+    let n = t.tokens.max(1) as f64;
     Ok((
-        Perplexity {
-            ppl: mean.exp(),
-            mean_nll: mean,
-            tokens: n,
-            windows,
-        },
+        t.perplexity(),
         Agreement {
-            top1: matches as f64 / n.max(1) as f64,
-            kl: kl / n.max(1) as f64,
-            tokens: n,
+            top1: t.matches as f64 / n,
+            kl: t.kl / n,
+            tokens: t.tokens,
         },
     ))
 }
