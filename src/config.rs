@@ -26,6 +26,15 @@
 //! latency_table = "latency/minilm-cpu1.json"       # reused when it matches the target
 //! ```
 //!
+//! An LLM (mistralrs backend) may also recover each pruned model by distillation:
+//!
+//! ```toml
+//! [model.recovery]
+//! tokens = 1048576          # training tokens in all; required
+//! learning_rate = 1e-4      # defaults: job::RecoverySettings
+//! held_out = 8              # calibration windows kept for early stopping
+//! ```
+//!
 //! Unknown keys and bad values are errors naming the file, the line and the key. A table
 //! lowers into a [`JobRequest`], which the same step as the CLI's resolves.
 
@@ -83,6 +92,10 @@ pub struct ModelConfig {
     /// Pruning options.
     #[serde(default)]
     pub pruning: PruningConfig,
+    /// `[model.recovery]`: distil each pruned model towards the dense one (the gradual
+    /// mode; mistralrs backend). `tokens` is required, the rest has defaults.
+    #[serde(default)]
+    pub recovery: Option<crate::job::RecoverySettings>,
 }
 
 /// `[model.target]`.
@@ -160,9 +173,9 @@ pub struct CalibrationConfig {
     /// Samples.
     #[serde(default = "default_samples")]
     pub samples: usize,
-    /// Tokens per sample.
-    #[serde(default = "default_seq")]
-    pub seq_len: usize,
+    /// Tokens per sample (default: the backend's, 128; 512 for LLMs).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub seq_len: Option<usize>,
 }
 
 fn default_samples() -> usize {
@@ -274,8 +287,9 @@ impl ModelConfig {
             r.calibration = Some(resolve(&c.path));
             r.calibration_format = c.format;
             r.samples = Some(c.samples);
-            r.calibration_seq_len = Some(c.seq_len);
+            r.calibration_seq_len = c.seq_len;
         }
+        r.recovery = self.recovery.clone();
         r.out = Some(resolve(&self.output.dir));
         r.output_format = self.output.format.clone();
         r.latency_table = self.profile.latency_table.as_deref().map(resolve);

@@ -316,6 +316,7 @@ impl Database {
         config: &DatabaseConfig,
         progress: &dyn Progress,
     ) -> Result<Vec<BlockDatabase>> {
+        crate::obs::serial_solvers();
         let multiple = config
             .ffn_width_multiple
             .max(structure.constraints.ffn_width_multiple)

@@ -9,6 +9,9 @@ pub trait Progress: Sync {
     fn advance(&self, n: u64);
     /// The current stage is done.
     fn finish(&self);
+    /// A short status of the current stage (a training loss, a perplexity), shown
+    /// beside its bar.
+    fn status(&self, _text: &str) {}
 }
 
 /// Shows nothing.
@@ -37,11 +40,11 @@ impl Progress for Bars {
         };
         bar.set_style(
             indicatif::ProgressStyle::with_template(
-                "{msg:>12} [{elapsed_precise}] {wide_bar} {pos}/{len} (eta {eta})",
+                "{prefix:>12} [{elapsed_precise}] {wide_bar} {pos}/{len} (eta {eta}) {msg}",
             )
             .unwrap_or_else(|_| indicatif::ProgressStyle::default_bar()),
         );
-        bar.set_message(stage.to_string());
+        bar.set_prefix(stage.to_string());
         if let Some(old) = self
             .bar
             .lock()
@@ -54,6 +57,11 @@ impl Progress for Bars {
     fn advance(&self, n: u64) {
         if let Some(b) = self.bar.lock().unwrap_or_else(|e| e.into_inner()).as_ref() {
             b.inc(n);
+        }
+    }
+    fn status(&self, text: &str) {
+        if let Some(b) = self.bar.lock().unwrap_or_else(|e| e.into_inner()).as_ref() {
+            b.set_message(text.to_string());
         }
     }
     fn finish(&self) {

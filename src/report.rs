@@ -26,6 +26,9 @@ pub struct StageTimes {
     pub emit_s: f64,
     /// End-to-end timing of dense and pruned models.
     pub verify_s: f64,
+    /// Recovery by distillation (gradual mode; 0 when one-shot).
+    #[serde(default)]
+    pub recover_s: f64,
 }
 
 impl StageTimes {
@@ -124,6 +127,9 @@ pub struct BudgetReport {
     /// refinement ran.
     #[serde(default)]
     pub refined_loss: Option<(f64, f64)>,
+    /// The recovery stage's run (gradual mode), when the job recovers.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub recovery: Option<crate::job::RecoverySummary>,
 }
 
 /// A whole run.
@@ -245,6 +251,7 @@ pub fn budget_report(
         chosen_attempt: outcome.chosen,
         quality: vec![],
         refined_loss: outcome.refined_loss,
+        recovery: outcome.recovery.clone(),
     })
 }
 
@@ -287,8 +294,9 @@ impl PruneReport {
         let st = &self.stages;
         let _ = writeln!(
             s,
-            "stages: load {:.2}s, calibrate {:.2}s, database {:.2}s, profile {:.2}s, search {:.2}s, emit {:.2}s, verify {:.2}s",
-            st.load_s, st.calibrate_s, st.database_s, st.profile_s, st.search_s, st.emit_s, st.verify_s
+            "stages: load {:.2}s, calibrate {:.2}s, database {:.2}s, profile {:.2}s, search {:.2}s, emit {:.2}s, verify {:.2}s{}",
+            st.load_s, st.calibrate_s, st.database_s, st.profile_s, st.search_s, st.emit_s, st.verify_s,
+            if st.recover_s > 0.0 { format!(", recover {:.2}s", st.recover_s) } else { String::new() }
         );
         for n in &self.notes {
             let _ = writeln!(s, "note: {n}");

@@ -41,6 +41,9 @@ impl Backend for MistralBackend {
     fn options(&self) -> &'static [OptionSpec] {
         crate::backend::LLM_OPTIONS
     }
+    fn calibration_seq_len(&self) -> usize {
+        crate::backend::LLM_CALIBRATION_SEQ_LEN
+    }
     fn output_format(&self, format: &str) -> Option<Vec<(&'static str, &'static str)>> {
         crate::backend::llm_output_format(format)
     }

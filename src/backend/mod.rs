@@ -41,6 +41,11 @@ pub(crate) fn llm_profile_settings() -> ProfileSettings {
     ProfileSettings::new(2, 15).in_passes(crate::profile::LLM_PROFILE_PASSES)
 }
 
+/// Tokens per calibration window of the mistral.rs backend, built in or not: with the
+/// default 256 samples, 131,072 tokens (ZIPLM.md section 2 wants many more tokens than
+/// the widest out-projection has inputs; ZipLM's follow-up calibrates on 2^23).
+pub(crate) const LLM_CALIBRATION_SEQ_LEN: usize = 512;
+
 /// What the mistral.rs backend reads, built in or not (for messages).
 pub(crate) const LLM_MODELS: &str = "GGUF files and Hugging Face model folders";
 
@@ -103,6 +108,15 @@ pub trait Backend: Sync {
     /// The CPU threads a job targets when it names none.
     fn default_threads(&self) -> usize {
         1
+    }
+    /// Whether it runs the recovery stage (`--recover`, `[model.recovery]`); jobs
+    /// that ask another backend for it are refused.
+    fn recovers(&self) -> bool {
+        false
+    }
+    /// Tokens per calibration sample when a job names none (`--calibration-seq-len`).
+    fn calibration_seq_len(&self) -> usize {
+        crate::job::request::DEFAULT_SEQ_LEN
     }
     /// Runs a resolved job end to end through [`crate::pipeline::run`].
     fn run(&self, job: &PruneJob, progress: &dyn Progress) -> Result<PruneReport>;

@@ -129,7 +129,7 @@ pub struct PruneArgs {
     /// Calibration samples.
     #[arg(long, default_value_t = 256)]
     pub samples: usize,
-    /// Tokens per calibration sample (with --calibration) [default: 128].
+    /// Tokens per calibration sample (with --calibration) [default: 128; LLMs: 512].
     #[arg(long)]
     pub calibration_seq_len: Option<usize>,
     /// The model's tokenizer.json (default: next to the model).
@@ -162,6 +162,14 @@ pub struct PruneArgs {
     /// backend).
     #[arg(long)]
     pub sequential: bool,
+    /// After verification, distil each pruned model towards the dense one on this many
+    /// calibration tokens (the gradual mode, ZIPLM.md section 9; mistralrs backend).
+    /// The last 8 calibration windows are held out for early stopping.
+    #[arg(long, value_name = "TOKENS")]
+    pub recover: Option<u64>,
+    /// Peak learning rate of --recover (AdamW, cosine to a tenth of it).
+    #[arg(long, value_name = "LR", requires = "recover")]
+    pub recover_lr: Option<f64>,
     /// Also write each pruned model as a tract NNEF archive (NAME.nnef.tar).
     #[arg(long)]
     pub nnef: bool,

@@ -125,6 +125,14 @@ pub(super) fn prune_requests(a: &PruneArgs, given: &[String]) -> anyhow::Result<
     if a.sequential {
         r.options.push(option("sequential", "true", "--sequential"));
     }
+    if let Some(tokens) = a.recover {
+        let mut s = crate::job::RecoverySettings::with_tokens(tokens);
+        if let Some(lr) = a.recover_lr {
+            s.learning_rate = lr;
+            s.min_learning_rate = lr / 10.0;
+        }
+        r.recovery = Some(s);
+    }
     if let Some(d) = a.gguf_dtype {
         r.options
             .push(option("gguf_dtype", gguf_dtype(d), "--gguf-dtype"));

@@ -3,9 +3,11 @@
 //! pipeline runs.
 
 pub mod options;
+pub mod recovery;
 pub mod request;
 
 pub use options::{BackendOptions, OptionSpec};
+pub use recovery::{RecoverySettings, RecoverySummary};
 
 use crate::data::CalibrationData;
 use crate::database::DatabaseConfig;
@@ -130,6 +132,10 @@ pub struct PruneJob {
     /// [`crate::backend::Backend::options`]).
     #[serde(default)]
     pub options: BackendOptions,
+    /// Distil each pruned model towards the dense one after verification (the gradual
+    /// mode); `None` = one-shot.
+    #[serde(default)]
+    pub recovery: Option<RecoverySettings>,
 }
 
 /// Checks a list of budgets: at least one, each valid, none twice.
@@ -180,6 +186,7 @@ impl PruneJob {
             verify: true,
             verify_settings: ProfileSettings::new(3, 15),
             options: BackendOptions::default(),
+            recovery: None,
         }
     }
 

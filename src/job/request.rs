@@ -6,7 +6,7 @@
 //! nothing. [`JobRequest::resolve`] makes every check, once, and names the flag or the
 //! config key the user wrote ([`Origin`] spells each [`Field`]).
 
-use super::{BackendKind, BackendOptions, Device, PruneJob};
+use super::{BackendKind, BackendOptions, Device, PruneJob, RecoverySettings};
 use crate::data::{CalibrationData, DataFormat};
 use crate::error::{Error, Result};
 use crate::search::spdy::RefineConfig;
@@ -69,6 +69,8 @@ pub enum Field {
     MaxFfnRemoved,
     /// The output format.
     OutputFormat,
+    /// The recovery stage's settings.
+    Recovery,
 }
 
 impl Field {
@@ -94,6 +96,7 @@ impl Field {
             Field::FfnMultiple => ("--ffn-multiple", "pruning.ffn_multiple"),
             Field::MaxFfnRemoved => ("--max-ffn-removed", "pruning.max_ffn_removed"),
             Field::OutputFormat => ("the output format", "output.format"),
+            Field::Recovery => ("--recover", "recovery"),
         }
     }
 }
@@ -191,6 +194,8 @@ pub struct JobRequest {
     pub output_format: Option<String>,
     /// Backend options.
     pub options: Vec<RawOption>,
+    /// Distil each pruned model towards the dense one (the gradual mode).
+    pub recovery: Option<RecoverySettings>,
 }
 
 impl JobRequest {
@@ -225,6 +230,7 @@ impl JobRequest {
             refine: None,
             output_format: None,
             options: vec![],
+            recovery: None,
         }
     }
 }
@@ -247,7 +253,8 @@ pub struct Resolved {
     pub warnings: Vec<String>,
 }
 
-/// Tokens per sequence, and per calibration sample, when none is given.
+/// Tokens per sequence, and per calibration sample when the backend has no default of
+/// its own ([`crate::backend::Backend::calibration_seq_len`]), when none is given.
 pub const DEFAULT_SEQ_LEN: usize = 128;
 /// Calibration samples when none is given.
 pub const DEFAULT_SAMPLES: usize = 256;
@@ -396,7 +403,9 @@ impl JobRequest {
                     path: path.clone(),
                     format: self.calibration_format,
                     samples,
-                    seq_len: self.calibration_seq_len.unwrap_or(DEFAULT_SEQ_LEN),
+                    seq_len: self.calibration_seq_len.unwrap_or_else(|| {
+                        backend.map_or(DEFAULT_SEQ_LEN, |b| b.calibration_seq_len())
+                    }),
                 });
             }
         }
@@ -449,6 +458,28 @@ impl JobRequest {
 
         // backend options
         job.options = self.options_for(backend, model)?;
+
+        // recovery
+        if let Some(r) = &self.recovery {
+            r.check()
+                .map_err(|e| o.error(format!("{} ({})", e, o.spell(Field::Recovery))))?;
+            if let Some(b) = backend.filter(|b| !b.recovers()) {
+                return Err(o.error(format!(
+                    "{}: the {} backend has no recovery stage (distillation runs in the mistralrs backend, for {}); leave it out",
+                    o.spell(Field::Recovery),
+                    b.name(),
+                    crate::backend::LLM_MODELS
+                )));
+            }
+            if job.calibration.is_none() {
+                return Err(o.error(format!(
+                    "{} trains on the calibration text: give {} FILE",
+                    o.spell(Field::Recovery),
+                    o.spell(Field::Calibration)
+                )));
+            }
+            job.recovery = Some(r.clone());
+        }
 
         // budgets (last: every other mistake is named first)
         if needs_budget {
@@ -575,6 +606,37 @@ mod tests {
             cfg.contains("ziplm.toml") && cfg.contains("pruning.ffn_multiple must be at least 1"),
             "{cfg}"
         );
+    }
+
+    #[test]
+    fn recovery_is_refused_where_it_cannot_run() {
+        let dir = tempfile::tempdir().unwrap();
+        let onnx = dir.path().join("m.onnx");
+        let gguf = dir.path().join("m.gguf");
+        let text = dir.path().join("t.txt");
+        for f in [&onnx, &gguf, &text] {
+            std::fs::write(f, b"").unwrap();
+        }
+        let mut r = request(&onnx);
+        r.calibration = Some(text.clone());
+        r.recovery = Some(RecoverySettings::with_tokens(1024));
+        let e = r.resolve().unwrap_err().to_string();
+        assert!(e.contains("--recover: the tract backend has no recovery stage"), "{e}");
+        let mut r = request(&gguf);
+        r.recovery = Some(RecoverySettings::with_tokens(1024));
+        let e = r.resolve().unwrap_err().to_string();
+        assert!(e.contains("--recover trains on the calibration text: give --calibration"), "{e}");
+        r.calibration = Some(text);
+        let mut bad = RecoverySettings::with_tokens(1024);
+        bad.warmup = 2.0;
+        r.recovery = Some(bad);
+        let e = r.resolve().unwrap_err().to_string();
+        assert!(e.contains("recovery.warmup"), "{e}");
+        r.recovery = Some(RecoverySettings::with_tokens(1024));
+        let job = r.resolve().unwrap().job;
+        assert_eq!(job.recovery.map(|s| s.tokens), Some(1024));
+        // LLMs calibrate on 512-token windows unless told otherwise.
+        assert_eq!(job.calibration.map(|c| c.seq_len), Some(512));
     }
 
     #[test]

@@ -28,6 +28,15 @@ use crate::error::Result;
 use serde::{Deserialize, Serialize};
 use ziplm_plugin_api::{GroupLayout, GroupSchedule};
 
+/// Runs faer's own solvers (Cholesky, inverses) on the calling thread: the database
+/// parallelises across blocks, and only the Gram products ([`GramAccumulator`]) ask
+/// for the rayon pool explicitly. Called by every entry point that factors matrices;
+/// idempotent.
+pub fn serial_solvers() {
+    static ONCE: std::sync::Once = std::sync::Once::new();
+    ONCE.call_once(|| faer::set_global_parallelism(faer::Par::Seq));
+}
+
 /// One greedy step: the group removed and its OBS score (the increase of
 /// `tr(dW H dW^T)` under the dampened `H`).
 #[derive(Clone, Copy, Debug, PartialEq)]

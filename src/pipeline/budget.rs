@@ -87,6 +87,9 @@ pub struct BudgetOutcome {
     /// every weight stage ([`EmitAndMeasure::transform`]). Not serialised.
     #[serde(skip)]
     pub weights: PrunedWeights,
+    /// The recovery stage's run, when the job recovers.
+    #[serde(default)]
+    pub recovery: Option<crate::job::RecoverySummary>,
 }
 
 impl BudgetOutcome {
@@ -284,6 +287,7 @@ pub fn prune_to_budget(
         chosen,
         refined_loss: loss,
         weights,
+        recovery: None,
     })
 }
 

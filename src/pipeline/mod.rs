@@ -13,6 +13,7 @@
 //!   transform  EmitAndMeasure::transform (weight stages)  -> PrunedWeights
 //!   emit       Session::emit          -> EmitSummary (the model file)
 //!   verify     Session::measure       -> measured Timing pair, next round or done
+//!   recover    Session::recover       -> Recovered (distilled weights, emitted again)
 //!   artifacts  Session::write_artifacts, Session::check_served
 //! report     PruneReport              -> report.{json,txt,svg}
 //! ```
@@ -141,6 +142,22 @@ pub trait Session {
         emitted: &EmitSummary,
     ) -> Result<(Timing, Timing)>;
 
+    /// The recovery stage (the gradual mode, `job.recovery`), after a budget's plan is
+    /// verified: the weights of `plan` distilled towards the dense model. Shapes do not
+    /// change, so the verified latency holds. `None` when this backend does not
+    /// recover (jobs that ask for it are refused when resolved).
+    fn recover(
+        &mut self,
+        _model: &Self::Model,
+        _job: &PruneJob,
+        _plan: &Plan,
+        _weights: &PrunedWeights,
+        _stem: &str,
+        _progress: &dyn Progress,
+    ) -> Result<Option<Recovered>> {
+        Ok(None)
+    }
+
     /// Writes the backend's other files of a finished budget into `dir` (the staging
     /// folder of the output set, beside the model), named after `stem`.
     fn write_artifacts(
@@ -160,6 +177,14 @@ pub trait Session {
     /// Releases what verification held (loaded runtimes) before the scratch folder
     /// goes.
     fn finish(&mut self) {}
+}
+
+/// What the recovery stage returns: the distilled weights and what it did.
+pub struct Recovered {
+    /// Every trained tensor, as the plan's replaced weights.
+    pub weights: PrunedWeights,
+    /// The run, for the budget's report.
+    pub summary: crate::job::RecoverySummary,
 }
 
 /// Everything a run produced.
@@ -291,6 +316,18 @@ pub fn run<S: Session>(
         )?;
         emit_s += runtime.emit_s;
         verify_s += runtime.verify_s;
+        // recover: distil the verified shapes' weights, and write them in their place
+        if job.recovery.is_some() {
+            let t = Instant::now();
+            if let Some(r) = session.recover(&model, job, &outcome.plan, &outcome.weights, &stem, progress)? {
+                outcome.weights = r.weights;
+                let dest = set.stage().join(&output_name);
+                outcome.emitted = session.emit(&model, &outcome.plan, &outcome.weights, &dest)?;
+                notes.push(format!("{stem}: {}", r.summary.line()));
+                outcome.recovery = Some(r.summary);
+            }
+            stages.recover_s += t.elapsed().as_secs_f64();
+        }
         let t = Instant::now();
         crate::fsutil::write_json_atomic(
             &set.stage().join(format!("{stem}.plan.json")),
@@ -313,7 +350,8 @@ pub fn run<S: Session>(
     drop(scratch);
     stages.emit_s = emit_s;
     stages.verify_s = verify_s;
-    stages.search_s = (t_search.elapsed().as_secs_f64() - emit_s - verify_s).max(0.0);
+    stages.search_s =
+        (t_search.elapsed().as_secs_f64() - emit_s - verify_s - stages.recover_s).max(0.0);
 
     // report
     let report = PruneReport::new(

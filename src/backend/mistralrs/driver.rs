@@ -377,6 +377,36 @@ impl Session for MistralSession {
             &crate::progress::Quiet,
         )
     }
+    fn recover(
+        &mut self,
+        model: &LlamaModel,
+        job: &PruneJob,
+        plan: &Plan,
+        weights: &PrunedWeights,
+        stem: &str,
+        progress: &dyn Progress,
+    ) -> Result<Option<crate::pipeline::Recovered>> {
+        let Some(settings) = &job.recovery else {
+            return Ok(None);
+        };
+        let pruned = super::model::prune(&model.weights, model.structure(), plan, weights)?;
+        let kept = super::recovery::kept_layers(model.structure(), plan);
+        // Beside the output set (not inside its stage, which a failed run removes), so
+        // an interrupted run resumes; removed when recovery ends.
+        let checkpoint = job.out_dir.join(format!(".ziplm-recovery-{stem}.safetensors"));
+        let (student, summary) = super::recovery::recover(
+            &model.weights,
+            &pruned,
+            &kept,
+            model.calibration_samples(),
+            settings,
+            job.seed,
+            Some(&checkpoint),
+            progress,
+        )?;
+        let weights = super::recovery::as_pruned_weights(&student, model.structure(), plan)?;
+        Ok(Some(crate::pipeline::Recovered { weights, summary }))
+    }
     fn prepare_loss(&mut self, model: &LlamaModel, _job: &PruneJob) -> Result<()> {
         self.loss = Some(HiddenLoss::new(model, LOSS_SAMPLES, LOSS_TOKENS)?);
         Ok(())
@@ -527,6 +557,12 @@ impl Backend for MistralBackend {
     }
     fn options(&self) -> &'static [OptionSpec] {
         crate::backend::LLM_OPTIONS
+    }
+    fn calibration_seq_len(&self) -> usize {
+        crate::backend::LLM_CALIBRATION_SEQ_LEN
+    }
+    fn recovers(&self) -> bool {
+        true
     }
     fn output_format(&self, format: &str) -> Option<Vec<(&'static str, &'static str)>> {
         crate::backend::llm_output_format(format)

@@ -110,6 +110,41 @@ pub enum Site {
     AttnOut,
     /// The input of the FFN down projection `[tokens, width]`.
     FfnDown,
+    /// The residual stream after the layer `[tokens, hidden]` (a block boundary).
+    LayerOut,
+}
+
+/// Which kernels a forward uses. candle's fused CPU kernels (`rms_norm`,
+/// `softmax_last_dim`, `rope_i`) have no backward pass: a gradient through them is
+/// silently cut (ZIPLM.md section 9). Training uses the composed versions, whose every
+/// op has one (`differentiable_forward_matches_finite_differences`).
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum Kernels {
+    /// The fast fused kernels (calibration, evaluation).
+    Fused,
+    /// Kernels composed of differentiable ops (recovery).
+    Differentiable,
+}
+
+impl Kernels {
+    fn rms_norm(self, x: &Tensor, alpha: &Tensor, eps: f32) -> candle_core::Result<Tensor> {
+        match self {
+            Kernels::Fused => candle_nn::ops::rms_norm(x, alpha, eps),
+            Kernels::Differentiable => candle_nn::ops::rms_norm_slow(x, alpha, eps),
+        }
+    }
+    fn softmax(self, x: &Tensor) -> candle_core::Result<Tensor> {
+        match self {
+            Kernels::Fused => candle_nn::ops::softmax_last_dim(x),
+            Kernels::Differentiable => candle_nn::ops::softmax(x, D::Minus1),
+        }
+    }
+    fn rope_i(self, x: &Tensor, cos: &Tensor, sin: &Tensor) -> candle_core::Result<Tensor> {
+        match self {
+            Kernels::Fused => candle_nn::rotary_emb::rope_i(x, cos, sin),
+            Kernels::Differentiable => candle_nn::rotary_emb::rope_i_slow(x, cos, sin),
+        }
+    }
 }
 
 /// Called with (layer, site, activation rows); an error stops the forward.
@@ -132,6 +167,18 @@ fn rope_tables(
         .reshape((len, 1))?;
     let freqs = t.matmul(&inv)?;
     Ok((freqs.cos()?, freqs.sin()?))
+}
+
+/// The RoPE tables and the causal mask in `dtype` (f64 for gradient checks).
+fn tables_in(
+    cfg: &LlamaConfig,
+    len: usize,
+    device: &Device,
+    dtype: DType,
+) -> candle_core::Result<(Tensor, Tensor, Tensor)> {
+    let (cos, sin) = rope_tables(cfg, len, device)?;
+    let mask = causal_mask(len, device)?;
+    Ok((cos.to_dtype(dtype)?, sin.to_dtype(dtype)?, mask.to_dtype(dtype)?))
 }
 
 /// The RoPE tables and the causal mask of a `len`-token sequence: `(cos, sin, mask)`.
@@ -167,6 +214,17 @@ pub fn attention_core(
     sin: &Tensor,
     mask: &Tensor,
 ) -> candle_core::Result<Tensor> {
+    attention_with(cfg, layer, h, (cos, sin, mask), Kernels::Fused)
+}
+
+/// [`attention_core`] with the given kernels; `tables` = `(cos, sin, mask)`.
+fn attention_with(
+    cfg: &LlamaConfig,
+    layer: &LayerWeights,
+    h: &Tensor,
+    (cos, sin, mask): (&Tensor, &Tensor, &Tensor),
+    kernels: Kernels,
+) -> candle_core::Result<Tensor> {
     let t = h.dims()[0];
     let hd = cfg.head_dim;
     let nh = layer.n_heads(hd);
@@ -183,8 +241,8 @@ pub fn attention_core(
     let q = project(&layer.wq, bias.map(|b| &b.q), nh)?;
     let k = project(&layer.wk, bias.map(|b| &b.k), nkv)?;
     let v = project(&layer.wv, bias.map(|b| &b.v), nkv)?;
-    let q = candle_nn::rotary_emb::rope_i(&q, cos, sin)?;
-    let k = candle_nn::rotary_emb::rope_i(&k, cos, sin)?;
+    let q = kernels.rope_i(&q, cos, sin)?;
+    let k = kernels.rope_i(&k, cos, sin)?;
     // Repeat each KV head for the query heads of its group.
     let group = nh / nkv.max(1);
     let (k, v) = if group > 1 {
@@ -199,7 +257,7 @@ pub fn attention_core(
     };
     let scale = 1.0 / (hd as f64).sqrt();
     let scores = (q.matmul(&k.t()?)? * scale)?.broadcast_add(mask)?;
-    let probs = candle_nn::ops::softmax_last_dim(&scores)?;
+    let probs = kernels.softmax(&scores)?;
     probs
         .matmul(&v)?
         .transpose(1, 2)?
@@ -228,29 +286,76 @@ impl LlamaWeights {
         logits: bool,
         hook: &mut Hook<'_>,
     ) -> candle_core::Result<Tensor> {
+        self.forward_with(ids, logits, Kernels::Fused, hook)
+    }
+
+    /// [`LlamaWeights::forward`] with the given kernels (in the weights' dtype).
+    pub fn forward_with(
+        &self,
+        ids: &[u32],
+        logits: bool,
+        kernels: Kernels,
+        hook: &mut Hook<'_>,
+    ) -> candle_core::Result<Tensor> {
         let cfg = &self.config;
         let t = ids.len();
         let device = self.embed.device();
         let ids_t = Tensor::new(ids, device)?;
         let mut x = self.embed.index_select(&ids_t, 0)?;
-        let (cos, sin) = rope_tables(cfg, t, device)?;
-        let mask = causal_mask(t, device)?;
+        let (cos, sin, mask) = tables_in(cfg, t, device, self.embed.dtype())?;
         let eps = cfg.rms_eps;
         for (i, layer) in self.layers.iter().enumerate() {
-            let h = candle_nn::ops::rms_norm(&x, &layer.attn_norm, eps)?;
-            let a = attention_core(cfg, layer, &h, &cos, &sin, &mask)?;
+            let h = kernels.rms_norm(&x, &layer.attn_norm, eps)?;
+            let a = attention_with(cfg, layer, &h, (&cos, &sin, &mask), kernels)?;
             hook(i, Site::AttnOut, &a)?;
             x = (&x + linear(&a, &layer.wo)?)?;
-            let h = candle_nn::ops::rms_norm(&x, &layer.ffn_norm, eps)?;
+            let h = kernels.rms_norm(&x, &layer.ffn_norm, eps)?;
             let f = ffn_core(layer, &h)?;
             hook(i, Site::FfnDown, &f)?;
             x = (&x + linear(&f, &layer.down)?)?;
+            hook(i, Site::LayerOut, &x)?;
         }
-        let x = candle_nn::ops::rms_norm(&x, &self.norm, eps)?;
+        let x = kernels.rms_norm(&x, &self.norm, eps)?;
         if !logits {
             return Ok(x);
         }
         linear(&x, self.output.as_ref().unwrap_or(&self.embed))
+    }
+
+    /// Multiply-add FLOPs (2 per multiply-add) of [`LlamaWeights::forward`] without the
+    /// output head on one sequence of `t` tokens: every projection at this model's
+    /// (possibly pruned) widths, and the causal attention products (`t (t + 1) / 2`
+    /// query-key pairs per head, scores and values). Norms, RoPE and softmax are not
+    /// counted: they are not matrix products.
+    pub fn forward_flops(&self, t: usize) -> u64 {
+        let (t, d) = (t as u64, self.config.hidden as u64);
+        let hd = self.config.head_dim as u64;
+        self.layers
+            .iter()
+            .map(|l| {
+                let q = l.wq.dims()[0] as u64;
+                let kv = l.wk.dims()[0] as u64;
+                let width = l.ffn_width() as u64;
+                let projections = d * (q + 2 * kv) + q * d + 3 * d * width;
+                let pairs = t * (t + 1) / 2;
+                let attention = 2 * (q / hd.max(1)) * pairs * hd;
+                2 * (t * projections + attention)
+            })
+            .sum()
+    }
+
+    /// FLOPs of the Gram updates calibration makes for `t` tokens when it captures
+    /// every out-projection input: the lower triangle of `X X^T` for each o_proj and
+    /// down_proj input (`t * w (w + 1) / 2` multiply-adds for a width `w`).
+    pub fn gram_flops(&self, t: usize) -> u64 {
+        let t = t as u64;
+        self.layers
+            .iter()
+            .map(|l| {
+                let (a, f) = (l.wo.dims()[1] as u64, l.down.dims()[1] as u64);
+                t * (a * (a + 1) + f * (f + 1))
+            })
+            .sum()
     }
 
     /// Log-probabilities of each next token for one window of ids: `[len - 1, vocab]`
@@ -318,6 +423,17 @@ mod tests {
             qkv_bias: None,
         };
         let t = 5;
+        let model = LlamaWeights {
+            config: cfg.clone(),
+            embed: rand(&[10, 16], 9),
+            norm: Tensor::ones(16, DType::F32, &Device::Cpu).unwrap(),
+            output: None,
+            layers: vec![layer.clone()],
+        };
+        // q/k/v/o 16x(16+8+8) + 16x16, gate/up/down 3x16x8, per token; 4 heads of 4
+        // over 15 causal pairs, scores and values.
+        assert_eq!(model.forward_flops(t), 2 * (5 * (512 + 256 + 384) + 2 * 4 * 15 * 4));
+        assert_eq!(model.gram_flops(t), 5 * (16 * 17 + 8 * 9));
         let h = rand(&[t, 16], 8);
         let (cos, sin) = rope_tables(&cfg, t, &Device::Cpu).unwrap();
         let mask = causal_mask(t, &Device::Cpu).unwrap();

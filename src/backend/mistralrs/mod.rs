@@ -16,6 +16,8 @@
 //! - [`runtime`]: mistralrs-core: load, logits, prefill timing, chat.
 //! - [`driver`]: a whole prune job.
 //! - [`eval`]: perplexity of a model on a text.
+//! - [`sequential`]: sequential correction of a chosen plan (ZIPLM.md section 8).
+//! - [`recovery`]: distillation of a pruned model towards the dense one (section 9).
 
 pub mod driver;
 pub mod emit;
@@ -27,6 +29,7 @@ pub mod loss;
 pub mod model;
 pub mod options;
 pub mod profile;
+pub mod recovery;
 pub mod runtime;
 pub mod sequential;
 pub mod tokenizer;

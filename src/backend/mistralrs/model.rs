@@ -607,6 +607,9 @@ impl ziplm_plugin_api::ModelAdapter for LlamaModel {
             ));
         }
         let wanted = |layer: usize, site: Site| -> Option<BlockId> {
+            if site == Site::LayerOut {
+                return None;
+            }
             capture.iter().copied().find(|b| {
                 let blk = &self.structure.blocks[b.index()];
                 blk.layer.0 as usize == layer && blk.kind.is_attention() == (site == Site::AttnOut)

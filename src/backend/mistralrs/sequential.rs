@@ -39,6 +39,7 @@ pub fn correct(
     dampening: f64,
     progress: &dyn Progress,
 ) -> Result<PrunedWeights> {
+    crate::obs::serial_solvers();
     let context = "sequential correction";
     let err = candle(context);
     if samples.is_empty() {

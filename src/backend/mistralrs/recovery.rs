@@ -1,0 +1,818 @@
+//! Recovery by distillation (ZIPLM.md section 9, the gradual mode) in candle.
+//!
+//! The pruned model (the student) keeps its shapes; every kept projection (Q, K, V, O,
+//! gate, up, down) trains, norms and embeddings stay. The loss of one window is the
+//! token-mean KL(teacher || student) of the next-token distributions plus
+//! `hidden_weight` times the mean over the student's layers of
+//! `||h_s - h_t||^2 / ||h_t||^2` at each layer's output (token by token, against the
+//! dense layer it came from). AdamW (own, so its moments checkpoint), linear warm-up and
+//! cosine decay, global-norm clipping. Calibration windows are split: the last
+//! `held_out` are never trained on; their perplexity is measured every `eval_every`
+//! steps, the best weights are kept and training stops after `patience` evaluations
+//! without improvement. Data order comes from the job's seed, so a run is
+//! deterministic on one machine and thread count. A checkpoint (weights, moments,
+//! best weights, position) is written at every evaluation and resumed when the same
+//! job runs again.
+//!
+//! The student's forward uses [`Kernels::Differentiable`]: candle's fused CPU kernels
+//! have no backward pass, and a projection that gets no gradient is an error here
+//! rather than silently left untrained.
+
+use super::llama::{Kernels, LlamaWeights, Site};
+use crate::error::{Error, Result};
+use crate::job::recovery::{RecoverySettings, RecoverySummary};
+use crate::progress::Progress;
+use candle_core::{DType, Tensor, Var, D};
+use rand::seq::SliceRandom;
+use rand::SeedableRng;
+use sha2::{Digest, Sha256};
+use std::collections::HashMap;
+use std::path::Path;
+use std::time::Instant;
+use ziplm_plugin_api::{
+    ModelStructure, Plan, PrunedWeights, WeightMatrix, ROLE_GATE, ROLE_K, ROLE_Q, ROLE_UP, ROLE_V,
+};
+
+const CONTEXT: &str = "recovery";
+
+fn ce(e: candle_core::Error) -> Error {
+    Error::numerical(CONTEXT, e.to_string())
+}
+
+/// Names of the trained tensors of one layer, in [`Student`] order.
+pub const TRAINED: [&str; 7] = ["wq", "wk", "wv", "wo", "gate", "up", "down"];
+
+/// A pruned model whose projections are candle `Var`s.
+pub struct Student {
+    /// The model; its projection tensors share storage with `vars`.
+    pub weights: LlamaWeights,
+    vars: Vec<Var>,
+}
+
+impl Student {
+    /// A trainable copy of `pruned`.
+    pub fn new(pruned: &LlamaWeights) -> candle_core::Result<Student> {
+        let mut weights = pruned.clone();
+        let mut vars = vec![];
+        for l in &mut weights.layers {
+            for t in [
+                &mut l.wq,
+                &mut l.wk,
+                &mut l.wv,
+                &mut l.wo,
+                &mut l.gate,
+                &mut l.up,
+                &mut l.down,
+            ] {
+                let v = Var::from_tensor(t)?;
+                *t = v.as_tensor().clone();
+                vars.push(v);
+            }
+        }
+        Ok(Student { weights, vars })
+    }
+
+    /// Trained values.
+    pub fn parameters(&self) -> usize {
+        self.vars.iter().map(|v| v.elem_count()).sum()
+    }
+
+    /// The trained tensors' name (`layer.{j}.{wq|...}`) of index `i`.
+    fn name(i: usize) -> String {
+        format!("layer.{}.{}", i / TRAINED.len(), TRAINED[i % TRAINED.len()])
+    }
+
+    /// Copies of the current values (not tracked).
+    fn snapshot(&self) -> candle_core::Result<Vec<Tensor>> {
+        self.vars.iter().map(|v| v.as_tensor().detach().copy()).collect()
+    }
+
+    fn restore(&self, values: &[Tensor]) -> candle_core::Result<()> {
+        for (v, t) in self.vars.iter().zip(values) {
+            v.set(t)?;
+        }
+        Ok(())
+    }
+
+    /// The model with plain (untracked) tensors.
+    pub fn into_weights(self) -> candle_core::Result<LlamaWeights> {
+        let mut w = self.weights;
+        for l in &mut w.layers {
+            for t in [
+                &mut l.wq,
+                &mut l.wk,
+                &mut l.wv,
+                &mut l.wo,
+                &mut l.gate,
+                &mut l.up,
+                &mut l.down,
+            ] {
+                *t = t.detach().copy()?;
+            }
+        }
+        Ok(w)
+    }
+}
+
+/// What the teacher says about one window: next-token distributions and the hidden
+/// states at the outputs of the layers the student kept.
+struct TeacherWindow {
+    probs: Tensor,
+    log_probs: Tensor,
+    hidden: Vec<Tensor>,
+}
+
+fn teacher_window(teacher: &LlamaWeights, ids: &[u32], kept: &[usize]) -> candle_core::Result<TeacherWindow> {
+    let mut hidden = vec![];
+    // candle's fused kernels are f32 only (the f64 gradient checks compose them).
+    let kernels = if teacher.embed.dtype() == DType::F32 {
+        Kernels::Fused
+    } else {
+        Kernels::Differentiable
+    };
+    let logits = teacher.forward_with(ids, true, kernels, &mut |layer, site, x| {
+        if site == Site::LayerOut && kept.contains(&layer) {
+            hidden.push(x.detach());
+        }
+        Ok(())
+    })?;
+    let log_probs = candle_nn::ops::log_softmax(&logits.detach(), D::Minus1)?;
+    Ok(TeacherWindow {
+        probs: log_probs.exp()?,
+        log_probs,
+        hidden,
+    })
+}
+
+/// The distillation loss of one window and its two terms `(loss, kl, hidden)`.
+fn window_loss(
+    student: &LlamaWeights,
+    teacher: &TeacherWindow,
+    ids: &[u32],
+    hidden_weight: f64,
+) -> candle_core::Result<(Tensor, f64, f64)> {
+    let mut hs = vec![];
+    let logits = student.forward_with(ids, true, Kernels::Differentiable, &mut |_, site, x| {
+        if site == Site::LayerOut {
+            hs.push(x.clone());
+        }
+        Ok(())
+    })?;
+    let t = ids.len() as f64;
+    let log_s = candle_nn::ops::log_softmax(&logits, D::Minus1)?;
+    let kl = ((&teacher.probs * (&teacher.log_probs - log_s)?)?.sum_all()? / t)?;
+    let mut hidden = Tensor::zeros((), kl.dtype(), kl.device())?;
+    for (s, d) in hs.iter().zip(&teacher.hidden) {
+        let err = (s - d)?.sqr()?.sum_keepdim(1)?;
+        let norm = d.sqr()?.sum_keepdim(1)?;
+        hidden = (hidden + err.broadcast_div(&norm)?.mean_all()?)?;
+    }
+    let hidden = (hidden / hs.len().max(1) as f64)?;
+    let loss = (&kl + (&hidden * hidden_weight)?)?;
+    Ok((
+        loss,
+        kl.to_dtype(DType::F64)?.to_scalar::<f64>()?,
+        hidden.to_dtype(DType::F64)?.to_scalar::<f64>()?,
+    ))
+}
+
+/// The distillation loss of `student` on `windows` (no training): `(loss, kl, hidden)`
+/// averaged over windows. `kept[j]` is the dense layer of student layer `j`.
+pub fn distillation_loss(
+    teacher: &LlamaWeights,
+    student: &LlamaWeights,
+    kept: &[usize],
+    windows: &[Vec<u32>],
+    hidden_weight: f64,
+) -> Result<(f64, f64, f64)> {
+    let mut sums = (0.0, 0.0, 0.0);
+    for ids in windows {
+        let tw = teacher_window(teacher, ids, kept).map_err(ce)?;
+        let (l, kl, h) = window_loss(student, &tw, ids, hidden_weight).map_err(ce)?;
+        sums.0 += l.to_dtype(DType::F64).and_then(|l| l.to_scalar::<f64>()).map_err(ce)?;
+        sums.1 += kl;
+        sums.2 += h;
+    }
+    let n = windows.len().max(1) as f64;
+    Ok((sums.0 / n, sums.1 / n, sums.2 / n))
+}
+
+/// Gradients of the loss of `windows` (mean over windows) with respect to every
+/// trained tensor, in [`Student`] order. A tensor the gradient does not reach is an
+/// error: an op without a backward pass cut it.
+pub fn gradients(
+    teacher: &LlamaWeights,
+    student: &Student,
+    kept: &[usize],
+    windows: &[&[u32]],
+    hidden_weight: f64,
+) -> Result<(Vec<Tensor>, f64)> {
+    let mut acc: Vec<Option<Tensor>> = vec![None; student.vars.len()];
+    let mut loss_sum = 0.0;
+    let scale = 1.0 / windows.len().max(1) as f64;
+    for ids in windows {
+        let tw = teacher_window(teacher, ids, kept).map_err(ce)?;
+        let (loss, _, _) = window_loss(&student.weights, &tw, ids, hidden_weight).map_err(ce)?;
+        loss_sum += loss
+            .to_dtype(DType::F64)
+            .and_then(|l| l.to_scalar::<f64>())
+            .map_err(ce)?;
+        let grads = (loss * scale).and_then(|l| l.backward()).map_err(ce)?;
+        for (i, v) in student.vars.iter().enumerate() {
+            let g = grads.get(v.as_tensor()).ok_or_else(|| {
+                Error::numerical(
+                    CONTEXT,
+                    format!("no gradient reached {} (an op without a backward pass)", Student::name(i)),
+                )
+            })?;
+            acc[i] = Some(match acc[i].take() {
+                Some(a) => (a + g).map_err(ce)?,
+                None => g.clone(),
+            });
+        }
+    }
+    Ok((acc.into_iter().flatten().collect(), loss_sum * scale))
+}
+
+/// AdamW with decoupled weight decay (β = 0.9, 0.999; ε = 1e-8).
+struct AdamW {
+    m: Vec<Tensor>,
+    v: Vec<Tensor>,
+    step: usize,
+}
+
+impl AdamW {
+    const B1: f64 = 0.9;
+    const B2: f64 = 0.999;
+    const EPS: f64 = 1e-8;
+
+    fn new(student: &Student) -> candle_core::Result<AdamW> {
+        let zeros = || -> candle_core::Result<Vec<Tensor>> {
+            student.vars.iter().map(|v| v.as_tensor().zeros_like()).collect()
+        };
+        Ok(AdamW {
+            m: zeros()?,
+            v: zeros()?,
+            step: 0,
+        })
+    }
+
+    fn update(&mut self, student: &Student, grads: &[Tensor], lr: f64, decay: f64) -> candle_core::Result<()> {
+        self.step += 1;
+        let c1 = 1.0 - Self::B1.powi(self.step as i32);
+        let c2 = 1.0 - Self::B2.powi(self.step as i32);
+        for (i, (var, g)) in student.vars.iter().zip(grads).enumerate() {
+            self.m[i] = ((&self.m[i] * Self::B1)? + (g * (1.0 - Self::B1))?)?;
+            self.v[i] = ((&self.v[i] * Self::B2)? + (g.sqr()? * (1.0 - Self::B2))?)?;
+            let mhat = (&self.m[i] / c1)?;
+            let vhat = (&self.v[i] / c2)?;
+            let step = (mhat / (vhat.sqrt()? + Self::EPS)?)?;
+            let w = var.as_tensor().detach();
+            let next = ((&w * (1.0 - lr * decay))? - (step * lr)?)?;
+            var.set(&next)?;
+        }
+        Ok(())
+    }
+}
+
+/// Scales `grads` so that their global L2 norm is at most `clip`; returns the norm.
+fn clip_gradients(grads: &mut [Tensor], clip: f64) -> candle_core::Result<f64> {
+    let mut sq = 0.0;
+    for g in grads.iter() {
+        sq += g.sqr()?.sum_all()?.to_dtype(DType::F64)?.to_scalar::<f64>()?;
+    }
+    let norm = sq.sqrt();
+    if norm > clip {
+        let s = clip / (norm + 1e-6);
+        for g in grads.iter_mut() {
+            *g = (&*g * s)?;
+        }
+    }
+    Ok(norm)
+}
+
+/// Perplexity of `model` on `windows` (fused kernels).
+fn perplexity(model: &LlamaWeights, windows: &[Vec<u32>]) -> Result<f64> {
+    let (mut nll, mut n) = (0.0, 0usize);
+    for w in windows {
+        let (a, b) = model.window_nll(w).map_err(ce)?;
+        nll += a;
+        n += b;
+    }
+    Ok((nll / n.max(1) as f64).exp())
+}
+
+/// Peak resident memory of this process so far, in bytes (Linux; `None` elsewhere).
+pub fn peak_rss_bytes() -> Option<u64> {
+    let s = std::fs::read_to_string("/proc/self/status").ok()?;
+    let line = s.lines().find(|l| l.starts_with("VmHWM:"))?;
+    let kb: u64 = line.split_whitespace().nth(1)?.parse().ok()?;
+    Some(kb * 1024)
+}
+
+/// What recovery of `student` needs in memory beyond the loaded dense model, in bytes:
+/// the student's trained tensors with their gradients, AdamW moments and the best
+/// copy (5 f32 values each), and one window's activations kept for the backward pass
+/// (per layer about 16 hidden-width, 6 FFN-width and 5 attention-score values per
+/// token; 8 vocabulary-width values per token for the two models' logits).
+pub fn memory_estimate(student: &LlamaWeights, window: usize) -> u64 {
+    let params: u64 = student
+        .layers
+        .iter()
+        .map(|l| {
+            [&l.wq, &l.wk, &l.wv, &l.wo, &l.gate, &l.up, &l.down]
+                .iter()
+                .map(|t| t.elem_count() as u64)
+                .sum::<u64>()
+        })
+        .sum();
+    let cfg = &student.config;
+    let t = window as u64;
+    let per_token: u64 = student
+        .layers
+        .iter()
+        .map(|l| {
+            16 * cfg.hidden as u64
+                + 6 * l.ffn_width() as u64
+                + 5 * l.n_heads(cfg.head_dim) as u64 * t
+        })
+        .sum::<u64>()
+        + 8 * cfg.vocab as u64;
+    4 * (5 * params + t * per_token)
+}
+
+/// Where a recovery run resumes: written at every held-out evaluation.
+struct Checkpoint<'a> {
+    path: &'a Path,
+    key: String,
+}
+
+/// The position a run reached (the checkpoint's metadata).
+#[derive(Clone, Debug, serde::Serialize, serde::Deserialize)]
+struct Position {
+    key: String,
+    step: usize,
+    best_perplexity: f64,
+    bad_evaluations: usize,
+    history: Vec<(usize, f64, f64)>,
+}
+
+impl Checkpoint<'_> {
+    fn save(&self, student: &Student, adam: &AdamW, best: &[Tensor], position: &Position) -> Result<()> {
+        let mut map: HashMap<String, Tensor> = HashMap::new();
+        for (i, v) in student.vars.iter().enumerate() {
+            map.insert(format!("w.{i}"), v.as_tensor().detach());
+            map.insert(format!("m.{i}"), adam.m[i].clone());
+            map.insert(format!("v.{i}"), adam.v[i].clone());
+            map.insert(format!("best.{i}"), best[i].clone());
+        }
+        let meta = HashMap::from([(
+            "position".to_string(),
+            serde_json::to_string(position).map_err(|e| Error::numerical(CONTEXT, e.to_string()))?,
+        )]);
+        let tmp = self.path.with_extension("safetensors.tmp");
+        safetensors::serialize_to_file(&map, Some(meta), &tmp)
+            .map_err(|e| Error::numerical(CONTEXT, format!("writing the checkpoint: {e}")))?;
+        std::fs::rename(&tmp, self.path).map_err(|e| Error::io(self.path, e))
+    }
+
+    /// The saved state when it belongs to this run (same key), else `None`.
+    fn load(
+        &self,
+        student: &Student,
+        adam: &mut AdamW,
+        best: &mut [Tensor],
+    ) -> Result<Option<Position>> {
+        let Ok(bytes) = std::fs::read(self.path) else {
+            return Ok(None);
+        };
+        let Ok((_, meta)) = safetensors::SafeTensors::read_metadata(&bytes) else {
+            return Ok(None);
+        };
+        let Some(position) = meta
+            .metadata()
+            .as_ref()
+            .and_then(|m| m.get("position"))
+            .and_then(|p| serde_json::from_str::<Position>(p).ok())
+        else {
+            return Ok(None);
+        };
+        if position.key != self.key {
+            return Ok(None);
+        }
+        let device = student.weights.embed.device();
+        let tensors = candle_core::safetensors::load_buffer(&bytes, device).map_err(ce)?;
+        let get = |name: String| {
+            tensors
+                .get(&name)
+                .cloned()
+                .ok_or_else(|| Error::numerical(CONTEXT, format!("checkpoint lacks {name}")))
+        };
+        for (i, v) in student.vars.iter().enumerate() {
+            v.set(&get(format!("w.{i}"))?).map_err(ce)?;
+            adam.m[i] = get(format!("m.{i}"))?;
+            adam.v[i] = get(format!("v.{i}"))?;
+            best[i] = get(format!("best.{i}"))?;
+        }
+        adam.step = position.step;
+        Ok(Some(position))
+    }
+}
+
+/// The run's identity for resuming: the settings, the data and the starting weights.
+fn run_key(settings: &RecoverySettings, seed: u64, windows: &[Vec<u32>], student: &Student) -> Result<String> {
+    let mut h = Sha256::new();
+    h.update(serde_json::to_vec(settings).unwrap_or_default());
+    h.update(seed.to_le_bytes());
+    for w in windows {
+        h.update((w.len() as u64).to_le_bytes());
+        for id in w {
+            h.update(id.to_le_bytes());
+        }
+    }
+    for v in &student.vars {
+        let data = v
+            .as_tensor()
+            .flatten_all()
+            .and_then(|t| t.to_vec1::<f32>())
+            .map_err(ce)?;
+        for x in data {
+            h.update(x.to_le_bytes());
+        }
+    }
+    Ok(format!("{:x}", h.finalize()))
+}
+
+/// Distils `pruned` towards `teacher` on `windows` (the calibration windows; the last
+/// `settings.held_out` are held out). `kept[j]` is the dense layer of pruned layer `j`.
+/// With `checkpoint`, the state is saved there at every evaluation and a run with the
+/// same inputs resumes from it; the file is removed when the run ends.
+pub fn recover(
+    teacher: &LlamaWeights,
+    pruned: &LlamaWeights,
+    kept: &[usize],
+    windows: &[Vec<u32>],
+    settings: &RecoverySettings,
+    seed: u64,
+    checkpoint: Option<&Path>,
+    progress: &dyn Progress,
+) -> Result<(LlamaWeights, RecoverySummary)> {
+    settings.check().map_err(Error::Invalid)?;
+    let started = Instant::now();
+    if windows.len() <= settings.held_out {
+        return Err(Error::Invalid(format!(
+            "recovery holds out {} calibration windows and trains on the rest, but there are only {}: give more calibration data (--samples) or a smaller recovery.held_out",
+            settings.held_out,
+            windows.len()
+        )));
+    }
+    let (train, held) = windows.split_at(windows.len() - settings.held_out);
+    let window = train.iter().map(|w| w.len()).max().unwrap_or(1).max(1);
+    let per_step = (settings.step_tokens / window).max(1);
+    let steps = (settings.tokens as usize).div_ceil(per_step * window).max(1);
+
+    let student = Student::new(pruned).map_err(ce)?;
+    let mut adam = AdamW::new(&student).map_err(ce)?;
+    let mut best = student.snapshot().map_err(ce)?;
+    let key = run_key(settings, seed, windows, &student)?;
+    let checkpoint = checkpoint.map(|path| Checkpoint { path, key: key.clone() });
+    let before = perplexity(&student.weights, held)?;
+    let mut position = Position {
+        key,
+        step: 0,
+        best_perplexity: before,
+        bad_evaluations: 0,
+        history: vec![],
+    };
+    let mut resumed_at = None;
+    if let Some(c) = &checkpoint {
+        if let Some(p) = c.load(&student, &mut adam, &mut best)? {
+            resumed_at = Some(p.step);
+            position = p;
+        }
+    }
+
+    // The order of training windows: one shuffle per pass over them, from the seed.
+    let order = |step: usize| -> Vec<usize> {
+        let first = step * per_step;
+        let mut out = Vec::with_capacity(per_step);
+        let mut epoch = usize::MAX;
+        let mut perm: Vec<usize> = vec![];
+        for k in first..first + per_step {
+            let e = k / train.len();
+            if e != epoch {
+                epoch = e;
+                perm = (0..train.len()).collect();
+                let mut rng = rand_chacha::ChaCha8Rng::seed_from_u64(seed ^ (e as u64).wrapping_mul(0x9E37_79B9_7F4A_7C15));
+                perm.shuffle(&mut rng);
+            }
+            out.push(perm[k % train.len()]);
+        }
+        out
+    };
+
+    progress.start("recovering", steps as u64);
+    progress.advance(position.step as u64);
+    let mut first_loss = None;
+    let mut interval = (0.0, 0usize);
+    let mut stopped_early = false;
+    let mut step = position.step;
+    while step < steps {
+        let batch: Vec<&[u32]> = order(step).into_iter().map(|i| train[i].as_slice()).collect();
+        let (mut grads, loss) = gradients(teacher, &student, kept, &batch, settings.hidden_weight)?;
+        if !loss.is_finite() {
+            return Err(Error::numerical(
+                CONTEXT,
+                format!("the distillation loss became {loss} at step {step}: lower recovery.learning_rate"),
+            ));
+        }
+        first_loss.get_or_insert(loss);
+        interval = (interval.0 + loss, interval.1 + 1);
+        clip_gradients(&mut grads, settings.clip).map_err(ce)?;
+        let lr = settings.learning_rate_at(step, steps);
+        adam.update(&student, &grads, lr, settings.weight_decay).map_err(ce)?;
+        step += 1;
+        progress.advance(1);
+        if step % settings.eval_every == 0 || step == steps {
+            let ppl = perplexity(&student.weights, held)?;
+            let mean = interval.0 / interval.1.max(1) as f64;
+            interval = (0.0, 0);
+            position.history.push((step, mean, ppl));
+            progress.status(&format!("loss {mean:.4}, held-out perplexity {ppl:.2}"));
+            if ppl < position.best_perplexity {
+                position.best_perplexity = ppl;
+                position.bad_evaluations = 0;
+                best = student.snapshot().map_err(ce)?;
+            } else {
+                position.bad_evaluations += 1;
+            }
+            position.step = step;
+            if position.bad_evaluations >= settings.patience {
+                stopped_early = true;
+                break;
+            }
+            if let Some(c) = &checkpoint {
+                if step < steps {
+                    c.save(&student, &adam, &best, &position)?;
+                }
+            }
+        }
+    }
+    progress.finish();
+    student.restore(&best).map_err(ce)?;
+    let params = student.parameters();
+    let weights = student.into_weights().map_err(ce)?;
+    if let Some(c) = &checkpoint {
+        let _ = std::fs::remove_file(c.path);
+    }
+    let summary = RecoverySummary {
+        steps: position.step,
+        planned_steps: steps,
+        tokens: (position.step * per_step * window) as u64,
+        windows_per_step: per_step,
+        train_windows: train.len(),
+        held_out_windows: held.len(),
+        trained_parameters: params as u64,
+        first_loss: first_loss.unwrap_or(f64::NAN),
+        held_out_perplexity_before: before,
+        held_out_perplexity_after: position.best_perplexity,
+        stopped_early,
+        resumed_at_step: resumed_at,
+        seconds: started.elapsed().as_secs_f64(),
+        memory_estimate_bytes: memory_estimate(pruned, window),
+        peak_rss_bytes: peak_rss_bytes(),
+        history: position.history,
+    };
+    Ok((weights, summary))
+}
+
+/// The dense layer of each layer the plan keeps (the pruned model's layer order).
+pub fn kept_layers(structure: &ModelStructure, plan: &Plan) -> Vec<usize> {
+    let mut layers: Vec<usize> = structure
+        .blocks
+        .iter()
+        .zip(&plan.blocks)
+        .filter(|(b, p)| b.kind.is_attention() && !p.kept.is_empty())
+        .map(|(b, _)| b.layer.0 as usize)
+        .collect();
+    layers.sort_unstable();
+    layers.dedup();
+    layers
+}
+
+fn matrix_of(t: &Tensor) -> Result<WeightMatrix> {
+    let (r, c) = t.dims2().map_err(ce)?;
+    let data = t.flatten_all().and_then(|t| t.to_vec1::<f32>()).map_err(ce)?;
+    WeightMatrix::new(r, c, data).ok_or_else(|| Error::numerical(CONTEXT, "tensor size"))
+}
+
+/// Every trained tensor of `student` (pruned by `plan`) as the plan's replaced
+/// weights: the out-projections and, by role, Q/K/V and gate/up.
+pub fn as_pruned_weights(student: &LlamaWeights, structure: &ModelStructure, plan: &Plan) -> Result<PrunedWeights> {
+    let kept = kept_layers(structure, plan);
+    if kept.len() != student.layers.len() {
+        return Err(Error::Invalid(format!(
+            "the plan keeps {} layers, the recovered model has {}",
+            kept.len(),
+            student.layers.len()
+        )));
+    }
+    let mut out = PrunedWeights::default();
+    for (j, &dense_layer) in kept.iter().enumerate() {
+        let l = &student.layers[j];
+        for b in structure.blocks.iter().filter(|b| b.layer.0 as usize == dense_layer) {
+            let (proj, roles): (&Tensor, Vec<(&str, &Tensor)>) = if b.kind.is_attention() {
+                (&l.wo, vec![(ROLE_Q, &l.wq), (ROLE_K, &l.wk), (ROLE_V, &l.wv)])
+            } else {
+                (&l.down, vec![(ROLE_GATE, &l.gate), (ROLE_UP, &l.up)])
+            };
+            out.out_projections.insert(b.id, matrix_of(proj)?);
+            let mut m = std::collections::BTreeMap::new();
+            for (role, t) in roles {
+                m.insert(role.to_string(), matrix_of(t)?);
+            }
+            out.tensors.insert(b.id, m);
+        }
+    }
+    Ok(out)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::backend::mistralrs::llama::{LayerWeights, LlamaConfig};
+    use candle_core::Device;
+
+    fn rand(shape: &[usize], seed: u64, dtype: DType) -> Tensor {
+        use rand::Rng;
+        let mut r = rand_chacha::ChaCha8Rng::seed_from_u64(seed);
+        let n: usize = shape.iter().product();
+        let v: Vec<f64> = (0..n).map(|_| r.random_range(-0.5f64..0.5)).collect();
+        Tensor::from_vec(v, shape, &Device::Cpu).unwrap().to_dtype(dtype).unwrap()
+    }
+
+    /// A tiny GQA Llama (2 layers, 4 heads over 2 KV heads of 4, FFN 8, vocab 11).
+    pub(super) fn tiny(seed: u64, dtype: DType) -> LlamaWeights {
+        let config = LlamaConfig {
+            n_layers: 2,
+            hidden: 16,
+            n_heads: 4,
+            n_kv_heads: 2,
+            head_dim: 4,
+            ffn_width: 8,
+            rope_dim: 4,
+            rope_base: 10000.0,
+            rms_eps: 1e-5,
+            vocab: 11,
+            context_length: 64,
+        };
+        let norm = |s: u64| (rand(&[16], s, dtype) + 1.0).unwrap();
+        let layer = |s: u64| LayerWeights {
+            attn_norm: norm(s),
+            wq: rand(&[16, 16], s + 1, dtype),
+            wk: rand(&[8, 16], s + 2, dtype),
+            wv: rand(&[8, 16], s + 3, dtype),
+            wo: rand(&[16, 16], s + 4, dtype),
+            ffn_norm: norm(s + 5),
+            gate: rand(&[8, 16], s + 6, dtype),
+            up: rand(&[8, 16], s + 7, dtype),
+            down: rand(&[16, 8], s + 8, dtype),
+            qkv_bias: None,
+        };
+        LlamaWeights {
+            config,
+            embed: rand(&[11, 16], seed, dtype),
+            norm: norm(seed + 1),
+            output: Some(rand(&[11, 16], seed + 2, dtype)),
+            layers: vec![layer(seed + 10), layer(seed + 20)],
+        }
+    }
+
+    /// Every op of the training forward passes its gradient on: the gradient of the
+    /// whole distillation loss (KL + hidden term) against central finite differences,
+    /// in f64, for entries of every trained tensor of every layer.
+    #[test]
+    fn differentiable_forward_matches_finite_differences() {
+        let teacher = tiny(1, DType::F64);
+        let student_w = tiny(100, DType::F64);
+        let student = Student::new(&student_w).unwrap();
+        let ids: Vec<u32> = vec![3, 1, 4, 1, 5, 9, 2, 6];
+        let kept = [0usize, 1];
+        let (grads, _) = gradients(&teacher, &student, &kept, &[&ids], 0.7).unwrap();
+        assert_eq!(grads.len(), 14);
+        let loss = |s: &Student| {
+            distillation_loss(&teacher, &s.weights, &kept, std::slice::from_ref(&ids), 0.7)
+                .unwrap()
+                .0
+        };
+        let h = 1e-5;
+        for (i, var) in student.vars.iter().enumerate() {
+            let g = grads[i].flatten_all().unwrap().to_vec1::<f64>().unwrap();
+            let base = var.as_tensor().flatten_all().unwrap().to_vec1::<f64>().unwrap();
+            for k in [0, base.len() / 2, base.len() - 1] {
+                let bumped = |delta: f64| {
+                    let mut v = base.clone();
+                    v[k] += delta;
+                    var.set(&Tensor::from_vec(v, var.shape(), &Device::Cpu).unwrap())
+                        .unwrap();
+                    loss(&student)
+                };
+                let fd = (bumped(h) - bumped(-h)) / (2.0 * h);
+                var.set(&Tensor::from_vec(base.clone(), var.shape(), &Device::Cpu).unwrap())
+                    .unwrap();
+                let tol = 1e-6 + 1e-4 * fd.abs().max(g[k].abs());
+                assert!(
+                    (g[k] - fd).abs() <= tol,
+                    "{} [{k}]: backward {} vs finite difference {fd}",
+                    Student::name(i),
+                    g[k]
+                );
+            }
+        }
+    }
+
+    /// The fused kernels cut the gradient: the check above would catch a forward
+    /// that used them.
+    #[test]
+    fn fused_kernels_give_no_gradient() {
+        let x = Var::from_tensor(&rand(&[2, 1, 3, 4], 5, DType::F32)).unwrap();
+        let (cos, sin) = (
+            rand(&[3, 2], 6, DType::F32),
+            rand(&[3, 2], 7, DType::F32),
+        );
+        let y = candle_nn::rotary_emb::rope_i(x.as_tensor(), &cos, &sin).unwrap();
+        let grads = y.sum_all().unwrap().backward().unwrap();
+        assert!(grads.get(x.as_tensor()).is_none());
+        let y = candle_nn::rotary_emb::rope_i_slow(x.as_tensor(), &cos, &sin).unwrap();
+        let grads = y.sum_all().unwrap().backward().unwrap();
+        assert!(grads.get(x.as_tensor()).is_some());
+    }
+
+    /// Training lowers the distillation loss, keeps the shapes, is deterministic for a
+    /// seed, and a second run with the same inputs resumes from the checkpoint.
+    #[test]
+    fn recovery_lowers_the_distillation_loss() {
+        let teacher = tiny(1, DType::F32);
+        let pruned = tiny(100, DType::F32);
+        let windows: Vec<Vec<u32>> = (0..10u32)
+            .map(|s| (0..12u32).map(|i| (i * 7 + s * 3) % 11).collect())
+            .collect();
+        let mut settings = RecoverySettings::with_tokens(12 * 40);
+        settings.learning_rate = 3e-3;
+        settings.min_learning_rate = 3e-4;
+        settings.step_tokens = 24;
+        settings.held_out = 2;
+        settings.eval_every = 5;
+        settings.patience = 100;
+        let kept = [0usize, 1];
+        let train = &windows[..8];
+        let before = distillation_loss(&teacher, &pruned, &kept, train, 1.0).unwrap().0;
+        let run = || {
+            recover(&teacher, &pruned, &kept, &windows, &settings, 7, None, &crate::progress::Quiet)
+                .unwrap()
+        };
+        let (after_w, summary) = run();
+        let after = distillation_loss(&teacher, &after_w, &kept, train, 1.0).unwrap().0;
+        assert!(after < 0.8 * before, "loss {before} -> {after}");
+        assert_eq!(summary.planned_steps, 20);
+        assert!(summary.held_out_perplexity_after <= summary.held_out_perplexity_before);
+        for (a, b) in after_w.layers.iter().zip(&pruned.layers) {
+            assert_eq!(a.wq.dims(), b.wq.dims());
+            assert_eq!(a.down.dims(), b.down.dims());
+        }
+        let (again, _) = run();
+        let bits = |w: &LlamaWeights| w.layers[1].up.flatten_all().unwrap().to_vec1::<f32>().unwrap();
+        assert_eq!(bits(&after_w), bits(&again), "one seed, one result");
+
+        // Resume: a checkpoint written mid-run by the same job is picked up.
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().join("ckpt.safetensors");
+        let student = Student::new(&pruned).unwrap();
+        let adam = AdamW::new(&student).unwrap();
+        let key = run_key(&settings, 7, &windows, &student).unwrap();
+        let best = student.snapshot().unwrap();
+        let c = Checkpoint { path: &path, key: key.clone() };
+        let position = Position {
+            key,
+            step: 15,
+            best_perplexity: 1e30,
+            bad_evaluations: 0,
+            history: vec![],
+        };
+        c.save(&student, &adam, &best, &position).unwrap();
+        let (_, resumed) = recover(
+            &teacher,
+            &pruned,
+            &kept,
+            &windows,
+            &settings,
+            7,
+            Some(&path),
+            &crate::progress::Quiet,
+        )
+        .unwrap();
+        assert_eq!(resumed.resumed_at_step, Some(15));
+        assert_eq!(resumed.steps, 20);
+        assert!(!path.exists(), "the checkpoint goes when the run ends");
+    }
+}
