@@ -92,7 +92,11 @@ fn throughput(c: &mut Criterion) {
     // Token ids do not change the work; a fixed pseudo-random sequence per window.
     let vocab = model.weights.config.vocab as i64;
     let samples: Vec<Vec<i64>> = (0..4)
-        .map(|s| (0..TOKENS as i64).map(|i| (i * 7919 + s * 104_729) % vocab).collect())
+        .map(|s| {
+            (0..TOKENS as i64)
+                .map(|i| (i * 7919 + s * 104_729) % vocab)
+                .collect()
+        })
         .collect();
     model.set_calibration(samples).unwrap();
     let tokens = 4 * TOKENS;
@@ -121,10 +125,15 @@ fn throughput(c: &mut Criterion) {
         .collect();
     let rows: Vec<Vec<f32>> = widths
         .iter()
-        .map(|&w| (0..w * TOKENS).map(|i| ((i * 7919 % 1013) as f32 - 506.0) / 300.0).collect())
+        .map(|&w| {
+            (0..w * TOKENS)
+                .map(|i| ((i * 7919 % 1013) as f32 - 506.0) / 300.0)
+                .collect()
+        })
         .collect();
     let grams_only = || {
-        let mut accs: Vec<GramAccumulator> = widths.iter().map(|&w| GramAccumulator::new(w)).collect();
+        let mut accs: Vec<GramAccumulator> =
+            widths.iter().map(|&w| GramAccumulator::new(w)).collect();
         for _ in 0..4 {
             for (acc, r) in accs.iter_mut().zip(&rows) {
                 acc.add(r).unwrap();

@@ -31,7 +31,7 @@
 //! ```toml
 //! [model.recovery]
 //! tokens = 1048576          # training tokens in all; required
-//! learning_rate = 1e-4      # defaults: job::RecoverySettings
+//! learning_rate = 1e-5      # defaults: job::RecoverySettings
 //! held_out = 8              # calibration windows kept for early stopping
 //! ```
 //!

@@ -167,7 +167,7 @@ pub struct PruneArgs {
     /// The last 8 calibration windows are held out for early stopping.
     #[arg(long, value_name = "TOKENS")]
     pub recover: Option<u64>,
-    /// Peak learning rate of --recover (AdamW, cosine to a tenth of it).
+    /// Peak learning rate of --recover (AdamW, cosine to a tenth of it) [default: 1e-5].
     #[arg(long, value_name = "LR", requires = "recover")]
     pub recover_lr: Option<f64>,
     /// Also write each pruned model as a tract NNEF archive (NAME.nnef.tar).

@@ -621,11 +621,17 @@ mod tests {
         r.calibration = Some(text.clone());
         r.recovery = Some(RecoverySettings::with_tokens(1024));
         let e = r.resolve().unwrap_err().to_string();
-        assert!(e.contains("--recover: the tract backend has no recovery stage"), "{e}");
+        assert!(
+            e.contains("--recover: the tract backend has no recovery stage"),
+            "{e}"
+        );
         let mut r = request(&gguf);
         r.recovery = Some(RecoverySettings::with_tokens(1024));
         let e = r.resolve().unwrap_err().to_string();
-        assert!(e.contains("--recover trains on the calibration text: give --calibration"), "{e}");
+        assert!(
+            e.contains("--recover trains on the calibration text: give --calibration"),
+            "{e}"
+        );
         r.calibration = Some(text);
         let mut bad = RecoverySettings::with_tokens(1024);
         bad.warmup = 2.0;

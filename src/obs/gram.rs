@@ -206,7 +206,11 @@ mod tests {
         let (serial, parallel) = (product(Par::Seq), product(Par::rayon(2)));
         for j in 0..d {
             for i in j..d {
-                assert_eq!(serial[(i, j)].to_bits(), parallel[(i, j)].to_bits(), "{i},{j}");
+                assert_eq!(
+                    serial[(i, j)].to_bits(),
+                    parallel[(i, j)].to_bits(),
+                    "{i},{j}"
+                );
             }
         }
     }

@@ -319,7 +319,14 @@ pub fn run<S: Session>(
         // recover: distil the verified shapes' weights, and write them in their place
         if job.recovery.is_some() {
             let t = Instant::now();
-            if let Some(r) = session.recover(&model, job, &outcome.plan, &outcome.weights, &stem, progress)? {
+            if let Some(r) = session.recover(
+                &model,
+                job,
+                &outcome.plan,
+                &outcome.weights,
+                &stem,
+                progress,
+            )? {
                 outcome.weights = r.weights;
                 let dest = set.stage().join(&output_name);
                 outcome.emitted = session.emit(&model, &outcome.plan, &outcome.weights, &dest)?;

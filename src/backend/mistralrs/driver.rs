@@ -393,7 +393,9 @@ impl Session for MistralSession {
         let kept = super::recovery::kept_layers(model.structure(), plan);
         // Beside the output set (not inside its stage, which a failed run removes), so
         // an interrupted run resumes; removed when recovery ends.
-        let checkpoint = job.out_dir.join(format!(".ziplm-recovery-{stem}.safetensors"));
+        let checkpoint = job
+            .out_dir
+            .join(format!(".ziplm-recovery-{stem}.safetensors"));
         let (student, summary) = super::recovery::recover(
             &model.weights,
             &pruned,

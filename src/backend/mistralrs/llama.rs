@@ -178,7 +178,11 @@ fn tables_in(
 ) -> candle_core::Result<(Tensor, Tensor, Tensor)> {
     let (cos, sin) = rope_tables(cfg, len, device)?;
     let mask = causal_mask(len, device)?;
-    Ok((cos.to_dtype(dtype)?, sin.to_dtype(dtype)?, mask.to_dtype(dtype)?))
+    Ok((
+        cos.to_dtype(dtype)?,
+        sin.to_dtype(dtype)?,
+        mask.to_dtype(dtype)?,
+    ))
 }
 
 /// The RoPE tables and the causal mask of a `len`-token sequence: `(cos, sin, mask)`.
@@ -432,7 +436,10 @@ mod tests {
         };
         // q/k/v/o 16x(16+8+8) + 16x16, gate/up/down 3x16x8, per token; 4 heads of 4
         // over 15 causal pairs, scores and values.
-        assert_eq!(model.forward_flops(t), 2 * (5 * (512 + 256 + 384) + 2 * 4 * 15 * 4));
+        assert_eq!(
+            model.forward_flops(t),
+            2 * (5 * (512 + 256 + 384) + 2 * 4 * 15 * 4)
+        );
         assert_eq!(model.gram_flops(t), 5 * (16 * 17 + 8 * 9));
         let h = rand(&[t, 16], 8);
         let (cos, sin) = rope_tables(&cfg, t, &Device::Cpu).unwrap();

@@ -20,7 +20,7 @@
 
 use super::llama::{Kernels, LlamaWeights, Site};
 use crate::error::{Error, Result};
-use crate::job::recovery::{RecoverySettings, RecoverySummary};
+use crate::job::recovery::{RecoveryPoint, RecoverySettings, RecoverySummary};
 use crate::progress::Progress;
 use candle_core::{DType, Tensor, Var, D};
 use rand::seq::SliceRandom;
@@ -84,7 +84,10 @@ impl Student {
 
     /// Copies of the current values (not tracked).
     fn snapshot(&self) -> candle_core::Result<Vec<Tensor>> {
-        self.vars.iter().map(|v| v.as_tensor().detach().copy()).collect()
+        self.vars
+            .iter()
+            .map(|v| v.as_tensor().detach().copy())
+            .collect()
     }
 
     fn restore(&self, values: &[Tensor]) -> candle_core::Result<()> {
@@ -122,7 +125,11 @@ struct TeacherWindow {
     hidden: Vec<Tensor>,
 }
 
-fn teacher_window(teacher: &LlamaWeights, ids: &[u32], kept: &[usize]) -> candle_core::Result<TeacherWindow> {
+fn teacher_window(
+    teacher: &LlamaWeights,
+    ids: &[u32],
+    kept: &[usize],
+) -> candle_core::Result<TeacherWindow> {
     let mut hidden = vec![];
     // candle's fused kernels are f32 only (the f64 gradient checks compose them).
     let kernels = if teacher.embed.dtype() == DType::F32 {
@@ -189,7 +196,10 @@ pub fn distillation_loss(
     for ids in windows {
         let tw = teacher_window(teacher, ids, kept).map_err(ce)?;
         let (l, kl, h) = window_loss(student, &tw, ids, hidden_weight).map_err(ce)?;
-        sums.0 += l.to_dtype(DType::F64).and_then(|l| l.to_scalar::<f64>()).map_err(ce)?;
+        sums.0 += l
+            .to_dtype(DType::F64)
+            .and_then(|l| l.to_scalar::<f64>())
+            .map_err(ce)?;
         sums.1 += kl;
         sums.2 += h;
     }
@@ -206,23 +216,30 @@ pub fn gradients(
     kept: &[usize],
     windows: &[&[u32]],
     hidden_weight: f64,
-) -> Result<(Vec<Tensor>, f64)> {
+) -> Result<(Vec<Tensor>, Terms)> {
     let mut acc: Vec<Option<Tensor>> = vec![None; student.vars.len()];
-    let mut loss_sum = 0.0;
+    let mut terms = Terms::default();
     let scale = 1.0 / windows.len().max(1) as f64;
     for ids in windows {
         let tw = teacher_window(teacher, ids, kept).map_err(ce)?;
-        let (loss, _, _) = window_loss(&student.weights, &tw, ids, hidden_weight).map_err(ce)?;
-        loss_sum += loss
-            .to_dtype(DType::F64)
-            .and_then(|l| l.to_scalar::<f64>())
-            .map_err(ce)?;
+        let (loss, kl, hidden) =
+            window_loss(&student.weights, &tw, ids, hidden_weight).map_err(ce)?;
+        terms.loss += scale
+            * loss
+                .to_dtype(DType::F64)
+                .and_then(|l| l.to_scalar::<f64>())
+                .map_err(ce)?;
+        terms.kl += scale * kl;
+        terms.hidden += scale * hidden;
         let grads = (loss * scale).and_then(|l| l.backward()).map_err(ce)?;
         for (i, v) in student.vars.iter().enumerate() {
             let g = grads.get(v.as_tensor()).ok_or_else(|| {
                 Error::numerical(
                     CONTEXT,
-                    format!("no gradient reached {} (an op without a backward pass)", Student::name(i)),
+                    format!(
+                        "no gradient reached {} (an op without a backward pass)",
+                        Student::name(i)
+                    ),
                 )
             })?;
             acc[i] = Some(match acc[i].take() {
@@ -231,7 +248,34 @@ pub fn gradients(
             });
         }
     }
-    Ok((acc.into_iter().flatten().collect(), loss_sum * scale))
+    Ok((acc.into_iter().flatten().collect(), terms))
+}
+
+/// A distillation loss and its two terms (KL of the logits, the hidden-state term).
+#[derive(Clone, Copy, Debug, Default)]
+pub struct Terms {
+    /// `kl + hidden_weight * hidden`.
+    pub loss: f64,
+    /// Token-mean KL(teacher || student), nats.
+    pub kl: f64,
+    /// Mean relative squared error of the layer outputs.
+    pub hidden: f64,
+}
+
+impl Terms {
+    fn add(&mut self, o: Terms) {
+        self.loss += o.loss;
+        self.kl += o.kl;
+        self.hidden += o.hidden;
+    }
+    fn mean(self, n: usize) -> Terms {
+        let n = n.max(1) as f64;
+        Terms {
+            loss: self.loss / n,
+            kl: self.kl / n,
+            hidden: self.hidden / n,
+        }
+    }
 }
 
 /// AdamW with decoupled weight decay (β = 0.9, 0.999; ε = 1e-8).
@@ -248,7 +292,11 @@ impl AdamW {
 
     fn new(student: &Student) -> candle_core::Result<AdamW> {
         let zeros = || -> candle_core::Result<Vec<Tensor>> {
-            student.vars.iter().map(|v| v.as_tensor().zeros_like()).collect()
+            student
+                .vars
+                .iter()
+                .map(|v| v.as_tensor().zeros_like())
+                .collect()
         };
         Ok(AdamW {
             m: zeros()?,
@@ -257,7 +305,13 @@ impl AdamW {
         })
     }
 
-    fn update(&mut self, student: &Student, grads: &[Tensor], lr: f64, decay: f64) -> candle_core::Result<()> {
+    fn update(
+        &mut self,
+        student: &Student,
+        grads: &[Tensor],
+        lr: f64,
+        decay: f64,
+    ) -> candle_core::Result<()> {
         self.step += 1;
         let c1 = 1.0 - Self::B1.powi(self.step as i32);
         let c2 = 1.0 - Self::B2.powi(self.step as i32);
@@ -279,7 +333,11 @@ impl AdamW {
 fn clip_gradients(grads: &mut [Tensor], clip: f64) -> candle_core::Result<f64> {
     let mut sq = 0.0;
     for g in grads.iter() {
-        sq += g.sqr()?.sum_all()?.to_dtype(DType::F64)?.to_scalar::<f64>()?;
+        sq += g
+            .sqr()?
+            .sum_all()?
+            .to_dtype(DType::F64)?
+            .to_scalar::<f64>()?;
     }
     let norm = sq.sqrt();
     if norm > clip {
@@ -354,11 +412,17 @@ struct Position {
     step: usize,
     best_perplexity: f64,
     bad_evaluations: usize,
-    history: Vec<(usize, f64, f64)>,
+    history: Vec<RecoveryPoint>,
 }
 
 impl Checkpoint<'_> {
-    fn save(&self, student: &Student, adam: &AdamW, best: &[Tensor], position: &Position) -> Result<()> {
+    fn save(
+        &self,
+        student: &Student,
+        adam: &AdamW,
+        best: &[Tensor],
+        position: &Position,
+    ) -> Result<()> {
         let mut map: HashMap<String, Tensor> = HashMap::new();
         for (i, v) in student.vars.iter().enumerate() {
             map.insert(format!("w.{i}"), v.as_tensor().detach());
@@ -368,7 +432,8 @@ impl Checkpoint<'_> {
         }
         let meta = HashMap::from([(
             "position".to_string(),
-            serde_json::to_string(position).map_err(|e| Error::numerical(CONTEXT, e.to_string()))?,
+            serde_json::to_string(position)
+                .map_err(|e| Error::numerical(CONTEXT, e.to_string()))?,
         )]);
         let tmp = self.path.with_extension("safetensors.tmp");
         safetensors::serialize_to_file(&map, Some(meta), &tmp)
@@ -420,7 +485,12 @@ impl Checkpoint<'_> {
 }
 
 /// The run's identity for resuming: the settings, the data and the starting weights.
-fn run_key(settings: &RecoverySettings, seed: u64, windows: &[Vec<u32>], student: &Student) -> Result<String> {
+fn run_key(
+    settings: &RecoverySettings,
+    seed: u64,
+    windows: &[Vec<u32>],
+    student: &Student,
+) -> Result<String> {
     let mut h = Sha256::new();
     h.update(serde_json::to_vec(settings).unwrap_or_default());
     h.update(seed.to_le_bytes());
@@ -447,6 +517,7 @@ fn run_key(settings: &RecoverySettings, seed: u64, windows: &[Vec<u32>], student
 /// `settings.held_out` are held out). `kept[j]` is the dense layer of pruned layer `j`.
 /// With `checkpoint`, the state is saved there at every evaluation and a run with the
 /// same inputs resumes from it; the file is removed when the run ends.
+#[allow(clippy::too_many_arguments)] // each is one input of the run; a struct would only rename them
 pub fn recover(
     teacher: &LlamaWeights,
     pruned: &LlamaWeights,
@@ -469,13 +540,18 @@ pub fn recover(
     let (train, held) = windows.split_at(windows.len() - settings.held_out);
     let window = train.iter().map(|w| w.len()).max().unwrap_or(1).max(1);
     let per_step = (settings.step_tokens / window).max(1);
-    let steps = (settings.tokens as usize).div_ceil(per_step * window).max(1);
+    let steps = (settings.tokens as usize)
+        .div_ceil(per_step * window)
+        .max(1);
 
     let student = Student::new(pruned).map_err(ce)?;
     let mut adam = AdamW::new(&student).map_err(ce)?;
     let mut best = student.snapshot().map_err(ce)?;
     let key = run_key(settings, seed, windows, &student)?;
-    let checkpoint = checkpoint.map(|path| Checkpoint { path, key: key.clone() });
+    let checkpoint = checkpoint.map(|path| Checkpoint {
+        path,
+        key: key.clone(),
+    });
     let before = perplexity(&student.weights, held)?;
     let mut position = Position {
         key,
@@ -503,7 +579,9 @@ pub fn recover(
             if e != epoch {
                 epoch = e;
                 perm = (0..train.len()).collect();
-                let mut rng = rand_chacha::ChaCha8Rng::seed_from_u64(seed ^ (e as u64).wrapping_mul(0x9E37_79B9_7F4A_7C15));
+                let mut rng = rand_chacha::ChaCha8Rng::seed_from_u64(
+                    seed ^ (e as u64).wrapping_mul(0x9E37_79B9_7F4A_7C15),
+                );
                 perm.shuffle(&mut rng);
             }
             out.push(perm[k % train.len()]);
@@ -514,12 +592,17 @@ pub fn recover(
     progress.start("recovering", steps as u64);
     progress.advance(position.step as u64);
     let mut first_loss = None;
-    let mut interval = (0.0, 0usize);
+    let mut interval = (Terms::default(), 0usize);
     let mut stopped_early = false;
     let mut step = position.step;
     while step < steps {
-        let batch: Vec<&[u32]> = order(step).into_iter().map(|i| train[i].as_slice()).collect();
-        let (mut grads, loss) = gradients(teacher, &student, kept, &batch, settings.hidden_weight)?;
+        let batch: Vec<&[u32]> = order(step)
+            .into_iter()
+            .map(|i| train[i].as_slice())
+            .collect();
+        let (mut grads, terms) =
+            gradients(teacher, &student, kept, &batch, settings.hidden_weight)?;
+        let loss = terms.loss;
         if !loss.is_finite() {
             return Err(Error::numerical(
                 CONTEXT,
@@ -527,18 +610,29 @@ pub fn recover(
             ));
         }
         first_loss.get_or_insert(loss);
-        interval = (interval.0 + loss, interval.1 + 1);
+        interval.0.add(terms);
+        interval.1 += 1;
         clip_gradients(&mut grads, settings.clip).map_err(ce)?;
         let lr = settings.learning_rate_at(step, steps);
-        adam.update(&student, &grads, lr, settings.weight_decay).map_err(ce)?;
+        adam.update(&student, &grads, lr, settings.weight_decay)
+            .map_err(ce)?;
         step += 1;
         progress.advance(1);
-        if step % settings.eval_every == 0 || step == steps {
+        if step.is_multiple_of(settings.eval_every) || step == steps {
             let ppl = perplexity(&student.weights, held)?;
-            let mean = interval.0 / interval.1.max(1) as f64;
-            interval = (0.0, 0);
-            position.history.push((step, mean, ppl));
-            progress.status(&format!("loss {mean:.4}, held-out perplexity {ppl:.2}"));
+            let mean = interval.0.mean(interval.1);
+            interval = (Terms::default(), 0);
+            position.history.push(RecoveryPoint {
+                step,
+                loss: mean.loss,
+                kl: mean.kl,
+                hidden: mean.hidden,
+                held_out_perplexity: ppl,
+            });
+            progress.status(&format!(
+                "loss {:.4} (KL {:.4}, hidden {:.4}), held-out perplexity {ppl:.2}",
+                mean.loss, mean.kl, mean.hidden
+            ));
             if ppl < position.best_perplexity {
                 position.best_perplexity = ppl;
                 position.bad_evaluations = 0;
@@ -602,13 +696,20 @@ pub fn kept_layers(structure: &ModelStructure, plan: &Plan) -> Vec<usize> {
 
 fn matrix_of(t: &Tensor) -> Result<WeightMatrix> {
     let (r, c) = t.dims2().map_err(ce)?;
-    let data = t.flatten_all().and_then(|t| t.to_vec1::<f32>()).map_err(ce)?;
+    let data = t
+        .flatten_all()
+        .and_then(|t| t.to_vec1::<f32>())
+        .map_err(ce)?;
     WeightMatrix::new(r, c, data).ok_or_else(|| Error::numerical(CONTEXT, "tensor size"))
 }
 
 /// Every trained tensor of `student` (pruned by `plan`) as the plan's replaced
 /// weights: the out-projections and, by role, Q/K/V and gate/up.
-pub fn as_pruned_weights(student: &LlamaWeights, structure: &ModelStructure, plan: &Plan) -> Result<PrunedWeights> {
+pub fn as_pruned_weights(
+    student: &LlamaWeights,
+    structure: &ModelStructure,
+    plan: &Plan,
+) -> Result<PrunedWeights> {
     let kept = kept_layers(structure, plan);
     if kept.len() != student.layers.len() {
         return Err(Error::Invalid(format!(
@@ -620,9 +721,16 @@ pub fn as_pruned_weights(student: &LlamaWeights, structure: &ModelStructure, pla
     let mut out = PrunedWeights::default();
     for (j, &dense_layer) in kept.iter().enumerate() {
         let l = &student.layers[j];
-        for b in structure.blocks.iter().filter(|b| b.layer.0 as usize == dense_layer) {
+        for b in structure
+            .blocks
+            .iter()
+            .filter(|b| b.layer.0 as usize == dense_layer)
+        {
             let (proj, roles): (&Tensor, Vec<(&str, &Tensor)>) = if b.kind.is_attention() {
-                (&l.wo, vec![(ROLE_Q, &l.wq), (ROLE_K, &l.wk), (ROLE_V, &l.wv)])
+                (
+                    &l.wo,
+                    vec![(ROLE_Q, &l.wq), (ROLE_K, &l.wk), (ROLE_V, &l.wv)],
+                )
             } else {
                 (&l.down, vec![(ROLE_GATE, &l.gate), (ROLE_UP, &l.up)])
             };
@@ -648,7 +756,10 @@ mod tests {
         let mut r = rand_chacha::ChaCha8Rng::seed_from_u64(seed);
         let n: usize = shape.iter().product();
         let v: Vec<f64> = (0..n).map(|_| r.random_range(-0.5f64..0.5)).collect();
-        Tensor::from_vec(v, shape, &Device::Cpu).unwrap().to_dtype(dtype).unwrap()
+        Tensor::from_vec(v, shape, &Device::Cpu)
+            .unwrap()
+            .to_dtype(dtype)
+            .unwrap()
     }
 
     /// A tiny GQA Llama (2 layers, 4 heads over 2 KV heads of 4, FFN 8, vocab 11).
@@ -708,7 +819,12 @@ mod tests {
         let h = 1e-5;
         for (i, var) in student.vars.iter().enumerate() {
             let g = grads[i].flatten_all().unwrap().to_vec1::<f64>().unwrap();
-            let base = var.as_tensor().flatten_all().unwrap().to_vec1::<f64>().unwrap();
+            let base = var
+                .as_tensor()
+                .flatten_all()
+                .unwrap()
+                .to_vec1::<f64>()
+                .unwrap();
             for k in [0, base.len() / 2, base.len() - 1] {
                 let bumped = |delta: f64| {
                     let mut v = base.clone();
@@ -736,10 +852,7 @@ mod tests {
     #[test]
     fn fused_kernels_give_no_gradient() {
         let x = Var::from_tensor(&rand(&[2, 1, 3, 4], 5, DType::F32)).unwrap();
-        let (cos, sin) = (
-            rand(&[3, 2], 6, DType::F32),
-            rand(&[3, 2], 7, DType::F32),
-        );
+        let (cos, sin) = (rand(&[3, 2], 6, DType::F32), rand(&[3, 2], 7, DType::F32));
         let y = candle_nn::rotary_emb::rope_i(x.as_tensor(), &cos, &sin).unwrap();
         let grads = y.sum_all().unwrap().backward().unwrap();
         assert!(grads.get(x.as_tensor()).is_none());
@@ -766,13 +879,26 @@ mod tests {
         settings.patience = 100;
         let kept = [0usize, 1];
         let train = &windows[..8];
-        let before = distillation_loss(&teacher, &pruned, &kept, train, 1.0).unwrap().0;
+        let before = distillation_loss(&teacher, &pruned, &kept, train, 1.0)
+            .unwrap()
+            .0;
         let run = || {
-            recover(&teacher, &pruned, &kept, &windows, &settings, 7, None, &crate::progress::Quiet)
-                .unwrap()
+            recover(
+                &teacher,
+                &pruned,
+                &kept,
+                &windows,
+                &settings,
+                7,
+                None,
+                &crate::progress::Quiet,
+            )
+            .unwrap()
         };
         let (after_w, summary) = run();
-        let after = distillation_loss(&teacher, &after_w, &kept, train, 1.0).unwrap().0;
+        let after = distillation_loss(&teacher, &after_w, &kept, train, 1.0)
+            .unwrap()
+            .0;
         assert!(after < 0.8 * before, "loss {before} -> {after}");
         assert_eq!(summary.planned_steps, 20);
         assert!(summary.held_out_perplexity_after <= summary.held_out_perplexity_before);
@@ -781,7 +907,14 @@ mod tests {
             assert_eq!(a.down.dims(), b.down.dims());
         }
         let (again, _) = run();
-        let bits = |w: &LlamaWeights| w.layers[1].up.flatten_all().unwrap().to_vec1::<f32>().unwrap();
+        let bits = |w: &LlamaWeights| {
+            w.layers[1]
+                .up
+                .flatten_all()
+                .unwrap()
+                .to_vec1::<f32>()
+                .unwrap()
+        };
         assert_eq!(bits(&after_w), bits(&again), "one seed, one result");
 
         // Resume: a checkpoint written mid-run by the same job is picked up.
@@ -791,7 +924,10 @@ mod tests {
         let adam = AdamW::new(&student).unwrap();
         let key = run_key(&settings, 7, &windows, &student).unwrap();
         let best = student.snapshot().unwrap();
-        let c = Checkpoint { path: &path, key: key.clone() };
+        let c = Checkpoint {
+            path: &path,
+            key: key.clone(),
+        };
         let position = Position {
             key,
             step: 15,
