@@ -18,7 +18,7 @@
 //! have no backward pass, and a projection that gets no gradient is an error here
 //! rather than silently left untrained.
 
-use super::llama::{Kernels, LlamaWeights, Site};
+use super::llama::{Kernels, LayerWeights, LlamaWeights, Site};
 use crate::error::{Error, Result};
 use crate::job::recovery::{RecoveryPoint, RecoverySettings, RecoverySummary};
 use crate::progress::Progress;
@@ -42,6 +42,19 @@ fn ce(e: candle_core::Error) -> Error {
 /// Names of the trained tensors of one layer, in [`Student`] order.
 pub const TRAINED: [&str; 7] = ["wq", "wk", "wv", "wo", "gate", "up", "down"];
 
+/// The trained tensors of a layer, in [`TRAINED`] order.
+fn trained_mut(l: &mut LayerWeights) -> [&mut Tensor; 7] {
+    [
+        &mut l.wq,
+        &mut l.wk,
+        &mut l.wv,
+        &mut l.wo,
+        &mut l.gate,
+        &mut l.up,
+        &mut l.down,
+    ]
+}
+
 /// A pruned model whose projections are candle `Var`s.
 pub struct Student {
     /// The model; its projection tensors share storage with `vars`.
@@ -55,15 +68,7 @@ impl Student {
         let mut weights = pruned.clone();
         let mut vars = vec![];
         for l in &mut weights.layers {
-            for t in [
-                &mut l.wq,
-                &mut l.wk,
-                &mut l.wv,
-                &mut l.wo,
-                &mut l.gate,
-                &mut l.up,
-                &mut l.down,
-            ] {
+            for t in trained_mut(l) {
                 let v = Var::from_tensor(t)?;
                 *t = v.as_tensor().clone();
                 vars.push(v);
@@ -101,15 +106,7 @@ impl Student {
     pub fn into_weights(self) -> candle_core::Result<LlamaWeights> {
         let mut w = self.weights;
         for l in &mut w.layers {
-            for t in [
-                &mut l.wq,
-                &mut l.wk,
-                &mut l.wv,
-                &mut l.wo,
-                &mut l.gate,
-                &mut l.up,
-                &mut l.down,
-            ] {
+            for t in trained_mut(l) {
                 *t = t.detach().copy()?;
             }
         }
@@ -378,7 +375,8 @@ pub fn memory_estimate(student: &LlamaWeights, window: usize) -> u64 {
         .layers
         .iter()
         .map(|l| {
-            [&l.wq, &l.wk, &l.wv, &l.wo, &l.gate, &l.up, &l.down]
+            let mut l = l.clone();
+            trained_mut(&mut l)
                 .iter()
                 .map(|t| t.elem_count() as u64)
                 .sum::<u64>()
@@ -748,7 +746,7 @@ pub fn as_pruned_weights(
 #[cfg(test)]
 mod tests {
     use super::*;
-    use crate::backend::mistralrs::llama::{LayerWeights, LlamaConfig};
+    use crate::backend::mistralrs::llama::LlamaConfig;
     use candle_core::Device;
 
     fn rand(shape: &[usize], seed: u64, dtype: DType) -> Tensor {
