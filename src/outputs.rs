@@ -290,6 +290,13 @@ fn roll_forward(dir: &Path, stage: &Path, journal: &Journal) -> Result<()> {
     std::fs::remove_dir_all(stage).map_err(|e| Error::io(stage, e))
 }
 
+/// Where a recovery stage keeps its checkpoint for the model file stem `stem`: beside
+/// the output set in `dir`, not inside its staging folder (which a failed run
+/// removes), so that the same job run again resumes from it. [`recover`] leaves it.
+pub fn recovery_checkpoint(dir: &Path, stem: &str) -> PathBuf {
+    dir.join(format!(".ziplm-recovery-{stem}.safetensors"))
+}
+
 /// Finishes or discards what killed runs left in `dir`, taking its lock: a committed set
 /// is rolled forward, an uncommitted staging folder and stale temporary files are
 /// removed. Fails when another run holds the folder.

@@ -391,11 +391,7 @@ impl Session for MistralSession {
         };
         let pruned = super::model::prune(&model.weights, model.structure(), plan, weights)?;
         let kept = super::recovery::kept_layers(model.structure(), plan);
-        // Beside the output set (not inside its stage, which a failed run removes), so
-        // an interrupted run resumes; removed when recovery ends.
-        let checkpoint = job
-            .out_dir
-            .join(format!(".ziplm-recovery-{stem}.safetensors"));
+        let checkpoint = crate::outputs::recovery_checkpoint(&job.out_dir, stem);
         let (student, summary) = super::recovery::recover(
             &model.weights,
             &pruned,

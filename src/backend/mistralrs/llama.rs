@@ -386,6 +386,25 @@ impl LlamaWeights {
     }
 }
 
+/// The shapes of the unit tests' tiny GQA Llama: width 16, 4 query heads over 2 KV
+/// heads of 4, FFN 8.
+#[cfg(test)]
+pub(crate) fn tiny_config(n_layers: usize, vocab: usize) -> LlamaConfig {
+    LlamaConfig {
+        n_layers,
+        hidden: 16,
+        n_heads: 4,
+        n_kv_heads: 2,
+        head_dim: 4,
+        ffn_width: 8,
+        rope_dim: 4,
+        rope_base: 10000.0,
+        rms_eps: 1e-5,
+        vocab,
+        context_length: 64,
+    }
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -401,19 +420,7 @@ mod tests {
     /// A reference attention written head by head with explicit loops.
     #[test]
     fn gqa_attention_matches_a_per_head_reference() {
-        let cfg = LlamaConfig {
-            n_layers: 1,
-            hidden: 16,
-            n_heads: 4,
-            n_kv_heads: 2,
-            head_dim: 4,
-            ffn_width: 8,
-            rope_dim: 4,
-            rope_base: 10000.0,
-            rms_eps: 1e-5,
-            vocab: 10,
-            context_length: 64,
-        };
+        let cfg = tiny_config(1, 10);
         let layer = LayerWeights {
             attn_norm: Tensor::ones(16, DType::F32, &Device::Cpu).unwrap(),
             wq: rand(&[16, 16], 1),

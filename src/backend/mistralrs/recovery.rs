@@ -365,26 +365,16 @@ pub fn peak_rss_bytes() -> Option<u64> {
     Some(kb * 1024)
 }
 
-/// What recovery of `student` needs in memory beyond the loaded dense model, in bytes:
-/// the student's trained tensors with their gradients, AdamW moments and the best
-/// copy (5 f32 values each), and one window's activations kept for the backward pass
-/// (per layer about 16 hidden-width, 6 FFN-width and 5 attention-score values per
-/// token; 8 vocabulary-width values per token for the two models' logits).
-pub fn memory_estimate(student: &LlamaWeights, window: usize) -> u64 {
-    let params: u64 = student
-        .layers
-        .iter()
-        .map(|l| {
-            let mut l = l.clone();
-            trained_mut(&mut l)
-                .iter()
-                .map(|t| t.elem_count() as u64)
-                .sum::<u64>()
-        })
-        .sum();
-    let cfg = &student.config;
+/// What recovery needs in memory beyond the loaded dense model, in bytes, for a pruned
+/// model `shapes` with `params` trained values: those values with their gradients,
+/// AdamW moments and the best copy (5 f32 values each), and one window's activations
+/// kept for the backward pass (per layer about 16 hidden-width, 6 FFN-width and 5
+/// attention-score values per token; 8 vocabulary-width values per token for the two
+/// models' logits).
+pub fn memory_estimate(shapes: &LlamaWeights, params: usize, window: usize) -> u64 {
+    let cfg = &shapes.config;
     let t = window as u64;
-    let per_token: u64 = student
+    let per_token: u64 = shapes
         .layers
         .iter()
         .map(|l| {
@@ -394,7 +384,7 @@ pub fn memory_estimate(student: &LlamaWeights, window: usize) -> u64 {
         })
         .sum::<u64>()
         + 8 * cfg.vocab as u64;
-    4 * (5 * params + t * per_token)
+    4 * (5 * params as u64 + t * per_token)
 }
 
 /// Where a recovery run resumes: written at every held-out evaluation.
@@ -671,7 +661,7 @@ pub fn recover(
         stopped_early,
         resumed_at_step: resumed_at,
         seconds: started.elapsed().as_secs_f64(),
-        memory_estimate_bytes: memory_estimate(pruned, window),
+        memory_estimate_bytes: memory_estimate(pruned, params, window),
         peak_rss_bytes: peak_rss_bytes(),
         history: position.history,
     };
@@ -746,7 +736,6 @@ pub fn as_pruned_weights(
 #[cfg(test)]
 mod tests {
     use super::*;
-    use crate::backend::mistralrs::llama::LlamaConfig;
     use candle_core::Device;
 
     fn rand(shape: &[usize], seed: u64, dtype: DType) -> Tensor {
@@ -762,19 +751,7 @@ mod tests {
 
     /// A tiny GQA Llama (2 layers, 4 heads over 2 KV heads of 4, FFN 8, vocab 11).
     pub(super) fn tiny(seed: u64, dtype: DType) -> LlamaWeights {
-        let config = LlamaConfig {
-            n_layers: 2,
-            hidden: 16,
-            n_heads: 4,
-            n_kv_heads: 2,
-            head_dim: 4,
-            ffn_width: 8,
-            rope_dim: 4,
-            rope_base: 10000.0,
-            rms_eps: 1e-5,
-            vocab: 11,
-            context_length: 64,
-        };
+        let config = crate::backend::mistralrs::llama::tiny_config(2, 11);
         let norm = |s: u64| (rand(&[16], s, dtype) + 1.0).unwrap();
         let layer = |s: u64| LayerWeights {
             attn_norm: norm(s),
