@@ -28,12 +28,12 @@ fn whole_pass(c: &mut Criterion) {
     let out = tempfile::tempdir().unwrap();
     let mut job = PruneJob::new(&model);
     job.budgets = vec![Budget::Speedup(1.5), Budget::Speedup(2.0)];
-    job.calibration = Some(CalibrationData {
-        path: shared.join("data/stsbenchmark/sts-train.csv"),
-        format: Some(DataFormat::StsTsv),
-        samples: 512,
-        seq_len: 128,
-    });
+    job.calibration = Some(CalibrationData::file(
+        shared.join("data/stsbenchmark/sts-train.csv"),
+        Some(DataFormat::StsTsv),
+        512,
+        128,
+    ));
     job.out_dir = out.path().to_path_buf();
     pass::bench_pass(c, "minilm_pass", job);
 }

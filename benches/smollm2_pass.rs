@@ -35,12 +35,12 @@ fn whole_pass(c: &mut Criterion) {
     let mut job = PruneJob::new(&model);
     job.workload = ziplm_plugin_api::Workload::prefill(1, 512);
     job.budgets = vec![Budget::Speedup(1.25), Budget::Speedup(1.5)];
-    job.calibration = Some(CalibrationData {
-        path: valid,
-        format: Some(DataFormat::Text),
-        samples: 16,
-        seq_len: 512,
-    });
+    job.calibration = Some(CalibrationData::file(
+        valid,
+        Some(DataFormat::Text),
+        16,
+        512,
+    ));
     job.out_dir = out.path().to_path_buf();
     pass::bench_pass(c, "smollm2_pass", job);
 }

@@ -80,12 +80,12 @@ fn main() -> anyhow::Result<()> {
     std::fs::create_dir_all(&args.out)?;
     let mut job = PruneJob::new(&model);
     job.budgets = args.targets.iter().map(|&s| Budget::Speedup(s)).collect();
-    job.calibration = Some(CalibrationData {
-        path: shared.join("data/stsbenchmark/sts-train.csv"),
-        format: Some(DataFormat::StsTsv),
-        samples: args.samples,
-        seq_len: 128,
-    });
+    job.calibration = Some(CalibrationData::file(
+        shared.join("data/stsbenchmark/sts-train.csv"),
+        Some(DataFormat::StsTsv),
+        args.samples,
+        128,
+    ));
     job.out_dir = args.out.clone();
     job.latency_table = Some(args.out.join("latency-table.json"));
     job.search.refine = ziplm::search::spdy::RefineConfig::with_evaluations(args.refine, job.seed);

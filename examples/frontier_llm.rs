@@ -98,12 +98,12 @@ fn main() -> anyhow::Result<()> {
     let mut job = PruneJob::new(&model_path);
     job.workload = Workload::prefill(1, 512);
     job.budgets = args.targets.iter().map(|&s| Budget::Speedup(s)).collect();
-    job.calibration = Some(CalibrationData {
-        path: shared.join("data/wikitext-2/valid.txt"),
-        format: Some(DataFormat::Text),
-        samples: args.samples,
-        seq_len: 512,
-    });
+    job.calibration = Some(CalibrationData::file(
+        shared.join("data/wikitext-2/valid.txt"),
+        Some(DataFormat::Text),
+        args.samples,
+        512,
+    ));
     job.out_dir = args.out.clone();
     job.latency_table = Some(args.out.join("latency-table.json"));
     job.search.refine = ziplm::search::spdy::RefineConfig::with_evaluations(args.refine, job.seed);

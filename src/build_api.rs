@@ -25,7 +25,6 @@ use crate::job::PruneJob;
 use crate::progress::Quiet;
 use sha2::{Digest, Sha256};
 use std::fs::File;
-use std::io::Read;
 use std::path::{Path, PathBuf};
 
 /// Runs the jobs of a serving config for a build script.
@@ -55,24 +54,11 @@ fn env_path(name: &str) -> Result<PathBuf> {
     })
 }
 
-fn hash_file(h: &mut Sha256, path: &Path) -> Result<()> {
-    let mut f = File::open(path).map_err(|e| Error::io(path, e))?;
-    let mut buf = vec![0u8; 1 << 20];
-    loop {
-        let n = f.read(&mut buf).map_err(|e| Error::io(path, e))?;
-        if n == 0 {
-            break;
-        }
-        h.update(&buf[..n]);
-    }
-    Ok(())
-}
-
 /// The files a job reads.
 pub fn inputs_of(job: &PruneJob) -> Vec<PathBuf> {
     let mut v = vec![job.model.clone()];
-    if let Some(c) = &job.calibration {
-        v.push(c.path.clone());
+    if let Some(p) = job.calibration.as_ref().and_then(|c| c.path()) {
+        v.push(p.to_path_buf());
     }
     if let Some(t) = job
         .tokenizer
@@ -99,19 +85,7 @@ pub fn cache_key(job: &PruneJob) -> Result<String> {
     settings.out_dir = PathBuf::new();
     h.update(serde_json::to_vec(&settings).map_err(|e| Error::Invalid(e.to_string()))?);
     for p in inputs_of(job) {
-        if p.is_dir() {
-            let mut entries: Vec<PathBuf> = std::fs::read_dir(&p)
-                .map_err(|e| Error::io(&p, e))?
-                .filter_map(|e| e.ok().map(|e| e.path()))
-                .collect();
-            entries.sort();
-            for e in entries.into_iter().filter(|e| e.is_file()) {
-                h.update(e.file_name().unwrap_or_default().as_encoded_bytes());
-                hash_file(&mut h, &e)?;
-            }
-        } else {
-            hash_file(&mut h, &p)?;
-        }
+        crate::fsutil::hash_path(&mut h, &p)?;
     }
     Ok(h.finalize().iter().map(|b| format!("{b:02x}")).collect())
 }

@@ -35,6 +35,14 @@
 //! held_out = 8              # calibration windows kept for early stopping
 //! ```
 //!
+//! A chat LLM with no data of its own can calibrate (and recover) on transcripts it
+//! writes itself, cached by its hash (`crate::data::self_chat`):
+//!
+//! ```toml
+//! [model.calibration]
+//! path = "self:65536"       # or "self": as many tokens as samples x seq_len
+//! ```
+//!
 //! Unknown keys and bad values are errors naming the file, the line and the key. A table
 //! lowers into a [`JobRequest`], which the same step as the CLI's resolves.
 
@@ -165,7 +173,8 @@ pub struct BudgetConfig {
 #[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
 #[serde(deny_unknown_fields)]
 pub struct CalibrationConfig {
-    /// The data file.
+    /// The data file, or `self` / `self:N`: chat transcripts the model writes itself
+    /// (chat LLMs in the mistralrs backend).
     pub path: PathBuf,
     /// Its format (default: from the extension).
     #[serde(default)]
@@ -284,7 +293,13 @@ impl ModelConfig {
         r.speedup = self.budget.speedup.clone();
         r.latency_ms = self.budget.latency_ms.clone();
         if let Some(c) = &self.calibration {
-            r.calibration = Some(resolve(&c.path));
+            // `self` / `self:N` name self-written chat, not a file beside the config.
+            r.calibration = Some(
+                match crate::data::self_chat::parse_spec(&c.path.to_string_lossy()) {
+                    Some(_) => c.path.clone(),
+                    None => resolve(&c.path),
+                },
+            );
             r.calibration_format = c.format;
             r.samples = Some(c.samples);
             r.calibration_seq_len = c.seq_len;

@@ -14,7 +14,8 @@ use ziplm_plugin_api::{BlockKind, LatencyTable, TargetFingerprint, Workload};
 pub struct StageTimes {
     /// Loading and recognising the model.
     pub load_s: f64,
-    /// Calibration forward passes and Gram accumulation.
+    /// Calibration: the samples (reading and tokenising the data, or the model writing
+    /// its own chat transcripts), forward passes and Gram accumulation.
     pub calibrate_s: f64,
     /// Greedy OBS database.
     pub database_s: f64,

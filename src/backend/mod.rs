@@ -114,6 +114,11 @@ pub trait Backend: Sync {
     fn recovers(&self) -> bool {
         false
     }
+    /// Whether its models write their own chat transcripts for calibration
+    /// (`--calibration self:N`); jobs that ask another backend for it are refused.
+    fn writes_chat(&self) -> bool {
+        false
+    }
     /// Tokens per calibration sample when a job names none (`--calibration-seq-len`).
     fn calibration_seq_len(&self) -> usize {
         crate::job::request::DEFAULT_SEQ_LEN

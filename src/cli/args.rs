@@ -120,8 +120,10 @@ pub struct PruneArgs {
     pub latency_ms: Vec<f64>,
     #[command(flatten)]
     pub workload: WorkloadArgs,
-    /// Calibration data (text, .jsonl, or STS .csv/.tsv). Default: random token ids.
-    #[arg(long)]
+    /// Calibration data (text, .jsonl, or STS .csv/.tsv), or `self:N`: N tokens of chat
+    /// transcripts a chat LLM writes itself (`self`: as many as the samples need),
+    /// cached. Default: random token ids.
+    #[arg(long, value_name = "FILE|self:N")]
     pub calibration: Option<PathBuf>,
     /// Format of the calibration file (default: from the extension).
     #[arg(long, value_enum)]

@@ -2,6 +2,7 @@
 //! tokenising them into samples.
 
 pub mod probes;
+pub mod self_chat;
 pub mod sts;
 pub mod tokenizer;
 
@@ -39,18 +40,62 @@ impl DataFormat {
     }
 }
 
-/// Where calibration samples come from.
+/// Where calibration samples come from, and how many.
 #[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
 pub struct CalibrationData {
-    /// The file.
-    pub path: PathBuf,
-    /// Its layout (guessed from the extension when absent).
-    #[serde(default)]
-    pub format: Option<DataFormat>,
+    /// The text.
+    pub source: CalibrationSource,
     /// Number of samples to use.
     pub samples: usize,
     /// Tokens per sample (longer ones are truncated; windows have exactly this length).
     pub seq_len: usize,
+}
+
+impl CalibrationData {
+    /// Samples from a data file (its layout guessed from the extension when `format`
+    /// is `None`).
+    pub fn file(
+        path: impl Into<PathBuf>,
+        format: Option<DataFormat>,
+        samples: usize,
+        seq_len: usize,
+    ) -> CalibrationData {
+        CalibrationData {
+            source: CalibrationSource::File {
+                path: path.into(),
+                format,
+            },
+            samples,
+            seq_len,
+        }
+    }
+
+    /// The data file, when the samples come from one.
+    pub fn path(&self) -> Option<&Path> {
+        match &self.source {
+            CalibrationSource::File { path, .. } => Some(path),
+            CalibrationSource::SelfChat { .. } => None,
+        }
+    }
+}
+
+/// The text calibration (and recovery) reads.
+#[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
+#[serde(rename_all = "snake_case")]
+pub enum CalibrationSource {
+    /// A data file.
+    File {
+        /// The file.
+        path: PathBuf,
+        /// Its layout (guessed from the extension when absent).
+        #[serde(default)]
+        format: Option<DataFormat>,
+    },
+    /// Chat transcripts the dense model writes itself ([`self_chat`]), cached.
+    SelfChat {
+        /// Tokens of transcripts (whole transcripts, so a few more).
+        tokens: usize,
+    },
 }
 
 /// How texts become samples.

@@ -7,7 +7,7 @@
 //! config key the user wrote ([`Origin`] spells each [`Field`]).
 
 use super::{BackendKind, BackendOptions, Device, PruneJob, RecoverySettings};
-use crate::data::{CalibrationData, DataFormat};
+use crate::data::{CalibrationData, CalibrationSource, DataFormat};
 use crate::error::{Error, Result};
 use crate::search::spdy::RefineConfig;
 use crate::search::Budget;
@@ -390,6 +390,29 @@ impl JobRequest {
                     o.spell(Field::Calibration)
                 ));
             }
+            Some(spec) if crate::data::self_chat::parse_spec(&spec.to_string_lossy()).is_some() => {
+                let tokens = crate::data::self_chat::parse_spec(&spec.to_string_lossy())
+                    .expect("checked above")
+                    .map_err(|e| o.error(format!("{e} ({})", o.spell(Field::Calibration))))?;
+                if let Some(b) = backend.filter(|b| !b.writes_chat()) {
+                    return Err(o.error(format!(
+                        "{} self: the {} backend's models do not chat (self-written transcripts are for chat LLMs in the mistralrs backend, {}); give a data file",
+                        o.spell(Field::Calibration),
+                        b.name(),
+                        crate::backend::LLM_MODELS
+                    )));
+                }
+                let seq_len = self.calibration_seq_len.unwrap_or_else(|| {
+                    backend.map_or(DEFAULT_SEQ_LEN, |b| b.calibration_seq_len())
+                });
+                job.calibration = Some(CalibrationData {
+                    source: CalibrationSource::SelfChat {
+                        tokens: tokens.unwrap_or(samples.saturating_mul(seq_len)),
+                    },
+                    samples,
+                    seq_len,
+                });
+            }
             Some(path) => {
                 if !path.is_file() {
                     return Err(o.error(format!(
@@ -399,14 +422,14 @@ impl JobRequest {
                         o.spell(Field::Calibration)
                     )));
                 }
-                job.calibration = Some(CalibrationData {
-                    path: path.clone(),
-                    format: self.calibration_format,
+                job.calibration = Some(CalibrationData::file(
+                    path.clone(),
+                    self.calibration_format,
                     samples,
-                    seq_len: self.calibration_seq_len.unwrap_or_else(|| {
+                    self.calibration_seq_len.unwrap_or_else(|| {
                         backend.map_or(DEFAULT_SEQ_LEN, |b| b.calibration_seq_len())
                     }),
-                });
+                ));
             }
         }
         if let Some(t) = &self.tokenizer {
@@ -643,6 +666,39 @@ mod tests {
         assert_eq!(job.recovery.map(|s| s.tokens), Some(1024));
         // LLMs calibrate on 512-token windows unless told otherwise.
         assert_eq!(job.calibration.map(|c| c.seq_len), Some(512));
+    }
+
+    #[test]
+    fn self_written_calibration_is_for_chat_llms_and_sized_by_the_samples() {
+        let dir = tempfile::tempdir().unwrap();
+        let onnx = dir.path().join("m.onnx");
+        let gguf = dir.path().join("m.gguf");
+        for f in [&onnx, &gguf] {
+            std::fs::write(f, b"").unwrap();
+        }
+        let mut r = request(&onnx);
+        r.calibration = Some("self:4096".into());
+        let e = r.resolve().unwrap_err().to_string();
+        assert!(
+            e.contains("--calibration self: the tract backend's models do not chat"),
+            "{e}"
+        );
+        let mut r = request(&gguf);
+        r.calibration = Some("self:none".into());
+        let e = r.resolve().unwrap_err().to_string();
+        assert!(e.contains("self:none: not a token count"), "{e}");
+        r.calibration = Some("self:4096".into());
+        let cal = r.resolve().unwrap().job.calibration.unwrap();
+        assert_eq!(cal.source, CalibrationSource::SelfChat { tokens: 4096 });
+        assert_eq!(cal.path(), None);
+        // `self` alone: as many tokens as the samples hold.
+        r.calibration = Some("self".into());
+        r.samples = Some(8);
+        let cal = r.resolve().unwrap().job.calibration.unwrap();
+        assert_eq!(cal.source, CalibrationSource::SelfChat { tokens: 8 * 512 });
+        // Recovery trains on it like on a file.
+        r.recovery = Some(RecoverySettings::with_tokens(1024));
+        assert!(r.resolve().is_ok());
     }
 
     #[test]

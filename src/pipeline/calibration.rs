@@ -1,9 +1,10 @@
 //! The calibrate stage's input: the samples a job calibrates on, for any backend.
 
 use super::Session;
-use crate::data::{self, tokenizer::Tokenizer, DataFormat};
+use crate::data::{self, self_chat, tokenizer::Tokenizer, CalibrationSource, DataFormat};
 use crate::error::{Error, Result};
 use crate::job::PruneJob;
+use crate::progress::Progress;
 use ziplm_plugin_api::{ModelAdapter, ModelStructure};
 
 /// The tokenizer a job's calibration text is encoded with: `--tokenizer`, else a
@@ -26,9 +27,15 @@ pub fn tokenizer<S: Session>(job: &PruneJob, model: &S::Model, session: &S) -> R
 }
 
 /// Calibration samples for a job: its calibration text tokenised and cut as the
-/// session asks ([`Session::sample_mode`]), or `job.random_samples` random id sequences
+/// session asks ([`Session::sample_mode`]), the model's own chat transcripts
+/// ([`Session::self_chat`]) cut into windows, or `job.random_samples` random id sequences
 /// of the workload's length when no data is given.
-pub fn samples<S: Session>(job: &PruneJob, model: &S::Model, session: &S) -> Result<Vec<Vec<i64>>> {
+pub fn samples<S: Session>(
+    job: &PruneJob,
+    model: &S::Model,
+    session: &S,
+    progress: &dyn Progress,
+) -> Result<Vec<Vec<i64>>> {
     let Some(cal) = &job.calibration else {
         let vocab = model.vocab_size().ok_or_else(|| {
             Error::Invalid(
@@ -43,11 +50,16 @@ pub fn samples<S: Session>(job: &PruneJob, model: &S::Model, session: &S) -> Res
             job.seed,
         ));
     };
+    let (path, format) = match &cal.source {
+        CalibrationSource::File { path, format } => (path, format),
+        CalibrationSource::SelfChat { tokens } => {
+            let transcripts = session.self_chat(model, job, *tokens, progress)?;
+            return Ok(self_chat::windows(&transcripts, cal.samples, cal.seq_len));
+        }
+    };
     let tok = tokenizer(job, model, session)?;
-    let format = cal
-        .format
-        .unwrap_or_else(|| DataFormat::from_path(&cal.path));
-    let texts = data::read_texts(&cal.path, format)?;
+    let format = format.unwrap_or_else(|| DataFormat::from_path(path));
+    let texts = data::read_texts(path, format)?;
     data::make_samples(
         &tok,
         &texts,

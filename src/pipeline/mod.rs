@@ -4,7 +4,8 @@
 //!
 //! ```text
 //! load       Backend::open            -> S: Session (the loaded model)
-//! calibrate  calibration::samples     -> Calibration (token samples set on the model)
+//! calibrate  calibration::samples     -> Calibration (token samples set on the model;
+//!                                        Session::self_chat writes them for self:N)
 //! database   Database::build          -> Database (removal orders, errors, weights)
 //! profile    profile::acquire_table   -> Profiled (LatencyTable, whether to verify)
 //! prepare    Session::prepare_*       -> Prepared (loss hook, verification set-up)
@@ -65,6 +66,22 @@ pub trait Session {
         _job: &PruneJob,
     ) -> Option<Result<Tokenizer>> {
         None
+    }
+
+    /// Chat transcripts the dense model writes itself, holding at least `tokens` ids
+    /// (`--calibration self:N`, [`crate::data::self_chat`]); backends whose models do
+    /// not chat refuse (and jobs that ask them are refused when resolved, see
+    /// [`crate::backend::Backend::writes_chat`]).
+    fn self_chat(
+        &self,
+        _model: &Self::Model,
+        _job: &PruneJob,
+        _tokens: usize,
+        _progress: &dyn Progress,
+    ) -> Result<Vec<crate::data::self_chat::Transcript>> {
+        Err(Error::Invalid(
+            "this backend's models do not chat: self-written calibration (self:N) is for chat LLMs in the mistralrs backend; give --calibration FILE".into(),
+        ))
     }
 
     /// Notes the report starts with (how this backend times).
@@ -243,10 +260,12 @@ pub fn run<S: Session>(
     };
 
     // calibrate + database
-    let samples = calibration::samples(job, &model, &session)?;
+    let t = Instant::now();
+    let samples = calibration::samples(job, &model, &session, progress)?;
+    let samples_s = t.elapsed().as_secs_f64();
     model.set_calibration(samples)?;
     let database = Database::build(&mut model, &job.database, progress)?;
-    stages.calibrate_s = database.timings.calibrate_s;
+    stages.calibrate_s = samples_s + database.timings.calibrate_s;
     stages.database_s = database.timings.database_s;
 
     // profile

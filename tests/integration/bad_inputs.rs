@@ -4,7 +4,7 @@
 
 use std::path::{Path, PathBuf};
 use ziplm::backend::tract::onnx::OnnxFile;
-use ziplm::data::{CalibrationData, DataFormat};
+use ziplm::data::{CalibrationData, CalibrationSource, DataFormat};
 use ziplm::job::PruneJob;
 use ziplm::search::Budget;
 
@@ -104,12 +104,7 @@ fn with_text(mut job: PruneJob, dir: &Path, text: &str) -> PruneJob {
     let path = dir.join("calibration.txt");
     std::fs::write(&path, text).unwrap();
     job.tokenizer = Some(tokenizer(dir));
-    job.calibration = Some(CalibrationData {
-        path,
-        format: Some(DataFormat::Text),
-        samples: 8,
-        seq_len: 16,
-    });
+    job.calibration = Some(CalibrationData::file(path, Some(DataFormat::Text), 8, 16));
     job
 }
 
@@ -176,7 +171,10 @@ fn unusable_calibration_data() {
         &["token id 500", "vocabulary of 128"],
     );
     let mut missing = with_text(base(), dir.path(), "the cat");
-    missing.calibration.as_mut().unwrap().path = dir.path().join("nope.txt");
+    missing.calibration.as_mut().unwrap().source = CalibrationSource::File {
+        path: dir.path().join("nope.txt"),
+        format: None,
+    };
     fails_cleanly(&missing, &["nope.txt"]);
     let mut no_tokenizer = with_text(base(), dir.path(), "the cat");
     no_tokenizer.tokenizer = None;

@@ -60,8 +60,8 @@ fn a_valid_config_becomes_jobs_with_resolved_paths() {
         ]
     );
     assert_eq!(
-        job.calibration.as_ref().unwrap().path,
-        base.join("data/train.jsonl")
+        job.calibration.as_ref().unwrap().path(),
+        Some(base.join("data/train.jsonl").as_path())
     );
     assert_eq!(job.output_stem(&Budget::Speedup(1.5)), "minilm.speedup-1.5");
 }

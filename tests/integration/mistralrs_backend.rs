@@ -1013,3 +1013,61 @@ fn smollm2_recovery_smoke_lowers_the_loss_and_serves_in_mistralrs() {
     // embedding and output head) with its quantised kernels.
     assert!(d < 0.05 * scale, "recovered logits differ by {d}");
 }
+
+/// `--calibration self:N` on real SmolLM2-135M-Instruct (one batch of 8 requests): the
+/// transcripts are its own questions and greedy replies in its chat format, as
+/// mistral.rs renders and tokenises a conversation; a second call with the same or a
+/// smaller count reads them from the cache without loading the model.
+#[test]
+fn smollm2_writes_its_own_chat_transcripts_and_caches_them() {
+    use ziplm::data::self_chat;
+    let Some(path) = smollm2() else { return };
+    let model = LlamaModel::load(&path, LlamaOptions::default()).unwrap();
+    let cache = tempfile::tempdir().unwrap();
+    let write = |tokens: usize| {
+        mrs::self_chat::transcripts(
+            &path,
+            &model.weights,
+            tokens,
+            cache.path(),
+            8,
+            &ziplm::progress::Quiet,
+        )
+        .unwrap()
+    };
+    let t0 = std::time::Instant::now();
+    let written = write(300);
+    let took = t0.elapsed().as_secs_f64();
+    let tokens = self_chat::token_count(&written);
+    let file = self_chat::cache_file(cache.path(), &path).unwrap();
+    let (requests, all) = self_chat::read_cache(&file).unwrap();
+    eprintln!(
+        "SmolLM2 self-chat: {requests} requests, {} transcripts, {} tokens in {took:.1} s; first: {:?} -> {:?}",
+        all.len(),
+        self_chat::token_count(&all),
+        written[0].question,
+        written[0].reply
+    );
+    assert!(tokens >= 300, "{tokens} tokens");
+    let tok = mrs::tokenizer::from_gguf(model.gguf().unwrap()).unwrap();
+    for t in &written {
+        assert!(
+            t.question.chars().count() >= 8 && !t.reply.is_empty(),
+            "{t:?}"
+        );
+        let text = tok.decode(&t.ids, false).unwrap();
+        assert!(
+            text.contains(&format!("<|im_start|>user\n{}<|im_end|>", t.question))
+                && text.contains(&format!("<|im_start|>assistant\n{}", t.reply.trim_end())),
+            "{text}"
+        );
+    }
+    // The cache: the same transcripts, again and as a prefix, with no model loaded.
+    let stamp = std::fs::metadata(&file).unwrap().modified().unwrap();
+    assert_eq!(write(300), written);
+    assert_eq!(write(1), written[..1].to_vec());
+    assert_eq!(std::fs::metadata(&file).unwrap().modified().unwrap(), stamp);
+    let windows = self_chat::windows(&written, 4, 64);
+    assert_eq!(windows.len(), 4.min(tokens / 64));
+    assert_eq!(windows[0][0], i64::from(written[0].ids[0]));
+}

@@ -338,6 +338,28 @@ impl Session for MistralSession {
     fn embedded_tokenizer(&self, model: &LlamaModel, job: &PruneJob) -> Option<Result<Tokenizer>> {
         Some(model_tokenizer(&job.model, None, model))
     }
+    fn self_chat(
+        &self,
+        model: &LlamaModel,
+        job: &PruneJob,
+        tokens: usize,
+        progress: &dyn Progress,
+    ) -> Result<Vec<crate::data::self_chat::Transcript>> {
+        if !super::self_chat::has_chat_template(&job.model, model) {
+            return Err(Error::Invalid(format!(
+                "{}: the model has no chat template, so it cannot write chat transcripts (self:N is for chat models); give --calibration FILE",
+                job.model.display()
+            )));
+        }
+        super::self_chat::transcripts(
+            &job.model,
+            &model.weights,
+            tokens,
+            &crate::data::self_chat::cache_folder(),
+            super::self_chat::BATCH,
+            progress,
+        )
+    }
     fn notes(&self, job: &PruneJob) -> Vec<String> {
         vec![format!(
             "latencies: blocks timed with candle {} kernels ({} threads); verification times whole models in mistral.rs ({})",
@@ -560,6 +582,9 @@ impl Backend for MistralBackend {
         crate::backend::LLM_CALIBRATION_SEQ_LEN
     }
     fn recovers(&self) -> bool {
+        true
+    }
+    fn writes_chat(&self) -> bool {
         true
     }
     fn output_format(&self, format: &str) -> Option<Vec<(&'static str, &'static str)>> {

@@ -169,6 +169,15 @@ fn rope_tables(
     Ok((freqs.cos()?, freqs.sin()?))
 }
 
+/// cos / sin tables `[len, rope_dim / 2]` for positions `0..len`.
+pub fn rope_tables_for(
+    cfg: &LlamaConfig,
+    len: usize,
+    device: &Device,
+) -> candle_core::Result<(Tensor, Tensor)> {
+    rope_tables(cfg, len, device)
+}
+
 /// The RoPE tables and the causal mask in `dtype` (f64 for gradient checks).
 fn tables_in(
     cfg: &LlamaConfig,
@@ -230,9 +239,53 @@ fn attention_with(
     kernels: Kernels,
 ) -> candle_core::Result<Tensor> {
     let t = h.dims()[0];
-    let hd = cfg.head_dim;
-    let nh = layer.n_heads(hd);
-    let nkv = layer.n_kv_heads(hd);
+    let (q, k, v) = attention_inputs(layer, h, (1, t), cfg.head_dim, (cos, sin), kernels)?;
+    attend(&q, &k, &v, mask, kernels)
+}
+
+/// Grouped-query attention of queries `[rows, heads, tq, head_dim]` over keys and values
+/// `[rows, kv_heads, tk, head_dim]` (query head `h` reads KV head `h / group`), with the
+/// additive `mask` broadcast onto the scores; returns `[rows * tq, heads * head_dim]`
+/// (the o_proj input).
+pub fn attend(
+    q: &Tensor,
+    k: &Tensor,
+    v: &Tensor,
+    mask: &Tensor,
+    kernels: Kernels,
+) -> candle_core::Result<Tensor> {
+    let (rows, nh, tq, hd) = q.dims4()?;
+    let (_, nkv, tk, _) = k.dims4()?;
+    // The query heads of a group are stacked along the query axis, so every KV head is
+    // read once (no copy of the keys and values per query head): [rows, nkv, group *
+    // tq, hd], the same memory as [rows, nh, tq, hd] since heads are KV-head-major.
+    let group = nh / nkv.max(1);
+    let q = q.reshape((rows, nkv, group * tq, hd))?;
+    let scale = 1.0 / (hd as f64).sqrt();
+    let scores = (q.matmul(&k.t()?)? * scale)?
+        .reshape((rows, nh, tq, tk))?
+        .broadcast_add(mask)?;
+    let probs = kernels
+        .softmax(&scores)?
+        .reshape((rows, nkv, group * tq, tk))?;
+    probs
+        .matmul(v)?
+        .reshape((rows, nh, tq, hd))?
+        .transpose(1, 2)?
+        .reshape((rows * tq, nh * hd))?
+        .contiguous()
+}
+
+/// Queries, keys and values `[rows, heads, t, head_dim]` of normed input `h: [rows * t,
+/// hidden]` (row-major), RoPE applied with the tables' rows for these `t` positions.
+pub fn attention_inputs(
+    layer: &LayerWeights,
+    h: &Tensor,
+    (rows, t): (usize, usize),
+    hd: usize,
+    (cos, sin): (&Tensor, &Tensor),
+    kernels: Kernels,
+) -> candle_core::Result<(Tensor, Tensor, Tensor)> {
     let bias = layer.qkv_bias.as_ref();
     let project = |w: &Tensor, b: Option<&Tensor>, heads: usize| -> candle_core::Result<Tensor> {
         let y = linear(h, w)?;
@@ -240,33 +293,18 @@ fn attention_with(
             Some(b) => y.broadcast_add(b)?,
             None => y,
         };
-        y.reshape((1, t, heads, hd))?.transpose(1, 2)?.contiguous()
+        y.reshape((rows, t, heads, hd))?
+            .transpose(1, 2)?
+            .contiguous()
     };
-    let q = project(&layer.wq, bias.map(|b| &b.q), nh)?;
-    let k = project(&layer.wk, bias.map(|b| &b.k), nkv)?;
-    let v = project(&layer.wv, bias.map(|b| &b.v), nkv)?;
-    let q = kernels.rope_i(&q, cos, sin)?;
-    let k = kernels.rope_i(&k, cos, sin)?;
-    // Repeat each KV head for the query heads of its group.
-    let group = nh / nkv.max(1);
-    let (k, v) = if group > 1 {
-        let rep = |x: &Tensor| -> candle_core::Result<Tensor> {
-            x.unsqueeze(2)?
-                .expand((1, nkv, group, t, hd))?
-                .reshape((1, nh, t, hd))
-        };
-        (rep(&k)?, rep(&v)?)
-    } else {
-        (k, v)
-    };
-    let scale = 1.0 / (hd as f64).sqrt();
-    let scores = (q.matmul(&k.t()?)? * scale)?.broadcast_add(mask)?;
-    let probs = kernels.softmax(&scores)?;
-    probs
-        .matmul(&v)?
-        .transpose(1, 2)?
-        .reshape((t, nh * hd))?
-        .contiguous()
+    let q = project(&layer.wq, bias.map(|b| &b.q), layer.n_heads(hd))?;
+    let k = project(&layer.wk, bias.map(|b| &b.k), layer.n_kv_heads(hd))?;
+    let v = project(&layer.wv, bias.map(|b| &b.v), layer.n_kv_heads(hd))?;
+    Ok((
+        kernels.rope_i(&q, cos, sin)?,
+        kernels.rope_i(&k, cos, sin)?,
+        v,
+    ))
 }
 
 /// The SwiGLU core on normed input `h`: the down_proj input `[t, width]`.
@@ -402,6 +440,46 @@ pub(crate) fn tiny_config(n_layers: usize, vocab: usize) -> LlamaConfig {
         rms_eps: 1e-5,
         vocab,
         context_length: 64,
+    }
+}
+
+/// Entries uniform in [-0.5, 0.5), the same for the same seed.
+#[cfg(test)]
+pub(crate) fn random_tensor(shape: &[usize], seed: u64, dtype: DType) -> Tensor {
+    use rand::{Rng, SeedableRng};
+    let mut r = rand_chacha::ChaCha8Rng::seed_from_u64(seed);
+    let n: usize = shape.iter().product();
+    let v: Vec<f64> = (0..n).map(|_| r.random_range(-0.5f64..0.5)).collect();
+    Tensor::from_vec(v, shape, &Device::Cpu)
+        .unwrap()
+        .to_dtype(dtype)
+        .unwrap()
+}
+
+/// A tiny GQA Llama of [`tiny_config`] (2 layers, vocab 11) with random weights in
+/// `dtype`, the same for the same seed.
+#[cfg(test)]
+pub(crate) fn tiny_weights(seed: u64, dtype: DType) -> LlamaWeights {
+    let rand = |shape: &[usize], seed: u64| random_tensor(shape, seed, dtype);
+    let norm = |s: u64| (rand(&[16], s) + 1.0).unwrap();
+    let layer = |s: u64| LayerWeights {
+        attn_norm: norm(s),
+        wq: rand(&[16, 16], s + 1),
+        wk: rand(&[8, 16], s + 2),
+        wv: rand(&[8, 16], s + 3),
+        wo: rand(&[16, 16], s + 4),
+        ffn_norm: norm(s + 5),
+        gate: rand(&[8, 16], s + 6),
+        up: rand(&[8, 16], s + 7),
+        down: rand(&[16, 8], s + 8),
+        qkv_bias: None,
+    };
+    LlamaWeights {
+        config: tiny_config(2, 11),
+        embed: rand(&[11, 16], seed),
+        norm: norm(seed + 1),
+        output: Some(rand(&[11, 16], seed + 2)),
+        layers: vec![layer(seed + 10), layer(seed + 20)],
     }
 }
 

@@ -13,15 +13,18 @@
 //! - [`emit`]: writing the pruned GGUF file.
 //! - [`profile`]: timing block shapes with candle's kernels.
 //! - [`loss`]: the SPDY loss hook.
+//! - [`generate`]: batched greedy generation with a KV cache on ziplm's forward.
 //! - [`runtime`]: mistralrs-core: load, logits, prefill timing, chat.
 //! - [`driver`]: a whole prune job.
 //! - [`eval`]: perplexity of a model on a text.
+//! - [`self_chat`]: the dense model's own chat transcripts (`--calibration self:N`).
 //! - [`sequential`]: sequential correction of a chosen plan (ZIPLM.md section 8).
 //! - [`recovery`]: distillation of a pruned model towards the dense one (section 9).
 
 pub mod driver;
 pub mod emit;
 pub mod eval;
+pub mod generate;
 pub mod gguf;
 pub mod hf;
 pub mod llama;
@@ -31,6 +34,7 @@ pub mod options;
 pub mod profile;
 pub mod recovery;
 pub mod runtime;
+pub mod self_chat;
 pub mod sequential;
 pub mod tokenizer;
 

@@ -738,41 +738,7 @@ mod tests {
     use super::*;
     use candle_core::Device;
 
-    fn rand(shape: &[usize], seed: u64, dtype: DType) -> Tensor {
-        use rand::Rng;
-        let mut r = rand_chacha::ChaCha8Rng::seed_from_u64(seed);
-        let n: usize = shape.iter().product();
-        let v: Vec<f64> = (0..n).map(|_| r.random_range(-0.5f64..0.5)).collect();
-        Tensor::from_vec(v, shape, &Device::Cpu)
-            .unwrap()
-            .to_dtype(dtype)
-            .unwrap()
-    }
-
-    /// A tiny GQA Llama (2 layers, 4 heads over 2 KV heads of 4, FFN 8, vocab 11).
-    pub(super) fn tiny(seed: u64, dtype: DType) -> LlamaWeights {
-        let config = crate::backend::mistralrs::llama::tiny_config(2, 11);
-        let norm = |s: u64| (rand(&[16], s, dtype) + 1.0).unwrap();
-        let layer = |s: u64| LayerWeights {
-            attn_norm: norm(s),
-            wq: rand(&[16, 16], s + 1, dtype),
-            wk: rand(&[8, 16], s + 2, dtype),
-            wv: rand(&[8, 16], s + 3, dtype),
-            wo: rand(&[16, 16], s + 4, dtype),
-            ffn_norm: norm(s + 5),
-            gate: rand(&[8, 16], s + 6, dtype),
-            up: rand(&[8, 16], s + 7, dtype),
-            down: rand(&[16, 8], s + 8, dtype),
-            qkv_bias: None,
-        };
-        LlamaWeights {
-            config,
-            embed: rand(&[11, 16], seed, dtype),
-            norm: norm(seed + 1),
-            output: Some(rand(&[11, 16], seed + 2, dtype)),
-            layers: vec![layer(seed + 10), layer(seed + 20)],
-        }
-    }
+    use crate::backend::mistralrs::llama::{random_tensor as rand, tiny_weights as tiny};
 
     /// Every op of the training forward passes its gradient on: the gradient of the
     /// whole distillation loss (KL + hidden term) against central finite differences,

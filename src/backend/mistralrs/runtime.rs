@@ -128,6 +128,9 @@ impl LoadedModel {
                     MistralRsBuilder::new(
                         pipeline,
                         SchedulerConfig::DefaultScheduler {
+                            // One sequence at a time: on the CPU, mistralrs-core 0.8.1
+                            // decoding 8 chat requests together took longer than one
+                            // after another and garbled the replies' first tokens.
                             method: DefaultSchedulerMethod::Fixed(
                                 NonZeroUsize::new(1).expect("1 > 0"),
                             ),
@@ -156,14 +159,20 @@ impl LoadedModel {
         })
     }
 
-    fn send(&self, messages: RequestMessage, max_len: usize, raw: bool) -> AdapterResult<Response> {
-        let (tx, rx) = channel(16);
+    /// A greedy request for up to `max_len` tokens, answered on `tx`.
+    fn request(
+        &self,
+        messages: RequestMessage,
+        max_len: usize,
+        raw: bool,
+        tx: tokio::sync::mpsc::Sender<Response>,
+    ) -> Request {
         let mut sampling = SamplingParams::deterministic();
         sampling.max_len = Some(max_len);
         let id = self
             .next_id
             .fetch_add(1, std::sync::atomic::Ordering::Relaxed);
-        let request = Request::Normal(Box::new(NormalRequest {
+        Request::Normal(Box::new(NormalRequest {
             messages,
             sampling_params: sampling,
             response: tx,
@@ -179,7 +188,12 @@ impl LoadedModel {
             web_search_options: None,
             model_id: None,
             truncate_sequence: false,
-        }));
+        }))
+    }
+
+    fn send(&self, messages: RequestMessage, max_len: usize, raw: bool) -> AdapterResult<Response> {
+        let (tx, rx) = channel(16);
+        let request = self.request(messages, max_len, raw, tx);
         self.round_trip("request", request, rx)
     }
 
@@ -290,11 +304,8 @@ impl LoadedModel {
 
     /// Greedy reply to one user message, through the model's chat template.
     pub fn chat(&self, user: &str, max_tokens: usize) -> AdapterResult<Reply> {
-        let mut m = IndexMap::new();
-        m.insert("role".to_string(), Either::Left("user".to_string()));
-        m.insert("content".to_string(), Either::Left(user.to_string()));
         let msg = RequestMessage::Chat {
-            messages: vec![m],
+            messages: vec![message("user", user)],
             enable_thinking: None,
             reasoning_effort: None,
         };
@@ -313,6 +324,51 @@ impl LoadedModel {
             other => Err(unexpected(other)),
         }
     }
+
+    /// A conversation of `(role, content)` turns through the model's chat template (as
+    /// a chat request renders it; with the prompt for the assistant's next reply when
+    /// `reply_prompt`), tokenised.
+    pub fn tokenize_chat(
+        &self,
+        turns: &[(&str, &str)],
+        reply_prompt: bool,
+    ) -> AdapterResult<Vec<u32>> {
+        let (tx, rx) = channel(1);
+        let request = Request::Tokenize(TokenizationRequest {
+            text: Either::Left(turns.iter().map(|(r, c)| message(r, c)).collect()),
+            tools: None,
+            add_generation_prompt: reply_prompt,
+            add_special_tokens: true,
+            enable_thinking: None,
+            reasoning_effort: None,
+            response: tx,
+        });
+        self.round_trip("chat template", request, rx)?
+            .map_err(|e| err("chat template")(e.to_string()))
+    }
+}
+
+impl LoadedModel {
+    /// `ids` as text, by mistral.rs's tokenizer of this model; special tokens left out
+    /// when `skip_special`.
+    pub fn detokenize(&self, ids: &[u32], skip_special: bool) -> AdapterResult<String> {
+        let (tx, rx) = channel(1);
+        let request = Request::Detokenize(mistralrs_core::DetokenizationRequest {
+            tokens: ids.to_vec(),
+            skip_special_tokens: skip_special,
+            response: tx,
+        });
+        self.round_trip("detokenize", request, rx)?
+            .map_err(|e| err("detokenize")(e.to_string()))
+    }
+}
+
+/// One chat message.
+fn message(role: &str, content: &str) -> IndexMap<String, mistralrs_core::MessageContent> {
+    let mut m = IndexMap::new();
+    m.insert("role".to_string(), Either::Left(role.to_string()));
+    m.insert("content".to_string(), Either::Left(content.to_string()));
+    m
 }
 
 fn unexpected(r: Response) -> AdapterError {
