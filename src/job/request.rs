@@ -384,8 +384,13 @@ impl JobRequest {
             }
             None => {
                 job.random_samples = samples.min(MAX_RANDOM_SAMPLES);
+                let chat_hint = if backend.is_some_and(|b| b.writes_chat()) {
+                    ", or `self` for a chat model to write its own"
+                } else {
+                    ""
+                };
                 warnings.push(format!(
-                    "no calibration data given: calibrating on {} random token sequences (fine for test models; give {} for real ones)",
+                    "no calibration data given: calibrating on {} random token sequences (fine for test models; give {} FILE for real ones{chat_hint})",
                     job.random_samples,
                     o.spell(Field::Calibration)
                 ));

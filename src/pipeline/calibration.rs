@@ -54,7 +54,18 @@ pub fn samples<S: Session>(
         CalibrationSource::File { path, format } => (path, format),
         CalibrationSource::SelfChat { tokens } => {
             let transcripts = session.self_chat(model, job, *tokens, progress)?;
-            return Ok(self_chat::windows(&transcripts, cal.samples, cal.seq_len));
+            let windows = self_chat::windows(&transcripts, cal.samples, cal.seq_len);
+            if windows.is_empty() {
+                return Err(Error::Calibration {
+                    context: format!("{}: self-written chat", job.model.display()),
+                    detail: format!(
+                        "the model wrote {} tokens of transcripts, less than one sample of {}; give a data file, or a shorter --calibration-seq-len",
+                        self_chat::token_count(&transcripts),
+                        cal.seq_len
+                    ),
+                });
+            }
+            return Ok(windows);
         }
     };
     let tok = tokenizer(job, model, session)?;

@@ -1027,7 +1027,7 @@ fn smollm2_writes_its_own_chat_transcripts_and_caches_them() {
     let write = |tokens: usize| {
         mrs::self_chat::transcripts(
             &path,
-            &model.weights,
+            &model,
             tokens,
             cache.path(),
             8,
@@ -1070,4 +1070,78 @@ fn smollm2_writes_its_own_chat_transcripts_and_caches_them() {
     let windows = self_chat::windows(&written, 4, 64);
     assert_eq!(windows.len(), 4.min(tokens / 64));
     assert_eq!(windows[0][0], i64::from(written[0].ids[0]));
+}
+
+/// `ziplm prune --calibration self:N` on the tiny fixture (it has a chat template): the
+/// model writes its transcripts into the cache (`ZIPLM_CACHE_DIR`) and calibrates on
+/// them; a second run reads the cache, leaves it as it is and writes the same model.
+/// (The tiny model's random weights write nonsense, but the same nonsense every time.)
+#[test]
+fn the_cli_calibrates_a_chat_model_on_its_own_transcripts() {
+    let dir = tempfile::tempdir().unwrap();
+    let cache = dir.path().join("cache");
+    let run = |out: &str| {
+        let o = std::process::Command::new(env!("CARGO_BIN_EXE_ziplm"))
+            .arg("prune")
+            .arg(tiny())
+            .args([
+                "--speedup",
+                "1.2",
+                "--seq-len",
+                "16",
+                "--no-verify",
+                "--refine",
+                "0",
+            ])
+            .args(["--calibration", "self:200", "--samples", "4"])
+            .args(["--calibration-seq-len", "32", "--quiet", "--latency-table"])
+            .arg(dir.path().join("table.json"))
+            .arg("--out")
+            .arg(dir.path().join(out))
+            .env("ZIPLM_CACHE_DIR", &cache)
+            .output()
+            .unwrap();
+        let stderr = String::from_utf8_lossy(&o.stderr).to_string();
+        assert!(o.status.success(), "{stderr}");
+        let model = std::fs::read_dir(dir.path().join(out))
+            .unwrap()
+            .map(|e| e.unwrap().path())
+            .find(|p| p.extension().is_some_and(|e| e == "gguf"))
+            .expect("a pruned GGUF file");
+        std::fs::read(model).unwrap()
+    };
+    let first = run("a");
+    let files: Vec<_> = std::fs::read_dir(cache.join("self-chat"))
+        .unwrap()
+        .map(|e| e.unwrap().path())
+        .collect();
+    assert_eq!(files.len(), 1, "{files:?}");
+    let (used, transcripts) = ziplm::data::self_chat::read_cache(&files[0]).unwrap();
+    assert!(used > 0 && ziplm::data::self_chat::token_count(&transcripts) >= 128);
+    let stamp = std::fs::metadata(&files[0]).unwrap().modified().unwrap();
+    // (The second run reuses the first one's latency table, so its plan is the same.)
+    assert!(run("b") == first, "the second run wrote another model");
+    assert_eq!(
+        std::fs::metadata(&files[0]).unwrap().modified().unwrap(),
+        stamp
+    );
+    // A backend whose models do not chat is refused before any work.
+    let onnx = Path::new(env!("CARGO_MANIFEST_DIR"))
+        .join("fixtures/onnx/tiny-bert-feature-extraction/model.onnx");
+    let o = std::process::Command::new(env!("CARGO_BIN_EXE_ziplm"))
+        .arg("prune")
+        .arg(onnx)
+        .args([
+            "--speedup",
+            "1.2",
+            "--calibration",
+            "self",
+            "--quiet",
+            "--out",
+        ])
+        .arg(dir.path().join("c"))
+        .output()
+        .unwrap();
+    assert_eq!(o.status.code(), Some(2));
+    assert!(String::from_utf8_lossy(&o.stderr).contains("do not chat"));
 }

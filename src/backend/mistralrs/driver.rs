@@ -353,7 +353,7 @@ impl Session for MistralSession {
         }
         super::self_chat::transcripts(
             &job.model,
-            &model.weights,
+            model,
             tokens,
             &crate::data::self_chat::cache_folder(),
             super::self_chat::BATCH,

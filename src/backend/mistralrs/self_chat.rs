@@ -8,7 +8,6 @@
 //! at a time here at about 12 tokens/s, and batched requests came out garbled.
 
 use super::generate;
-use super::llama::LlamaWeights;
 use super::runtime::LoadedModel;
 use crate::data::self_chat::{self as chat, Transcript};
 use crate::error::{Error, Result};
@@ -33,30 +32,64 @@ pub fn has_chat_template(path: &Path, model: &super::LlamaModel) -> bool {
             .is_some_and(|v| v.get("chat_template").is_some())
 }
 
-/// The token that ends an assistant turn in the chat template (`<|im_end|>` for
-/// SmolLM2): what follows the reply when a conversation is rendered whole.
-pub fn end_of_turn(rt: &LoadedModel) -> Result<u32> {
-    let prompt = rt.tokenize_chat(&[("user", "Hello")], true)?;
-    let whole = rt.tokenize_chat(&[("user", "Hello"), ("assistant", "Yes")], false)?;
-    let reply = rt.tokenize("Yes", false)?;
-    whole
-        .strip_prefix(prompt.as_slice())
-        .and_then(|rest| rest.strip_prefix(reply.as_slice()))
-        .and_then(|rest| rest.first().copied())
-        .ok_or_else(|| {
-            Error::Invalid(
-                "the chat template does not render a reply as prompt + reply + end-of-turn token; self:N cannot tell where a reply ends: give --calibration FILE".into(),
-            )
-        })
+/// The tokens a reply ends at: the one that ends an assistant turn in the chat template
+/// (`<|im_end|>` for SmolLM2; the first token of what follows any reply when a
+/// conversation is rendered whole, found with two replies), and the model's
+/// end-of-sequence token. Empty when there is neither: replies then run to their
+/// length limit.
+pub fn stop_tokens(rt: &LoadedModel, path: &Path, model: &super::LlamaModel) -> Result<Vec<u32>> {
+    let render = |reply: &str| rt.tokenize_chat(&[("user", "Hello"), ("assistant", reply)], false);
+    let (a, b) = (render("Yes")?, render("No")?);
+    let common = a
+        .iter()
+        .rev()
+        .zip(b.iter().rev())
+        .take_while(|(x, y)| x == y)
+        .count();
+    let mut stop = vec![];
+    if common > 0 {
+        stop.push(a[a.len() - common]);
+    }
+    stop.extend(eos_token(path, model));
+    stop.dedup();
+    Ok(stop)
 }
 
-/// At least `tokens` ids of transcripts by the model at `model` (weights `weights`;
+/// The end-of-sequence token: `tokenizer.ggml.eos_token_id` of a GGUF file, or a
+/// folder's `generation_config.json` / `config.json` `eos_token_id` (a number or a
+/// list of them).
+fn eos_token(path: &Path, model: &super::LlamaModel) -> Vec<u32> {
+    if let Some(g) = model.gguf() {
+        return g
+            .uint("tokenizer.ggml.eos_token_id")
+            .map(|i| i as u32)
+            .into_iter()
+            .collect();
+    }
+    ["generation_config.json", "config.json"]
+        .iter()
+        .filter_map(|f| std::fs::read_to_string(path.join(f)).ok())
+        .filter_map(|t| serde_json::from_str::<serde_json::Value>(&t).ok())
+        .find_map(|v| {
+            let e = v.get("eos_token_id")?;
+            Some(match e {
+                serde_json::Value::Array(a) => a
+                    .iter()
+                    .filter_map(|x| x.as_u64().map(|i| i as u32))
+                    .collect(),
+                other => other.as_u64().map(|i| i as u32).into_iter().collect(),
+            })
+        })
+        .unwrap_or_default()
+}
+
+/// At least `tokens` ids of transcripts by the model at `model` (loaded as `llm`;
 /// fewer only when every question request is used up), from the cache in `cache` and
 /// written on where the cache ends, `batch` conversations at a time. The cache is
 /// rewritten after every batch, so an interrupted run goes on from there.
 pub fn transcripts(
     model: &Path,
-    weights: &LlamaWeights,
+    llm: &super::LlamaModel,
     tokens: usize,
     cache: &Path,
     batch: usize,
@@ -68,7 +101,7 @@ pub fn transcripts(
     let mut have = chat::token_count(&written);
     if have < tokens && used < requests.len() {
         let rt = LoadedModel::load(model)?;
-        let stop = [end_of_turn(&rt)?];
+        let stop = stop_tokens(&rt, model, llm)?;
         let failed = |e: candle_core::Error| {
             Error::Invalid(format!("{}: generation failed: {e}", model.display()))
         };
@@ -78,7 +111,7 @@ pub fn transcripts(
                 .iter()
                 .map(|u| rt.tokenize_chat(&[("user", u)], true))
                 .collect::<std::result::Result<Vec<_>, _>>()?;
-            let ids = generate::greedy(weights, &prompts, max, &stop).map_err(failed)?;
+            let ids = generate::greedy(&llm.weights, &prompts, max, &stop).map_err(failed)?;
             ids.iter()
                 .map(|r| Ok(rt.detokenize(r, true)?.trim().to_string()))
                 .collect()
