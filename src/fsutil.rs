@@ -180,6 +180,38 @@ pub fn read_json<T: serde::de::DeserializeOwned>(path: &Path) -> Result<T> {
     })
 }
 
+/// Feeds the bytes of the file at `path` into `h`; for a folder, the name and bytes of
+/// each file directly inside it, in name order (content hashes of models and data).
+pub fn hash_path(h: &mut impl sha2::Digest, path: &Path) -> Result<()> {
+    if path.is_dir() {
+        let mut entries: Vec<std::path::PathBuf> = std::fs::read_dir(path)
+            .map_err(|e| Error::io(path, e))?
+            .filter_map(|e| e.ok().map(|e| e.path()))
+            .collect();
+        entries.sort();
+        for e in entries.into_iter().filter(|e| e.is_file()) {
+            h.update(e.file_name().unwrap_or_default().as_encoded_bytes());
+            hash_file(h, &e)?;
+        }
+        Ok(())
+    } else {
+        hash_file(h, path)
+    }
+}
+
+fn hash_file(h: &mut impl sha2::Digest, path: &Path) -> Result<()> {
+    use std::io::Read;
+    let mut f = std::fs::File::open(path).map_err(|e| Error::io(path, e))?;
+    let mut buf = vec![0u8; 1 << 20];
+    loop {
+        let n = f.read(&mut buf).map_err(|e| Error::io(path, e))?;
+        if n == 0 {
+            return Ok(());
+        }
+        h.update(&buf[..n]);
+    }
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -242,37 +274,5 @@ mod tests {
         assert!(check_output_folder(&dir.path().join("new/folder")).is_ok());
         assert!(!dir.path().join("new").exists());
         assert!(check_output_folder(dir.path()).is_ok());
-    }
-}
-
-/// Feeds the bytes of the file at `path` into `h`; for a folder, the name and bytes of
-/// each file directly inside it, in name order (content hashes of models and data).
-pub fn hash_path(h: &mut impl sha2::Digest, path: &Path) -> Result<()> {
-    if path.is_dir() {
-        let mut entries: Vec<std::path::PathBuf> = std::fs::read_dir(path)
-            .map_err(|e| Error::io(path, e))?
-            .filter_map(|e| e.ok().map(|e| e.path()))
-            .collect();
-        entries.sort();
-        for e in entries.into_iter().filter(|e| e.is_file()) {
-            h.update(e.file_name().unwrap_or_default().as_encoded_bytes());
-            hash_file(h, &e)?;
-        }
-        Ok(())
-    } else {
-        hash_file(h, path)
-    }
-}
-
-fn hash_file(h: &mut impl sha2::Digest, path: &Path) -> Result<()> {
-    use std::io::Read;
-    let mut f = std::fs::File::open(path).map_err(|e| Error::io(path, e))?;
-    let mut buf = vec![0u8; 1 << 20];
-    loop {
-        let n = f.read(&mut buf).map_err(|e| Error::io(path, e))?;
-        if n == 0 {
-            return Ok(());
-        }
-        h.update(&buf[..n]);
     }
 }
