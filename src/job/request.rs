@@ -374,15 +374,22 @@ impl JobRequest {
         at_least_one(self.samples, Field::Samples)?;
         at_least_one(self.calibration_seq_len, Field::CalibrationSeqLen)?;
         let samples = self.samples.unwrap_or(DEFAULT_SAMPLES);
-        match &self.calibration {
-            None if self.calibration_seq_len.is_some() => {
+        let seq_len = self
+            .calibration_seq_len
+            .unwrap_or_else(|| backend.map_or(DEFAULT_SEQ_LEN, |b| b.calibration_seq_len()));
+        let self_chat = self
+            .calibration
+            .as_ref()
+            .and_then(|p| crate::data::self_chat::parse_spec(&p.to_string_lossy()));
+        match (&self.calibration, self_chat) {
+            (None, _) if self.calibration_seq_len.is_some() => {
                 return Err(o.error(format!(
                     "{} sets the length of calibration samples: give {} FILE too",
                     o.spell(Field::CalibrationSeqLen),
                     o.spell(Field::Calibration)
                 )))
             }
-            None => {
+            (None, _) => {
                 job.random_samples = samples.min(MAX_RANDOM_SAMPLES);
                 let chat_hint = if backend.is_some_and(|b| b.writes_chat()) {
                     ", or `self` for a chat model to write its own"
@@ -395,10 +402,9 @@ impl JobRequest {
                     o.spell(Field::Calibration)
                 ));
             }
-            Some(spec) if crate::data::self_chat::parse_spec(&spec.to_string_lossy()).is_some() => {
-                let tokens = crate::data::self_chat::parse_spec(&spec.to_string_lossy())
-                    .expect("checked above")
-                    .map_err(|e| o.error(format!("{e} ({})", o.spell(Field::Calibration))))?;
+            (Some(_), Some(spec)) => {
+                let tokens =
+                    spec.map_err(|e| o.error(format!("{e} ({})", o.spell(Field::Calibration))))?;
                 if let Some(b) = backend.filter(|b| !b.writes_chat()) {
                     return Err(o.error(format!(
                         "{} self: the {} backend's models do not chat (self-written transcripts are for chat LLMs in the mistralrs backend, {}); give a data file",
@@ -407,9 +413,6 @@ impl JobRequest {
                         crate::backend::LLM_MODELS
                     )));
                 }
-                let seq_len = self.calibration_seq_len.unwrap_or_else(|| {
-                    backend.map_or(DEFAULT_SEQ_LEN, |b| b.calibration_seq_len())
-                });
                 job.calibration = Some(CalibrationData {
                     source: CalibrationSource::SelfChat {
                         tokens: tokens.unwrap_or(samples.saturating_mul(seq_len)),
@@ -418,7 +421,7 @@ impl JobRequest {
                     seq_len,
                 });
             }
-            Some(path) => {
+            (Some(path), None) => {
                 if !path.is_file() {
                     return Err(o.error(format!(
                         "{}: {} ({})",
@@ -431,9 +434,7 @@ impl JobRequest {
                     path.clone(),
                     self.calibration_format,
                     samples,
-                    self.calibration_seq_len.unwrap_or_else(|| {
-                        backend.map_or(DEFAULT_SEQ_LEN, |b| b.calibration_seq_len())
-                    }),
+                    seq_len,
                 ));
             }
         }

@@ -345,12 +345,6 @@ impl Session for MistralSession {
         tokens: usize,
         progress: &dyn Progress,
     ) -> Result<Vec<crate::data::self_chat::Transcript>> {
-        if !super::self_chat::has_chat_template(&job.model, model) {
-            return Err(Error::Invalid(format!(
-                "{}: the model has no chat template, so it cannot write chat transcripts (self:N is for chat models); give --calibration FILE",
-                job.model.display()
-            )));
-        }
         super::self_chat::transcripts(
             &job.model,
             model,

@@ -1,6 +1,7 @@
 //! Greedy generation with ziplm's own forward ([`LlamaWeights`], candle, f32), many
 //! conversations at once with a KV cache: what lets a model write its own calibration
-//! text ([`super::self_chat`]) at the machine's matrix-multiply speed.
+//! text ([`super::self_chat`]) several times faster than mistral.rs serving one
+//! request at a time (66 against about 12 tokens/s on the 2-core machine).
 //!
 //! The prompts are left-padded to one length and the padding is masked out of every
 //! attention. All rows share the positions `0..`: a row's real tokens then sit at
@@ -29,7 +30,7 @@ pub fn greedy(
     }
     let device = weights.embed.device().clone();
     let pads: Vec<usize> = prompts.iter().map(|q| p - q.len()).collect();
-    let (cos, sin) = super::llama::rope_tables_for(&weights.config, p + max_new, &device)?;
+    let (cos, sin) = super::llama::rope_tables(&weights.config, p + max_new, &device)?;
     let mut cache = Cache::new(weights.layers.len());
 
     // Prefill: every prompt, left-padded (pad id 0, masked).

@@ -150,8 +150,9 @@ impl Kernels {
 /// Called with (layer, site, activation rows); an error stops the forward.
 pub type Hook<'a> = dyn FnMut(usize, Site, &Tensor) -> candle_core::Result<()> + 'a;
 
-/// cos / sin tables for interleaved RoPE, as mistral.rs builds them.
-fn rope_tables(
+/// cos / sin tables `[len, rope_dim / 2]` of positions `0..len` for interleaved RoPE,
+/// as mistral.rs builds them.
+pub fn rope_tables(
     cfg: &LlamaConfig,
     len: usize,
     device: &Device,
@@ -167,15 +168,6 @@ fn rope_tables(
         .reshape((len, 1))?;
     let freqs = t.matmul(&inv)?;
     Ok((freqs.cos()?, freqs.sin()?))
-}
-
-/// cos / sin tables `[len, rope_dim / 2]` for positions `0..len`.
-pub fn rope_tables_for(
-    cfg: &LlamaConfig,
-    len: usize,
-    device: &Device,
-) -> candle_core::Result<(Tensor, Tensor)> {
-    rope_tables(cfg, len, device)
 }
 
 /// The RoPE tables and the causal mask in `dtype` (f64 for gradient checks).

@@ -159,20 +159,14 @@ impl LoadedModel {
         })
     }
 
-    /// A greedy request for up to `max_len` tokens, answered on `tx`.
-    fn request(
-        &self,
-        messages: RequestMessage,
-        max_len: usize,
-        raw: bool,
-        tx: tokio::sync::mpsc::Sender<Response>,
-    ) -> Request {
+    fn send(&self, messages: RequestMessage, max_len: usize, raw: bool) -> AdapterResult<Response> {
+        let (tx, rx) = channel(16);
         let mut sampling = SamplingParams::deterministic();
         sampling.max_len = Some(max_len);
         let id = self
             .next_id
             .fetch_add(1, std::sync::atomic::Ordering::Relaxed);
-        Request::Normal(Box::new(NormalRequest {
+        let request = Request::Normal(Box::new(NormalRequest {
             messages,
             sampling_params: sampling,
             response: tx,
@@ -188,12 +182,7 @@ impl LoadedModel {
             web_search_options: None,
             model_id: None,
             truncate_sequence: false,
-        }))
-    }
-
-    fn send(&self, messages: RequestMessage, max_len: usize, raw: bool) -> AdapterResult<Response> {
-        let (tx, rx) = channel(16);
-        let request = self.request(messages, max_len, raw, tx);
+        }));
         self.round_trip("request", request, rx)
     }
 
@@ -222,18 +211,53 @@ impl LoadedModel {
     /// `text` tokenised by mistral.rs's own tokenizer of this model (the one it serves
     /// with), without special tokens when `special` is false.
     pub fn tokenize(&self, text: &str, special: bool) -> AdapterResult<Vec<u32>> {
+        self.tokenize_request("tokenize", Either::Right(text.to_string()), false, special)
+    }
+
+    /// A conversation of `(role, content)` turns through the model's chat template (as
+    /// a chat request renders it; with the prompt for the assistant's next reply when
+    /// `reply_prompt`), tokenised.
+    pub fn tokenize_chat(
+        &self,
+        turns: &[(&str, &str)],
+        reply_prompt: bool,
+    ) -> AdapterResult<Vec<u32>> {
+        let turns = turns.iter().map(|(r, c)| message(r, c)).collect();
+        self.tokenize_request("chat template", Either::Left(turns), reply_prompt, true)
+    }
+
+    fn tokenize_request(
+        &self,
+        what: &str,
+        text: Either<Vec<IndexMap<String, mistralrs_core::MessageContent>>, String>,
+        reply_prompt: bool,
+        special: bool,
+    ) -> AdapterResult<Vec<u32>> {
         let (tx, rx) = channel(1);
         let request = Request::Tokenize(TokenizationRequest {
-            text: Either::Right(text.to_string()),
+            text,
             tools: None,
-            add_generation_prompt: false,
+            add_generation_prompt: reply_prompt,
             add_special_tokens: special,
             enable_thinking: None,
             reasoning_effort: None,
             response: tx,
         });
-        self.round_trip("tokenize", request, rx)?
-            .map_err(|e| err("tokenize")(e.to_string()))
+        self.round_trip(what, request, rx)?
+            .map_err(|e| err(what)(e.to_string()))
+    }
+
+    /// `ids` as text, by mistral.rs's tokenizer of this model; special tokens left out
+    /// when `skip_special`.
+    pub fn detokenize(&self, ids: &[u32], skip_special: bool) -> AdapterResult<String> {
+        let (tx, rx) = channel(1);
+        let request = Request::Detokenize(mistralrs_core::DetokenizationRequest {
+            tokens: ids.to_vec(),
+            skip_special_tokens: skip_special,
+            response: tx,
+        });
+        self.round_trip("detokenize", request, rx)?
+            .map_err(|e| err("detokenize")(e.to_string()))
     }
 
     /// The logits of every position of `ids` (one row of `vocab` values per token).
@@ -323,43 +347,6 @@ impl LoadedModel {
             }),
             other => Err(unexpected(other)),
         }
-    }
-
-    /// A conversation of `(role, content)` turns through the model's chat template (as
-    /// a chat request renders it; with the prompt for the assistant's next reply when
-    /// `reply_prompt`), tokenised.
-    pub fn tokenize_chat(
-        &self,
-        turns: &[(&str, &str)],
-        reply_prompt: bool,
-    ) -> AdapterResult<Vec<u32>> {
-        let (tx, rx) = channel(1);
-        let request = Request::Tokenize(TokenizationRequest {
-            text: Either::Left(turns.iter().map(|(r, c)| message(r, c)).collect()),
-            tools: None,
-            add_generation_prompt: reply_prompt,
-            add_special_tokens: true,
-            enable_thinking: None,
-            reasoning_effort: None,
-            response: tx,
-        });
-        self.round_trip("chat template", request, rx)?
-            .map_err(|e| err("chat template")(e.to_string()))
-    }
-}
-
-impl LoadedModel {
-    /// `ids` as text, by mistral.rs's tokenizer of this model; special tokens left out
-    /// when `skip_special`.
-    pub fn detokenize(&self, ids: &[u32], skip_special: bool) -> AdapterResult<String> {
-        let (tx, rx) = channel(1);
-        let request = Request::Detokenize(mistralrs_core::DetokenizationRequest {
-            tokens: ids.to_vec(),
-            skip_special_tokens: skip_special,
-            response: tx,
-        });
-        self.round_trip("detokenize", request, rx)?
-            .map_err(|e| err("detokenize")(e.to_string()))
     }
 }
 

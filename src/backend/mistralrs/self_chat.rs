@@ -83,7 +83,8 @@ fn eos_token(path: &Path, model: &super::LlamaModel) -> Vec<u32> {
         .unwrap_or_default()
 }
 
-/// At least `tokens` ids of transcripts by the model at `model` (loaded as `llm`;
+/// At least `tokens` ids of transcripts by the chat model at `model` (loaded as `llm`;
+/// an error when it has no chat template;
 /// fewer only when every question request is used up), from the cache in `cache` and
 /// written on where the cache ends, `batch` conversations at a time. The cache is
 /// rewritten after every batch, so an interrupted run goes on from there.
@@ -95,6 +96,12 @@ pub fn transcripts(
     batch: usize,
     progress: &dyn Progress,
 ) -> Result<Vec<Transcript>> {
+    if !has_chat_template(model, llm) {
+        return Err(Error::Invalid(format!(
+            "{}: the model has no chat template, so it cannot write chat transcripts (self:N is for chat models); give --calibration FILE",
+            model.display()
+        )));
+    }
     let file = chat::cache_file(cache, model)?;
     let (mut used, mut written) = chat::read_cache(&file)?;
     let requests = chat::question_requests();
