@@ -57,8 +57,8 @@ fn env_path(name: &str) -> Result<PathBuf> {
 /// The files a job reads.
 pub fn inputs_of(job: &PruneJob) -> Vec<PathBuf> {
     let mut v = vec![job.model.clone()];
-    if let Some(p) = job.calibration.as_ref().and_then(|c| c.path()) {
-        v.push(p.to_path_buf());
+    if let Some(c) = &job.calibration {
+        v.extend(c.paths().map(Path::to_path_buf));
     }
     if let Some(t) = job
         .tokenizer

@@ -43,6 +43,9 @@
 //! path = "self:65536"       # or "self": as many tokens as samples x seq_len
 //! ```
 //!
+//! A list of sources shares the samples evenly, e.g. encyclopaedia text and the model's
+//! own chat: `path = ["wiki.txt", "self"]`.
+//!
 //! Unknown keys and bad values are errors naming the file, the line and the key. A table
 //! lowers into a [`JobRequest`], which the same step as the CLI's resolves.
 
@@ -174,8 +177,8 @@ pub struct BudgetConfig {
 #[serde(deny_unknown_fields)]
 pub struct CalibrationConfig {
     /// The data file, or `self` / `self:N`: chat transcripts the model writes itself
-    /// (chat LLMs in the mistralrs backend).
-    pub path: PathBuf,
+    /// (chat LLMs in the mistralrs backend); or a list of them, which share the samples.
+    pub path: CalibrationPaths,
     /// Its format (default: from the extension).
     #[serde(default)]
     pub format: Option<DataFormat>,
@@ -185,6 +188,58 @@ pub struct CalibrationConfig {
     /// Tokens per sample (default: the backend's, 128; 512 for LLMs).
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub seq_len: Option<usize>,
+}
+
+/// `[model.calibration] path`: one source, or a list that shares the samples.
+#[derive(Clone, Debug, PartialEq, Serialize)]
+#[serde(untagged)]
+pub enum CalibrationPaths {
+    /// `path = "data.txt"`.
+    One(PathBuf),
+    /// `path = ["data.txt", "self:16384"]`.
+    Many(Vec<PathBuf>),
+}
+
+impl<'de> Deserialize<'de> for CalibrationPaths {
+    fn deserialize<D: serde::Deserializer<'de>>(d: D) -> std::result::Result<Self, D::Error> {
+        struct Visit;
+        impl<'de> serde::de::Visitor<'de> for Visit {
+            type Value = CalibrationPaths;
+            fn expecting(&self, f: &mut std::fmt::Formatter) -> std::fmt::Result {
+                f.write_str("a data file, \"self:N\", or a list of them")
+            }
+            fn visit_str<E: serde::de::Error>(
+                self,
+                v: &str,
+            ) -> std::result::Result<Self::Value, E> {
+                Ok(CalibrationPaths::One(v.into()))
+            }
+            fn visit_seq<A: serde::de::SeqAccess<'de>>(
+                self,
+                mut seq: A,
+            ) -> std::result::Result<Self::Value, A::Error> {
+                let mut v = vec![];
+                while let Some(p) = seq.next_element::<PathBuf>()? {
+                    v.push(p);
+                }
+                if v.is_empty() {
+                    return Err(serde::de::Error::invalid_length(0, &self));
+                }
+                Ok(CalibrationPaths::Many(v))
+            }
+        }
+        d.deserialize_any(Visit)
+    }
+}
+
+impl CalibrationPaths {
+    /// The sources, in the order written.
+    pub fn as_slice(&self) -> &[PathBuf] {
+        match self {
+            CalibrationPaths::One(p) => std::slice::from_ref(p),
+            CalibrationPaths::Many(v) => v,
+        }
+    }
 }
 
 fn default_samples() -> usize {
@@ -294,12 +349,17 @@ impl ModelConfig {
         r.latency_ms = self.budget.latency_ms.clone();
         if let Some(c) = &self.calibration {
             // `self` / `self:N` name self-written chat, not a file beside the config.
-            r.calibration = Some(
-                match crate::data::self_chat::parse_spec(&c.path.to_string_lossy()) {
-                    Some(_) => c.path.clone(),
-                    None => resolve(&c.path),
-                },
-            );
+            r.calibration = c
+                .path
+                .as_slice()
+                .iter()
+                .map(
+                    |p| match crate::data::self_chat::parse_spec(&p.to_string_lossy()) {
+                        Some(_) => p.clone(),
+                        None => resolve(p),
+                    },
+                )
+                .collect();
             r.calibration_format = c.format;
             r.samples = Some(c.samples);
             r.calibration_seq_len = c.seq_len;

@@ -122,9 +122,10 @@ pub struct PruneArgs {
     pub workload: WorkloadArgs,
     /// Calibration data (text, .jsonl, or STS .csv/.tsv), or `self:N`: N tokens of chat
     /// transcripts a chat LLM writes itself (`self`: as many as the samples need),
-    /// cached. Default: random token ids.
+    /// cached. Give it more than once to mix sources: the samples are split evenly
+    /// between them. Default: random token ids.
     #[arg(long, value_name = "FILE|self:N")]
-    pub calibration: Option<PathBuf>,
+    pub calibration: Vec<PathBuf>,
     /// Format of the calibration file (default: from the extension).
     #[arg(long, value_enum)]
     pub format: Option<FormatArg>,

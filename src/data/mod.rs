@@ -43,9 +43,11 @@ impl DataFormat {
 /// Where calibration samples come from, and how many.
 #[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
 pub struct CalibrationData {
-    /// The text.
-    pub source: CalibrationSource,
-    /// Number of samples to use.
+    /// The texts, one or more: with several, the samples are split between them as
+    /// evenly as they divide ([`CalibrationData::share`]) and interleaved, so a data file
+    /// and the model's own chat (`self:N`) calibrate one job together.
+    pub sources: Vec<CalibrationSource>,
+    /// Number of samples to use, from all sources together.
     pub samples: usize,
     /// Tokens per sample (longer ones are truncated; windows have exactly this length).
     pub seq_len: usize,
@@ -61,22 +63,44 @@ impl CalibrationData {
         seq_len: usize,
     ) -> CalibrationData {
         CalibrationData {
-            source: CalibrationSource::File {
+            sources: vec![CalibrationSource::File {
                 path: path.into(),
                 format,
-            },
+            }],
             samples,
             seq_len,
         }
     }
 
-    /// The data file, when the samples come from one.
-    pub fn path(&self) -> Option<&Path> {
-        match &self.source {
-            CalibrationSource::File { path, .. } => Some(path),
+    /// The data files the samples come from (none when the model writes them all).
+    pub fn paths(&self) -> impl Iterator<Item = &Path> {
+        self.sources.iter().filter_map(|s| match s {
+            CalibrationSource::File { path, .. } => Some(path.as_path()),
             CalibrationSource::SelfChat { .. } => None,
+        })
+    }
+
+    /// The samples source `i` gives: `samples / n`, and one more for each of the first
+    /// `samples % n` sources.
+    pub fn share(&self, i: usize) -> usize {
+        let n = self.sources.len().max(1);
+        self.samples / n + usize::from(i < self.samples % n)
+    }
+}
+
+/// Round-robin merge of per-source sample lists: one sample of each source in turn, the
+/// longer lists' rest at the end. Calibration sees every source throughout, and the last
+/// windows (recovery's held-out set) hold some of each where the lists are equal.
+pub fn interleave(lists: Vec<Vec<Vec<i64>>>) -> Vec<Vec<i64>> {
+    let total = lists.iter().map(Vec::len).sum();
+    let mut iters: Vec<_> = lists.into_iter().map(Vec::into_iter).collect();
+    let mut out = Vec::with_capacity(total);
+    while out.len() < total {
+        for it in iters.iter_mut() {
+            out.extend(it.next());
         }
     }
+    out
 }
 
 /// The text calibration (and recovery) reads.
@@ -220,4 +244,41 @@ pub fn random_samples(vocab: usize, count: usize, seq_len: usize, seed: u64) -> 
                 .collect()
         })
         .collect()
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn samples_split_evenly_between_sources_and_interleave() {
+        let cal = CalibrationData {
+            sources: vec![
+                CalibrationSource::File {
+                    path: "a.txt".into(),
+                    format: None,
+                },
+                CalibrationSource::SelfChat { tokens: 100 },
+                CalibrationSource::File {
+                    path: "b.txt".into(),
+                    format: None,
+                },
+            ],
+            samples: 8,
+            seq_len: 4,
+        };
+        assert_eq!((0..3).map(|i| cal.share(i)).collect::<Vec<_>>(), [3, 3, 2]);
+        let paths: Vec<_> = cal.paths().collect();
+        assert_eq!(paths, [Path::new("a.txt"), Path::new("b.txt")]);
+        let merged = interleave(vec![
+            vec![vec![1], vec![2], vec![3]],
+            vec![vec![10]],
+            vec![vec![20], vec![21]],
+        ]);
+        assert_eq!(
+            merged,
+            [vec![1], vec![10], vec![20], vec![2], vec![21], vec![3]]
+        );
+        assert!(interleave(vec![vec![], vec![]]).is_empty());
+    }
 }

@@ -166,8 +166,8 @@ pub struct JobRequest {
     pub speedup: Vec<f64>,
     /// Latency budgets (ms).
     pub latency_ms: Vec<f64>,
-    /// Calibration data.
-    pub calibration: Option<PathBuf>,
+    /// Calibration data: files and `self` / `self:N`, the samples split between them.
+    pub calibration: Vec<PathBuf>,
     /// Its format (default: from the extension).
     pub calibration_format: Option<DataFormat>,
     /// Calibration samples (default 256; random ones: at most 64).
@@ -216,7 +216,7 @@ impl JobRequest {
             kv_len: None,
             speedup: vec![],
             latency_ms: vec![],
-            calibration: None,
+            calibration: vec![],
             calibration_format: None,
             samples: None,
             calibration_seq_len: None,
@@ -377,66 +377,44 @@ impl JobRequest {
         let seq_len = self
             .calibration_seq_len
             .unwrap_or_else(|| backend.map_or(DEFAULT_SEQ_LEN, |b| b.calibration_seq_len()));
-        let self_chat = self
-            .calibration
-            .as_ref()
-            .and_then(|p| crate::data::self_chat::parse_spec(&p.to_string_lossy()));
-        match (&self.calibration, self_chat) {
-            (None, _) if self.calibration_seq_len.is_some() => {
+        if self.calibration.is_empty() {
+            if self.calibration_seq_len.is_some() {
                 return Err(o.error(format!(
                     "{} sets the length of calibration samples: give {} FILE too",
                     o.spell(Field::CalibrationSeqLen),
                     o.spell(Field::Calibration)
-                )))
+                )));
             }
-            (None, _) => {
-                job.random_samples = samples.min(MAX_RANDOM_SAMPLES);
-                let chat_hint = if backend.is_some_and(|b| b.writes_chat()) {
-                    ", or `self` for a chat model to write its own"
-                } else {
-                    ""
-                };
-                warnings.push(format!(
-                    "no calibration data given: calibrating on {} random token sequences (fine for test models; give {} FILE for real ones{chat_hint})",
-                    job.random_samples,
-                    o.spell(Field::Calibration)
-                ));
+            job.random_samples = samples.min(MAX_RANDOM_SAMPLES);
+            let chat_hint = if backend.is_some_and(|b| b.writes_chat()) {
+                ", or `self` for a chat model to write its own"
+            } else {
+                ""
+            };
+            warnings.push(format!(
+                "no calibration data given: calibrating on {} random token sequences (fine for test models; give {} FILE for real ones{chat_hint})",
+                job.random_samples,
+                o.spell(Field::Calibration)
+            ));
+        } else {
+            if samples < self.calibration.len() {
+                return Err(o.error(format!(
+                    "{} gives {} calibration sources but {} asks for {samples} samples: give at least one sample per source",
+                    o.spell(Field::Calibration),
+                    self.calibration.len(),
+                    o.spell(Field::Samples)
+                )));
             }
-            (Some(_), Some(spec)) => {
-                let tokens =
-                    spec.map_err(|e| o.error(format!("{e} ({})", o.spell(Field::Calibration))))?;
-                if let Some(b) = backend.filter(|b| !b.writes_chat()) {
-                    return Err(o.error(format!(
-                        "{} self: the {} backend's models do not chat (self-written transcripts are for chat LLMs in the mistralrs backend, {}); give a data file",
-                        o.spell(Field::Calibration),
-                        b.name(),
-                        crate::backend::LLM_MODELS
-                    )));
-                }
-                job.calibration = Some(CalibrationData {
-                    source: CalibrationSource::SelfChat {
-                        tokens: tokens.unwrap_or(samples.saturating_mul(seq_len)),
-                    },
-                    samples,
-                    seq_len,
-                });
+            // Placeholders first, so that `share` divides by the number of sources.
+            let mut cal = CalibrationData {
+                sources: vec![CalibrationSource::SelfChat { tokens: 0 }; self.calibration.len()],
+                samples,
+                seq_len,
+            };
+            for (i, spec) in self.calibration.iter().enumerate() {
+                cal.sources[i] = self.calibration_source(spec, cal.share(i) * seq_len, backend)?;
             }
-            (Some(path), None) => {
-                if !path.is_file() {
-                    return Err(o.error(format!(
-                        "{}: {} ({})",
-                        path.display(),
-                        not_a_file(path, "calibration"),
-                        o.spell(Field::Calibration)
-                    )));
-                }
-                job.calibration = Some(CalibrationData::file(
-                    path.clone(),
-                    self.calibration_format,
-                    samples,
-                    seq_len,
-                ));
-            }
+            job.calibration = Some(cal);
         }
         if let Some(t) = &self.tokenizer {
             if !t.is_file() {
@@ -573,6 +551,45 @@ impl JobRequest {
         Ok(options)
     }
 
+    /// One `--calibration` value: `self` / `self:N` (the model's own chat, for backends
+    /// that write it; `self` alone asks for `default_tokens`), else a data file that must
+    /// exist.
+    fn calibration_source(
+        &self,
+        spec: &Path,
+        default_tokens: usize,
+        backend: Option<&'static dyn crate::backend::Backend>,
+    ) -> Result<CalibrationSource> {
+        let o = &self.origin;
+        if let Some(tokens) = crate::data::self_chat::parse_spec(&spec.to_string_lossy()) {
+            let tokens =
+                tokens.map_err(|e| o.error(format!("{e} ({})", o.spell(Field::Calibration))))?;
+            if let Some(b) = backend.filter(|b| !b.writes_chat()) {
+                return Err(o.error(format!(
+                    "{} self: the {} backend's models do not chat (self-written transcripts are for chat LLMs in the mistralrs backend, {}); give a data file",
+                    o.spell(Field::Calibration),
+                    b.name(),
+                    crate::backend::LLM_MODELS
+                )));
+            }
+            return Ok(CalibrationSource::SelfChat {
+                tokens: tokens.unwrap_or(default_tokens),
+            });
+        }
+        if !spec.is_file() {
+            return Err(o.error(format!(
+                "{}: {} ({})",
+                spec.display(),
+                not_a_file(spec, "calibration"),
+                o.spell(Field::Calibration)
+            )));
+        }
+        Ok(CalibrationSource::File {
+            path: spec.to_path_buf(),
+            format: self.calibration_format,
+        })
+    }
+
     /// The budgets: each positive, none twice, at least one.
     fn budgets(&self) -> Result<Vec<Budget>> {
         let o = &self.origin;
@@ -647,7 +664,7 @@ mod tests {
             std::fs::write(f, b"").unwrap();
         }
         let mut r = request(&onnx);
-        r.calibration = Some(text.clone());
+        r.calibration = vec![text.clone()];
         r.recovery = Some(RecoverySettings::with_tokens(1024));
         let e = r.resolve().unwrap_err().to_string();
         assert!(
@@ -661,7 +678,7 @@ mod tests {
             e.contains("--recover trains on the calibration text: give --calibration"),
             "{e}"
         );
-        r.calibration = Some(text);
+        r.calibration = vec![text];
         let mut bad = RecoverySettings::with_tokens(1024);
         bad.warmup = 2.0;
         r.recovery = Some(bad);
@@ -683,28 +700,67 @@ mod tests {
             std::fs::write(f, b"").unwrap();
         }
         let mut r = request(&onnx);
-        r.calibration = Some("self:4096".into());
+        r.calibration = vec!["self:4096".into()];
         let e = r.resolve().unwrap_err().to_string();
         assert!(
             e.contains("--calibration self: the tract backend's models do not chat"),
             "{e}"
         );
         let mut r = request(&gguf);
-        r.calibration = Some("self:none".into());
+        r.calibration = vec!["self:none".into()];
         let e = r.resolve().unwrap_err().to_string();
         assert!(e.contains("self:none: not a token count"), "{e}");
-        r.calibration = Some("self:4096".into());
+        r.calibration = vec!["self:4096".into()];
         let cal = r.resolve().unwrap().job.calibration.unwrap();
-        assert_eq!(cal.source, CalibrationSource::SelfChat { tokens: 4096 });
-        assert_eq!(cal.path(), None);
+        assert_eq!(cal.sources, [CalibrationSource::SelfChat { tokens: 4096 }]);
+        assert_eq!(cal.paths().count(), 0);
         // `self` alone: as many tokens as the samples hold.
-        r.calibration = Some("self".into());
+        r.calibration = vec!["self".into()];
         r.samples = Some(8);
         let cal = r.resolve().unwrap().job.calibration.unwrap();
-        assert_eq!(cal.source, CalibrationSource::SelfChat { tokens: 8 * 512 });
+        assert_eq!(
+            cal.sources,
+            [CalibrationSource::SelfChat { tokens: 8 * 512 }]
+        );
         // Recovery trains on it like on a file.
         r.recovery = Some(RecoverySettings::with_tokens(1024));
         assert!(r.resolve().is_ok());
+    }
+
+    #[test]
+    fn a_data_file_and_self_written_chat_share_the_samples() {
+        let dir = tempfile::tempdir().unwrap();
+        let gguf = dir.path().join("m.gguf");
+        let text = dir.path().join("t.txt");
+        std::fs::write(&gguf, b"").unwrap();
+        std::fs::write(&text, "some text").unwrap();
+        let mut r = request(&gguf);
+        r.calibration = vec![text.clone(), "self".into()];
+        r.samples = Some(7);
+        let cal = r.resolve().unwrap().job.calibration.unwrap();
+        // 4 samples from the file, 3 written by the model: `self` asks for 3 x 512 tokens.
+        assert_eq!(
+            cal.sources,
+            [
+                CalibrationSource::File {
+                    path: text.clone(),
+                    format: None
+                },
+                CalibrationSource::SelfChat { tokens: 3 * 512 }
+            ]
+        );
+        assert_eq!((cal.share(0), cal.share(1)), (4, 3));
+        // Fewer samples than sources, and a missing file among several, are named.
+        r.samples = Some(1);
+        let e = r.resolve().unwrap_err().to_string();
+        assert!(
+            e.contains("--calibration gives 2 calibration sources but --samples asks for 1"),
+            "{e}"
+        );
+        r.samples = None;
+        r.calibration = vec!["self:64".into(), dir.path().join("gone.txt")];
+        let e = r.resolve().unwrap_err().to_string();
+        assert!(e.contains("gone.txt: no such calibration file"), "{e}");
     }
 
     #[test]
@@ -769,7 +825,7 @@ mod tests {
         let e = r.resolve().unwrap_err().to_string();
         assert!(e.contains("nope.json: no such tokenizer file"), "{e}");
         let mut r = request(&model);
-        r.calibration = Some(dir.path().join("data.txt"));
+        r.calibration = vec![dir.path().join("data.txt")];
         let e = r.resolve().unwrap_err().to_string();
         assert!(e.contains("data.txt: no such calibration file"), "{e}");
         let r = request(&dir.path().join("gone.onnx"));

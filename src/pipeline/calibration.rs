@@ -26,10 +26,10 @@ pub fn tokenizer<S: Session>(job: &PruneJob, model: &S::Model, session: &S) -> R
     })
 }
 
-/// Calibration samples for a job: its calibration text tokenised and cut as the
-/// session asks ([`Session::sample_mode`]), the model's own chat transcripts
-/// ([`Session::self_chat`]) cut into windows, or `job.random_samples` random id sequences
-/// of the workload's length when no data is given.
+/// Calibration samples for a job: each of its sources' share
+/// ([`data::CalibrationData::share`]), interleaved ([`data::interleave`]); random id
+/// sequences of the workload's length (`job.random_samples` of them) when no data is
+/// given.
 pub fn samples<S: Session>(
     job: &PruneJob,
     model: &S::Model,
@@ -50,18 +50,47 @@ pub fn samples<S: Session>(
             job.seed,
         ));
     };
-    let (path, format) = match &cal.source {
+    let mut lists = Vec::with_capacity(cal.sources.len());
+    for (i, source) in cal.sources.iter().enumerate() {
+        let count = cal.share(i);
+        if count > 0 {
+            lists.push(source_samples(
+                job,
+                model,
+                session,
+                source,
+                count,
+                cal.seq_len,
+                progress,
+            )?);
+        }
+    }
+    Ok(data::interleave(lists))
+}
+
+/// `count` samples of one source: a data file tokenised and cut as the session asks
+/// ([`Session::sample_mode`]), or the model's own chat transcripts
+/// ([`Session::self_chat`]) cut into windows.
+fn source_samples<S: Session>(
+    job: &PruneJob,
+    model: &S::Model,
+    session: &S,
+    source: &CalibrationSource,
+    count: usize,
+    seq_len: usize,
+    progress: &dyn Progress,
+) -> Result<Vec<Vec<i64>>> {
+    let (path, format) = match source {
         CalibrationSource::File { path, format } => (path, format),
         CalibrationSource::SelfChat { tokens } => {
             let transcripts = session.self_chat(model, job, *tokens, progress)?;
-            let windows = self_chat::windows(&transcripts, cal.samples, cal.seq_len);
+            let windows = self_chat::windows(&transcripts, count, seq_len);
             if windows.is_empty() {
                 return Err(Error::Calibration {
                     context: format!("{}: self-written chat", job.model.display()),
                     detail: format!(
-                        "the model wrote {} tokens of transcripts, less than one sample of {}; give a data file, or a shorter --calibration-seq-len",
+                        "the model wrote {} tokens of transcripts, less than one sample of {seq_len}; give a data file, or a shorter --calibration-seq-len",
                         self_chat::token_count(&transcripts),
-                        cal.seq_len
                     ),
                 });
             }
@@ -71,13 +100,7 @@ pub fn samples<S: Session>(
     let tok = tokenizer(job, model, session)?;
     let format = format.unwrap_or_else(|| DataFormat::from_path(path));
     let texts = data::read_texts(path, format)?;
-    data::make_samples(
-        &tok,
-        &texts,
-        session.sample_mode(model),
-        cal.samples,
-        cal.seq_len,
-    )
+    data::make_samples(&tok, &texts, session.sample_mode(model), count, seq_len)
 }
 
 /// A warning when calibration saw fewer tokens than the widest out-projection has

@@ -171,10 +171,10 @@ fn unusable_calibration_data() {
         &["token id 500", "vocabulary of 128"],
     );
     let mut missing = with_text(base(), dir.path(), "the cat");
-    missing.calibration.as_mut().unwrap().source = CalibrationSource::File {
+    missing.calibration.as_mut().unwrap().sources = vec![CalibrationSource::File {
         path: dir.path().join("nope.txt"),
         format: None,
-    };
+    }];
     fails_cleanly(&missing, &["nope.txt"]);
     let mut no_tokenizer = with_text(base(), dir.path(), "the cat");
     no_tokenizer.tokenizer = None;

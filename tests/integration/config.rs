@@ -2,6 +2,7 @@
 
 use std::path::Path;
 use ziplm::config;
+use ziplm::data::CalibrationSource;
 use ziplm::job::Device;
 use ziplm::search::Budget;
 use ziplm_plugin_api::Phase;
@@ -60,10 +61,55 @@ fn a_valid_config_becomes_jobs_with_resolved_paths() {
         ]
     );
     assert_eq!(
-        job.calibration.as_ref().unwrap().path(),
-        Some(base.join("data/train.jsonl").as_path())
+        job.calibration
+            .as_ref()
+            .unwrap()
+            .paths()
+            .collect::<Vec<_>>(),
+        [base.join("data/train.jsonl").as_path()]
     );
     assert_eq!(job.output_stem(&Budget::Speedup(1.5)), "minilm.speedup-1.5");
+}
+
+#[test]
+fn a_list_of_calibration_sources_shares_the_samples() {
+    let app = app();
+    let base = app.path();
+    let file = &base.join("ziplm.toml");
+    let mix = GOOD
+        .replace("models/model.onnx", "models/smollm2.gguf")
+        .replace("phase = \"decode\"\nkv_len = 256\n", "")
+        .replace(
+            "path = \"data/train.jsonl\"",
+            "path = [\"data/train.jsonl\", \"self:4096\"]",
+        );
+    let cfg = config::parse(&mix, file).unwrap();
+    let cal = cfg.model[0]
+        .to_job(file, base)
+        .unwrap()
+        .calibration
+        .unwrap();
+    // The file resolves beside the config; `self:N` is not a path.
+    assert_eq!(
+        cal.sources,
+        [
+            CalibrationSource::File {
+                path: base.join("data/train.jsonl"),
+                format: None
+            },
+            CalibrationSource::SelfChat { tokens: 4096 }
+        ]
+    );
+    assert_eq!((cal.share(0), cal.share(1)), (8, 8));
+    // An empty list or a number is refused, naming the key and what it takes.
+    for bad in ["path = []", "path = 5"] {
+        let text = GOOD.replace("path = \"data/train.jsonl\"", bad);
+        let err = config::parse(&text, file).unwrap_err().to_string();
+        assert!(
+            err.contains("path") && err.contains("a data file, \"self:N\", or a list of them"),
+            "{bad}: {err}"
+        );
+    }
 }
 
 #[test]

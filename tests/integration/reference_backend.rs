@@ -720,3 +720,47 @@ fn a_backend_registered_with_one_line_runs_the_whole_pipeline() {
     });
     assert!(changed, "no out-projection was compensated");
 }
+
+#[test]
+fn several_calibration_sources_share_the_samples_in_turn() {
+    use ziplm::data::{CalibrationData, CalibrationSource};
+    let dir = tempfile::tempdir().unwrap();
+    let tokenizer = dir.path().join("tokenizer.json");
+    let vocab: serde_json::Map<String, serde_json::Value> = ["[UNK]", "a", "b", "x", "y"]
+        .iter()
+        .enumerate()
+        .map(|(i, w)| (w.to_string(), i.into()))
+        .collect();
+    let json = serde_json::json!({
+        "version": "1.0", "truncation": null, "padding": null, "added_tokens": [],
+        "normalizer": null, "pre_tokenizer": { "type": "Whitespace" }, "post_processor": null,
+        "decoder": null, "model": { "type": "WordLevel", "unk_token": "[UNK]", "vocab": vocab }
+    });
+    std::fs::write(&tokenizer, json.to_string()).unwrap();
+    let (ab, xy) = (dir.path().join("ab.txt"), dir.path().join("xy.txt"));
+    std::fs::write(&ab, "a a b b a a b b a a b b").unwrap();
+    std::fs::write(&xy, "x y x y x y x y").unwrap();
+    let file = |path: &Path| CalibrationSource::File {
+        path: path.to_path_buf(),
+        format: None,
+    };
+    let mut job = PruneJob::new(dir.path().join("m.refnet"));
+    job.tokenizer = Some(tokenizer);
+    job.calibration = Some(CalibrationData {
+        sources: vec![file(&ab), file(&xy)],
+        samples: 5,
+        seq_len: 4,
+    });
+    let model = RefAdapter::new(RefNet::random(8, 8, 1, 2, 4, 8), 4);
+    let samples =
+        pipeline::calibration::samples(&job, &model, &RefSession, &ziplm::progress::Quiet).unwrap();
+    // Three windows of the first file, two of the second, one of each in turn.
+    let (a, x) = (vec![1, 1, 2, 2], vec![3, 4, 3, 4]);
+    assert_eq!(samples, [a.clone(), x.clone(), a.clone(), x, a]);
+    // A source the backend cannot give fails the stage with its reason.
+    job.calibration.as_mut().unwrap().sources[1] = CalibrationSource::SelfChat { tokens: 64 };
+    let e = pipeline::calibration::samples(&job, &model, &RefSession, &ziplm::progress::Quiet)
+        .unwrap_err()
+        .to_string();
+    assert!(e.contains("do not chat"), "{e}");
+}
