@@ -15,7 +15,12 @@
 //! - `ziplm-plain`: the plain error-sum DP over the same database (no refinement);
 //! - `magnitude`: ZipLM's per-layer shapes, units kept by weight norm, no OBS update;
 //! - `uniform`: one head count and one FFN width in every layer, OBS-updated weights;
-//! - `layer-drop`: whole layers dropped, the rest dense.
+//! - `layer-drop`: whole layers dropped, the rest dense;
+//! - `ziplm-seq`, `uniform-seq`: ZipLM's and the uniform baseline's selections with
+//!   sequential correction (ZIPLM.md section 8, `pipeline::correct`): the same shapes,
+//!   heads and neurons re-chosen and re-fitted on the pruned model's own inputs. Not in
+//!   the default set (one more emit, timing and scoring each); `ziplm-seqd`,
+//!   `uniform-seqd`: the same with the drift-cancelling target `W X + (h - h~)`.
 //!
 //! The others get the same (corrected) millisecond budget as ZipLM's final search.
 //! Writes `OUT/frontier.{csv,json,svg}` and prints a markdown table.
@@ -66,8 +71,19 @@ fn main() -> anyhow::Result<()> {
     let args = Args::parse();
     for m in &args.methods {
         anyhow::ensure!(
-            ["ziplm", "ziplm-plain", "magnitude", "uniform", "layer-drop"].contains(&m.as_str()),
-            "unknown method `{m}`: use ziplm, ziplm-plain, magnitude, uniform or layer-drop"
+            [
+                "ziplm",
+                "ziplm-plain",
+                "magnitude",
+                "uniform",
+                "layer-drop",
+                "ziplm-seq",
+                "uniform-seq",
+                "ziplm-seqd",
+                "uniform-seqd"
+            ]
+            .contains(&m.as_str()),
+            "unknown method `{m}`: use ziplm, ziplm-plain, magnitude, uniform, layer-drop, ziplm-seq, uniform-seq, ziplm-seqd or uniform-seqd"
         );
     }
     let shared =
@@ -150,7 +166,9 @@ fn main() -> anyhow::Result<()> {
         let methods: Vec<String> = args
             .methods
             .iter()
-            .filter(|m| *m != "ziplm" && !(*m == "ziplm-plain" && args.refine == 0))
+            .filter(|m| {
+                !m.contains("-seq") && *m != "ziplm" && !(*m == "ziplm-plain" && args.refine == 0)
+            })
             .cloned()
             .collect();
         points.extend(frontier::baseline_points(
@@ -175,6 +193,61 @@ fn main() -> anyhow::Result<()> {
         )?);
     }
     let dense_med = median(&mut dense_ms);
+    // Sequential correction of ZipLM's and the uniform baseline's selections.
+    for outcome in &run.outcomes {
+        let Budget::Speedup(target) = outcome.budget else {
+            continue;
+        };
+        let last = outcome
+            .chosen_attempt()
+            .context("an outcome without an attempt")?;
+        let stem = outcome.emitted.path.with_extension("");
+        for method in ["ziplm-seq", "uniform-seq", "ziplm-seqd", "uniform-seqd"] {
+            if !args.methods.iter().any(|m| m == method) {
+                continue;
+            }
+            let selection = if method.starts_with("ziplm") {
+                outcome.search.selection.clone()
+            } else {
+                match ziplm::baselines::uniform_selection(
+                    &problem,
+                    Budget::LatencyMs(last.search_budget_ms),
+                ) {
+                    Ok(s) => s,
+                    Err(_) => continue,
+                }
+            };
+            let t = std::time::Instant::now();
+            let (plan, weights) = ziplm::pipeline::correct::correct(
+                &run.model,
+                &run.database,
+                &selection,
+                job.database.dampening,
+                if method.ends_with("seqd") {
+                    ziplm::pipeline::correct::SequentialTarget::Residual
+                } else {
+                    ziplm::pipeline::correct::SequentialTarget::Output
+                },
+                &ziplm::progress::Bars::default(),
+            )?;
+            eprintln!(
+                "{method} {target}x: corrected in {:.1} s",
+                t.elapsed().as_secs_f64()
+            );
+            let path = PathBuf::from(format!("{}.{method}.onnx", stem.display()));
+            std::fs::write(&path, onnx::emit(&run.model, &plan, &weights)?)?;
+            let (d, m) = measure(&path)?;
+            points.push(FrontierPoint {
+                method: method.into(),
+                target,
+                predicted_ms: problem.time_of(&selection),
+                dense_ms: d.median_ms,
+                measured_ms: m.median_ms,
+                quality: score(&path)?,
+                metric: METRIC.into(),
+            });
+        }
+    }
     points.insert(
         0,
         FrontierPoint {

@@ -310,9 +310,12 @@ pub struct PruningConfig {
     #[serde(default)]
     pub max_ffn_removed: Option<f64>,
     /// Re-fit the kept out-projections on the pruned model's own inputs after each
-    /// search (sequential correction; mistralrs backend).
+    /// search (sequential correction, ZIPLM.md section 8).
     #[serde(default)]
     pub sequential: bool,
+    /// Its target: `residual` (default) or `output`.
+    #[serde(default)]
+    pub sequential_target: Option<crate::pipeline::correct::SequentialTarget>,
 }
 
 fn bad(path: &Path, detail: impl Into<String>) -> Error {
@@ -377,13 +380,8 @@ impl ModelConfig {
                 spelled: "profile.no_runtime_fit".into(),
             });
         }
-        if self.pruning.sequential {
-            r.options.push(RawOption {
-                name: "sequential".into(),
-                value: "true".into(),
-                spelled: "pruning.sequential".into(),
-            });
-        }
+        r.sequential = Some(self.pruning.sequential);
+        r.sequential_target = self.pruning.sequential_target;
         r.ffn_multiple = self.pruning.ffn_multiple;
         r.max_ffn_removed = self.pruning.max_ffn_removed;
         r.gqa = self.pruning.gqa;

@@ -140,7 +140,7 @@ pub fn level_removals(
     }
 }
 
-fn to_faer(m: &WeightMatrix) -> Mat<f64> {
+pub(crate) fn to_faer(m: &WeightMatrix) -> Mat<f64> {
     Mat::from_fn(m.rows, m.cols, |i, j| m.data[i * m.cols + j] as f64)
 }
 
@@ -509,6 +509,51 @@ impl Database {
             kept,
             kept_kv_heads,
         })
+    }
+
+    /// Block `block` at `level`'s removal count, re-chosen on other statistics: greedy
+    /// OBS run on `(w, h)` (outputs x inputs, and the undampened Gram matrix, e.g.
+    /// sequential correction's `(W*, H~)`) decides which groups go, and the kept
+    /// columns' weights are fitted to them. The shape (and so the latency) is the
+    /// level's; `None` weights for a removed block.
+    pub fn rechoose(
+        &self,
+        block: usize,
+        level: usize,
+        w: &Mat<f64>,
+        h: &Mat<f64>,
+        dampening: f64,
+    ) -> Result<(BlockPlan, Option<WeightMatrix>)> {
+        let b = &self.blocks[block];
+        let l = *b
+            .levels
+            .get(level)
+            .ok_or_else(|| Error::Invalid(format!("{} has no level {level}", b.block.id)))?;
+        if l.kept == 0 {
+            return Ok((self.block_plan(block, level)?, None));
+        }
+        let layer = PreparedLayer::new(w.as_ref(), h.as_ref(), dampening)?;
+        let trace = obs::run_greedy(&layer, &b.layout, l.removed_groups, &[])?;
+        if trace.order.len() != l.removed_groups {
+            return Err(Error::numerical(
+                "re-choosing a block",
+                format!(
+                    "{}: the greedy removed {} groups of the {} the level removes",
+                    b.block.id,
+                    trace.order.len(),
+                    l.removed_groups
+                ),
+            ));
+        }
+        let (kept, kept_kv_heads) = kept_units(&b.block, &b.layout, &trace.order, false)?;
+        let plan = BlockPlan {
+            block: b.block.id,
+            kind: b.block.kind,
+            kept,
+            kept_kv_heads,
+        };
+        let m = obs::materialize(&layer, &plan.kept_columns())?;
+        Ok((plan, Some(to_weight_matrix(&m))))
     }
 
     /// The plan for a selection.

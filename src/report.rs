@@ -27,6 +27,9 @@ pub struct StageTimes {
     pub emit_s: f64,
     /// End-to-end timing of dense and pruned models.
     pub verify_s: f64,
+    /// Sequential correction (0 when off).
+    #[serde(default)]
+    pub correct_s: f64,
     /// Recovery by distillation (gradual mode; 0 when one-shot).
     #[serde(default)]
     pub recover_s: f64,
@@ -40,6 +43,7 @@ impl StageTimes {
             + self.database_s
             + self.profile_s
             + self.search_s
+            + self.correct_s
             + self.emit_s
     }
 
@@ -295,8 +299,10 @@ impl PruneReport {
         let st = &self.stages;
         let _ = writeln!(
             s,
-            "stages: load {:.2}s, calibrate {:.2}s, database {:.2}s, profile {:.2}s, search {:.2}s, emit {:.2}s, verify {:.2}s{}",
-            st.load_s, st.calibrate_s, st.database_s, st.profile_s, st.search_s, st.emit_s, st.verify_s,
+            "stages: load {:.2}s, calibrate {:.2}s, database {:.2}s, profile {:.2}s, search {:.2}s, {}emit {:.2}s, verify {:.2}s{}",
+            st.load_s, st.calibrate_s, st.database_s, st.profile_s, st.search_s,
+            if st.correct_s > 0.0 { format!("correct {:.2}s, ", st.correct_s) } else { String::new() },
+            st.emit_s, st.verify_s,
             if st.recover_s > 0.0 { format!(", recover {:.2}s", st.recover_s) } else { String::new() }
         );
         for n in &self.notes {

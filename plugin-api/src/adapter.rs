@@ -5,6 +5,7 @@ use crate::error::AdapterResult;
 use crate::groups::GroupLayout;
 use crate::latency::Measured;
 use crate::plan::{EmitSummary, Plan, PrunedWeights, WeightMatrix};
+use crate::sequential::PairedStreams;
 use crate::structure::{BlockId, ModelStructure};
 use crate::workload::{TargetFingerprint, Workload};
 use std::path::Path;
@@ -56,6 +57,17 @@ pub trait ModelAdapter {
     /// The out-projection of `block`, as `hidden x inputs` (outputs x inputs) f32,
     /// whatever the file layout.
     fn out_projection(&self, block: BlockId) -> AdapterResult<WeightMatrix>;
+
+    /// The dense and the pruned model side by side on the calibration samples, for
+    /// sequential correction ([`PairedStreams`]). The default refuses: the engine
+    /// then reports that this adapter cannot correct sequentially.
+    fn paired_streams(&self) -> AdapterResult<Box<dyn PairedStreams + '_>> {
+        Err(crate::AdapterError::Unsupported {
+            what: "sequential correction".into(),
+            detail: "this adapter cannot run the dense and the pruned model side by side".into(),
+            hint: "prune without sequential correction".into(),
+        })
+    }
 
     /// Writes the pruned model to `dest`: upstream rows deleted as the plan says,
     /// out-projections replaced by `weights` where given. Writes atomically: on error

@@ -19,6 +19,10 @@
 //! 5. The engine searches a [`Plan`] (kept heads / neurons per block) and hands it,
 //!    with the compensated weights ([`PrunedWeights`]), to [`ModelAdapter::emit`].
 //! 6. A [`LossHook`] scores a candidate [`PrunedWeights`] on calibration batches.
+//! 7. [`ModelAdapter::paired_streams`] runs the dense and the pruned model side by
+//!    side, block by block, and hands each block's inputs from both to a
+//!    [`PairedSink`] (sequential correction re-fits every block on the pruned model's
+//!    own inputs).
 //!
 //! Every plan, latency table and report type is `serde` with a stable JSON form:
 //! fields are never renamed within a major version, maps are ordered.
@@ -40,6 +44,7 @@ mod error;
 mod groups;
 mod latency;
 mod plan;
+mod sequential;
 mod structure;
 mod workload;
 
@@ -52,6 +57,7 @@ pub use plan::{
     BlockChoice, BlockPlan, EmitSummary, Plan, PrunedWeights, WeightMatrix, ROLE_GATE, ROLE_K,
     ROLE_Q, ROLE_UP, ROLE_V,
 };
+pub use sequential::{PairedSink, PairedStreams};
 pub use structure::{
     AttentionShape, BlockId, BlockKind, FfnShape, GqaPolicy, LayerIndex, ModelStructure,
     ModuleRemoval, PrunableBlock, ShapeConstraints,

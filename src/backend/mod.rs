@@ -63,10 +63,6 @@ pub(crate) const LLM_OPTIONS: &[OptionSpec] = &[
         help: "format of the emitted models (default: the source's)",
     },
     OptionSpec::flag(
-        "sequential",
-        "re-fit each kept out-projection on the pruned model's own inputs after the search (ZIPLM.md section 8)",
-    ),
-    OptionSpec::flag(
         "runtime_fit",
         "fit the candle block table to mistral.rs with two probe models before searching",
     ),

@@ -69,6 +69,15 @@ pub enum GqaArg {
     EqualPerKvGroup,
 }
 
+/// Sequential correction's target on the command line.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, clap::ValueEnum)]
+pub enum SequentialTargetArg {
+    /// The dense block output and the drift its residual input carries.
+    Residual,
+    /// The dense block output alone.
+    Output,
+}
+
 /// Emitted LLM format on the command line.
 #[derive(Clone, Copy, Debug, PartialEq, Eq, clap::ValueEnum)]
 pub enum LlmFormatArg {
@@ -160,11 +169,17 @@ pub struct PruneArgs {
     /// first (two probe models timed against the dense one; mistralrs backend).
     #[arg(long)]
     pub no_runtime_fit: bool,
-    /// After each search, re-fit the kept out-projections on the pruned model's own
-    /// inputs, block by block (sequential correction, ZIPLM.md section 8; mistralrs
-    /// backend).
+    /// After each search, re-fit every pruned block on the pruned model's own inputs,
+    /// block by block: OBS on the re-targeted weights re-chooses which heads or neurons
+    /// each block keeps (not how many) and fits them (sequential correction, ZIPLM.md
+    /// section 8).
     #[arg(long)]
     pub sequential: bool,
+    /// What --sequential fits each block to: `residual` (the dense output plus the drift
+    /// its residual input carries) or `output` (the dense output alone) [default:
+    /// residual].
+    #[arg(long, value_enum, requires = "sequential")]
+    pub sequential_target: Option<SequentialTargetArg>,
     /// After verification, distil each pruned model towards the dense one on this many
     /// calibration tokens (the gradual mode, ZIPLM.md section 9; mistralrs backend).
     /// The last 8 calibration windows are held out for early stopping.

@@ -2,12 +2,13 @@
 
 use super::args::{
     Cli, Command, EvalArgs, FormatArg, GgufDTypeArg, GqaArg, InspectArgs, LlmFormatArg,
-    ProfileArgs, PruneArgs, SpeedupArgs, WorkloadArgs,
+    ProfileArgs, PruneArgs, SequentialTargetArg, SpeedupArgs, WorkloadArgs,
 };
 use crate::data::DataFormat;
 use crate::inspect;
 use crate::job::request::{JobRequest, Origin, RawOption, Resolved, DEFAULT_SEQ_LEN};
 use crate::job::Device;
+use crate::pipeline::correct::SequentialTarget;
 use crate::progress::{Bars, Progress, Quiet};
 use anyhow::bail;
 use std::process::ExitCode;
@@ -122,9 +123,11 @@ pub(super) fn prune_requests(a: &PruneArgs, given: &[String]) -> anyhow::Result<
     if a.nnef {
         r.options.push(option("nnef", "true", "--nnef"));
     }
-    if a.sequential {
-        r.options.push(option("sequential", "true", "--sequential"));
-    }
+    r.sequential = Some(a.sequential);
+    r.sequential_target = a.sequential_target.map(|t| match t {
+        SequentialTargetArg::Residual => SequentialTarget::Residual,
+        SequentialTargetArg::Output => SequentialTarget::Output,
+    });
     if let Some(tokens) = a.recover {
         let mut s = crate::job::RecoverySettings::with_tokens(tokens);
         if let Some(lr) = a.recover_lr {

@@ -136,6 +136,13 @@ pub struct PruneJob {
     /// mode); `None` = one-shot.
     #[serde(default)]
     pub recovery: Option<RecoverySettings>,
+    /// Re-fit every pruned block on the pruned model's own inputs after each search
+    /// (sequential correction, ZIPLM.md section 8; [`crate::pipeline::correct`]).
+    #[serde(default)]
+    pub sequential: bool,
+    /// What sequential correction fits each block to.
+    #[serde(default)]
+    pub sequential_target: crate::pipeline::correct::SequentialTarget,
 }
 
 /// Checks a list of budgets: at least one, each valid, none twice.
@@ -187,6 +194,8 @@ impl PruneJob {
             verify_settings: ProfileSettings::new(3, 15),
             options: BackendOptions::default(),
             recovery: None,
+            sequential: false,
+            sequential_target: Default::default(),
         }
     }
 

@@ -71,6 +71,10 @@ pub enum Field {
     OutputFormat,
     /// The recovery stage's settings.
     Recovery,
+    /// Sequential correction.
+    Sequential,
+    /// Its target.
+    SequentialTarget,
 }
 
 impl Field {
@@ -97,6 +101,8 @@ impl Field {
             Field::MaxFfnRemoved => ("--max-ffn-removed", "pruning.max_ffn_removed"),
             Field::OutputFormat => ("the output format", "output.format"),
             Field::Recovery => ("--recover", "recovery"),
+            Field::Sequential => ("--sequential", "pruning.sequential = true"),
+            Field::SequentialTarget => ("--sequential-target", "pruning.sequential_target"),
         }
     }
 }
@@ -196,6 +202,10 @@ pub struct JobRequest {
     pub options: Vec<RawOption>,
     /// Distil each pruned model towards the dense one (the gradual mode).
     pub recovery: Option<RecoverySettings>,
+    /// Sequential correction after each search (default false).
+    pub sequential: Option<bool>,
+    /// What it fits each block to (default: the residual target).
+    pub sequential_target: Option<crate::pipeline::correct::SequentialTarget>,
 }
 
 impl JobRequest {
@@ -231,6 +241,8 @@ impl JobRequest {
             output_format: None,
             options: vec![],
             recovery: None,
+            sequential: None,
+            sequential_target: None,
         }
     }
 }
@@ -440,6 +452,17 @@ impl JobRequest {
             job.profile.runs = runs;
         }
         job.verify = self.verify.unwrap_or(true);
+        job.sequential = self.sequential.unwrap_or(false);
+        if let Some(t) = self.sequential_target {
+            if !job.sequential {
+                return Err(o.error(format!(
+                    "{} is the target of sequential correction, which is off: turn it on ({}) or leave the target out",
+                    o.spell(Field::SequentialTarget),
+                    o.spell(Field::Sequential)
+                )));
+            }
+            job.sequential_target = t;
+        }
         at_least_one(self.ffn_multiple, Field::FfnMultiple)?;
         if let Some(m) = self.ffn_multiple {
             job.database.ffn_width_multiple = m;

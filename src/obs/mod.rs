@@ -11,18 +11,21 @@
 //! - [`PreparedLayer`]: dead inputs and dampening.
 //! - [`GroupGreedy`]: explicit updates, groups of any size, balanced schedules.
 //! - [`ColumnGreedy`]: blocked lazy updates for single columns (FFN neurons).
+//! - [`PairedGram`]: sequential correction's `H~`, `C` and re-targeted `W*`.
 
 mod gram;
 mod greedy;
 mod lazy;
 mod materialize;
 mod prepare;
+mod retarget;
 
 pub use gram::GramAccumulator;
 pub use greedy::GroupGreedy;
 pub use lazy::{ColumnGreedy, DEFAULT_FOLD_EVERY};
 pub use materialize::materialize;
 pub use prepare::{PreparedLayer, DEFAULT_DAMPENING};
+pub use retarget::PairedGram;
 
 use crate::error::Result;
 use serde::{Deserialize, Serialize};

@@ -1,4 +1,4 @@
-//! One budget: search, transform the weights, emit, verify, correct.
+//! One budget: search, correct the weights, emit, verify, tighten or loosen.
 //!
 //! `search -> emit -> verify`: for each budget the DP picks levels, the backend writes
 //! the model, and the backend times the dense and the pruned model end to end in the
@@ -120,11 +120,18 @@ pub fn meets(budget: Budget, dense: &Timing, pruned: &Timing) -> bool {
 
 /// Backend operations the pass needs.
 pub trait EmitAndMeasure {
-    /// The stage after the search: turns the database's compensated weights of a plan
-    /// into the weights emitted (sequential correction or recovery go here). The
-    /// default keeps them as they are.
-    fn transform(&mut self, _plan: &Plan, weights: PrunedWeights) -> Result<PrunedWeights> {
-        Ok(weights)
+    /// The weight stage after the search: turns the plan of `selection` and the
+    /// database's compensated weights into the plan and weights emitted (sequential
+    /// correction goes here; it may re-choose which heads or neurons a block keeps,
+    /// never how many). The default keeps them as they are.
+    fn transform(
+        &mut self,
+        _db: &Database,
+        _selection: &Selection,
+        plan: Plan,
+        weights: PrunedWeights,
+    ) -> Result<(Plan, PrunedWeights)> {
+        Ok((plan, weights))
     }
     /// Writes the model for a plan and its compensated weights.
     fn emit(&mut self, plan: &Plan, weights: &PrunedWeights) -> Result<EmitSummary>;
@@ -190,8 +197,12 @@ pub fn prune_to_budget(
                 _ => break,
             }
         }
-        let plan = db.plan(&search.selection)?;
-        let weights = backend.transform(&plan, db.pruned_weights(&search.selection)?)?;
+        let (plan, weights) = backend.transform(
+            db,
+            &search.selection,
+            db.plan(&search.selection)?,
+            db.pruned_weights(&search.selection)?,
+        )?;
         let emitted = backend.emit(&plan, &weights)?;
         let mut attempt = Attempt {
             search_budget_ms: search_budget,

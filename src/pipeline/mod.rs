@@ -11,7 +11,8 @@
 //! prepare    Session::prepare_*       -> Prepared (loss hook, verification set-up)
 //! per budget, budget::prune_to_budget:
 //!   search     DP / SPDY              -> Selection, Plan
-//!   transform  EmitAndMeasure::transform (weight stages)  -> PrunedWeights
+//!   correct    correct::correct (job.sequential)  -> Plan, PrunedWeights re-fitted
+//!              on the pruned model's inputs (ModelAdapter::paired_streams)
 //!   emit       Session::emit          -> EmitSummary (the model file)
 //!   verify     Session::measure       -> measured Timing pair, next round or done
 //!   recover    Session::recover       -> Recovered (distilled weights, emitted again)
@@ -23,6 +24,7 @@
 
 pub mod budget;
 pub mod calibration;
+pub mod correct;
 
 pub use budget::{
     meets, next_search_budget, prune_to_budget, Attempt, Bracket, BudgetOutcome, EmitAndMeasure,
@@ -37,6 +39,7 @@ use crate::outputs::OutputSet;
 use crate::profile::{self, TableRequest};
 use crate::progress::Progress;
 use crate::report::{self, PruneReport, StageTimes};
+use crate::search::Selection;
 use std::path::{Path, PathBuf};
 use std::time::Instant;
 use ziplm_plugin_api::{
@@ -124,19 +127,6 @@ pub trait Session {
         _progress: &dyn Progress,
     ) -> Result<(LatencyTable, Vec<String>)> {
         Ok((table, vec![]))
-    }
-
-    /// The weight stage after every search ([`EmitAndMeasure::transform`]): turns the
-    /// database's compensated weights of `plan` into the weights emitted (sequential
-    /// correction); the default keeps them.
-    fn transform(
-        &mut self,
-        _model: &Self::Model,
-        _job: &PruneJob,
-        _plan: &Plan,
-        weights: PrunedWeights,
-    ) -> Result<PrunedWeights> {
-        Ok(weights)
     }
 
     /// The file (or folder) name of the model emitted under `stem`.
@@ -309,7 +299,7 @@ pub fn run<S: Session>(
         stages.profile_s += t.elapsed().as_secs_f64();
     }
 
-    // per budget: search -> transform -> emit -> verify -> artifacts
+    // per budget: search -> correct -> emit -> verify -> recover -> artifacts
     let mut outcomes = vec![];
     let mut budgets = vec![];
     let t_search = Instant::now();
@@ -322,8 +312,10 @@ pub fn run<S: Session>(
             model: &model,
             session: &mut session,
             job,
+            progress,
             emit_s: 0.0,
             verify_s: 0.0,
+            correct_s: 0.0,
         };
         let mut outcome = prune_to_budget(
             &database,
@@ -335,6 +327,7 @@ pub fn run<S: Session>(
         )?;
         emit_s += runtime.emit_s;
         verify_s += runtime.verify_s;
+        stages.correct_s += runtime.correct_s;
         // recover: distil the verified shapes' weights, and write them in their place
         if job.recovery.is_some() {
             let t = Instant::now();
@@ -376,8 +369,12 @@ pub fn run<S: Session>(
     drop(scratch);
     stages.emit_s = emit_s;
     stages.verify_s = verify_s;
-    stages.search_s =
-        (t_search.elapsed().as_secs_f64() - emit_s - verify_s - stages.recover_s).max(0.0);
+    stages.search_s = (t_search.elapsed().as_secs_f64()
+        - emit_s
+        - verify_s
+        - stages.correct_s
+        - stages.recover_s)
+        .max(0.0);
 
     // report
     let report = PruneReport::new(
@@ -432,18 +429,34 @@ struct BudgetRuntime<'a, S: Session> {
     session: &'a mut S,
     job: &'a PruneJob,
     dest: PathBuf,
+    progress: &'a dyn Progress,
     emit_s: f64,
     verify_s: f64,
+    correct_s: f64,
 }
 
 impl<S: Session> EmitAndMeasure for BudgetRuntime<'_, S> {
-    fn transform(&mut self, plan: &Plan, weights: PrunedWeights) -> Result<PrunedWeights> {
+    fn transform(
+        &mut self,
+        db: &Database,
+        selection: &Selection,
+        plan: Plan,
+        weights: PrunedWeights,
+    ) -> Result<(Plan, PrunedWeights)> {
+        if !self.job.sequential {
+            return Ok((plan, weights));
+        }
         let t = Instant::now();
-        let w = self
-            .session
-            .transform(self.model, self.job, plan, weights)?;
-        self.emit_s += t.elapsed().as_secs_f64();
-        Ok(w)
+        let corrected = correct::correct(
+            self.model,
+            db,
+            selection,
+            self.job.database.dampening,
+            self.job.sequential_target,
+            self.progress,
+        )?;
+        self.correct_s += t.elapsed().as_secs_f64();
+        Ok(corrected)
     }
     fn emit(&mut self, plan: &Plan, weights: &PrunedWeights) -> Result<EmitSummary> {
         let t = Instant::now();

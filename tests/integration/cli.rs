@@ -182,6 +182,30 @@ fn spdy_refinement_scores_candidates_with_the_tract_loss_hook() {
     );
 }
 
+/// `--sequential` runs the correct stage in the tract backend end to end (emit and
+/// verify after it), and the report times it.
+#[test]
+fn sequential_correction_runs_in_the_tract_backend() {
+    let dir = tempfile::tempdir().unwrap();
+    let model = fixture("tiny-bert-feature-extraction");
+    let (code, report) = prune_json(
+        &[
+            &model,
+            "--speedup",
+            "1.4",
+            "--seq-len",
+            "16",
+            "--refine",
+            "0",
+            "--sequential",
+        ],
+        dir.path(),
+    );
+    assert_eq!(code, Some(0), "{report}");
+    let correct = report["stages"]["correct_s"].as_f64().unwrap();
+    assert!(correct > 0.0, "{report}");
+}
+
 /// `ziplm profile` on the deployment machine, commit the table, build elsewhere: the
 /// table defines the target, the build uses it as is (no profiling, no verification,
 /// and the report says why).

@@ -200,3 +200,35 @@ fn cargo_metadata_table_of_the_example_app() {
         .model
         .ends_with("fixtures/onnx/tiny-bert-feature-extraction/model.onnx"));
 }
+
+/// `pruning.sequential` turns the correct stage on for any backend (an ONNX model
+/// here); it is off by default, and fits to the residual target unless told.
+#[test]
+fn pruning_sequential_turns_the_correct_stage_on() {
+    use ziplm::pipeline::correct::SequentialTarget;
+    let app = app();
+    let base = app.path();
+    let file = &base.join("ziplm.toml");
+    let cfg = config::parse(GOOD, file).unwrap();
+    assert!(!cfg.model[0].to_job(file, base).unwrap().sequential);
+    let on = format!("{GOOD}[model.pruning]\nsequential = true\n");
+    let cfg = config::parse(&on, file).unwrap();
+    let job = cfg.model[0].to_job(file, base).unwrap();
+    assert!(job.sequential);
+    assert_eq!(job.sequential_target, SequentialTarget::Residual);
+    let output = format!("{on}sequential_target = \"output\"\n");
+    let job = config::parse(&output, file).unwrap().model[0]
+        .to_job(file, base)
+        .unwrap();
+    assert_eq!(job.sequential_target, SequentialTarget::Output);
+    // A target for a correction that is off is refused, naming both keys.
+    let off = format!("{GOOD}[model.pruning]\nsequential_target = \"output\"\n");
+    let err = config::parse(&off, file).unwrap().model[0]
+        .to_job(file, base)
+        .unwrap_err()
+        .to_string();
+    assert!(
+        err.contains("pruning.sequential_target") && err.contains("pruning.sequential = true"),
+        "{err}"
+    );
+}

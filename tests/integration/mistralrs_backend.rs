@@ -836,14 +836,15 @@ fn eval_compares_with_the_dense_model_and_asks_the_probes() {
     assert_eq!(v["answered_of_reference"], v["reference_answered"], "{v}");
 }
 
-/// Sequential correction (ZIPLM.md section 8): with the pruned inputs equal to the dense
-/// ones (every block before the last dense), the re-fit is the database's dense-input
-/// compensation (and W itself for the dense blocks); with every block pruned, the
-/// corrected model is closer to the dense one end to end than the dense-input OBS
-/// weights at the same shapes.
+/// Sequential correction (ZIPLM.md section 8) through the Llama streams: with the
+/// pruned inputs equal to the dense ones (every block before the last dense), the
+/// re-chosen plan and fit are the database's dense-input ones; with every block
+/// pruned, the corrected model is closer to the dense one end to end than the
+/// dense-input OBS weights, at the same shapes.
 #[test]
 fn sequential_correction_refits_each_block_on_the_pruned_inputs() {
     use ziplm::database::{Database, DatabaseConfig};
+    use ziplm::pipeline::correct::{correct, SequentialTarget::*};
     use ziplm::search::Selection;
     let mut model = LlamaModel::load(&tiny(), LlamaOptions::default()).unwrap();
     let samples: Vec<Vec<i64>> = (0..24)
@@ -862,17 +863,6 @@ fn sequential_correction_refits_each_block_on_the_pruned_inputs() {
     let db = Database::build(&mut model, &cfg, &ziplm::progress::Quiet).unwrap();
     let n_levels: Vec<usize> = db.blocks.iter().map(|b| b.levels.len()).collect();
     let last = n_levels.len() - 1;
-    let correct = |plan: &Plan| {
-        mrs::sequential::correct(
-            &model.weights,
-            model.structure(),
-            plan,
-            model.calibration_samples(),
-            0.0,
-            &ziplm::progress::Quiet,
-        )
-        .unwrap()
-    };
     let max_diff = |a: &WeightMatrix, b: &[f32]| {
         let scale = b.iter().fold(0f32, |m, x| m.max(x.abs()));
         a.data
@@ -888,22 +878,27 @@ fn sequential_correction_refits_each_block_on_the_pruned_inputs() {
     let selection = Selection { levels };
     let plan = db.plan(&selection).unwrap();
     let obs = db.pruned_weights(&selection).unwrap();
-    let seq = correct(&plan);
+    let (seq_plan, seq) = correct(
+        &model,
+        &db,
+        &selection,
+        0.0,
+        Output,
+        &ziplm::progress::Quiet,
+    )
+    .unwrap();
+    assert_eq!(
+        seq_plan, plan,
+        "equal inputs re-choose the database's groups"
+    );
     let id = plan.blocks[last].block;
     let d = max_diff(&seq.out_projections[&id], &obs.out_projections[&id].data);
     assert!(
         d < 1e-3,
         "last block: sequential vs dense-input OBS differ by {d}"
     );
-    // A dense block's re-fit on its own (dense) inputs is its weight.
-    let first = &seq.out_projections[&plan.blocks[0].block];
-    let wo = model.weights.layers[0]
-        .wo
-        .flatten_all()
-        .unwrap()
-        .to_vec1::<f32>()
-        .unwrap();
-    assert!(max_diff(first, &wo) < 1e-3);
+    // Dense blocks are left as they are.
+    assert_eq!(seq.out_projections.len(), 1);
 
     // Every block pruned: the end-to-end hidden error is smaller with the correction.
     let selection = Selection {
@@ -911,9 +906,25 @@ fn sequential_correction_refits_each_block_on_the_pruned_inputs() {
     };
     let plan = db.plan(&selection).unwrap();
     let obs = db.pruned_weights(&selection).unwrap();
-    let seq = correct(&plan);
-    let error = |w: &PrunedWeights| {
-        let pruned = model.pruned_weights(&plan, w).unwrap();
+    let (seq_plan, seq) = correct(
+        &model,
+        &db,
+        &selection,
+        0.0,
+        Output,
+        &ziplm::progress::Quiet,
+    )
+    .unwrap();
+    for (a, b) in seq_plan.blocks.iter().zip(&plan.blocks) {
+        assert_eq!(
+            a.kept.len(),
+            b.kept.len(),
+            "{:?}: the shape is the plan's",
+            a.block
+        );
+    }
+    let error = |plan: &Plan, w: &PrunedWeights| {
+        let pruned = model.pruned_weights(plan, w).unwrap();
         let mut e = 0.0f64;
         for s in model.calibration_samples() {
             let hook = &mut |_, _, _: &candle_core::Tensor| Ok(());
@@ -924,11 +935,28 @@ fn sequential_correction_refits_each_block_on_the_pruned_inputs() {
         }
         e
     };
-    let (e_obs, e_seq) = (error(&obs), error(&seq));
-    eprintln!("end-to-end hidden error: dense-input OBS {e_obs:.4}, sequential {e_seq:.4}");
+    let (e_obs, e_seq) = (error(&plan, &obs), error(&seq_plan, &seq));
+    // The residual target (the default): the drift each block receives is cancelled too.
+    let (drift_plan, drift) = correct(
+        &model,
+        &db,
+        &selection,
+        0.0,
+        Residual,
+        &ziplm::progress::Quiet,
+    )
+    .unwrap();
+    let e_drift = error(&drift_plan, &drift);
+    eprintln!(
+        "end-to-end hidden error: dense-input OBS {e_obs:.4}, sequential {e_seq:.4}, residual target {e_drift:.4}"
+    );
     assert!(
         e_seq < e_obs,
         "sequential {e_seq} is not below dense-input OBS {e_obs}"
+    );
+    assert!(
+        e_drift < e_obs,
+        "the residual target {e_drift} is not below dense-input OBS {e_obs}"
     );
 }
 

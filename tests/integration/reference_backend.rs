@@ -719,6 +719,19 @@ fn a_backend_registered_with_one_line_runs_the_whole_pipeline() {
         o.iter().zip(n).any(|(x, y)| (x - y).abs() > 1e-6)
     });
     assert!(changed, "no out-projection was compensated");
+
+    // An adapter without paired streams: sequential correction is refused by name,
+    // and nothing of the failed run reaches its output folder.
+    job.sequential = true;
+    job.out_dir = dir.path().join("out-sequential");
+    let e = ziplm::backend::run_job(&job, &ziplm::progress::Quiet)
+        .unwrap_err()
+        .to_string();
+    assert!(
+        e.contains("sequential correction") && e.contains("prune without --sequential"),
+        "{e}"
+    );
+    assert!(!job.out_dir.join("tiny.speedup-1.5.refnet").exists());
 }
 
 #[test]

@@ -437,3 +437,84 @@ fn a_model_pruned_to_one_head_per_layer_is_read_and_pruned_again() {
         assert!(d <= 1e-5, "{name}: the re-read model differs by {d}");
     }
 }
+
+/// Sequential correction (ZIPLM.md section 8) through the tract streams, on every
+/// fixture: with only the last block pruned (its inputs are the dense ones), the stage
+/// gives the database's plan and weights; with every block pruned, the corrected
+/// pre-LN models are closer to the dense one on the calibration samples than the
+/// dense-input OBS weights, at the same shapes (the post-LN BERT about even), and each
+/// is a model tract runs.
+#[test]
+fn sequential_correction_lowers_the_end_to_end_error() {
+    use ziplm::pipeline::correct::{correct, SequentialTarget::*};
+    let mut results = vec![];
+    for name in FIXTURES {
+        let mut m = load(name);
+        let samples: Vec<Vec<i64>> = (0..64).map(|s| ids(300 + s, 16)).collect();
+        m.set_calibration(samples.clone()).unwrap();
+        let db =
+            Database::build(&mut m, &DatabaseConfig::default(), &ziplm::progress::Quiet).unwrap();
+        let quiet = &ziplm::progress::Quiet;
+        let last = db.blocks.len() - 1;
+
+        let mut levels = vec![0; db.blocks.len()];
+        levels[last] = 1;
+        let selection = Selection { levels };
+        let (plan, weights) = correct(&m, &db, &selection, 0.01, Output, quiet).unwrap();
+        assert_eq!(plan, db.plan(&selection).unwrap(), "{name}");
+        let id = plan.blocks[last].block;
+        let want = &db.pruned_weights(&selection).unwrap().out_projections[&id];
+        let scale = want.data.iter().fold(0f32, |a, x| a.max(x.abs()));
+        let d = max_abs_diff(&weights.out_projections[&id].data, &want.data);
+        assert!(d <= 1e-4 * scale, "{name}: last block differs by {d}");
+
+        let selection = Selection {
+            levels: db.blocks.iter().map(|b| (b.levels.len() - 1) / 2).collect(),
+        };
+        let obs_plan = db.plan(&selection).unwrap();
+        let obs = db.pruned_weights(&selection).unwrap();
+        let (seq_plan, seq) = correct(&m, &db, &selection, 0.01, Output, quiet).unwrap();
+        for (a, b) in seq_plan.blocks.iter().zip(&obs_plan.blocks) {
+            assert_eq!(a.kept.len(), b.kept.len(), "{name}: shapes are the plan's");
+            assert_eq!(a.kept_kv_heads.len(), b.kept_kv_heads.len(), "{name}");
+        }
+        let dense = m.file().to_bytes();
+        // Scored at the prefill workload the calibration ran at.
+        let w = Workload::prefill(1, 16);
+        let error = |plan: &Plan, weights: &PrunedWeights| {
+            let bytes = ziplm::backend::tract::onnx::emit(&m, plan, weights).unwrap();
+            samples
+                .iter()
+                .map(|s| {
+                    let (a, b) = (run(&dense, &w, s), run(&bytes, &w, s));
+                    a.iter()
+                        .zip(&b)
+                        .map(|(x, y)| ((x - y) as f64).powi(2))
+                        .sum::<f64>()
+                })
+                .sum::<f64>()
+        };
+        let (e_obs, e_seq) = (error(&obs_plan, &obs), error(&seq_plan, &seq));
+        let (drift_plan, drift) = correct(&m, &db, &selection, 0.01, Residual, quiet).unwrap();
+        let e_drift = error(&drift_plan, &drift);
+        eprintln!("{name}: end-to-end error, dense-input OBS {e_obs:.5}, sequential {e_seq:.5}, cancelling the drift {e_drift:.5}");
+        results.push((name, e_obs, e_seq, e_drift));
+    }
+    for (name, e_obs, e_seq, e_drift) in results {
+        assert!(
+            e_drift < e_obs,
+            "{name}: residual target {e_drift} vs OBS {e_obs}"
+        );
+        if name.contains("bert") {
+            // Post-LN: each sum is normalised, and the target `W X` does not cancel the
+            // drift the residual passes on (ZIPLM.md section 8's variant would); here
+            // the correction is about even (measured: 0.7347 against 0.7305).
+            assert!(
+                e_seq < 1.02 * e_obs,
+                "{name}: sequential {e_seq} vs OBS {e_obs}"
+            );
+        } else {
+            assert!(e_seq < e_obs, "{name}: sequential {e_seq} vs OBS {e_obs}");
+        }
+    }
+}

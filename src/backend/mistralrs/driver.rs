@@ -374,25 +374,6 @@ impl Session for MistralSession {
     ) -> Box<dyn LatencyProfiler + 'a> {
         Box::new(CandleProfiler::new(model, self.options.gguf_dtype))
     }
-    fn transform(
-        &mut self,
-        model: &LlamaModel,
-        _job: &PruneJob,
-        plan: &Plan,
-        weights: PrunedWeights,
-    ) -> Result<PrunedWeights> {
-        if !self.options.sequential {
-            return Ok(weights);
-        }
-        super::sequential::correct(
-            &model.weights,
-            model.structure(),
-            plan,
-            model.calibration_samples(),
-            crate::obs::DEFAULT_DAMPENING,
-            &crate::progress::Quiet,
-        )
-    }
     fn recover(
         &mut self,
         model: &LlamaModel,

@@ -18,7 +18,8 @@
 //! - [`driver`]: a whole prune job.
 //! - [`eval`]: perplexity of a model on a text.
 //! - [`self_chat`]: the dense model's own chat transcripts (`--calibration self:N`).
-//! - [`sequential`]: sequential correction of a chosen plan (ZIPLM.md section 8).
+//! - [`sequential`]: the dense and pruned streams sequential correction fits on
+//!   (ZIPLM.md section 8).
 //! - [`recovery`]: distillation of a pruned model towards the dense one (section 9).
 
 pub mod driver;

@@ -596,6 +596,14 @@ impl ziplm_plugin_api::ModelAdapter for LlamaModel {
         &self.structure
     }
 
+    fn paired_streams(&self) -> AdapterResult<Box<dyn ziplm_plugin_api::PairedStreams + '_>> {
+        Ok(Box::new(super::sequential::LlamaStreams::new(
+            &self.weights,
+            &self.structure,
+            &self.samples,
+        )?))
+    }
+
     fn calibrate(
         &mut self,
         capture: &[BlockId],

@@ -57,9 +57,6 @@ pub struct MistralOptions {
     /// true): two probe models timed in mistral.rs set per-kind scales
     /// ([`crate::runtime_fit`]).
     pub runtime_fit: bool,
-    /// Sequential correction of the chosen plan's out-projections (`sequential`,
-    /// default false; [`super::sequential`]).
-    pub sequential: bool,
 }
 
 impl MistralOptions {
@@ -84,7 +81,6 @@ impl MistralOptions {
             gguf_dtype,
             llm_format,
             runtime_fit: options.flag("runtime_fit", true),
-            sequential: options.flag("sequential", false),
         })
     }
 }

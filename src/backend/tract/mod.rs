@@ -9,6 +9,7 @@
 //! - [`profile`]: timing block shapes with tract's optimised plan.
 //! - [`nnef`]: the emitted model as a tract NNEF archive.
 //! - [`loss`]: the loss hook (output error of a candidate plan) for SPDY refinement.
+//! - [`streams`]: the dense and pruned streams sequential correction fits on.
 
 pub mod driver;
 pub mod encode;
@@ -20,6 +21,7 @@ pub mod nnef;
 pub mod onnx;
 pub mod profile;
 pub mod recognize;
+pub mod streams;
 pub mod surgery;
 
 pub use driver::TractBackend;

@@ -214,6 +214,45 @@ impl TractModel {
         Ok(())
     }
 
+    /// The calibration samples for prefill passes sized for them (not the serving
+    /// workload: decode workloads have one token): sorted by length and grouped at the
+    /// smallest of a few compiled lengths that fits them, so short samples do not pay
+    /// for padding. `(length, samples cut to it)`, shortest first.
+    pub(crate) fn length_groups(&self) -> Vec<(usize, Vec<Vec<i64>>)> {
+        let cap = match self.options.workload.phase {
+            Phase::Prefill => self.options.workload.seq_len,
+            Phase::Decode { .. } => usize::MAX,
+        };
+        let mut samples: Vec<&Vec<i64>> =
+            self.calibration.iter().filter(|s| !s.is_empty()).collect();
+        samples.sort_by_key(|s| s.len());
+        let longest = samples.last().map(|s| s.len()).unwrap_or(1).min(cap);
+        let mut lengths: Vec<usize> = [16, 32, 64, 128, 256, 512]
+            .into_iter()
+            .filter(|&l| l < longest)
+            .collect();
+        lengths.push(longest);
+        let mut groups = vec![];
+        let mut next = 0;
+        for &len in &lengths {
+            let end = next
+                + samples[next..]
+                    .iter()
+                    .take_while(|s| s.len().min(cap) <= len)
+                    .count();
+            if end == next {
+                continue;
+            }
+            let group: Vec<Vec<i64>> = samples[next..end]
+                .iter()
+                .map(|s| s[..s.len().min(len)].to_vec())
+                .collect();
+            next = end;
+            groups.push((len, group));
+        }
+        groups
+    }
+
     /// Runs calibration samples of at most `seq` tokens, `batch` at a time, feeding the
     /// captured activations to `sink`.
     fn calibrate_at(
@@ -279,7 +318,7 @@ impl TractModel {
 
     /// Builds a runnable plan of `model` with extra outputs (in order after the
     /// model's own).
-    fn runnable_with(
+    pub(crate) fn runnable_with(
         &self,
         model: &TypedModel,
         extra: &[OutletId],
@@ -304,7 +343,7 @@ impl TractModel {
 }
 
 /// Samples per calibration pass.
-const CALIBRATION_BATCH: usize = 8;
+pub(crate) const CALIBRATION_BATCH: usize = 8;
 
 /// Pads (or truncates) samples into a `batch x seq` block of ids and a mask; missing
 /// rows are all padding.
@@ -437,42 +476,15 @@ impl ModelAdapter for TractModel {
                 "no calibration samples set".into(),
             ));
         }
-        // Calibrate with prefill passes sized for the samples (not the serving
-        // workload: decode workloads have one token). Samples are sorted by length and
-        // run at the smallest of a few compiled lengths that fits them, so short
-        // samples do not pay for padding.
-        let cap = match self.options.workload.phase {
-            Phase::Prefill => self.options.workload.seq_len,
-            Phase::Decode { .. } => usize::MAX,
-        };
-        let mut samples: Vec<&Vec<i64>> =
-            self.calibration.iter().filter(|s| !s.is_empty()).collect();
-        samples.sort_by_key(|s| s.len());
-        let longest = samples.last().map(|s| s.len()).unwrap_or(1).min(cap);
-        let mut lengths: Vec<usize> = [16, 32, 64, 128, 256, 512]
-            .into_iter()
-            .filter(|&l| l < longest)
-            .collect();
-        lengths.push(longest);
-        let batch = CALIBRATION_BATCH.min(samples.len()).max(1);
-        let mut next = 0;
-        for &len in &lengths {
-            let end = next
-                + samples[next..]
-                    .iter()
-                    .take_while(|s| s.len().min(cap) <= len)
-                    .count();
-            if end == next {
-                continue;
-            }
-            let group: Vec<Vec<i64>> = samples[next..end]
-                .iter()
-                .map(|s| s[..s.len().min(len)].to_vec())
-                .collect();
-            next = end;
+        let batch = CALIBRATION_BATCH.min(self.calibration.len()).max(1);
+        for (len, group) in self.length_groups() {
             self.calibrate_at(len, batch, &group, capture, sink)?;
         }
         Ok(())
+    }
+
+    fn paired_streams(&self) -> AdapterResult<Box<dyn ziplm_plugin_api::PairedStreams + '_>> {
+        Ok(Box::new(super::streams::TractStreams::new(self)?))
     }
 
     fn out_projection(&self, block: BlockId) -> AdapterResult<WeightMatrix> {
@@ -535,7 +547,7 @@ impl ModelAdapter for TractModel {
 
 /// Rearranges an activation tensor to token-major rows of features (in weight order),
 /// keeping the tokens whose mask is 1.
-fn token_rows(
+pub(crate) fn token_rows(
     act: &TValue,
     token_axes: &[usize],
     feature_axes: &[usize],

@@ -520,10 +520,13 @@ fn edit_block(model: &TypedModel, e: &BlockEdit, edits: &mut Edits) -> TractResu
     out_weight(model, end, &end_roles, e, edits)
 }
 
-/// Records the bypass of a removed block: its residual sum forwards the other input
-/// (plus the bias when kept).
-fn bypass(model: &TypedModel, e: &BlockEdit, edits: &mut Edits) -> TractResult<()> {
-    let mut outlet = OutletId::new(e.block.out_proj().node, 0);
+/// The residual sum an out-projection's output reaches through its bias and axis ops:
+/// the sum node, its other input (the residual stream) and the bias on the way.
+pub(crate) fn residual_sum(
+    model: &TypedModel,
+    out_node: usize,
+) -> TractResult<(usize, OutletId, Option<OutletId>)> {
+    let mut outlet = OutletId::new(out_node, 0);
     let mut bias: Option<OutletId> = None;
     for _ in 0..6 {
         let succ = model.outlet_successors(outlet);
@@ -542,11 +545,7 @@ fn bypass(model: &TypedModel, e: &BlockEdit, edits: &mut Edits) -> TractResult<(
                 outlet = OutletId::new(s.node, 0);
                 continue;
             }
-            edits.bypass.insert(
-                s.node,
-                (other, if e.keep_bias_when_removed { bias } else { None }),
-            );
-            return Ok(());
+            return Ok((s.node, other, bias));
         } else if node.op_is::<AxisOp>() {
             outlet = OutletId::new(s.node, 0);
         } else {
@@ -557,6 +556,17 @@ fn bypass(model: &TypedModel, e: &BlockEdit, edits: &mut Edits) -> TractResult<(
         }
     }
     bail!("no residual sum after the block")
+}
+
+/// Records the bypass of a removed block: its residual sum forwards the other input
+/// (plus the bias when kept).
+fn bypass(model: &TypedModel, e: &BlockEdit, edits: &mut Edits) -> TractResult<()> {
+    let (sum, other, bias) = residual_sum(model, e.block.out_proj().node)?;
+    edits.bypass.insert(
+        sum,
+        (other, if e.keep_bias_when_removed { bias } else { None }),
+    );
+    Ok(())
 }
 
 /// Rebuilds `model` with every block edited.
