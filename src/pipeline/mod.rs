@@ -11,10 +11,10 @@
 //! prepare    Session::prepare_*       -> Prepared (loss hook, verification set-up)
 //! per budget, budget::prune_to_budget:
 //!   search     DP / SPDY              -> Selection, Plan
-//!   correct    correct::correct (job.sequential)  -> Plan, PrunedWeights re-fitted
-//!              on the pruned model's inputs (ModelAdapter::paired_streams)
 //!   emit       Session::emit          -> EmitSummary (the model file)
 //!   verify     Session::measure       -> measured Timing pair, next round or done
+//!   correct    correct::correct (job.sequential) -> Plan, PrunedWeights re-fitted on
+//!              the pruned model's inputs (ModelAdapter::paired_streams), emitted again
 //!   recover    Session::recover       -> Recovered (distilled weights, emitted again)
 //!   artifacts  Session::write_artifacts, Session::check_served
 //! report     PruneReport              -> report.{json,txt,svg}
@@ -39,7 +39,6 @@ use crate::outputs::OutputSet;
 use crate::profile::{self, TableRequest};
 use crate::progress::Progress;
 use crate::report::{self, PruneReport, StageTimes};
-use crate::search::Selection;
 use std::path::{Path, PathBuf};
 use std::time::Instant;
 use ziplm_plugin_api::{
@@ -299,7 +298,7 @@ pub fn run<S: Session>(
         stages.profile_s += t.elapsed().as_secs_f64();
     }
 
-    // per budget: search -> correct -> emit -> verify -> recover -> artifacts
+    // per budget: search -> emit -> verify -> correct -> recover -> artifacts
     let mut outcomes = vec![];
     let mut budgets = vec![];
     let t_search = Instant::now();
@@ -312,10 +311,8 @@ pub fn run<S: Session>(
             model: &model,
             session: &mut session,
             job,
-            progress,
             emit_s: 0.0,
             verify_s: 0.0,
-            correct_s: 0.0,
         };
         let mut outcome = prune_to_budget(
             &database,
@@ -327,7 +324,24 @@ pub fn run<S: Session>(
         )?;
         emit_s += runtime.emit_s;
         verify_s += runtime.verify_s;
-        stages.correct_s += runtime.correct_s;
+        // correct: the verified shapes re-fitted on the pruned model's own inputs, and
+        // written over the verified file (the latency is the shapes', so it holds)
+        if job.sequential {
+            let t = Instant::now();
+            let (plan, weights) = correct::correct(
+                &model,
+                &database,
+                &outcome.search.selection,
+                job.database.dampening,
+                job.sequential_target,
+                progress,
+            )?;
+            outcome.plan = plan;
+            outcome.weights = weights;
+            let dest = set.stage().join(&output_name);
+            outcome.emitted = session.emit(&model, &outcome.plan, &outcome.weights, &dest)?;
+            stages.correct_s += t.elapsed().as_secs_f64();
+        }
         // recover: distil the verified shapes' weights, and write them in their place
         if job.recovery.is_some() {
             let t = Instant::now();
@@ -429,35 +443,11 @@ struct BudgetRuntime<'a, S: Session> {
     session: &'a mut S,
     job: &'a PruneJob,
     dest: PathBuf,
-    progress: &'a dyn Progress,
     emit_s: f64,
     verify_s: f64,
-    correct_s: f64,
 }
 
 impl<S: Session> EmitAndMeasure for BudgetRuntime<'_, S> {
-    fn transform(
-        &mut self,
-        db: &Database,
-        selection: &Selection,
-        plan: Plan,
-        weights: PrunedWeights,
-    ) -> Result<(Plan, PrunedWeights)> {
-        if !self.job.sequential {
-            return Ok((plan, weights));
-        }
-        let t = Instant::now();
-        let corrected = correct::correct(
-            self.model,
-            db,
-            selection,
-            self.job.database.dampening,
-            self.job.sequential_target,
-            self.progress,
-        )?;
-        self.correct_s += t.elapsed().as_secs_f64();
-        Ok(corrected)
-    }
     fn emit(&mut self, plan: &Plan, weights: &PrunedWeights) -> Result<EmitSummary> {
         let t = Instant::now();
         let s = self.session.emit(self.model, plan, weights, &self.dest)?;
