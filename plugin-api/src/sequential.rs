@@ -30,15 +30,6 @@ pub trait PairedSink {
     }
 }
 
-impl<F> PairedSink for F
-where
-    F: FnMut(&[f32], &[f32], usize) -> AdapterResult<()>,
-{
-    fn accept(&mut self, dense: &[f32], pruned: &[f32], width: usize) -> AdapterResult<()> {
-        self(dense, pruned, width)
-    }
-}
-
 /// The dense and the pruned model run side by side on the calibration samples, block
 /// by block in model order ([`crate::ModelAdapter::paired_streams`]).
 ///

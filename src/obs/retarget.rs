@@ -64,16 +64,7 @@ impl PairedGram {
             }
         }
         let diff: Vec<f32> = dense.iter().zip(pruned).map(|(a, b)| a - b).collect();
-        if let Some(pos) = diff.iter().position(|v| !v.is_finite()) {
-            return Err(Error::Calibration {
-                context: format!("a residual stream of width {hidden}"),
-                detail: format!(
-                    "value {} of token {} is not finite",
-                    pos % hidden,
-                    pos / hidden
-                ),
-            });
-        }
+        check_finite(&diff, hidden, "a residual stream")?;
         self.pending = Some((diff, hidden));
         Ok(())
     }
@@ -100,40 +91,26 @@ impl PairedGram {
                 pruned.len()
             )));
         }
-        if let Some(pos) = dense.iter().position(|v| !v.is_finite()) {
-            return Err(Error::Calibration {
-                context: format!("a dense input of width {d}"),
-                detail: format!(
-                    "activation {} of token {} is {}",
-                    pos % d,
-                    pos / d,
-                    dense[pos]
-                ),
-            });
-        }
+        check_finite(dense, d, "a dense input")?;
         let n_tokens = dense.len() / d.max(1);
-        let pending = self.pending.take();
-        match (&pending, &self.drift) {
-            (Some((diff, hidden)), _) if diff.len() / hidden != n_tokens => {
+        // Residuals come with every batch or with none.
+        let with_residuals = self.pending.is_some();
+        if self.tokens() > 0 && with_residuals != self.drift.is_some() {
+            return Err(Error::Invalid(
+                "paired batches with and without residuals: give them with every batch or with none".into(),
+            ));
+        }
+        if let Some((diff, hidden)) = &self.pending {
+            if diff.len() / hidden != n_tokens {
                 return Err(Error::Invalid(format!(
                     "residuals of {} tokens for {n_tokens} paired inputs",
                     diff.len() / hidden
-                )))
+                )));
             }
-            (None, Some(_)) => {
-                return Err(Error::Invalid(
-                    "a paired batch without its residuals after batches with them".into(),
-                ))
-            }
-            _ => {}
-        }
-        if self.tokens() > 0 && pending.is_some() && self.drift.is_none() {
-            return Err(Error::Invalid(
-                "residuals after batches without them: give them with every batch".into(),
-            ));
         }
         // Checks the width and the pruned values, and adds H~.
         self.pruned.add(pruned)?;
+        let pending = self.pending.take();
         let n = dense.len() / d;
         if let Some((diff, hidden)) = &pending {
             let hidden = *hidden;
@@ -245,6 +222,22 @@ impl PairedGram {
         let mut wt = rhs.transpose().to_owned();
         llt.solve_in_place(wt.as_mut());
         Ok((wt.transpose().to_owned(), h))
+    }
+}
+
+/// Fails naming the first NaN or infinite value of token-major `rows` of `width`.
+fn check_finite(rows: &[f32], width: usize, what: &str) -> Result<()> {
+    match rows.iter().position(|v| !v.is_finite()) {
+        None => Ok(()),
+        Some(pos) => Err(Error::Calibration {
+            context: format!("{what} of width {width}"),
+            detail: format!(
+                "value {} of token {} is {}",
+                pos % width,
+                pos / width,
+                rows[pos]
+            ),
+        }),
     }
 }
 

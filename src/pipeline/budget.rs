@@ -120,18 +120,11 @@ pub fn meets(budget: Budget, dense: &Timing, pruned: &Timing) -> bool {
 
 /// Backend operations the pass needs.
 pub trait EmitAndMeasure {
-    /// The weight stage after the search: turns the plan of `selection` and the
-    /// database's compensated weights into the plan and weights emitted (sequential
-    /// correction goes here; it may re-choose which heads or neurons a block keeps,
-    /// never how many). The default keeps them as they are.
-    fn transform(
-        &mut self,
-        _db: &Database,
-        _selection: &Selection,
-        plan: Plan,
-        weights: PrunedWeights,
-    ) -> Result<(Plan, PrunedWeights)> {
-        Ok((plan, weights))
+    /// The weight stage after the search: turns the database's compensated weights of
+    /// a plan into the weights emitted. The default keeps them as they are
+    /// (sequential correction runs after verification instead, `pipeline::correct`).
+    fn transform(&mut self, _plan: &Plan, weights: PrunedWeights) -> Result<PrunedWeights> {
+        Ok(weights)
     }
     /// Writes the model for a plan and its compensated weights.
     fn emit(&mut self, plan: &Plan, weights: &PrunedWeights) -> Result<EmitSummary>;
@@ -197,12 +190,8 @@ pub fn prune_to_budget(
                 _ => break,
             }
         }
-        let (plan, weights) = backend.transform(
-            db,
-            &search.selection,
-            db.plan(&search.selection)?,
-            db.pruned_weights(&search.selection)?,
-        )?;
+        let plan = db.plan(&search.selection)?;
+        let weights = backend.transform(&plan, db.pruned_weights(&search.selection)?)?;
         let emitted = backend.emit(&plan, &weights)?;
         let mut attempt = Attempt {
             search_budget_ms: search_budget,

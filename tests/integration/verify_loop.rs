@@ -6,7 +6,7 @@
 use super::database::{database_of, structure_with_layers, table};
 use ziplm::database::Database;
 use ziplm::pipeline::{self, BudgetOutcome, EmitAndMeasure, SearchSettings};
-use ziplm::search::{Budget, Selection};
+use ziplm::search::Budget;
 use ziplm::Result;
 use ziplm_plugin_api::*;
 
@@ -257,17 +257,11 @@ struct Doubling {
 }
 
 impl EmitAndMeasure for Doubling {
-    fn transform(
-        &mut self,
-        _db: &Database,
-        _selection: &Selection,
-        plan: Plan,
-        mut weights: PrunedWeights,
-    ) -> Result<(Plan, PrunedWeights)> {
+    fn transform(&mut self, _plan: &Plan, mut weights: PrunedWeights) -> Result<PrunedWeights> {
         for w in weights.out_projections.values_mut() {
             w.data.iter_mut().for_each(|x| *x *= 2.0);
         }
-        Ok((plan, weights))
+        Ok(weights)
     }
     fn emit(&mut self, plan: &Plan, weights: &PrunedWeights) -> Result<EmitSummary> {
         self.emitted_weights.push(weights.clone());
