@@ -29,7 +29,7 @@ use anyhow::Context;
 use clap::Parser;
 use std::path::{Path, PathBuf};
 use ziplm::backend::tract::encode::SentenceEncoder;
-use ziplm::backend::tract::{driver, onnx, profile::time_pair};
+use ziplm::backend::tract::{device::TractDevice, driver, onnx, profile::time_pair};
 use ziplm::data::{sts, tokenizer::Tokenizer, CalibrationData, DataFormat};
 use ziplm::frontier::{self, FrontierPoint};
 use ziplm::job::PruneJob;
@@ -121,15 +121,17 @@ fn main() -> anyhow::Result<()> {
             enc.embed(&tok, s)
         })?)
     };
+    let cpu1 = TractDevice::cpu(1);
     let measure = |path: &Path| {
         time_pair(
             &run.model,
             &model,
             path,
             &job.workload,
-            1,
+            &cpu1,
             &job.verify_settings,
         )
+        .map(|t| (t.a, t.b))
     };
     let problem = run.database.search_problem(&run.table)?;
 

@@ -8,6 +8,7 @@
 //! seed = 0
 //! [model.target]
 //! threads = 1                                      # default: the backend's
+//! # cuda = 0                                       # or a CUDA GPU (ONNX models)
 //! [model.workload]
 //! batch = 1
 //! seq_len = 128
@@ -116,7 +117,8 @@ pub struct TargetConfig {
     /// CPU threads (default 1).
     #[serde(default)]
     pub threads: Option<usize>,
-    /// CUDA device index (mistralrs backend).
+    /// CUDA device index: ONNX models on tract's CUDA runtime (feature `cuda`, or a
+    /// latency table profiled on the GPU).
     #[serde(default)]
     pub cuda: Option<usize>,
 }

@@ -261,7 +261,8 @@ pub struct TableRequest<'a> {
 
 /// Profiles `shapes`, or reuses the committed latency table at `request.path`: a table
 /// from this target is completed (and rewritten only if it changed), a table from
-/// another target is used as is (it must hold every shape).
+/// another machine of the same runtime is used as is (it must hold every shape); a
+/// table of another runtime (a CPU table for a GPU target) is refused.
 pub fn acquire_table(
     request: &TableRequest,
     profiler: &mut dyn LatencyProfiler,
@@ -288,6 +289,19 @@ pub fn acquire_table(
             detail: format!(
                 "the latency table is for {} / {}, this job is {} / {}; profile again with `ziplm profile`",
                 committed.key.workload, committed.key.model, key.workload, key.model
+            ),
+        });
+    }
+    if committed.key.target.runtime != key.target.runtime {
+        // A CPU table cannot stand for a GPU target, nor the other way round.
+        return Err(Error::Format {
+            path: path.into(),
+            detail: format!(
+                "the latency table was measured with {} ({}), and this job targets {} ({}); profile for this target (`ziplm profile` with the job's --threads or --cuda), or give the job the target the table was made for",
+                committed.key.target.runtime,
+                committed.key.target,
+                key.target.runtime,
+                key.target
             ),
         });
     }

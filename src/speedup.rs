@@ -3,10 +3,10 @@
 //! method as verification (alternating runs of the dense and the pruned model in one
 //! process, medians).
 //!
-//! ONNX files are timed in tract (end to end at the workload, `threads` threads); GGUF
-//! files and Hugging Face folders in mistral.rs (feature `mistralrs`; prefill: a
-//! one-token request on a prompt of `seq_len` tokens; decode: per generated token after
-//! a `kv_len`-token prompt).
+//! ONNX files are timed in tract (end to end at the workload, on the CPU's `threads`
+//! threads or a CUDA GPU); GGUF files and Hugging Face folders in mistral.rs (feature
+//! `mistralrs`; prefill: a one-token request on a prompt of `seq_len` tokens; decode:
+//! per generated token after a `kv_len`-token prompt).
 
 use crate::backend::Backend;
 use crate::error::{Error, Result};
@@ -51,7 +51,7 @@ pub fn measure(
     dense: &Path,
     models: &[PathBuf],
     workload: &Workload,
-    threads: usize,
+    device: crate::job::Device,
     settings: &ProfileSettings,
     progress: &dyn Progress,
 ) -> Result<Vec<SpeedupMeasurement>> {
@@ -77,7 +77,7 @@ pub fn measure(
         }
     }
     progress.start("timing against the dense model", models.len() as u64);
-    let timings = backend.time_files(dense, models, workload, threads, settings, progress)?;
+    let timings = backend.time_files(dense, models, workload, device, settings, progress)?;
     progress.finish();
     Ok(models
         .iter()
@@ -101,7 +101,7 @@ mod tests {
             dense,
             models,
             &Workload::prefill(1, 8),
-            1,
+            crate::job::Device::Cpu { threads: 1 },
             &ProfileSettings::default(),
             &crate::progress::Quiet,
         )

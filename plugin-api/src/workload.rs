@@ -87,7 +87,8 @@ pub struct TargetFingerprint {
     pub runtime_version: String,
     /// Device description: CPU model and features, or GPU name and compute capability.
     pub device: String,
-    /// Threads the runtime uses (1 and N threads are different targets).
+    /// Threads the runtime uses (1 and N threads are different targets); 0 for a GPU,
+    /// whose speed the host's threads do not set.
     pub threads: usize,
     /// Data type the model is served in (`f32`, `f16`, `q8_0`...).
     pub dtype: String,
@@ -95,6 +96,13 @@ pub struct TargetFingerprint {
 
 impl fmt::Display for TargetFingerprint {
     fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        if self.threads == 0 {
+            return write!(
+                f,
+                "{} {} on {} ({})",
+                self.runtime, self.runtime_version, self.device, self.dtype
+            );
+        }
         write!(
             f,
             "{} {} on {} ({} thread{}, {})",

@@ -61,7 +61,7 @@ impl Backend for MistralBackend {
         dense: &Path,
         _: &[PathBuf],
         _: &Workload,
-        _: usize,
+        _: crate::job::Device,
         _: &ProfileSettings,
         _: &dyn Progress,
     ) -> Result<Vec<(Timing, Timing)>> {

@@ -138,7 +138,7 @@ pub trait Backend: Sync {
         dense: &Path,
         models: &[PathBuf],
         workload: &Workload,
-        threads: usize,
+        device: crate::job::Device,
         settings: &ProfileSettings,
         progress: &dyn Progress,
     ) -> Result<Vec<(Timing, Timing)>>;
@@ -198,8 +198,8 @@ pub fn for_model_or_error(model: &Path) -> Result<&'static dyn Backend> {
 pub struct ProfileRequest<'a> {
     /// The workload timed.
     pub workload: Workload,
-    /// CPU threads of the target.
-    pub threads: usize,
+    /// The target device (CPU threads or a GPU).
+    pub device: crate::job::Device,
     /// The grid of shapes (FFN width multiple, largest FFN fraction removed).
     pub grid: &'a DatabaseConfig,
     /// How GQA heads are removed.

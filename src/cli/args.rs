@@ -56,8 +56,12 @@ pub struct WorkloadArgs {
     pub decode_kv_len: Option<usize>,
     /// CPU threads of the target (1 and N threads are different targets) [default: 1
     /// for ONNX models; candle's thread pool for LLMs].
-    #[arg(long)]
+    #[arg(long, conflicts_with = "cuda")]
     pub threads: Option<usize>,
+    /// Target CUDA device N instead of the CPU (ONNX models; needs a ziplm built with
+    /// `--features cuda`, or a latency table profiled on the GPU).
+    #[arg(long, value_name = "N")]
+    pub cuda: Option<usize>,
 }
 
 /// GQA policy on the command line.

@@ -68,6 +68,7 @@ fn target_request(model: &std::path::Path, w: &WorkloadArgs, gqa_arg: GqaArg) ->
     r.seq_len = w.seq_len;
     r.kv_len = w.decode_kv_len;
     r.threads = w.threads;
+    r.cuda = w.cuda;
     r.gqa = Some(gqa(gqa_arg));
     r
 }
@@ -214,10 +215,6 @@ fn profile(a: ProfileArgs) -> anyhow::Result<ExitCode> {
     let job = r.resolve_target()?;
     let w = job.workload;
     let backend = crate::backend::named(job.backend.name())?;
-    let threads = match job.device {
-        Device::Cpu { threads } => threads,
-        Device::Cuda { .. } => 1,
-    };
     let reuse = if a.out.exists() {
         crate::profile::load_table(&a.out).ok()
     } else {
@@ -226,7 +223,7 @@ fn profile(a: ProfileArgs) -> anyhow::Result<ExitCode> {
     let progress = progress(a.quiet);
     let request = crate::backend::ProfileRequest {
         workload: w,
-        threads,
+        device: job.device,
         grid: &job.database,
         gqa_policy: job.gqa_policy,
         options: &job.options,
@@ -273,7 +270,12 @@ fn speedup(a: SpeedupArgs) -> anyhow::Result<ExitCode> {
         &a.dense,
         &a.models,
         &w,
-        a.workload.threads.unwrap_or(1),
+        match a.workload.cuda {
+            Some(device) => Device::Cuda { device },
+            None => Device::Cpu {
+                threads: a.workload.threads.unwrap_or(1),
+            },
+        },
         &settings,
         progress(a.quiet).as_ref(),
     )?;

@@ -86,7 +86,7 @@ impl Field {
             Field::Backend => ("the backend", "backend"),
             Field::Tokenizer => ("--tokenizer", "tokenizer"),
             Field::Threads => ("--threads", "target.threads"),
-            Field::Cuda => ("the CUDA device", "target.cuda"),
+            Field::Cuda => ("--cuda", "target.cuda"),
             Field::Batch => ("--batch", "workload.batch"),
             Field::SeqLen => ("--seq-len", "workload.seq_len"),
             Field::Phase => ("the phase", "workload.phase"),

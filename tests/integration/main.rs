@@ -6,6 +6,7 @@ mod cli;
 mod common;
 mod config;
 mod database;
+mod gpu_target;
 #[cfg(feature = "mistralrs")]
 mod hf_folders;
 #[cfg(feature = "mistralrs")]

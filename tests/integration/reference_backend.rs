@@ -599,7 +599,7 @@ impl Backend for RefBackend {
         _: &Path,
         _: &[PathBuf],
         _: &Workload,
-        _: usize,
+        _: ziplm::job::Device,
         _: &ProfileSettings,
         _: &dyn Progress,
     ) -> ziplm::Result<Vec<(Timing, Timing)>> {

@@ -125,6 +125,17 @@ pub fn time_files(
     Ok(out)
 }
 
+/// Refuses GPU targets: mistral.rs's CUDA build needs nvcc when it is built, which
+/// ziplm's build does not assume.
+fn check_cpu(device: Device) -> Result<()> {
+    match device {
+        Device::Cuda { .. } => Err(Error::Invalid(
+            "CUDA targets are for ONNX models (tract's CUDA runtime): the mistralrs backend profiles and verifies GGUF and safetensors models on the CPU; drop --cuda / target.cuda (mistral.rs's own CUDA build needs nvcc when it is built)".into(),
+        )),
+        Device::Cpu { .. } => Ok(()),
+    }
+}
+
 /// What mistral.rs can time for a workload: one sequence; decode one token per step.
 fn check_timed_workload(workload: &Workload, context: usize) -> Result<()> {
     if workload.batch != 1 {
@@ -283,12 +294,9 @@ impl MistralSession {
     /// time on this model).
     pub fn open(job: &PruneJob) -> Result<(LlamaModel, MistralSession)> {
         check_llm_source(&job.model)?;
+        check_cpu(job.device)?;
         match job.device {
-            Device::Cuda { .. } => {
-                return Err(Error::Invalid(
-                    "CUDA targets are not built into this ziplm: the mistralrs backend profiles and verifies on the CPU (target.threads)".into(),
-                ))
-            }
+            Device::Cuda { .. } => {}
             // candle and mistral.rs size their thread pools once per process.
             // The default is candle's pool; any other count is refused, not ignored.
             Device::Cpu { threads } if threads != super::profile::candle_threads() => {
@@ -573,10 +581,11 @@ impl Backend for MistralBackend {
         dense: &Path,
         models: &[PathBuf],
         workload: &Workload,
-        _threads: usize,
+        device: Device,
         settings: &ProfileSettings,
         progress: &dyn Progress,
     ) -> Result<Vec<(Timing, Timing)>> {
+        check_cpu(device)?;
         time_files(dense, models, workload, settings, progress)
     }
     fn structure(&self, model: &Path, _workload: &Workload) -> Result<ModelStructure> {
@@ -591,6 +600,7 @@ impl Backend for MistralBackend {
         progress: &dyn Progress,
     ) -> Result<LatencyTable> {
         check_llm_source(model)?;
+        check_cpu(request.device)?;
         let options = MistralOptions::of(request.options)?;
         let m = LlamaModel::load(
             model,

@@ -1,6 +1,8 @@
 //! The tract backend in the pipeline: [`TractSession`] (an ONNX model loaded for one
 //! job) and [`TractBackend`], its entry in the backend registry.
 
+use super::device::TractDevice;
+use super::gpu::Placement;
 use super::loss::OutputLoss;
 use super::model::{TractModel, TractOptions};
 use super::profile::{time_pair, TractProfiler};
@@ -24,22 +26,30 @@ const LOSS_SAMPLES: usize = 64;
 /// A tract run's results (with the loaded [`TractModel`]).
 pub type TractRun = JobRun<TractSession>;
 
-/// The tract backend's state for one job: the target's threads and the loss.
+/// The tract backend's state for one job: the target device, the loss, and where the
+/// last verified model's nodes ran on a GPU.
 pub struct TractSession {
-    threads: usize,
+    device: TractDevice,
     loss: Option<OutputLoss>,
+    placement: Option<Placement>,
 }
 
 impl TractSession {
-    /// Loads the job's model (the device must be a CPU with at least one thread).
+    /// Loads the job's model. A GPU target this machine cannot run is refused here,
+    /// before calibration, unless the job has a latency table to take the timings from
+    /// (a table profiled on the GPU machine: the cross-target flow).
     pub fn open(job: &PruneJob) -> Result<(TractModel, TractSession)> {
-        let threads = threads(job)?;
+        let device = TractDevice::of(job.device)?;
+        if !job.latency_table.as_deref().is_some_and(Path::exists) {
+            device.require("profiling the latency table")?;
+        }
         let model = load(&job.model, job.workload, job.gqa_policy)?;
         Ok((
             model,
             TractSession {
-                threads,
+                device,
                 loss: None,
+                placement: None,
             },
         ))
     }
@@ -59,16 +69,6 @@ fn load(model: &Path, workload: Workload, gqa_policy: GqaPolicy) -> Result<Tract
     Ok(m)
 }
 
-fn threads(job: &PruneJob) -> Result<usize> {
-    match job.device {
-        Device::Cpu { threads } if threads >= 1 => Ok(threads),
-        Device::Cpu { .. } => Err(Error::Invalid("threads must be at least 1".into())),
-        Device::Cuda { .. } => Err(Error::Invalid(
-            "CUDA targets are not built into this ziplm: the tract backend profiles and verifies on the CPU (target.threads)".into(),
-        )),
-    }
-}
-
 impl Session for TractSession {
     type Model = TractModel;
 
@@ -85,7 +85,7 @@ impl Session for TractSession {
         model: &'a TractModel,
         _job: &PruneJob,
     ) -> Box<dyn LatencyProfiler + 'a> {
-        Box::new(TractProfiler::new(model, self.threads))
+        Box::new(TractProfiler::new(model, self.device.clone()))
     }
     fn prepare_loss(&mut self, model: &TractModel, job: &PruneJob) -> Result<()> {
         // SPDY refinement scores candidates by their output error on held samples.
@@ -119,14 +119,34 @@ impl Session for TractSession {
         job: &PruneJob,
         emitted: &EmitSummary,
     ) -> Result<(Timing, Timing)> {
-        Ok(time_pair(
+        let t = time_pair(
             model,
             &job.model,
             &emitted.path,
             &job.workload,
-            self.threads,
+            &self.device,
             &job.verify_settings,
-        )?)
+        )?;
+        self.placement = t.placement;
+        Ok((t.a, t.b))
+    }
+    fn check_served(&mut self, _job: &PruneJob, outcome: &BudgetOutcome) -> Result<Vec<String>> {
+        // Where the verified model's nodes ran on the GPU (the last verification round
+        // timed the model that was kept).
+        Ok(self
+            .placement
+            .take()
+            .map(|p| {
+                let name = outcome
+                    .emitted
+                    .path
+                    .file_name()
+                    .map(|n| n.to_string_lossy().into_owned())
+                    .unwrap_or_default();
+                format!("{name} on the GPU: {p}")
+            })
+            .into_iter()
+            .collect())
     }
     fn write_artifacts(
         &mut self,
@@ -158,7 +178,7 @@ pub fn run(job: &PruneJob, progress: &dyn Progress) -> Result<TractRun> {
     pipeline::run(job, TractSession::open, progress)
 }
 
-/// The tract backend: ONNX files, on the CPU.
+/// The tract backend: ONNX files, on the CPU or (feature `cuda`) a CUDA GPU.
 pub struct TractBackend;
 
 impl Backend for TractBackend {
@@ -197,14 +217,17 @@ impl Backend for TractBackend {
         dense: &Path,
         models: &[PathBuf],
         workload: &Workload,
-        threads: usize,
+        device: Device,
         settings: &ProfileSettings,
         progress: &dyn Progress,
     ) -> Result<Vec<(Timing, Timing)>> {
+        let device = TractDevice::of(device)?;
+        device.require("timing models")?;
         let model = load(dense, *workload, GqaPolicy::WholeKvGroups)?;
         let mut out = vec![];
         for m in models {
-            out.push(time_pair(&model, dense, m, workload, threads, settings)?);
+            let t = time_pair(&model, dense, m, workload, &device, settings)?;
+            out.push((t.a, t.b));
             progress.advance(1);
         }
         Ok(out)
@@ -219,9 +242,11 @@ impl Backend for TractBackend {
         request: &ProfileRequest,
         progress: &dyn Progress,
     ) -> Result<LatencyTable> {
+        let device = TractDevice::of(request.device)?;
+        device.require("profiling")?;
         let m = load(model, request.workload, request.gqa_policy)?;
         let shapes = crate::database::grid_shapes(m.structure(), request.grid);
-        let mut profiler = TractProfiler::new(&m, request.threads);
+        let mut profiler = TractProfiler::new(&m, device);
         crate::profile::build_table(
             &mut profiler,
             &request.workload,

@@ -582,10 +582,20 @@ pub fn runnable_from_bytes(
     bytes: &[u8],
     workload: &Workload,
 ) -> TractResult<(Arc<TypedSimplePlan>, Vec<InputSpec>)> {
+    let (typed, specs) = typed_from_bytes(bytes, workload)?;
+    Ok((typed.into_optimized()?.into_runnable()?, specs))
+}
+
+/// Loads ONNX bytes at a workload as a decluttered typed model (what a tract runtime
+/// prepares) and returns it with the input specs.
+pub fn typed_from_bytes(
+    bytes: &[u8],
+    workload: &Workload,
+) -> TractResult<(TypedModel, Vec<InputSpec>)> {
     let file = OnnxFile::from_bytes(bytes, Path::new("<memory>"))
         .map_err(|e| tract_onnx::tract_core::internal::anyhow!("{e}"))?;
     let inference = file.inference_model()?;
     let specs = inputs::input_specs(&inference)?;
     let typed = typed_at(&file, &specs, workload)?;
-    Ok((typed.into_optimized()?.into_runnable()?, specs))
+    Ok((typed, specs))
 }

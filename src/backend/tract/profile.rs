@@ -9,73 +9,32 @@
 //! widths are timed the same way with dense attention. The non-prunable rest is the
 //! model with every block removed.
 
-use super::inputs;
-use super::model::{runnable_from_bytes, TractModel};
+use super::device::{Prepared, TractDevice};
+use super::gpu::Placement;
+use super::model::TractModel;
 use super::onnx;
 use std::collections::HashMap;
 use std::path::Path;
-use std::time::{Duration, Instant};
-use tract_linalg::multithread::{multithread_tract_scope, Executor};
-use tract_onnx::prelude::*;
+use std::time::Duration;
 use ziplm_plugin_api::{
     AdapterError, AdapterResult, BlockKind, BlockShape, LatencyProfiler, Measured, ModelAdapter,
     Plan, PrunedWeights, TargetFingerprint, TimedRun, Workload,
 };
 
-/// A model ready to run repeatedly on fixed inputs.
-struct Prepared {
-    state: TypedSimpleState,
-    inputs: TVec<TValue>,
-}
-
-type TypedSimpleState = tract_onnx::tract_core::plan::SimpleState<TypedFact, Box<dyn TypedOp>>;
-
-impl Prepared {
-    fn new(bytes: &[u8], workload: &Workload, vocab: usize) -> TractResult<Prepared> {
-        let (plan, specs) = runnable_from_bytes(bytes, workload)?;
-        let n = workload.batch * workload.seq_len;
-        let ids: Vec<i64> = (0..n)
-            .map(|i| ((i * 7919 + 13) % vocab.max(2)) as i64)
-            .collect();
-        let mask = vec![1i64; n];
-        let inputs = inputs::build_inputs(&specs, workload, &ids, &mask)?;
-        Ok(Prepared {
-            state: plan.spawn()?,
-            inputs,
-        })
-    }
-
-    fn time(&mut self, executor: &Executor) -> TractResult<Duration> {
-        let inputs = self.inputs.clone();
-        let state = &mut self.state;
-        let start = Instant::now();
-        multithread_tract_scope(executor.clone(), || state.run(inputs))?;
-        Ok(start.elapsed())
-    }
-}
-
-/// Times shapes of one model on this CPU.
+/// Times shapes of one model on a tract target (the CPU or a GPU).
 pub struct TractProfiler<'m> {
     model: &'m TractModel,
-    threads: usize,
-    executor: Executor,
+    device: TractDevice,
     /// Baselines shared by all shapes of a kind (every attention / every FFN removed).
     baselines: HashMap<(bool, Workload), Prepared>,
 }
 
 impl<'m> TractProfiler<'m> {
-    /// A profiler running tract on `threads` threads (1 = single-threaded kernels).
-    pub fn new(model: &'m TractModel, threads: usize) -> TractProfiler<'m> {
-        let threads = threads.max(1);
-        let executor = if threads == 1 {
-            Executor::SingleThread
-        } else {
-            Executor::multithread(threads)
-        };
+    /// A profiler running tract on `device`.
+    pub fn new(model: &'m TractModel, device: TractDevice) -> TractProfiler<'m> {
         TractProfiler {
             model,
-            threads,
-            executor,
+            device,
             baselines: HashMap::new(),
         }
     }
@@ -130,8 +89,7 @@ impl<'m> TractProfiler<'m> {
     }
 
     fn prepare_bytes(&self, bytes: &[u8], workload: &Workload) -> AdapterResult<Prepared> {
-        Prepared::new(bytes, workload, self.vocab())
-            .map_err(|e| AdapterError::runtime("preparing a model to time", e))
+        self.device.prepare(bytes, workload, self.vocab())
     }
 }
 
@@ -140,46 +98,32 @@ struct DiffRun<'p> {
     variant: Prepared,
     baseline: &'p mut Prepared,
     blocks: u32,
-    executor: Executor,
+    device: &'p TractDevice,
 }
 
 impl TimedRun for DiffRun<'_> {
     fn run(&mut self) -> AdapterResult<Duration> {
-        let v = self
-            .variant
-            .time(&self.executor)
-            .map_err(|e| AdapterError::runtime("timing", e))?;
-        let b = self
-            .baseline
-            .time(&self.executor)
-            .map_err(|e| AdapterError::runtime("timing", e))?;
+        let v = self.device.time(&mut self.variant)?;
+        let b = self.device.time(self.baseline)?;
         Ok(v.saturating_sub(b) / self.blocks.max(1))
     }
 }
 
 /// Runs one model.
-struct WholeRun {
+struct WholeRun<'p> {
     model: Prepared,
-    executor: Executor,
+    device: &'p TractDevice,
 }
 
-impl TimedRun for WholeRun {
+impl TimedRun for WholeRun<'_> {
     fn run(&mut self) -> AdapterResult<Duration> {
-        self.model
-            .time(&self.executor)
-            .map_err(|e| AdapterError::runtime("timing", e))
+        self.device.time(&mut self.model)
     }
 }
 
 impl LatencyProfiler for TractProfiler<'_> {
     fn target(&self) -> TargetFingerprint {
-        TargetFingerprint {
-            runtime: "tract".into(),
-            runtime_version: super::TRACT_VERSION.into(),
-            device: crate::target::cpu_description(),
-            threads: self.threads,
-            dtype: "f32".into(),
-        }
+        self.device.fingerprint()
     }
 
     fn model_key(&self) -> String {
@@ -201,20 +145,19 @@ impl LatencyProfiler for TractProfiler<'_> {
         what: &Measured,
         workload: &Workload,
     ) -> AdapterResult<Box<dyn TimedRun + 'a>> {
-        let executor = self.executor.clone();
         match what {
             Measured::Rest => {
                 let bytes = self.variant(None, true, true)?;
                 Ok(Box::new(WholeRun {
                     model: self.prepare_bytes(&bytes, workload)?,
-                    executor,
+                    device: &self.device,
                 }))
             }
             Measured::Model(path) => {
                 let bytes = std::fs::read(path).map_err(|e| AdapterError::io(path, e))?;
                 Ok(Box::new(WholeRun {
                     model: self.prepare_bytes(&bytes, workload)?,
-                    executor,
+                    device: &self.device,
                 }))
             }
             Measured::Block(shape) => {
@@ -241,24 +184,35 @@ impl LatencyProfiler for TractProfiler<'_> {
                     variant,
                     baseline,
                     blocks,
-                    executor,
+                    device: &self.device,
                 }))
             }
         }
     }
 }
 
-/// Times two model files end to end at a workload, alternating runs; returns the
-/// timings of each (median, min, max over `runs` after `warmup`).
+/// Two models timed end to end, alternating runs, and where the second one's nodes ran
+/// (GPU targets only).
+pub struct PairTiming {
+    /// The first model (the dense one).
+    pub a: ziplm_plugin_api::Timing,
+    /// The second model (the pruned one).
+    pub b: ziplm_plugin_api::Timing,
+    /// Where the second model's nodes ran on a GPU.
+    pub placement: Option<Placement>,
+}
+
+/// Times two model files end to end at a workload on `device`, alternating runs;
+/// returns the timings of each (median, min, max over `runs` after `warmup`).
 pub fn time_pair(
     model: &TractModel,
     a: &Path,
     b: &Path,
     workload: &Workload,
-    threads: usize,
+    device: &TractDevice,
     settings: &crate::profile::ProfileSettings,
-) -> AdapterResult<(ziplm_plugin_api::Timing, ziplm_plugin_api::Timing)> {
-    let profiler = TractProfiler::new(model, threads);
+) -> AdapterResult<PairTiming> {
+    let profiler = TractProfiler::new(model, device.clone());
     let read = |p: &Path| std::fs::read(p).map_err(|e| AdapterError::io(p, e));
     // A file that is not ONNX is named as such (the runner sees only bytes).
     let prepare = |p: &Path| {
@@ -268,11 +222,15 @@ pub fn time_pair(
     };
     let mut pa = prepare(a)?;
     let mut pb = prepare(b)?;
-    let executor = profiler.executor.clone();
-    let err = |e| AdapterError::runtime("timing", e);
-    crate::profile::time_alternating(
+    let placement = pb.placement.take();
+    let (ta, tb) = crate::profile::time_alternating(
         settings,
-        || pa.time(&executor).map_err(err),
-        || pb.time(&executor).map_err(err),
-    )
+        || device.time(&mut pa),
+        || device.time(&mut pb),
+    )?;
+    Ok(PairTiming {
+        a: ta,
+        b: tb,
+        placement,
+    })
 }
