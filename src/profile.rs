@@ -235,6 +235,25 @@ pub fn save_table(table: &LatencyTable, path: &Path) -> Result<()> {
     fsutil::write_json_atomic(path, table)
 }
 
+/// Refuses a table measured with another runtime than `target`'s: a CPU table cannot
+/// stand for a GPU target, nor the other way round.
+pub fn check_same_runtime(
+    path: &Path,
+    table: &LatencyTable,
+    target: &ziplm_plugin_api::TargetFingerprint,
+) -> Result<()> {
+    if table.key.target.runtime == target.runtime {
+        return Ok(());
+    }
+    Err(Error::Format {
+        path: path.into(),
+        detail: format!(
+            "the latency table was measured with {} ({}), and this job targets {} ({}); profile for this target (`ziplm profile` with the job's --threads or --cuda), or give the job the target the table was made for",
+            table.key.target.runtime, table.key.target, target.runtime, target
+        ),
+    })
+}
+
 /// The latency table a job uses, and whether its models can be verified here.
 pub struct AcquiredTable {
     /// The table.
@@ -292,19 +311,7 @@ pub fn acquire_table(
             ),
         });
     }
-    if committed.key.target.runtime != key.target.runtime {
-        // A CPU table cannot stand for a GPU target, nor the other way round.
-        return Err(Error::Format {
-            path: path.into(),
-            detail: format!(
-                "the latency table was measured with {} ({}), and this job targets {} ({}); profile for this target (`ziplm profile` with the job's --threads or --cuda), or give the job the target the table was made for",
-                committed.key.target.runtime,
-                committed.key.target,
-                key.target.runtime,
-                key.target
-            ),
-        });
-    }
+    check_same_runtime(path, &committed, &key.target)?;
     if committed.key.target == key.target {
         let t = build_table(
             profiler,

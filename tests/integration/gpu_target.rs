@@ -25,10 +25,12 @@ fn fixture(name: &str) -> String {
     format!("{shared}/fixtures/onnx/{name}/model.onnx")
 }
 
+/// An H200 as the fake profiler reports it (named so that it never matches a real
+/// machine's fingerprint, where verification would then run).
 fn h200() -> GpuInfo {
     GpuInfo {
         index: 0,
-        name: "NVIDIA H200".into(),
+        name: "NVIDIA H200 (fake profiler)".into(),
         compute_capability: (9, 0),
         driver: "580.159.03".into(),
         cuda_driver_api: 13000,
@@ -97,6 +99,13 @@ fn gpu_table(model: &str, workload: Workload, path: &Path) {
     ziplm::profile::save_table(&table, path).unwrap();
 }
 
+/// Whether this machine can run models on CUDA device 0.
+fn gpu_usable() -> bool {
+    TractDevice::of(ziplm::job::Device::Cuda { device: 0 })
+        .unwrap()
+        .is_usable()
+}
+
 fn run(cmd: &mut Command) -> (Option<i32>, String, String) {
     let o = cmd.output().unwrap();
     (
@@ -141,11 +150,16 @@ fn a_table_profiled_on_a_gpu_builds_here_with_the_cli_at_batched_workloads() {
         assert_eq!(report["target"]["runtime"], "tract-cuda");
         assert_eq!(
             report["target"]["device"],
-            "NVIDIA H200 [sm_90] driver 580.159.03 CUDA 13.0 (runtime 13.0)"
+            "NVIDIA H200 (fake profiler) [sm_90] driver 580.159.03 CUDA 13.0 (runtime 13.0)"
         );
         assert_eq!(report["workload"]["batch"], batch);
         let notes = report["notes"].to_string();
         assert!(notes.contains("not verified"), "{notes}");
+        assert_eq!(
+            notes.contains("cannot be used on this machine"),
+            !gpu_usable(),
+            "{notes}"
+        );
         let b = &report["budgets"][0];
         assert!(b["measured_ms"].is_null(), "{b}");
         // Planned on the GPU's timings: predicted at least 1.5x faster.
@@ -231,6 +245,31 @@ fn a_cpu_table_is_refused_for_a_gpu_target() {
         "{stderr}"
     );
     assert!(!dir.path().join("out").exists());
+
+    // And a GPU table for a CPU target.
+    let gpu = dir.path().join("h200.json");
+    gpu_table(&model, Workload::prefill(1, 16), &gpu);
+    let (code, _, stderr) = run(ziplm()
+        .args([
+            "prune",
+            &model,
+            "--speedup",
+            "1.5",
+            "--seq-len",
+            "16",
+            "--quiet",
+        ])
+        .arg("--latency-table")
+        .arg(&gpu)
+        .arg("--out")
+        .arg(dir.path().join("out")));
+    assert_eq!(code, Some(2), "{stderr}");
+    assert!(
+        stderr.contains("measured with tract-cuda (")
+            && stderr.contains("this job targets tract ("),
+        "{stderr}"
+    );
+    assert!(!dir.path().join("out").exists());
 }
 
 /// What the error must name on a machine without a GPU: the missing driver (feature
@@ -248,10 +287,7 @@ fn assert_names_what_is_missing(stderr: &str) {
 
 #[test]
 fn a_gpu_target_without_a_gpu_is_a_clear_error_before_any_work() {
-    if TractDevice::of(ziplm::job::Device::Cuda { device: 0 })
-        .unwrap()
-        .is_usable()
-    {
+    if gpu_usable() {
         eprintln!("a CUDA GPU is usable here: the no-GPU errors are not reachable");
         return;
     }

@@ -49,6 +49,7 @@ impl CudaDevice {
                 "tract-cuda runs on the first visible GPU (this machine has {count}): select GPU {index} with CUDA_VISIBLE_DEVICES={index} and target CUDA device 0"
             ));
         }
+        start_tract_cuda()?;
         let context = cudarc::driver::CudaContext::new(0)
             .map_err(|e| format!("opening CUDA device 0: {e}"))?;
         let name = context
@@ -57,6 +58,7 @@ impl CudaDevice {
         let (major, minor) = context
             .compute_capability()
             .map_err(|e| format!("reading the compute capability of CUDA device 0: {e}"))?;
+        // 0 = unknown (the fingerprint says so).
         let api = cudarc::runtime::result::version::get_driver_version().unwrap_or(0);
         let runtime_api = cudarc::runtime::result::version::get_runtime_version().unwrap_or(0);
         Ok(CudaDevice {
@@ -97,6 +99,29 @@ impl CudaDevice {
     }
 }
 
+/// Creates tract-cuda's CUDA context (which compiles its kernels with NVRTC against the
+/// toolkit's headers the first time) and this thread's stream (cuBLAS and cuDNN
+/// handles) now, so that a machine that passes the library probe but cannot start them
+/// is a clear error here rather than a panic inside tract-cuda at the first model.
+fn start_tract_cuda() -> Result<(), String> {
+    let hook = std::panic::take_hook();
+    std::panic::set_hook(Box::new(|_| {}));
+    let started = std::panic::catch_unwind(|| tract_cuda::with_cuda_stream(|_| Ok(())));
+    std::panic::set_hook(hook);
+    let detail = match started {
+        Ok(Ok(())) => return Ok(()),
+        Ok(Err(e)) => format!("{e:#}"),
+        Err(payload) => payload
+            .downcast_ref::<String>()
+            .cloned()
+            .or_else(|| payload.downcast_ref::<&str>().map(|s| s.to_string()))
+            .unwrap_or_else(|| "tract-cuda panicked".into()),
+    };
+    Err(format!(
+        "tract-cuda could not start (CUDA context, NVRTC kernels, cuBLAS / cuDNN handles): {detail}; it needs the CUDA toolkit's headers (cuda_fp16.h, CCCL) at run time: set CUDA_HOME to the toolkit, and make its cache folder (XDG_CACHE_HOME or ~/.cache) writable"
+    ))
+}
+
 /// Where the nodes of a model prepared by tract-cuda run: on the GPU when their outputs
 /// live on the device (tract-gpu's device fact), else on the CPU; tract-gpu's
 /// `DeviceSync` nodes are the copies between the two. Sources and constants are not
@@ -122,4 +147,40 @@ pub fn placement(model: &TypedModel) -> Placement {
         }
     }
     p
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use tract_gpu::fact::DeviceFact;
+    use tract_gpu::sync::{DeviceSync, DeviceSyncKind};
+    use tract_onnx::tract_core::ops::identity::Identity;
+
+    /// A model as tract-cuda leaves it, built by hand (no GPU needed): a copy to the
+    /// device, a node computing there, one left on the host, a copy back.
+    #[test]
+    fn placement_counts_device_nodes_host_nodes_and_copies() -> TractResult<()> {
+        let host = f32::fact([2, 3]);
+        let device = DeviceFact::from_host(host.clone())?.into_exotic_fact();
+        let mut m = TypedModel::default();
+        m.add_source("x", host.clone())?;
+        m.add_node(
+            "to_gpu",
+            DeviceSync::new(DeviceSyncKind::ToDevice),
+            tvec![device.clone()],
+        )?;
+        m.add_node("on_gpu", Identity, tvec![device])?;
+        m.add_node("on_cpu", Identity, tvec![host.clone()])?;
+        m.add_node(
+            "to_host",
+            DeviceSync::new(DeviceSyncKind::ToHost),
+            tvec![host],
+        )?;
+        let p = placement(&m);
+        assert_eq!(p.gpu_nodes, 1);
+        assert_eq!(p.copies, 2);
+        assert_eq!(p.cpu_nodes.get("Identity"), Some(&1));
+        assert_eq!(p.cpu_total(), 1);
+        Ok(())
+    }
 }

@@ -168,8 +168,13 @@ impl TractDevice {
             }
             TractDevice::Cuda(d) => {
                 let start = Instant::now();
-                state.run(inputs).map_err(err)?;
+                let outputs = state.run(inputs).map_err(err)?;
                 d.synchronize().map_err(err)?;
+                // tract-gpu hands outputs back as lazy host tensors: reading them is the
+                // copy to the host, which serving pays too.
+                for o in &outputs {
+                    o.try_as_plain_ram().map_err(err)?;
+                }
                 Ok(start.elapsed())
             }
             TractDevice::CudaUnavailable { index, reason } => {

@@ -26,12 +26,12 @@ const LOSS_SAMPLES: usize = 64;
 /// A tract run's results (with the loaded [`TractModel`]).
 pub type TractRun = JobRun<TractSession>;
 
-/// The tract backend's state for one job: the target device, the loss, and where the
-/// last verified model's nodes ran on a GPU.
+/// The tract backend's state for one job: the target device, the loss, and where each
+/// verification round's model ran on a GPU (reset per budget).
 pub struct TractSession {
     device: TractDevice,
     loss: Option<OutputLoss>,
-    placement: Option<Placement>,
+    placements: Vec<Option<Placement>>,
 }
 
 impl TractSession {
@@ -40,8 +40,14 @@ impl TractSession {
     /// (a table profiled on the GPU machine: the cross-target flow).
     pub fn open(job: &PruneJob) -> Result<(TractModel, TractSession)> {
         let device = TractDevice::of(job.device)?;
-        if !job.latency_table.as_deref().is_some_and(Path::exists) {
-            device.require("profiling the latency table")?;
+        match job.latency_table.as_deref().filter(|p| p.exists()) {
+            // A table of another runtime (CPU for GPU) is refused before any work.
+            Some(path) => crate::profile::check_same_runtime(
+                path,
+                &crate::profile::load_table(path)?,
+                &device.fingerprint(),
+            )?,
+            None => device.require("profiling the latency table")?,
         }
         let model = load(&job.model, job.workload, job.gqa_policy)?;
         Ok((
@@ -49,7 +55,7 @@ impl TractSession {
             TractSession {
                 device,
                 loss: None,
-                placement: None,
+                placements: vec![],
             },
         ))
     }
@@ -71,6 +77,15 @@ fn load(model: &Path, workload: Workload, gqa_policy: GqaPolicy) -> Result<Tract
 
 impl Session for TractSession {
     type Model = TractModel;
+
+    fn notes(&self, _job: &PruneJob) -> Vec<String> {
+        match &self.device {
+            TractDevice::CudaUnavailable { index, reason } => vec![format!(
+                "CUDA device {index} cannot be used on this machine ({reason}): the latencies are the table's, and nothing is timed here"
+            )],
+            _ => vec![],
+        }
+    }
 
     fn sample_mode(&self, model: &TractModel) -> SampleMode {
         // An encoder sees one text per sample; a decoder reads windows of running text.
@@ -127,15 +142,19 @@ impl Session for TractSession {
             &self.device,
             &job.verify_settings,
         )?;
-        self.placement = t.placement;
+        self.placements.push(t.placement);
         Ok((t.a, t.b))
     }
     fn check_served(&mut self, _job: &PruneJob, outcome: &BudgetOutcome) -> Result<Vec<String>> {
-        // Where the verified model's nodes ran on the GPU (the last verification round
-        // timed the model that was kept).
-        Ok(self
-            .placement
-            .take()
+        // Where the kept model's nodes ran on the GPU: one measurement per round, and
+        // the outcome is its chosen round.
+        let rounds = std::mem::take(&mut self.placements);
+        let chosen = if rounds.len() == outcome.attempts.len() {
+            rounds.get(outcome.chosen).cloned().flatten()
+        } else {
+            rounds.last().cloned().flatten()
+        };
+        Ok(chosen
             .map(|p| {
                 let name = outcome
                     .emitted

@@ -26,7 +26,11 @@ pub struct GpuInfo {
     pub cuda_runtime_api: i32,
 }
 
+/// A CUDA version number (13000 = 13.0; 0 = unknown).
 fn version(v: i32) -> String {
+    if v <= 0 {
+        return "unknown".into();
+    }
     format!("{}.{}", v / 1000, (v % 1000) / 10)
 }
 
@@ -88,13 +92,18 @@ pub fn driver_release() -> String {
         .unwrap_or_else(|| "unknown".into())
 }
 
-/// The release in `/proc/driver/nvidia/version`
-/// (`NVRM version: NVIDIA UNIX x86_64 Kernel Module  580.159.03  Thu ...`).
+/// The release in `/proc/driver/nvidia/version`: the first dotted number of the NVRM
+/// line (`NVRM version: NVIDIA UNIX x86_64 Kernel Module  580.159.03  Thu ...`, or
+/// `NVRM version: NVIDIA UNIX Open Kernel Module for x86_64  580.159.03  Release ...`).
 fn parse_proc_version(text: &str) -> Option<String> {
     let line = text.lines().find(|l| l.starts_with("NVRM version"))?;
-    let mut words = line.split_whitespace();
-    words.find(|w| *w == "Module")?;
-    words.next().map(str::to_string)
+    line.split_whitespace()
+        .find(|w| {
+            w.contains('.')
+                && w.chars().all(|c| c.is_ascii_digit() || c == '.')
+                && w.starts_with(|c: char| c.is_ascii_digit())
+        })
+        .map(str::to_string)
 }
 
 /// Where the nodes of a model prepared for a GPU run.
@@ -171,6 +180,15 @@ mod tests {
     }
 
     #[test]
+    fn unknown_cuda_versions_are_named_so() {
+        let info = GpuInfo {
+            cuda_runtime_api: 0,
+            ..h200()
+        };
+        assert!(info.describe().ends_with("CUDA 13.0 (runtime unknown)"));
+    }
+
+    #[test]
     fn two_gpus_of_one_model_are_one_target_and_another_driver_is_not() {
         let other_index = GpuInfo { index: 3, ..h200() };
         assert_eq!(h200().fingerprint(), other_index.fingerprint());
@@ -186,6 +204,8 @@ mod tests {
     fn the_driver_release_is_read_from_the_kernel_module_line() {
         let text = "NVRM version: NVIDIA UNIX x86_64 Kernel Module  580.159.03  Thu Oct 16 2025\nGCC version:  gcc 12\n";
         assert_eq!(parse_proc_version(text).as_deref(), Some("580.159.03"));
+        let open = "NVRM version: NVIDIA UNIX Open Kernel Module for x86_64  580.159.04  Release Build  (dvs-builder@U16-I3-B03-4-3)  Thu Oct 16 2025\n";
+        assert_eq!(parse_proc_version(open).as_deref(), Some("580.159.04"));
         assert_eq!(parse_proc_version("garbage"), None);
     }
 
