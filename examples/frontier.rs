@@ -230,6 +230,7 @@ fn main() -> anyhow::Result<()> {
                 } else {
                     ziplm::pipeline::correct::SequentialTarget::Output
                 },
+                false,
                 &ziplm::progress::Bars::default(),
             )?;
             eprintln!(

@@ -318,6 +318,9 @@ pub struct PruningConfig {
     /// Its target: `residual` (default) or `output`.
     #[serde(default)]
     pub sequential_target: Option<crate::pipeline::correct::SequentialTarget>,
+    /// Keep the database's choice of heads and neurons and only re-fit them.
+    #[serde(default)]
+    pub sequential_keep_choice: Option<bool>,
 }
 
 fn bad(path: &Path, detail: impl Into<String>) -> Error {
@@ -384,6 +387,7 @@ impl ModelConfig {
         }
         r.sequential = Some(self.pruning.sequential);
         r.sequential_target = self.pruning.sequential_target;
+        r.sequential_keep_choice = self.pruning.sequential_keep_choice;
         r.ffn_multiple = self.pruning.ffn_multiple;
         r.max_ffn_removed = self.pruning.max_ffn_removed;
         r.gqa = self.pruning.gqa;

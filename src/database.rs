@@ -511,6 +511,27 @@ impl Database {
         })
     }
 
+    /// Block `block` at `level` as the database chose it (the same heads or neurons
+    /// kept), with the kept columns' weights fitted to `(w, h)` (outputs x inputs, and
+    /// the undampened Gram matrix, e.g. sequential correction's `(W*, H~)`); `None`
+    /// weights for a removed block.
+    pub fn refit(
+        &self,
+        block: usize,
+        level: usize,
+        w: &Mat<f64>,
+        h: &Mat<f64>,
+        dampening: f64,
+    ) -> Result<(BlockPlan, Option<WeightMatrix>)> {
+        let plan = self.block_plan(block, level)?;
+        if plan.kept.is_empty() {
+            return Ok((plan, None));
+        }
+        let layer = PreparedLayer::new(w.as_ref(), h.as_ref(), dampening)?;
+        let m = obs::materialize(&layer, &plan.kept_columns())?;
+        Ok((plan, Some(to_weight_matrix(&m))))
+    }
+
     /// Block `block` at `level`'s removal count, re-chosen on other statistics: greedy
     /// OBS run on `(w, h)` (outputs x inputs, and the undampened Gram matrix, e.g.
     /// sequential correction's `(W*, H~)`) decides which groups go, and the kept

@@ -184,6 +184,11 @@ pub struct PruneArgs {
     /// residual].
     #[arg(long, value_enum, requires = "sequential")]
     pub sequential_target: Option<SequentialTargetArg>,
+    /// Make --sequential keep the heads and neurons the database chose and only re-fit
+    /// their out-projection columns (the default re-chooses them on the re-targeted
+    /// weights).
+    #[arg(long, requires = "sequential")]
+    pub sequential_keep_choice: bool,
     /// After verification, distil each pruned model towards the dense one on this many
     /// calibration tokens (the gradual mode, ZIPLM.md section 9; mistralrs backend).
     /// The last 8 calibration windows are held out for early stopping.

@@ -125,6 +125,7 @@ pub(super) fn prune_requests(a: &PruneArgs, given: &[String]) -> anyhow::Result<
         r.options.push(option("nnef", "true", "--nnef"));
     }
     r.sequential = Some(a.sequential);
+    r.sequential_keep_choice = Some(a.sequential_keep_choice);
     r.sequential_target = a.sequential_target.map(|t| match t {
         SequentialTargetArg::Residual => SequentialTarget::Residual,
         SequentialTargetArg::Output => SequentialTarget::Output,

@@ -143,6 +143,11 @@ pub struct PruneJob {
     /// What sequential correction fits each block to.
     #[serde(default)]
     pub sequential_target: crate::pipeline::correct::SequentialTarget,
+    /// Sequential correction keeps the database's choice of heads and neurons and only
+    /// re-fits their out-projection columns (instead of re-choosing them on the
+    /// re-targeted weights).
+    #[serde(default)]
+    pub sequential_keep_choice: bool,
 }
 
 /// Checks a list of budgets: at least one, each valid, none twice.
@@ -196,6 +201,7 @@ impl PruneJob {
             recovery: None,
             sequential: false,
             sequential_target: Default::default(),
+            sequential_keep_choice: false,
         }
     }
 

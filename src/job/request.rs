@@ -75,6 +75,8 @@ pub enum Field {
     Sequential,
     /// Its target.
     SequentialTarget,
+    /// Keeping the database's choice in it.
+    SequentialKeepChoice,
 }
 
 impl Field {
@@ -103,6 +105,9 @@ impl Field {
             Field::Recovery => ("--recover", "recovery"),
             Field::Sequential => ("--sequential", "pruning.sequential = true"),
             Field::SequentialTarget => ("--sequential-target", "pruning.sequential_target"),
+            Field::SequentialKeepChoice => {
+                ("--sequential-keep-choice", "pruning.sequential_keep_choice")
+            }
         }
     }
 }
@@ -206,6 +211,8 @@ pub struct JobRequest {
     pub sequential: Option<bool>,
     /// What it fits each block to (default: the residual target).
     pub sequential_target: Option<crate::pipeline::correct::SequentialTarget>,
+    /// Sequential correction re-fits the database's choice instead of re-choosing.
+    pub sequential_keep_choice: Option<bool>,
 }
 
 impl JobRequest {
@@ -243,6 +250,7 @@ impl JobRequest {
             recovery: None,
             sequential: None,
             sequential_target: None,
+            sequential_keep_choice: None,
         }
     }
 }
@@ -462,6 +470,16 @@ impl JobRequest {
                 )));
             }
             job.sequential_target = t;
+        }
+        if let Some(keep) = self.sequential_keep_choice {
+            if keep && !job.sequential {
+                return Err(o.error(format!(
+                    "{} is a setting of sequential correction, which is off: turn it on ({}) or leave it out",
+                    o.spell(Field::SequentialKeepChoice),
+                    o.spell(Field::Sequential)
+                )));
+            }
+            job.sequential_keep_choice = keep;
         }
         at_least_one(self.ffn_multiple, Field::FfnMultiple)?;
         if let Some(m) = self.ffn_multiple {

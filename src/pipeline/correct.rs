@@ -86,6 +86,7 @@ pub fn correct(
     selection: &Selection,
     dampening: f64,
     target: SequentialTarget,
+    keep_choice: bool,
     progress: &dyn Progress,
 ) -> Result<(Plan, PrunedWeights)> {
     crate::obs::serial_solvers();
@@ -125,7 +126,11 @@ pub fn correct(
         }
         let w = to_faer(&adapter.out_projection(block.id)?);
         let (w_star, h) = acc.retarget(w.as_ref(), dampening)?;
-        let (bp, fitted) = db.rechoose(b, *level, &w_star, &h, dampening)?;
+        let (bp, fitted) = if keep_choice {
+            db.refit(b, *level, &w_star, &h, dampening)?
+        } else {
+            db.rechoose(b, *level, &w_star, &h, dampening)?
+        };
         streams.advance(&bp, fitted.as_ref())?;
         if let Some(m) = fitted {
             weights.out_projections.insert(block.id, m);

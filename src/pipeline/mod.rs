@@ -334,6 +334,7 @@ pub fn run<S: Session>(
                 &outcome.search.selection,
                 job.database.dampening,
                 job.sequential_target,
+                job.sequential_keep_choice,
                 progress,
             )?;
             outcome.plan = plan;

@@ -231,4 +231,23 @@ fn pruning_sequential_turns_the_correct_stage_on() {
         err.contains("pruning.sequential_target") && err.contains("pruning.sequential = true"),
         "{err}"
     );
+    // Keeping the database's choice: off unless asked, and only with the correction.
+    assert!(!job.sequential_keep_choice);
+    let keep = format!(
+        "{on}sequential_keep_choice = true
+"
+    );
+    let job = config::parse(&keep, file).unwrap().model[0]
+        .to_job(file, base)
+        .unwrap();
+    assert!(job.sequential_keep_choice);
+    let off = format!("{GOOD}[model.pruning]\nsequential_keep_choice = true\n");
+    let err = config::parse(&off, file).unwrap().model[0]
+        .to_job(file, base)
+        .unwrap_err()
+        .to_string();
+    assert!(
+        err.contains("pruning.sequential_keep_choice") && err.contains("pruning.sequential = true"),
+        "{err}"
+    );
 }

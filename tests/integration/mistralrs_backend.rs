@@ -884,6 +884,7 @@ fn sequential_correction_refits_each_block_on_the_pruned_inputs() {
         &selection,
         0.0,
         Output,
+        false,
         &ziplm::progress::Quiet,
     )
     .unwrap();
@@ -912,6 +913,7 @@ fn sequential_correction_refits_each_block_on_the_pruned_inputs() {
         &selection,
         0.0,
         Output,
+        false,
         &ziplm::progress::Quiet,
     )
     .unwrap();
@@ -943,6 +945,7 @@ fn sequential_correction_refits_each_block_on_the_pruned_inputs() {
         &selection,
         0.0,
         Residual,
+        false,
         &ziplm::progress::Quiet,
     )
     .unwrap();

@@ -460,7 +460,7 @@ fn sequential_correction_lowers_the_end_to_end_error() {
         let mut levels = vec![0; db.blocks.len()];
         levels[last] = 1;
         let selection = Selection { levels };
-        let (plan, weights) = correct(&m, &db, &selection, 0.01, Output, quiet).unwrap();
+        let (plan, weights) = correct(&m, &db, &selection, 0.01, Output, false, quiet).unwrap();
         assert_eq!(plan, db.plan(&selection).unwrap(), "{name}");
         let id = plan.blocks[last].block;
         let want = &db.pruned_weights(&selection).unwrap().out_projections[&id];
@@ -473,7 +473,7 @@ fn sequential_correction_lowers_the_end_to_end_error() {
         };
         let obs_plan = db.plan(&selection).unwrap();
         let obs = db.pruned_weights(&selection).unwrap();
-        let (seq_plan, seq) = correct(&m, &db, &selection, 0.01, Output, quiet).unwrap();
+        let (seq_plan, seq) = correct(&m, &db, &selection, 0.01, Output, false, quiet).unwrap();
         for (a, b) in seq_plan.blocks.iter().zip(&obs_plan.blocks) {
             assert_eq!(a.kept.len(), b.kept.len(), "{name}: shapes are the plan's");
             assert_eq!(a.kept_kv_heads.len(), b.kept_kv_heads.len(), "{name}");
@@ -495,15 +495,28 @@ fn sequential_correction_lowers_the_end_to_end_error() {
                 .sum::<f64>()
         };
         let (e_obs, e_seq) = (error(&obs_plan, &obs), error(&seq_plan, &seq));
-        let (drift_plan, drift) = correct(&m, &db, &selection, 0.01, Residual, quiet).unwrap();
+        let (drift_plan, drift) =
+            correct(&m, &db, &selection, 0.01, Residual, false, quiet).unwrap();
         let e_drift = error(&drift_plan, &drift);
-        eprintln!("{name}: end-to-end error, dense-input OBS {e_obs:.5}, sequential {e_seq:.5}, cancelling the drift {e_drift:.5}");
-        results.push((name, e_obs, e_seq, e_drift));
+        // Keeping the database's choice: the very heads and neurons, re-fitted.
+        let (keep_plan, keep) = correct(&m, &db, &selection, 0.01, Residual, true, quiet).unwrap();
+        for (a, b) in keep_plan.blocks.iter().zip(&obs_plan.blocks) {
+            assert_eq!(a.kept, b.kept, "{name}: the database's choice is kept");
+            assert_eq!(a.kept_kv_heads, b.kept_kv_heads, "{name}");
+        }
+        let e_keep = error(&keep_plan, &keep);
+        assert!(e_keep.is_finite(), "{name}: {e_keep}");
+        eprintln!("{name}: end-to-end error, dense-input OBS {e_obs:.5}, sequential {e_seq:.5}, cancelling the drift {e_drift:.5}, keeping the choice {e_keep:.5}");
+        results.push((name, e_obs, e_seq, e_drift, e_keep));
     }
-    for (name, e_obs, e_seq, e_drift) in results {
+    for (name, e_obs, e_seq, e_drift, e_keep) in results {
         assert!(
             e_drift < e_obs,
             "{name}: residual target {e_drift} vs OBS {e_obs}"
+        );
+        assert!(
+            e_keep < e_obs,
+            "{name}: residual target keeping the choice {e_keep} vs OBS {e_obs}"
         );
         if name.contains("bert") {
             // Post-LN: each sum is normalised, and the target `W X` does not cancel the
