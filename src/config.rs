@@ -45,7 +45,9 @@
 //! ```
 //!
 //! A list of sources shares the samples evenly, e.g. encyclopaedia text and the model's
-//! own chat: `path = ["wiki.txt", "self"]`.
+//! own chat: `path = ["wiki.txt", "self"]`. A chat LLM given data files gets that share
+//! of its own chat by default (`path = "wiki.txt"` calibrates as `["wiki.txt", "self"]`);
+//! `self_chat = false` keeps it to the files.
 //!
 //! Unknown keys and bad values are errors naming the file, the line and the key. A table
 //! lowers into a [`JobRequest`], which the same step as the CLI's resolves.
@@ -190,6 +192,10 @@ pub struct CalibrationConfig {
     /// Tokens per sample (default: the backend's, 128; 512 for LLMs).
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub seq_len: Option<usize>,
+    /// A chat LLM calibrated on data files also calibrates on one more share of its own
+    /// chat transcripts (default true; `false` = the files alone).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub self_chat: Option<bool>,
 }
 
 /// `[model.calibration] path`: one source, or a list that shares the samples.
@@ -371,6 +377,7 @@ impl ModelConfig {
             r.calibration_format = c.format;
             r.samples = Some(c.samples);
             r.calibration_seq_len = c.seq_len;
+            r.self_chat = c.self_chat;
         }
         r.recovery = self.recovery.clone();
         r.out = Some(resolve(&self.output.dir));

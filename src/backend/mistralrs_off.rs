@@ -44,6 +44,14 @@ impl Backend for MistralBackend {
     fn calibration_seq_len(&self) -> usize {
         crate::backend::LLM_CALIBRATION_SEQ_LEN
     }
+    // `--recover` and `self:N` resolve as in the real backend; running says what is
+    // missing.
+    fn recovers(&self) -> bool {
+        true
+    }
+    fn writes_chat(&self) -> bool {
+        true
+    }
     fn output_format(&self, format: &str) -> Option<Vec<(&'static str, &'static str)>> {
         crate::backend::llm_output_format(format)
     }

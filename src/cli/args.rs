@@ -148,6 +148,12 @@ pub struct PruneArgs {
     /// Tokens per calibration sample (with --calibration) [default: 128; LLMs: 512].
     #[arg(long)]
     pub calibration_seq_len: Option<usize>,
+    /// Calibrate a chat model on the --calibration files alone. By default a chat LLM
+    /// (mistralrs backend, a chat template) calibrates on its own chat transcripts too,
+    /// one more share of the samples (as `--calibration self`), so that its replies
+    /// survive the pruning.
+    #[arg(long)]
+    pub no_self_chat: bool,
     /// The model's tokenizer.json (default: next to the model).
     #[arg(long)]
     pub tokenizer: Option<PathBuf>,

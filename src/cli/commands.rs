@@ -109,6 +109,7 @@ pub(super) fn prune_requests(a: &PruneArgs, given: &[String]) -> anyhow::Result<
     });
     r.samples = Some(a.samples);
     r.calibration_seq_len = a.calibration_seq_len;
+    r.self_chat = Some(!a.no_self_chat);
     r.tokenizer = a.tokenizer.clone();
     r.out = a.out.clone();
     r.latency_table = a.latency_table.clone();

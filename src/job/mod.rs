@@ -108,6 +108,14 @@ pub struct PruneJob {
     pub calibration: Option<CalibrationData>,
     /// Number of random samples when no calibration data is given.
     pub random_samples: usize,
+    /// The calibration used instead of [`PruneJob::calibration`] when the loaded model
+    /// has a chat template: the same data files plus one share of the samples from the
+    /// model's own chat transcripts (`self`), so that a chat model calibrated on plain
+    /// text keeps its chat (ZIPLM.md section 9). [`crate::job::JobRequest::resolve`]
+    /// sets it for backends whose models chat, unless `--no-self-chat` /
+    /// `calibration.self_chat = false`; `None` = always `calibration`.
+    #[serde(default)]
+    pub chat_calibration: Option<CalibrationData>,
     /// The model's `tokenizer.json` (default: next to the model).
     pub tokenizer: Option<PathBuf>,
     /// Folder for the emitted models and reports.
@@ -202,6 +210,7 @@ impl PruneJob {
             sequential: false,
             sequential_target: Default::default(),
             sequential_keep_choice: false,
+            chat_calibration: None,
         }
     }
 

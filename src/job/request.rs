@@ -77,6 +77,8 @@ pub enum Field {
     SequentialTarget,
     /// Keeping the database's choice in it.
     SequentialKeepChoice,
+    /// A chat model's own chat beside its calibration text.
+    SelfChat,
 }
 
 impl Field {
@@ -108,6 +110,7 @@ impl Field {
             Field::SequentialKeepChoice => {
                 ("--sequential-keep-choice", "pruning.sequential_keep_choice")
             }
+            Field::SelfChat => ("--no-self-chat", "calibration.self_chat = false"),
         }
     }
 }
@@ -213,6 +216,9 @@ pub struct JobRequest {
     pub sequential_target: Option<crate::pipeline::correct::SequentialTarget>,
     /// Sequential correction re-fits the database's choice instead of re-choosing.
     pub sequential_keep_choice: Option<bool>,
+    /// A chat model calibrated on data files also calibrates on a share of its own chat
+    /// transcripts (default true; [`PruneJob::chat_calibration`]).
+    pub self_chat: Option<bool>,
 }
 
 impl JobRequest {
@@ -251,8 +257,30 @@ impl JobRequest {
             sequential: None,
             sequential_target: None,
             sequential_keep_choice: None,
+            self_chat: None,
         }
     }
+}
+
+/// `cal` with one more source, the model's own chat transcripts (`self`), sharing the
+/// samples with the data files: what a chat model calibrates on by default
+/// ([`PruneJob::chat_calibration`]). `None` when `cal` already has a `self` source or
+/// too few samples to give the chat one of its own.
+fn with_own_chat(cal: &CalibrationData) -> Option<CalibrationData> {
+    let has_self = cal
+        .sources
+        .iter()
+        .any(|s| matches!(s, CalibrationSource::SelfChat { .. }));
+    if has_self || cal.samples <= cal.sources.len() {
+        return None;
+    }
+    let mut chat = cal.clone();
+    chat.sources.push(CalibrationSource::SelfChat { tokens: 0 });
+    let last = chat.sources.len() - 1;
+    chat.sources[last] = CalibrationSource::SelfChat {
+        tokens: chat.share(last) * chat.seq_len,
+    };
+    Some(chat)
 }
 
 /// Why `path`, which should be a `what` file, is not one.
@@ -433,6 +461,10 @@ impl JobRequest {
             };
             for (i, spec) in self.calibration.iter().enumerate() {
                 cal.sources[i] = self.calibration_source(spec, cal.share(i) * seq_len, backend)?;
+            }
+            let chats = backend.is_some_and(|b| b.writes_chat());
+            if chats && self.self_chat != Some(false) {
+                job.chat_calibration = with_own_chat(&cal);
             }
             job.calibration = Some(cal);
         }
@@ -766,6 +798,58 @@ mod tests {
         // Recovery trains on it like on a file.
         r.recovery = Some(RecoverySettings::with_tokens(1024));
         assert!(r.resolve().is_ok());
+    }
+
+    /// A chat LLM given text calibrates on its own chat too, one more share of the
+    /// samples ([`PruneJob::chat_calibration`]); not with `--no-self-chat`, not when
+    /// the job already names `self`, and not for backends whose models do not chat.
+    #[test]
+    fn a_chat_model_given_text_also_calibrates_on_its_own_chat() {
+        let dir = tempfile::tempdir().unwrap();
+        let (gguf, onnx) = (dir.path().join("m.gguf"), dir.path().join("m.onnx"));
+        let text = dir.path().join("t.txt");
+        for f in [&gguf, &onnx, &text] {
+            std::fs::write(f, b"").unwrap();
+        }
+        let mut r = request(&gguf);
+        r.calibration = vec![text.clone()];
+        r.samples = Some(9);
+        let job = r.resolve().unwrap().job;
+        let file = CalibrationSource::File {
+            path: text.clone(),
+            format: None,
+        };
+        // The text alone stays the job's calibration for a model without a template.
+        assert_eq!(job.calibration.unwrap().sources, [file.clone()]);
+        let chat = job.chat_calibration.unwrap();
+        // 5 samples of text, 4 of the model's chat: 4 x 512 tokens.
+        assert_eq!(
+            chat.sources,
+            [
+                file.clone(),
+                CalibrationSource::SelfChat { tokens: 4 * 512 }
+            ]
+        );
+        assert_eq!((chat.samples, chat.seq_len), (9, 512));
+        assert_eq!((chat.share(0), chat.share(1)), (5, 4));
+        // Off when asked, when `self` is named already, or with one sample per file.
+        r.self_chat = Some(false);
+        assert!(r.resolve().unwrap().job.chat_calibration.is_none());
+        r.self_chat = Some(true);
+        r.calibration = vec![text.clone(), "self:100".into()];
+        assert!(r.resolve().unwrap().job.chat_calibration.is_none());
+        r.calibration = vec![text.clone()];
+        r.samples = Some(1);
+        assert!(r.resolve().unwrap().job.chat_calibration.is_none());
+        // No data: random ids as before (and the warning names `self`).
+        r.calibration = vec![];
+        let resolved = r.resolve().unwrap();
+        assert!(resolved.job.chat_calibration.is_none());
+        assert!(resolved.warnings.iter().any(|w| w.contains("`self`")));
+        // ONNX models do not chat.
+        let mut r = request(&onnx);
+        r.calibration = vec![text];
+        assert!(r.resolve().unwrap().job.chat_calibration.is_none());
     }
 
     #[test]

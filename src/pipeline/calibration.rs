@@ -36,7 +36,7 @@ pub fn samples<S: Session>(
     session: &S,
     progress: &dyn Progress,
 ) -> Result<Vec<Vec<i64>>> {
-    let Some(cal) = &job.calibration else {
+    let Some(cal) = chosen(job, model, session) else {
         let vocab = model.vocab_size().ok_or_else(|| {
             Error::Invalid(
                 "no calibration data given and the vocabulary size is unknown; pass --calibration"
@@ -66,6 +66,41 @@ pub fn samples<S: Session>(
         }
     }
     Ok(data::interleave(lists))
+}
+
+/// The calibration a job runs on its loaded model: [`PruneJob::chat_calibration`] (the
+/// data files and the model's own chat) when the model chats, else
+/// [`PruneJob::calibration`].
+pub fn chosen<'a, S: Session>(
+    job: &'a PruneJob,
+    model: &S::Model,
+    session: &S,
+) -> Option<&'a data::CalibrationData> {
+    match &job.chat_calibration {
+        Some(chat) if session.chats(model, job) => Some(chat),
+        _ => job.calibration.as_ref(),
+    }
+}
+
+/// The report's note on a job that would add the model's own chat to its text: what the
+/// chat's share was, or that the model has no chat template.
+pub fn chat_note<S: Session>(job: &PruneJob, model: &S::Model, session: &S) -> Option<String> {
+    let chat = job.chat_calibration.as_ref()?;
+    if !session.chats(model, job) {
+        return Some(
+            "calibration: the model has no chat template, so it calibrated on the text alone"
+                .into(),
+        );
+    }
+    let last = chat.sources.len() - 1;
+    let CalibrationSource::SelfChat { tokens } = chat.sources[last] else {
+        return None;
+    };
+    Some(format!(
+        "calibration: the model has a chat template, so {} of the {} samples are its own chat transcripts (self:{tokens}, cached) beside the text; --no-self-chat (calibration.self_chat = false) calibrates on the text alone",
+        chat.share(last),
+        chat.samples
+    ))
 }
 
 /// `count` samples of one source: a data file tokenised and cut as the session asks

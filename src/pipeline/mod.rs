@@ -5,7 +5,8 @@
 //! ```text
 //! load       Backend::open            -> S: Session (the loaded model)
 //! calibrate  calibration::samples     -> Calibration (token samples set on the model;
-//!                                        Session::self_chat writes them for self:N)
+//!                                        Session::self_chat writes them for self:N, and
+//!                                        for a chat model's share of its own chat)
 //! database   Database::build          -> Database (removal orders, errors, weights)
 //! profile    profile::acquire_table   -> Profiled (LatencyTable, whether to verify)
 //! prepare    Session::prepare_*       -> Prepared (loss hook, verification set-up)
@@ -84,6 +85,12 @@ pub trait Session {
         Err(Error::Invalid(
             "this backend's models do not chat: self-written calibration (self:N) is for chat LLMs in the mistralrs backend; give --calibration FILE".into(),
         ))
+    }
+
+    /// Whether the loaded model chats (has a chat template), so that a job's
+    /// [`PruneJob::chat_calibration`] applies to it.
+    fn chats(&self, _model: &Self::Model, _job: &PruneJob) -> bool {
+        false
     }
 
     /// Notes the report starts with (how this backend times).
@@ -252,6 +259,7 @@ pub fn run<S: Session>(
     let t = Instant::now();
     let samples = calibration::samples(job, &model, &session, progress)?;
     let samples_s = t.elapsed().as_secs_f64();
+    let chat_note = calibration::chat_note(job, &model, &session);
     model.set_calibration(samples)?;
     let database = Database::build(&mut model, &job.database, progress)?;
     stages.calibrate_s = samples_s + database.timings.calibrate_s;
@@ -260,6 +268,7 @@ pub fn run<S: Session>(
     // profile
     let t = Instant::now();
     let mut notes = session.notes(job);
+    notes.extend(chat_note);
     notes.extend(calibration::too_few_tokens(
         database.calibration_tokens,
         model.structure(),

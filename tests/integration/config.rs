@@ -101,6 +101,26 @@ fn a_list_of_calibration_sources_shares_the_samples() {
         ]
     );
     assert_eq!((cal.share(0), cal.share(1)), (8, 8));
+    // A chat LLM given the file alone gets the same mix by default, for a model that
+    // turns out to chat; `self_chat = false` keeps it to the file.
+    let one = mix.replace(
+        "path = [\"data/train.jsonl\", \"self:4096\"]",
+        "path = \"data/train.jsonl\"",
+    );
+    let job = config::parse(&one, file).unwrap().model[0]
+        .to_job(file, base)
+        .unwrap();
+    assert_eq!(job.calibration.unwrap().sources.len(), 1);
+    let chat = job.chat_calibration.unwrap();
+    assert_eq!(
+        chat.sources[1],
+        CalibrationSource::SelfChat { tokens: 8 * 32 }
+    );
+    let off = one.replace("samples = 16", "samples = 16\nself_chat = false");
+    let job = config::parse(&off, file).unwrap().model[0]
+        .to_job(file, base)
+        .unwrap();
+    assert!(job.chat_calibration.is_none());
     // An empty list or a number is refused, naming the key and what it takes.
     for bad in ["path = []", "path = 5"] {
         let text = GOOD.replace("path = \"data/train.jsonl\"", bad);

@@ -1103,6 +1103,68 @@ fn smollm2_writes_its_own_chat_transcripts_and_caches_them() {
     assert_eq!(windows[0][0], i64::from(written[0].ids[0]));
 }
 
+/// `ziplm prune --calibration TEXT` on the tiny fixture, a chat model: by default one
+/// more share of the samples comes from its own chat transcripts (written into the
+/// cache, named in the report), and the weights differ from the text-only calibration
+/// of `--no-self-chat`, which writes no transcripts.
+#[test]
+fn a_chat_model_given_text_calibrates_on_its_own_chat_too() {
+    let dir = tempfile::tempdir().unwrap();
+    let text = dir.path().join("text.txt");
+    let body: String = (0..400)
+        .map(|i| format!("ab abc{} xyz, {}! ", i % 7, i * 13 % 97))
+        .collect();
+    std::fs::write(&text, &body).unwrap();
+    let run = |out: &str, cache: &str, extra: &[&str]| {
+        let o = std::process::Command::new(env!("CARGO_BIN_EXE_ziplm"))
+            .arg("prune")
+            .arg(tiny())
+            .args(["--speedup", "1.2", "--seq-len", "16", "--no-verify"])
+            .args(["--refine", "0", "--calibration"])
+            .arg(&text)
+            .args(["--samples", "4", "--calibration-seq-len", "32", "--quiet"])
+            .arg("--latency-table")
+            .arg(dir.path().join("table.json"))
+            .arg("--out")
+            .arg(dir.path().join(out))
+            .args(extra)
+            .env("ZIPLM_CACHE_DIR", dir.path().join(cache))
+            .output()
+            .unwrap();
+        let stderr = String::from_utf8_lossy(&o.stderr).to_string();
+        assert!(o.status.success(), "{stderr}");
+        let files: Vec<_> = std::fs::read_dir(dir.path().join(out))
+            .unwrap()
+            .map(|e| e.unwrap().path())
+            .collect();
+        let model = files
+            .iter()
+            .find(|p| p.extension().is_some_and(|e| e == "gguf"))
+            .expect("a pruned GGUF file");
+        let report = files
+            .iter()
+            .find(|p| p.to_string_lossy().ends_with(".report.txt"))
+            .expect("a text report");
+        (
+            std::fs::read(model).unwrap(),
+            std::fs::read_to_string(report).unwrap(),
+        )
+    };
+    let (mixed, report) = run("a", "cache-a", &[]);
+    assert!(
+        report.contains("2 of the 4 samples are its own chat transcripts (self:64"),
+        "{report}"
+    );
+    let written: Vec<_> = std::fs::read_dir(dir.path().join("cache-a/self-chat"))
+        .unwrap()
+        .collect();
+    assert_eq!(written.len(), 1);
+    let (text_only, report) = run("b", "cache-b", &["--no-self-chat"]);
+    assert!(!report.contains("chat transcripts"), "{report}");
+    assert!(!dir.path().join("cache-b").exists());
+    assert!(mixed != text_only, "the chat share changed nothing");
+}
+
 /// `ziplm prune --calibration self:N` on the tiny fixture (it has a chat template): the
 /// model writes its transcripts into the cache (`ZIPLM_CACHE_DIR`) and calibrates on
 /// them; a second run reads the cache, leaves it as it is and writes the same model.

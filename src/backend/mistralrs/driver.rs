@@ -362,6 +362,9 @@ impl Session for MistralSession {
             progress,
         )
     }
+    fn chats(&self, model: &LlamaModel, job: &PruneJob) -> bool {
+        super::self_chat::has_chat_template(&job.model, model)
+    }
     fn notes(&self, job: &PruneJob) -> Vec<String> {
         vec![format!(
             "latencies: blocks timed with candle {} kernels ({} threads); verification times whole models in mistral.rs ({})",
