@@ -820,7 +820,10 @@ mod tests {
             format: None,
         };
         // The text alone stays the job's calibration for a model without a template.
-        assert_eq!(job.calibration.unwrap().sources, [file.clone()]);
+        assert_eq!(
+            job.calibration.unwrap().sources,
+            std::slice::from_ref(&file)
+        );
         let chat = job.chat_calibration.unwrap();
         // 5 samples of text, 4 of the model's chat: 4 x 512 tokens.
         assert_eq!(
