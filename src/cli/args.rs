@@ -80,6 +80,9 @@ pub enum SequentialTargetArg {
     Residual,
     /// The dense block output alone.
     Output,
+    /// The block's own output on the pruned model's inputs (OBS on the dense weights
+    /// and the pruned inputs' Gram matrix, as SparseGPT's sequential pass).
+    Inputs,
 }
 
 /// Emitted LLM format on the command line.

@@ -130,6 +130,7 @@ pub(super) fn prune_requests(a: &PruneArgs, given: &[String]) -> anyhow::Result<
     r.sequential_target = a.sequential_target.map(|t| match t {
         SequentialTargetArg::Residual => SequentialTarget::Residual,
         SequentialTargetArg::Output => SequentialTarget::Output,
+        SequentialTargetArg::Inputs => SequentialTarget::Inputs,
     });
     if let Some(tokens) = a.recover {
         let mut s = crate::job::RecoverySettings::with_tokens(tokens);

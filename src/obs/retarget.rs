@@ -170,6 +170,12 @@ impl PairedGram {
         Ok(())
     }
 
+    /// `H~`, the pruned inputs' Gram matrix (`2 X~ X~^T / N`), undampened: with the
+    /// dense weights, what OBS runs on for the `W X~` target.
+    pub fn pruned_gram(&self) -> Result<Mat<f64>> {
+        self.pruned.finish()
+    }
+
     /// `(W*, H~)` for the dense out-projection `w` (outputs x width), `H~` undampened.
     ///
     /// `W* = (W C + lambda W) (H~ + lambda I)^-1`, `lambda = dampening * mean(diag H~)`:

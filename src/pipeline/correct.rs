@@ -11,8 +11,9 @@
 //!
 //! Each block's target is [`SequentialTarget`]: by default ZIPLM.md's variant
 //! `W X + (h - h~)`, which also cancels the drift its residual input carries (the
-//! adapter gives the residual streams through [`PairedSink::accept_residual`]), or the
-//! dense block output `W X` alone.
+//! adapter gives the residual streams through [`PairedSink::accept_residual`]), the
+//! dense block output `W X` alone, or the block's own output on the pruned inputs,
+//! `W X~` (OBS on `(W, H~)`).
 //!
 //! Dense and removed blocks are left as they are (the emitters write a dense block's
 //! own weights).
@@ -39,6 +40,12 @@ pub enum SequentialTarget {
     Residual,
     /// `W X`: the dense block output alone.
     Output,
+    /// `W X~`: the block's own dense weights on the pruned model's inputs, so OBS runs
+    /// on `(W, H~)` (the sequential pass of SparseGPT and GPTQ). No cross term `C`:
+    /// the kept weights are not regressed from the dense inputs onto the pruned ones,
+    /// which shrinks them where the two streams differ much (attention after pruned
+    /// attention).
+    Inputs,
 }
 
 /// Feeds one block's paired inputs (and, for the drift variant, residuals) into its
@@ -125,7 +132,10 @@ pub fn correct(
             )));
         }
         let w = to_faer(&adapter.out_projection(block.id)?);
-        let (w_star, h) = acc.retarget(w.as_ref(), dampening)?;
+        let (w_star, h) = match target {
+            SequentialTarget::Inputs => (w, acc.pruned_gram()?),
+            _ => acc.retarget(w.as_ref(), dampening)?,
+        };
         let (bp, fitted) = if keep_choice {
             db.refit(b, *level, &w_star, &h, dampening)?
         } else {

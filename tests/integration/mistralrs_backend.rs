@@ -900,6 +900,20 @@ fn sequential_correction_refits_each_block_on_the_pruned_inputs() {
     );
     // Dense blocks are left as they are.
     assert_eq!(seq.out_projections.len(), 1);
+    // The `W X~` target on equal inputs is OBS on (W, H): the database's own result.
+    let (own_plan, own) = correct(
+        &model,
+        &db,
+        &selection,
+        0.0,
+        Inputs,
+        false,
+        &ziplm::progress::Quiet,
+    )
+    .unwrap();
+    assert_eq!(own_plan, plan);
+    let d = max_diff(&own.out_projections[&id], &obs.out_projections[&id].data);
+    assert!(d < 1e-3, "last block, W X~ target: differs by {d}");
 
     // Every block pruned: the end-to-end hidden error is smaller with the correction.
     let selection = Selection {
@@ -950,8 +964,23 @@ fn sequential_correction_refits_each_block_on_the_pruned_inputs() {
     )
     .unwrap();
     let e_drift = error(&drift_plan, &drift);
+    // The `W X~` target: the plan's shapes, its error printed beside the others.
+    let (own_plan, own) = correct(
+        &model,
+        &db,
+        &selection,
+        0.0,
+        Inputs,
+        false,
+        &ziplm::progress::Quiet,
+    )
+    .unwrap();
+    for (a, b) in own_plan.blocks.iter().zip(&plan.blocks) {
+        assert_eq!(a.kept.len(), b.kept.len());
+    }
+    let e_own = error(&own_plan, &own);
     eprintln!(
-        "end-to-end hidden error: dense-input OBS {e_obs:.4}, sequential {e_seq:.4}, residual target {e_drift:.4}"
+        "end-to-end hidden error: dense-input OBS {e_obs:.4}, sequential {e_seq:.4}, residual target {e_drift:.4}, W X~ target {e_own:.4}"
     );
     assert!(
         e_seq < e_obs,
