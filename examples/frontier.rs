@@ -20,7 +20,8 @@
 //!   sequential correction (ZIPLM.md section 8, `pipeline::correct`): the same shapes,
 //!   heads and neurons re-chosen and re-fitted on the pruned model's own inputs. Not in
 //!   the default set (one more emit, timing and scoring each); `ziplm-seqd`,
-//!   `uniform-seqd`: the same with the drift-cancelling target `W X + (h - h~)`.
+//!   `uniform-seqd`: the same with the drift-cancelling target `W X + (h - h~)`;
+//!   `ziplm-seqi`, `uniform-seqi`: with the inputs target `W X~` (OBS on `(W, H~)`).
 //!
 //! The others get the same (corrected) millisecond budget as ZipLM's final search.
 //! Writes `OUT/frontier.{csv,json,svg}` and prints a markdown table.
@@ -80,10 +81,12 @@ fn main() -> anyhow::Result<()> {
                 "ziplm-seq",
                 "uniform-seq",
                 "ziplm-seqd",
-                "uniform-seqd"
+                "uniform-seqd",
+                "ziplm-seqi",
+                "uniform-seqi"
             ]
             .contains(&m.as_str()),
-            "unknown method `{m}`: use ziplm, ziplm-plain, magnitude, uniform, layer-drop, ziplm-seq, uniform-seq, ziplm-seqd or uniform-seqd"
+            "unknown method `{m}`: use ziplm, ziplm-plain, magnitude, uniform, layer-drop, ziplm-seq, uniform-seq, ziplm-seqd, uniform-seqd, ziplm-seqi or uniform-seqi"
         );
     }
     let shared =
@@ -204,7 +207,14 @@ fn main() -> anyhow::Result<()> {
             .chosen_attempt()
             .context("an outcome without an attempt")?;
         let stem = outcome.emitted.path.with_extension("");
-        for method in ["ziplm-seq", "uniform-seq", "ziplm-seqd", "uniform-seqd"] {
+        for method in [
+            "ziplm-seq",
+            "uniform-seq",
+            "ziplm-seqd",
+            "uniform-seqd",
+            "ziplm-seqi",
+            "uniform-seqi",
+        ] {
             if !args.methods.iter().any(|m| m == method) {
                 continue;
             }
@@ -227,6 +237,8 @@ fn main() -> anyhow::Result<()> {
                 job.database.dampening,
                 if method.ends_with("seqd") {
                     ziplm::pipeline::correct::SequentialTarget::Residual
+                } else if method.ends_with("seqi") {
+                    ziplm::pipeline::correct::SequentialTarget::Inputs
                 } else {
                     ziplm::pipeline::correct::SequentialTarget::Output
                 },

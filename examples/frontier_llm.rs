@@ -20,6 +20,19 @@
 //! corrected in mistral.rs); `magnitude` (ZipLM's per-layer shapes, neurons kept by
 //! weight norm, no OBS update); `uniform` (the same width in every layer, OBS-updated);
 //! `layer-drop` (whole layers dropped). Baselines get ZipLM's final millisecond budget.
+//!
+//! Stages, so that ZipLM and uniform widths get the same treatment: `ziplm-seq` and
+//! `uniform-seq` are ZipLM's and the uniform baseline's selections with sequential
+//! correction (ZIPLM.md section 8, `pipeline::correct`, target `--sequential-target`):
+//! the same shapes, re-fitted on the pruned model's own inputs. `--recover TOKENS` adds
+//! a `-rec` point after every ZipLM and uniform model (one-shot and corrected alike):
+//! the same distillation (`Session::recover`, the `prune --recover` stage) with the same
+//! token budget, learning rate and seed for each.
+//!
+//! ```sh
+//! frontier_llm OUT --targets 1.5 --methods uniform,ziplm-seq,uniform-seq \
+//!     --sequential-target inputs --recover 24576 --max-ffn-removed 0.5
+//! ```
 
 use anyhow::Context;
 use clap::Parser;
@@ -27,8 +40,10 @@ use std::path::{Path, PathBuf};
 use ziplm::backend::mistralrs::{driver, eval, LlamaModel, LlamaOptions, LoadedModel};
 use ziplm::data::{CalibrationData, DataFormat};
 use ziplm::frontier::{self, FrontierPoint};
-use ziplm::job::PruneJob;
-use ziplm::search::Budget;
+use ziplm::job::{PruneJob, RecoverySettings};
+use ziplm::pipeline::correct::{self, SequentialTarget};
+use ziplm::pipeline::Session;
+use ziplm::search::{Budget, Selection};
 use ziplm_plugin_api::{ModelAdapter, PrunedWeights, Workload};
 
 const METRIC: &str = "WikiText-2 test perplexity";
@@ -41,9 +56,21 @@ struct Args {
     /// Speedup targets.
     #[arg(long, value_delimiter = ',', default_value = "1.25,1.5")]
     targets: Vec<f64>,
-    /// Methods to measure besides ziplm.
+    /// Methods to measure besides ziplm (magnitude, uniform, layer-drop, ziplm-seq,
+    /// uniform-seq).
     #[arg(long, value_delimiter = ',', default_value = "magnitude,uniform")]
     methods: Vec<String>,
+    /// What the `-seq` methods fit each block to: residual, output or inputs (see
+    /// `prune --sequential-target`).
+    #[arg(long, default_value = "residual")]
+    sequential_target: String,
+    /// Distil every ZipLM and uniform model (one-shot and `-seq`) for this many tokens
+    /// and add each result as a `-rec` point.
+    #[arg(long)]
+    recover: Option<u64>,
+    /// The recovery's peak learning rate (default: `prune --recover`'s).
+    #[arg(long, requires = "recover")]
+    recover_lr: Option<f64>,
     /// Calibration windows of 512 tokens (WikiText-2 valid).
     #[arg(long, default_value_t = 32)]
     samples: usize,
@@ -76,10 +103,29 @@ fn main() -> anyhow::Result<()> {
     let args = Args::parse();
     for m in &args.methods {
         anyhow::ensure!(
-            ["magnitude", "uniform", "layer-drop"].contains(&m.as_str()),
-            "unknown method `{m}`: use magnitude, uniform or layer-drop"
+            [
+                "magnitude",
+                "uniform",
+                "layer-drop",
+                "ziplm-seq",
+                "uniform-seq"
+            ]
+            .contains(&m.as_str()),
+            "unknown method `{m}`: use magnitude, uniform, layer-drop, ziplm-seq or uniform-seq"
         );
     }
+    let sequential_target = match args.sequential_target.as_str() {
+        "residual" => SequentialTarget::Residual,
+        "output" => SequentialTarget::Output,
+        "inputs" => SequentialTarget::Inputs,
+        other => {
+            anyhow::bail!("unknown --sequential-target `{other}`: use residual, output or inputs")
+        }
+    };
+    anyhow::ensure!(
+        args.recover.is_none() || args.methods.iter().any(|m| m == "uniform"),
+        "--recover compares ZipLM with uniform widths at the same recovery budget: add uniform to --methods"
+    );
     let shared =
         PathBuf::from(std::env::var("ZIPLM_SHARED").unwrap_or_else(|_| "../shared".into()));
     let model_path = args
@@ -115,7 +161,7 @@ fn main() -> anyhow::Result<()> {
     if args.safetensors {
         job.options.set("llm_format", "safetensors");
     }
-    let run = driver::run(&job, &ziplm::progress::Bars::default())?;
+    let mut run = driver::run(&job, &ziplm::progress::Bars::default())?;
     println!("{}", run.report.to_text());
 
     // The whole test text, tokenised once without BOS.
@@ -192,30 +238,139 @@ fn main() -> anyhow::Result<()> {
             .display()
             .to_string();
         let budget = Budget::LatencyMs(last.search_budget_ms);
-        let baselines = frontier::baseline_points(
-            &run.database,
-            &problem,
-            &outcome.search.selection,
-            budget,
-            job.search.buckets,
-            &args.methods,
-            (target, METRIC),
-            |method, plan, weights| {
+        // The one-shot baselines, and the selections the later stages start from.
+        let mut staged: Vec<Staged> = vec![Staged {
+            method: "ziplm".into(),
+            selection: outcome.search.selection.clone(),
+            plan: outcome.plan.clone(),
+            weights: outcome.weights.clone(),
+        }];
+        for method in args.methods.iter().filter(|m| !m.ends_with("-seq")) {
+            let Some(b) = ziplm::baselines::baseline_model(
+                &run.database,
+                &problem,
+                method,
+                &outcome.search.selection,
+                budget,
+                job.search.buckets,
+            )?
+            else {
+                continue;
+            };
+            let path = PathBuf::from(driver::output_name(&run.model, &format!("{stem}.{method}")));
+            run.model.emit(&b.plan, &b.weights, &path)?;
+            let (d, m) = measure(&path)?;
+            dense_ms.push(d);
+            points.push(FrontierPoint {
+                method: method.clone(),
+                target,
+                predicted_ms: problem.time_of(&b.selection),
+                dense_ms: d,
+                measured_ms: m,
+                quality: ppl(&path)?.ppl,
+                metric: METRIC.into(),
+            });
+            if method == "uniform" {
+                staged.push(Staged {
+                    method: method.clone(),
+                    selection: b.selection,
+                    plan: b.plan,
+                    weights: b.weights,
+                });
+            }
+        }
+        // + sequential correction, on the same selections.
+        let mut corrected = vec![];
+        for s in &staged {
+            let method = format!("{}-seq", s.method);
+            if !args.methods.contains(&method) {
+                continue;
+            }
+            let t = std::time::Instant::now();
+            let (plan, weights) = correct::correct(
+                &run.model,
+                &run.database,
+                &s.selection,
+                job.database.dampening,
+                sequential_target,
+                false,
+                &ziplm::progress::Bars::default(),
+            )?;
+            eprintln!(
+                "{method} {target}x: corrected ({}) in {:.1} s",
+                args.sequential_target,
+                t.elapsed().as_secs_f64()
+            );
+            corrected.push(Staged {
+                method,
+                selection: s.selection.clone(),
+                plan,
+                weights,
+            });
+        }
+        for s in &corrected {
+            let path = PathBuf::from(driver::output_name(
+                &run.model,
+                &format!("{stem}.{}", s.method),
+            ));
+            run.model.emit(&s.plan, &s.weights, &path)?;
+            let (d, m) = measure(&path)?;
+            dense_ms.push(d);
+            points.push(FrontierPoint {
+                method: s.method.clone(),
+                target,
+                predicted_ms: problem.time_of(&s.selection),
+                dense_ms: d,
+                measured_ms: m,
+                quality: ppl(&path)?.ppl,
+                metric: METRIC.into(),
+            });
+        }
+        staged.extend(corrected);
+        // + recovery: every ZipLM and uniform model, the same settings for each.
+        if let Some(tokens) = args.recover {
+            let mut recovery_job = job.clone();
+            let mut settings = RecoverySettings::with_tokens(tokens);
+            if let Some(lr) = args.recover_lr {
+                settings.learning_rate = lr;
+            }
+            recovery_job.recovery = Some(settings);
+            for s in &staged {
+                let method = format!("{}-rec", s.method);
+                let file_stem = format!("{}.{method}", job.output_stem(&outcome.budget));
+                let t = std::time::Instant::now();
+                let r = run
+                    .session
+                    .recover(
+                        &run.model,
+                        &recovery_job,
+                        &s.plan,
+                        &s.weights,
+                        &file_stem,
+                        &ziplm::progress::Bars::default(),
+                    )?
+                    .context("the mistral.rs session recovers")?;
+                eprintln!(
+                    "{method} {target}x: recovered in {:.1} s: {}",
+                    t.elapsed().as_secs_f64(),
+                    r.summary.line()
+                );
                 let path =
                     PathBuf::from(driver::output_name(&run.model, &format!("{stem}.{method}")));
-                run.model.emit(plan, weights, &path)?;
-                let (d, m) = measure(&path).map_err(|e| ziplm::Error::Invalid(format!("{e:#}")))?;
-                Ok(frontier::Measured {
+                run.model.emit(&s.plan, &r.weights, &path)?;
+                let (d, m) = measure(&path)?;
+                dense_ms.push(d);
+                points.push(FrontierPoint {
+                    method,
+                    target,
+                    predicted_ms: problem.time_of(&s.selection),
                     dense_ms: d,
                     measured_ms: m,
-                    quality: ppl(&path)
-                        .map_err(|e| ziplm::Error::Invalid(format!("{e:#}")))?
-                        .ppl,
-                })
-            },
-        )?;
-        dense_ms.extend(baselines.iter().map(|p| p.dense_ms));
-        points.extend(baselines);
+                    quality: ppl(&path)?.ppl,
+                    metric: METRIC.into(),
+                });
+            }
+        }
     }
     dense_ms.sort_by(f64::total_cmp);
     let dense_med = dense_ms
@@ -265,4 +420,12 @@ fn main() -> anyhow::Result<()> {
         }
     }
     Ok(())
+}
+
+/// A model that the later stages (correction, recovery) start from.
+struct Staged {
+    method: String,
+    selection: Selection,
+    plan: ziplm_plugin_api::Plan,
+    weights: PrunedWeights,
 }

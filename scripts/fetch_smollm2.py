@@ -7,8 +7,8 @@ SHA-256 digests, and the model is written atomically.
 
     python3 scripts/fetch_smollm2.py [DEST_DIR]     # default: models/smollm2-135m
 
-This is the model the mistral.rs backend (issue 4) is to prune; the backend itself is
-not written yet.
+This is the model the mistral.rs backend prunes in the README, the frontier example
+(`examples/frontier_llm.rs`) and the SmolLM2 tests.
 """
 import hashlib
 import os
