@@ -211,8 +211,7 @@ fn main() -> anyhow::Result<()> {
     };
 
     let dense_ppl = ppl(&dense_gguf)?;
-    let mut points = vec![];
-    let mut dense_ms = vec![];
+    let mut points: Vec<FrontierPoint> = vec![];
     for outcome in &run.outcomes {
         let Budget::Speedup(target) = outcome.budget else {
             unreachable!("speedup budgets only")
@@ -222,7 +221,6 @@ fn main() -> anyhow::Result<()> {
             last.measured_dense.context("verification is on")?,
             last.measured.context("verification is on")?,
         );
-        dense_ms.push(zd.median_ms);
         points.push(FrontierPoint {
             method: "ziplm".into(),
             target,
@@ -238,6 +236,25 @@ fn main() -> anyhow::Result<()> {
             .display()
             .to_string();
         let budget = Budget::LatencyMs(last.search_budget_ms);
+        // Writes a model, times it against the dense one and scores it.
+        let point = |method: &str,
+                     selection: &Selection,
+                     plan: &ziplm_plugin_api::Plan,
+                     weights: &PrunedWeights|
+         -> anyhow::Result<FrontierPoint> {
+            let path = PathBuf::from(driver::output_name(&run.model, &format!("{stem}.{method}")));
+            run.model.emit(plan, weights, &path)?;
+            let (d, m) = measure(&path)?;
+            Ok(FrontierPoint {
+                method: method.into(),
+                target,
+                predicted_ms: problem.time_of(selection),
+                dense_ms: d,
+                measured_ms: m,
+                quality: ppl(&path)?.ppl,
+                metric: METRIC.into(),
+            })
+        };
         // The one-shot baselines, and the selections the later stages start from.
         let mut staged: Vec<Staged> = vec![Staged {
             method: "ziplm".into(),
@@ -257,19 +274,7 @@ fn main() -> anyhow::Result<()> {
             else {
                 continue;
             };
-            let path = PathBuf::from(driver::output_name(&run.model, &format!("{stem}.{method}")));
-            run.model.emit(&b.plan, &b.weights, &path)?;
-            let (d, m) = measure(&path)?;
-            dense_ms.push(d);
-            points.push(FrontierPoint {
-                method: method.clone(),
-                target,
-                predicted_ms: problem.time_of(&b.selection),
-                dense_ms: d,
-                measured_ms: m,
-                quality: ppl(&path)?.ppl,
-                metric: METRIC.into(),
-            });
+            points.push(point(method, &b.selection, &b.plan, &b.weights)?);
             if method == "uniform" {
                 staged.push(Staged {
                     method: method.clone(),
@@ -301,29 +306,12 @@ fn main() -> anyhow::Result<()> {
                 args.sequential_target,
                 t.elapsed().as_secs_f64()
             );
+            points.push(point(&method, &s.selection, &plan, &weights)?);
             corrected.push(Staged {
                 method,
                 selection: s.selection.clone(),
                 plan,
                 weights,
-            });
-        }
-        for s in &corrected {
-            let path = PathBuf::from(driver::output_name(
-                &run.model,
-                &format!("{stem}.{}", s.method),
-            ));
-            run.model.emit(&s.plan, &s.weights, &path)?;
-            let (d, m) = measure(&path)?;
-            dense_ms.push(d);
-            points.push(FrontierPoint {
-                method: s.method.clone(),
-                target,
-                predicted_ms: problem.time_of(&s.selection),
-                dense_ms: d,
-                measured_ms: m,
-                quality: ppl(&path)?.ppl,
-                metric: METRIC.into(),
             });
         }
         staged.extend(corrected);
@@ -355,23 +343,12 @@ fn main() -> anyhow::Result<()> {
                     t.elapsed().as_secs_f64(),
                     r.summary.line()
                 );
-                let path =
-                    PathBuf::from(driver::output_name(&run.model, &format!("{stem}.{method}")));
-                run.model.emit(&s.plan, &r.weights, &path)?;
-                let (d, m) = measure(&path)?;
-                dense_ms.push(d);
-                points.push(FrontierPoint {
-                    method,
-                    target,
-                    predicted_ms: problem.time_of(&s.selection),
-                    dense_ms: d,
-                    measured_ms: m,
-                    quality: ppl(&path)?.ppl,
-                    metric: METRIC.into(),
-                });
+                points.push(point(&method, &s.selection, &s.plan, &r.weights)?);
             }
         }
     }
+    // The dense point's latency: the median of every timing run's dense median.
+    let mut dense_ms: Vec<f64> = points.iter().map(|p| p.dense_ms).collect();
     dense_ms.sort_by(f64::total_cmp);
     let dense_med = dense_ms
         .get(dense_ms.len() / 2)
