@@ -155,6 +155,10 @@ fn main() -> anyhow::Result<()> {
     job.search.refine = ziplm::search::spdy::RefineConfig::with_evaluations(args.refine, job.seed);
     job.database.max_ffn_removed_fraction = args.max_ffn_removed;
     job.verify_settings = ziplm::profile::ProfileSettings::new(2, 9);
+    // --recover runs after the pipeline: its held-out windows must stay out of every fit.
+    if args.recover.is_some() {
+        job.hold_out = RecoverySettings::with_tokens(1).held_out;
+    }
     if args.no_runtime_fit {
         job.options.set("runtime_fit", "false");
     }
@@ -334,6 +338,7 @@ fn main() -> anyhow::Result<()> {
                         &recovery_job,
                         &s.plan,
                         &s.weights,
+                        &run.held_out,
                         &file_stem,
                         &ziplm::progress::Bars::default(),
                     )?

@@ -200,7 +200,7 @@ pub struct PruneArgs {
     pub sequential_keep_choice: bool,
     /// After verification, distil each pruned model towards the dense one on this many
     /// calibration tokens (the gradual mode, ZIPLM.md section 9; mistralrs backend).
-    /// The last 8 calibration windows are held out for early stopping.
+    /// 8 calibration windows are held out of every fit for early stopping.
     #[arg(long, value_name = "TOKENS")]
     pub recover: Option<u64>,
     /// Peak learning rate of --recover (AdamW, cosine to a tenth of it) [default: 1e-5].

@@ -144,6 +144,11 @@ pub struct PruneJob {
     /// mode); `None` = one-shot.
     #[serde(default)]
     pub recovery: Option<RecoverySettings>,
+    /// Calibration windows to keep out of every fit even without `recovery`: for a
+    /// caller that recovers outside the pipeline ([`crate::pipeline::Session::recover`]
+    /// on a finished run). See [`PruneJob::held_out_windows`].
+    #[serde(default)]
+    pub hold_out: usize,
     /// Re-fit every pruned block on the pruned model's own inputs after each search
     /// (sequential correction, ZIPLM.md section 8; [`crate::pipeline::correct`]).
     #[serde(default)]
@@ -207,6 +212,7 @@ impl PruneJob {
             verify_settings: ProfileSettings::new(3, 15),
             options: BackendOptions::default(),
             recovery: None,
+            hold_out: 0,
             sequential: false,
             sequential_target: Default::default(),
             sequential_keep_choice: false,
@@ -266,6 +272,17 @@ impl PruneJob {
             Budget::Speedup(s) => format!("speedup-{}", number(*s)),
             Budget::LatencyMs(ms) => format!("latency-{}ms", number(*ms)),
         }
+    }
+
+    /// Calibration windows the pipeline keeps out of the database, the correction and
+    /// the recovery's training, so that the recovery's early stopping reads text no
+    /// fit has seen ([`crate::pipeline::JobRun::held_out`]): `recovery.held_out` when
+    /// the job recovers, at least `hold_out`.
+    pub fn held_out_windows(&self) -> usize {
+        self.recovery
+            .as_ref()
+            .map_or(0, |r| r.held_out)
+            .max(self.hold_out)
     }
 
     /// File stem of the model emitted for a budget, e.g. `model.speedup-1.5` or

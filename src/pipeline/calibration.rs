@@ -155,8 +155,37 @@ pub fn too_few_tokens(tokens: u64, structure: &ModelStructure) -> Option<String>
     })
 }
 
+/// Moves the last `count` samples out of `samples` (the interleaved order, so every
+/// source gives its share) and returns them: text the database, the correction and
+/// the recovery's training never see, on which the recovery's early stopping reads
+/// perplexity. At least one sample must stay to calibrate on.
+pub fn hold_out(samples: &mut Vec<Vec<i64>>, count: usize) -> Result<Vec<Vec<i64>>> {
+    if count == 0 {
+        return Ok(vec![]);
+    }
+    if samples.len() <= count {
+        return Err(Error::Invalid(format!(
+            "recovery holds out {count} calibration windows from every fit and calibrates on the rest, but there are only {}: give more calibration data (--samples) or a smaller recovery.held_out",
+            samples.len()
+        )));
+    }
+    Ok(samples.split_off(samples.len() - count))
+}
+
 #[cfg(test)]
 mod tests {
+    #[test]
+    fn held_out_windows_leave_the_calibration_set() {
+        let mut samples: Vec<Vec<i64>> = (0..5).map(|i| vec![i]).collect();
+        let held = super::hold_out(&mut samples, 2).unwrap();
+        assert_eq!(held, vec![vec![3], vec![4]]);
+        assert_eq!(samples, vec![vec![0], vec![1], vec![2]]);
+        assert!(super::hold_out(&mut samples, 0).unwrap().is_empty());
+        assert_eq!(samples.len(), 3);
+        let e = super::hold_out(&mut samples, 3).unwrap_err().to_string();
+        assert!(e.contains("only 3: give more calibration data"), "{e}");
+    }
+
     #[test]
     fn too_few_calibration_tokens_are_warned_about() {
         let bert = std::path::Path::new(env!("CARGO_MANIFEST_DIR"))

@@ -156,7 +156,9 @@ pub trait Session {
     ) -> Result<(Timing, Timing)>;
 
     /// The recovery stage (the gradual mode, `job.recovery`), after a budget's plan is
-    /// verified: the weights of `plan` distilled towards the dense model. Shapes do not
+    /// verified: the weights of `plan` distilled towards the dense model on the
+    /// calibration windows, with early stopping on `held_out` (windows no fit has seen,
+    /// [`JobRun::held_out`]). Shapes do not
     /// change, so the verified latency holds. `None` when this backend does not
     /// recover (jobs that ask for it are refused when resolved).
     fn recover(
@@ -165,6 +167,7 @@ pub trait Session {
         _job: &PruneJob,
         _plan: &Plan,
         _weights: &PrunedWeights,
+        _held_out: &[Vec<i64>],
         _stem: &str,
         _progress: &dyn Progress,
     ) -> Result<Option<Recovered>> {
@@ -214,6 +217,9 @@ pub struct JobRun<S: Session> {
     pub model: S::Model,
     /// The backend's state for the job.
     pub session: S,
+    /// The calibration windows kept out of every fit ([`PruneJob::held_out_windows`]),
+    /// for [`Session::recover`]'s early stopping.
+    pub held_out: Vec<Vec<i64>>,
 }
 
 /// Checks a job before a backend loads anything: its budgets, its name and its output
@@ -257,7 +263,8 @@ pub fn run<S: Session>(
 
     // calibrate + database
     let t = Instant::now();
-    let samples = calibration::samples(job, &model, &session, progress)?;
+    let mut samples = calibration::samples(job, &model, &session, progress)?;
+    let held_out = calibration::hold_out(&mut samples, job.held_out_windows())?;
     let samples_s = t.elapsed().as_secs_f64();
     let chat_note = calibration::chat_note(job, &model, &session);
     model.set_calibration(samples)?;
@@ -360,6 +367,7 @@ pub fn run<S: Session>(
                 job,
                 &outcome.plan,
                 &outcome.weights,
+                &held_out,
                 &stem,
                 progress,
             )? {
@@ -419,6 +427,7 @@ pub fn run<S: Session>(
         outcomes,
         model,
         session,
+        held_out,
     })
 }
 

@@ -391,12 +391,18 @@ impl Session for MistralSession {
         job: &PruneJob,
         plan: &Plan,
         weights: &PrunedWeights,
+        held_out: &[Vec<i64>],
         stem: &str,
         progress: &dyn Progress,
     ) -> Result<Option<crate::pipeline::Recovered>> {
         let Some(settings) = &job.recovery else {
             return Ok(None);
         };
+        let held: Vec<Vec<u32>> = held_out
+            .iter()
+            .map(|w| w.iter().map(|&t| u32::try_from(t)).collect())
+            .collect::<std::result::Result<_, _>>()
+            .map_err(|_| Error::Invalid("a held-out window has a negative token id".into()))?;
         let pruned = super::model::prune(&model.weights, model.structure(), plan, weights)?;
         let kept = super::recovery::kept_layers(model.structure(), plan);
         let checkpoint = crate::outputs::recovery_checkpoint(&job.out_dir, stem);
@@ -405,6 +411,7 @@ impl Session for MistralSession {
             &pruned,
             &kept,
             model.calibration_samples(),
+            &held,
             settings,
             job.seed,
             Some(&checkpoint),

@@ -6,8 +6,9 @@
 //! `hidden_weight` times the mean over the student's layers of
 //! `||h_s - h_t||^2 / ||h_t||^2` at each layer's output (token by token, against the
 //! dense layer it came from). AdamW (own, so its moments checkpoint), linear warm-up and
-//! cosine decay, global-norm clipping. Calibration windows are split: the last
-//! `held_out` are never trained on; their perplexity is measured every `eval_every`
+//! cosine decay, global-norm clipping. The held-out windows (kept out of the
+//! calibration, so out of every fit, by the pipeline) are never trained on; their
+//! perplexity is measured every `eval_every`
 //! steps, the best weights are kept and training stops after `patience` evaluations
 //! without improvement. Data order comes from the job's seed, so a run is
 //! deterministic on one machine and thread count. A checkpoint (weights, moments,
@@ -476,16 +477,19 @@ impl Checkpoint<'_> {
 fn run_key(
     settings: &RecoverySettings,
     seed: u64,
-    windows: &[Vec<u32>],
+    (train, held): (&[Vec<u32>], &[Vec<u32>]),
     student: &Student,
 ) -> Result<String> {
     let mut h = Sha256::new();
     h.update(serde_json::to_vec(settings).unwrap_or_default());
     h.update(seed.to_le_bytes());
-    for w in windows {
-        h.update((w.len() as u64).to_le_bytes());
-        for id in w {
-            h.update(id.to_le_bytes());
+    for windows in [train, held] {
+        h.update((windows.len() as u64).to_le_bytes());
+        for w in windows {
+            h.update((w.len() as u64).to_le_bytes());
+            for id in w {
+                h.update(id.to_le_bytes());
+            }
         }
     }
     for v in &student.vars {
@@ -501,8 +505,10 @@ fn run_key(
     Ok(format!("{:x}", h.finalize()))
 }
 
-/// Distils `pruned` towards `teacher` on `windows` (the calibration windows; the last
-/// `settings.held_out` are held out). `kept[j]` is the dense layer of pruned layer `j`.
+/// Distils `pruned` towards `teacher` on `train` (the calibration windows), keeping the
+/// weights that read the lowest perplexity on `held` (windows no fit has seen,
+/// [`crate::pipeline::calibration::hold_out`]). `kept[j]` is the dense layer of pruned
+/// layer `j`.
 /// With `checkpoint`, the state is saved there at every evaluation and a run with the
 /// same inputs resumes from it; the file is removed when the run ends.
 #[allow(clippy::too_many_arguments)] // each is one input of the run; a struct would only rename them
@@ -510,7 +516,8 @@ pub fn recover(
     teacher: &LlamaWeights,
     pruned: &LlamaWeights,
     kept: &[usize],
-    windows: &[Vec<u32>],
+    train: &[Vec<u32>],
+    held: &[Vec<u32>],
     settings: &RecoverySettings,
     seed: u64,
     checkpoint: Option<&Path>,
@@ -518,14 +525,13 @@ pub fn recover(
 ) -> Result<(LlamaWeights, RecoverySummary)> {
     settings.check().map_err(Error::Invalid)?;
     let started = Instant::now();
-    if windows.len() <= settings.held_out {
+    if train.is_empty() || held.is_empty() {
         return Err(Error::Invalid(format!(
-            "recovery holds out {} calibration windows and trains on the rest, but there are only {}: give more calibration data (--samples) or a smaller recovery.held_out",
-            settings.held_out,
-            windows.len()
+            "recovery trains on the calibration windows and stops early on held-out ones, but it was given {} and {}: give more calibration data (--samples) and recovery.held_out >= 1",
+            train.len(),
+            held.len()
         )));
     }
-    let (train, held) = windows.split_at(windows.len() - settings.held_out);
     let window = train.iter().map(|w| w.len()).max().unwrap_or(1).max(1);
     let per_step = (settings.step_tokens / window).max(1);
     let steps = (settings.tokens as usize)
@@ -535,7 +541,7 @@ pub fn recover(
     let student = Student::new(pruned).map_err(ce)?;
     let mut adam = AdamW::new(&student).map_err(ce)?;
     let mut best = student.snapshot().map_err(ce)?;
-    let key = run_key(settings, seed, windows, &student)?;
+    let key = run_key(settings, seed, (train, held), &student)?;
     let checkpoint = checkpoint.map(|path| Checkpoint {
         path,
         key: key.clone(),
@@ -819,7 +825,7 @@ mod tests {
         settings.eval_every = 5;
         settings.patience = 100;
         let kept = [0usize, 1];
-        let train = &windows[..8];
+        let (train, held) = windows.split_at(8);
         let before = distillation_loss(&teacher, &pruned, &kept, train, 1.0)
             .unwrap()
             .0;
@@ -828,7 +834,8 @@ mod tests {
                 &teacher,
                 &pruned,
                 &kept,
-                &windows,
+                train,
+                held,
                 &settings,
                 7,
                 None,
@@ -863,7 +870,7 @@ mod tests {
         let path = dir.path().join("ckpt.safetensors");
         let student = Student::new(&pruned).unwrap();
         let adam = AdamW::new(&student).unwrap();
-        let key = run_key(&settings, 7, &windows, &student).unwrap();
+        let key = run_key(&settings, 7, (train, held), &student).unwrap();
         let best = student.snapshot().unwrap();
         let c = Checkpoint {
             path: &path,
@@ -881,7 +888,8 @@ mod tests {
             &teacher,
             &pruned,
             &kept,
-            &windows,
+            train,
+            held,
             &settings,
             7,
             Some(&path),
