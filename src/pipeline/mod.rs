@@ -161,6 +161,7 @@ pub trait Session {
     /// [`JobRun::held_out`]). Shapes do not
     /// change, so the verified latency holds. `None` when this backend does not
     /// recover (jobs that ask for it are refused when resolved).
+    #[allow(clippy::too_many_arguments)] // each is one input of the stage; a struct would only rename them
     fn recover(
         &mut self,
         _model: &Self::Model,

@@ -1018,7 +1018,7 @@ fn smollm2_recovery_smoke_lowers_the_loss_and_serves_in_mistralrs() {
     let text = "The game began development in 2010 , carrying over a large portion of the work done on Valkyria Chronicles II . While it retained the standard features of the series , it also underwent multiple adjustments , such as making the game more forgiving for series newcomers . Character designer Raita Honjou and composer Hitoshi Sakimoto both returned from previous entries , along with Valkyria Chronicles II director Takeshi Ozawa . A large team of writers handled the script . The game 's opening theme was sung by May 'n . It met with positive sales in Japan , and was praised by both Japanese and western critics . After release , it received downloadable content , along with an expanded edition in November of that year .";
     let ids = tok.encode(text, false).unwrap().get_ids().to_vec();
     assert!(ids.len() >= 144, "{} tokens", ids.len());
-    let windows = vec![ids[..112].to_vec(), ids[112..144].to_vec()];
+    let windows = [ids[..112].to_vec(), ids[112..144].to_vec()];
     let mut settings = ziplm::job::RecoverySettings::with_tokens(3 * 112);
     settings.step_tokens = 112;
     settings.held_out = 1;
