@@ -398,11 +398,7 @@ impl Session for MistralSession {
         let Some(settings) = &job.recovery else {
             return Ok(None);
         };
-        let held: Vec<Vec<u32>> = held_out
-            .iter()
-            .map(|w| w.iter().map(|&t| u32::try_from(t)).collect())
-            .collect::<std::result::Result<_, _>>()
-            .map_err(|_| Error::Invalid("a held-out window has a negative token id".into()))?;
+        let held = model.token_windows(held_out)?;
         let pruned = super::model::prune(&model.weights, model.structure(), plan, weights)?;
         let kept = super::recovery::kept_layers(model.structure(), plan);
         let checkpoint = crate::outputs::recovery_checkpoint(&job.out_dir, stem);

@@ -342,6 +342,19 @@ impl LlamaModel {
 
     /// Sets the calibration samples (token ids below the vocabulary size).
     pub fn set_calibration(&mut self, samples: Vec<Vec<i64>>) -> AdapterResult<()> {
+        let out = self.token_windows(&samples)?;
+        if out.is_empty() {
+            return Err(AdapterError::Calibration(
+                "no calibration samples; give calibration text".into(),
+            ));
+        }
+        self.samples = out;
+        Ok(())
+    }
+
+    /// Windows of token ids checked against the model (below the vocabulary size, within
+    /// the context) as the forward takes them; empty windows are dropped.
+    pub fn token_windows(&self, samples: &[Vec<i64>]) -> AdapterResult<Vec<Vec<u32>>> {
         let vocab = self.weights.config.vocab as i64;
         let mut out = vec![];
         for s in samples {
@@ -358,16 +371,10 @@ impl LlamaModel {
                 )));
             }
             if !s.is_empty() {
-                out.push(s.into_iter().map(|t| t as u32).collect());
+                out.push(s.iter().map(|&t| t as u32).collect());
             }
         }
-        if out.is_empty() {
-            return Err(AdapterError::Calibration(
-                "no calibration samples; give calibration text".into(),
-            ));
-        }
-        self.samples = out;
-        Ok(())
+        Ok(out)
     }
 
     /// The calibration samples.
