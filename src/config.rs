@@ -313,6 +313,10 @@ pub struct PruningConfig {
     /// SPDY refinement with at most this many loss evaluations (default 32; 0 = off).
     #[serde(default)]
     pub refine: Option<usize>,
+    /// Verified searches after the first when a model misses or overshoots its budget
+    /// (default 3, at most 16).
+    #[serde(default)]
+    pub retries: Option<usize>,
     /// Largest fraction of one layer's FFN neurons removed short of dropping the layer
     /// (default 1.0).
     #[serde(default)]
@@ -379,7 +383,10 @@ impl ModelConfig {
             r.calibration_seq_len = c.seq_len;
             r.self_chat = c.self_chat;
         }
-        r.recovery = self.recovery.clone();
+        r.recovery = self.recovery.clone().map(|mut s| {
+            s.teacher = s.teacher.as_deref().map(resolve);
+            s
+        });
         r.out = Some(resolve(&self.output.dir));
         r.output_format = self.output.format.clone();
         r.latency_table = self.profile.latency_table.as_deref().map(resolve);
@@ -399,6 +406,7 @@ impl ModelConfig {
         r.max_ffn_removed = self.pruning.max_ffn_removed;
         r.gqa = self.pruning.gqa;
         r.refine = self.pruning.refine;
+        r.retries = self.pruning.retries;
         r
     }
 

@@ -17,7 +17,7 @@ pub struct Cli {
 #[derive(Subcommand, Debug)]
 pub enum Command {
     /// Prune a model to one or more latency budgets (one model per budget).
-    Prune(PruneArgs),
+    Prune(Box<PruneArgs>),
     /// Measure block latencies on this machine and write a latency table (JSON).
     Profile(ProfileArgs),
     /// Print a stable summary of a model's prunable structure.
@@ -206,6 +206,12 @@ pub struct PruneArgs {
     /// Peak learning rate of --recover (AdamW, cosine to a tenth of it) [default: 1e-5].
     #[arg(long, value_name = "LR", requires = "recover")]
     pub recover_lr: Option<f64>,
+    /// Distil towards this model instead of the one pruned (--recover), and let it write
+    /// the chat calibration: to prune an already pruned and recovered model further
+    /// (prune -> recover -> prune), give the original dense model. Budgets stay relative
+    /// to the model pruned.
+    #[arg(long, value_name = "MODEL", requires = "recover")]
+    pub teacher: Option<PathBuf>,
     /// Also write each pruned model as a tract NNEF archive (NAME.nnef.tar).
     #[arg(long)]
     pub nnef: bool,
@@ -213,6 +219,11 @@ pub struct PruneArgs {
     /// evaluations per search; 0 = the plain error-sum DP.
     #[arg(long, default_value_t = 32)]
     pub refine: usize,
+    /// Verified searches after the first: when a timed model misses the budget, or beats
+    /// it by more than 5%, the search runs again with the measurement's correction (at
+    /// most 16) [default: 3].
+    #[arg(long)]
+    pub retries: Option<usize>,
     /// Largest fraction of one layer's FFN neurons removed short of dropping the layer
     /// (1.0 = any width down to the grid's smallest). 0.5 helped SmolLM2 a lot (README).
     #[arg(long, default_value_t = 1.0)]

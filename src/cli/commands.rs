@@ -17,7 +17,7 @@ use ziplm_plugin_api::{GqaPolicy, Phase, Workload};
 /// Runs a command; `given` names the arguments written on its command line.
 pub fn dispatch(cli: Cli, given: &[String]) -> anyhow::Result<ExitCode> {
     match cli.command {
-        Command::Prune(a) => prune(a, given),
+        Command::Prune(a) => prune(*a, given),
         Command::Profile(a) => profile(a),
         Command::Inspect(a) => inspect(a),
         Command::Eval(a) => eval(a),
@@ -118,6 +118,7 @@ pub(super) fn prune_requests(a: &PruneArgs, given: &[String]) -> anyhow::Result<
     r.max_ffn_removed = Some(a.max_ffn_removed);
     r.verify = Some(!a.no_verify);
     r.refine = Some(a.refine);
+    r.retries = a.retries;
     if a.no_runtime_fit {
         r.options
             .push(option("runtime_fit", "false", "--no-runtime-fit"));
@@ -138,6 +139,7 @@ pub(super) fn prune_requests(a: &PruneArgs, given: &[String]) -> anyhow::Result<
             s.learning_rate = lr;
             s.min_learning_rate = lr / 10.0;
         }
+        s.teacher = a.teacher.clone();
         r.recovery = Some(s);
     }
     if let Some(d) = a.gguf_dtype {

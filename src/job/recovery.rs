@@ -45,6 +45,12 @@ pub struct RecoverySettings {
     /// Held-out evaluations without improvement before stopping.
     #[serde(default = "default_patience")]
     pub patience: usize,
+    /// The model to distil towards, when the model pruned is itself pruned and
+    /// recovered (prune -> recover -> prune, ZIPLM.md section 9): the original dense
+    /// model. `None`: the model pruned. A chat model's own-chat calibration is written
+    /// by it too.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub teacher: Option<std::path::PathBuf>,
 }
 
 /// 1e-4 (the published full-scale recipes, with batches of ~1M tokens) made SmolLM2-135M
@@ -166,6 +172,7 @@ impl RecoverySettings {
             held_out: default_held_out(),
             eval_every: default_eval_every(),
             patience: default_patience(),
+            teacher: None,
         }
     }
 

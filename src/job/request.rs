@@ -14,6 +14,9 @@ use crate::search::Budget;
 use std::path::{Path, PathBuf};
 use ziplm_plugin_api::{GqaPolicy, Phase, Workload};
 
+/// The most verified searches after the first a job may ask for.
+pub const MAX_RETRIES: usize = 16;
+
 /// Where a request came from, for messages.
 #[derive(Clone, Debug, PartialEq)]
 pub enum Origin {
@@ -63,6 +66,8 @@ pub enum Field {
     CalibrationSeqLen,
     /// Timed runs per shape.
     Runs,
+    /// Verified searches after the first.
+    Retries,
     /// The FFN width grid.
     FfnMultiple,
     /// The largest fraction of an FFN removed.
@@ -71,6 +76,8 @@ pub enum Field {
     OutputFormat,
     /// The recovery stage's settings.
     Recovery,
+    /// The model recovery distils towards.
+    Teacher,
     /// Sequential correction.
     Sequential,
     /// Its target.
@@ -101,10 +108,12 @@ impl Field {
             Field::Samples => ("--samples", "calibration.samples"),
             Field::CalibrationSeqLen => ("--calibration-seq-len", "calibration.seq_len"),
             Field::Runs => ("--runs", "profile.runs"),
+            Field::Retries => ("--retries", "pruning.retries"),
             Field::FfnMultiple => ("--ffn-multiple", "pruning.ffn_multiple"),
             Field::MaxFfnRemoved => ("--max-ffn-removed", "pruning.max_ffn_removed"),
             Field::OutputFormat => ("the output format", "output.format"),
             Field::Recovery => ("--recover", "recovery"),
+            Field::Teacher => ("--teacher", "recovery.teacher"),
             Field::Sequential => ("--sequential", "pruning.sequential = true"),
             Field::SequentialTarget => ("--sequential-target", "pruning.sequential_target"),
             Field::SequentialKeepChoice => {
@@ -204,6 +213,8 @@ pub struct JobRequest {
     pub gqa: Option<GqaPolicy>,
     /// SPDY evaluations per search (default 32; 0 = off).
     pub refine: Option<usize>,
+    /// Verified searches after the first (default 3).
+    pub retries: Option<usize>,
     /// A named output format (config `output.format`), standing for backend options.
     pub output_format: Option<String>,
     /// Backend options.
@@ -251,6 +262,7 @@ impl JobRequest {
             max_ffn_removed: None,
             gqa: None,
             refine: None,
+            retries: None,
             output_format: None,
             options: vec![],
             recovery: None,
@@ -529,6 +541,15 @@ impl JobRequest {
         if let Some(g) = self.gqa {
             job.gqa_policy = g;
         }
+        if let Some(n) = self.retries {
+            if n > MAX_RETRIES {
+                return Err(o.error(format!(
+                    "{} is at most {MAX_RETRIES} (each retry emits and times a model), got {n}",
+                    o.spell(Field::Retries)
+                )));
+            }
+            job.search.retries = n;
+        }
         job.seed = self.seed.unwrap_or(0);
         job.search.refine = RefineConfig::with_evaluations(
             self.refine
@@ -557,6 +578,15 @@ impl JobRequest {
                     o.spell(Field::Recovery),
                     o.spell(Field::Calibration)
                 )));
+            }
+            if let Some(t) = &r.teacher {
+                if !t.exists() {
+                    return Err(o.error(format!(
+                        "{} {}: no such model file or folder (give the dense model the pruned one came from)",
+                        o.spell(Field::Teacher),
+                        t.display()
+                    )));
+                }
             }
             job.recovery = Some(r.clone());
         }
@@ -724,6 +754,46 @@ mod tests {
         assert!(
             cfg.contains("ziplm.toml") && cfg.contains("pruning.ffn_multiple must be at least 1"),
             "{cfg}"
+        );
+    }
+
+    #[test]
+    fn retries_set_the_verification_loop_and_are_bounded() {
+        let dir = tempfile::tempdir().unwrap();
+        let model = dir.path().join("m.onnx");
+        std::fs::write(&model, b"").unwrap();
+        let mut r = request(&model);
+        assert_eq!(r.clone().resolve().unwrap().job.search.retries, 3);
+        r.retries = Some(7);
+        assert_eq!(r.clone().resolve().unwrap().job.search.retries, 7);
+        r.retries = Some(usize::MAX);
+        let e = r.resolve().unwrap_err().to_string();
+        assert!(e.contains("--retries is at most 16"), "{e}");
+    }
+
+    #[test]
+    fn a_missing_teacher_is_named() {
+        let dir = tempfile::tempdir().unwrap();
+        let gguf = dir.path().join("m.gguf");
+        let text = dir.path().join("t.txt");
+        for f in [&gguf, &text] {
+            std::fs::write(f, b"").unwrap();
+        }
+        let mut r = request(&gguf);
+        r.calibration = vec![text];
+        let mut s = RecoverySettings::with_tokens(1024);
+        s.teacher = Some(dir.path().join("dense.gguf"));
+        r.recovery = Some(s);
+        let e = r.clone().resolve().unwrap_err().to_string();
+        assert!(
+            e.contains("--teacher") && e.contains("dense.gguf: no such model file"),
+            "{e}"
+        );
+        std::fs::write(dir.path().join("dense.gguf"), b"").unwrap();
+        let job = r.resolve().unwrap().job;
+        assert_eq!(
+            job.recovery.and_then(|s| s.teacher),
+            Some(dir.path().join("dense.gguf"))
         );
     }
 

@@ -156,7 +156,8 @@ pub trait Session {
     ) -> Result<(Timing, Timing)>;
 
     /// The recovery stage (the gradual mode, `job.recovery`), after a budget's plan is
-    /// verified: the weights of `plan` distilled towards the dense model on the
+    /// verified: the weights of `plan` distilled towards the dense model (or the
+    /// recovery's teacher, `RecoverySettings::teacher`) on the
     /// calibration windows, with early stopping on `held_out` (windows no fit has seen,
     /// [`JobRun::held_out`]). Shapes do not
     /// change, so the verified latency holds. `None` when this backend does not

@@ -177,6 +177,73 @@ fn dropping_a_whole_layer_loads_and_matches() {
     assert!(!dest.exists());
 }
 
+/// Prune -> recover -> prune: a model already pruned (here its first layer dropped) is
+/// recovered towards the original dense model given as the teacher. The budget (1x)
+/// keeps its shapes, so the student starts as the model itself: towards itself the first
+/// loss is zero, towards the original it is the distance the pruning left. A teacher it
+/// did not come from is refused when the job opens.
+/// The fixture's norms are all ones (untrained), so the original here is the fixture
+/// with other first-layer norms: layers are matched to the teacher's by their norms.
+#[test]
+fn a_pruned_model_recovers_towards_the_original_as_teacher() {
+    let dir = tempfile::tempdir().unwrap();
+    let mut dense = LlamaModel::load(&tiny(), LlamaOptions::default()).unwrap();
+    let l0 = &mut dense.weights.layers[0];
+    l0.attn_norm = l0.attn_norm.affine(1.5, 0.25).unwrap();
+    let original = dir.path().join("original.gguf");
+    dense
+        .emit(
+            &Plan::dense(dense.structure()),
+            &PrunedWeights::default(),
+            &original,
+        )
+        .unwrap();
+    let mut plan = Plan::dense(dense.structure());
+    for bp in plan.blocks.iter_mut().take(2) {
+        bp.kept.clear();
+        bp.kept_kv_heads.clear();
+    }
+    let stage1 = dir.path().join("stage1.gguf");
+    dense
+        .emit(&plan, &PrunedWeights::default(), &stage1)
+        .unwrap();
+    let first_loss = |teacher: Option<PathBuf>, out: &str| {
+        let mut job = tiny_job(stage1.clone(), dir.path());
+        job.budgets = vec![Budget::Speedup(1.0)];
+        job.out_dir = dir.path().join(out);
+        let mut settings = ziplm::job::RecoverySettings::with_tokens(4 * 32);
+        settings.step_tokens = 64;
+        settings.held_out = 2;
+        settings.eval_every = 1;
+        settings.teacher = teacher;
+        job.recovery = Some(settings);
+        ziplm::backend::run_job(&job, &ziplm::progress::Quiet)
+            .map(|r| r.budgets[0].recovery.clone().unwrap().first_loss)
+    };
+    let own = first_loss(None, "own").unwrap();
+    let towards_original = first_loss(Some(original), "original").unwrap();
+    assert!(own.abs() < 1e-4, "towards itself the loss starts at {own}");
+    assert!(
+        towards_original > 1e-3,
+        "distilling towards the original starts further away: {towards_original} vs {own}"
+    );
+    // A teacher it did not come from: the fixture's first layer alone.
+    let mut first_only = Plan::dense(dense.structure());
+    for bp in first_only.blocks.iter_mut().skip(2) {
+        bp.kept.clear();
+        bp.kept_kv_heads.clear();
+    }
+    let wrong = dir.path().join("first-layer.gguf");
+    dense
+        .emit(&first_only, &PrunedWeights::default(), &wrong)
+        .unwrap();
+    let e = first_loss(Some(wrong), "wrong").unwrap_err().to_string();
+    assert!(
+        e.contains("matches no layer of the recovery's teacher"),
+        "{e}"
+    );
+}
+
 #[test]
 fn the_same_plan_gives_byte_identical_gguf_files() {
     let dir = tempfile::tempdir().unwrap();

@@ -287,6 +287,17 @@ pub struct MistralSession {
     dense: Option<LoadedModel>,
     dense_path: PathBuf,
     prompt: Vec<u32>,
+    /// The recovery's teacher (`RecoverySettings::teacher`), loaded and matched to the
+    /// model when the job opens, so that a wrong one fails before any work.
+    teacher: Option<Teacher>,
+}
+
+/// A recovery teacher: the model, its path and the teacher layer of each layer of the
+/// model pruned ([`super::recovery::layers_in_teacher`]).
+struct Teacher {
+    path: PathBuf,
+    model: LlamaModel,
+    layers: Vec<usize>,
 }
 
 impl MistralSession {
@@ -319,6 +330,18 @@ impl MistralSession {
             },
         )?;
         check_timed_workload(&job.workload, model.weights.config.context_length)?;
+        let teacher = match job.recovery.as_ref().and_then(|r| r.teacher.clone()) {
+            None => None,
+            Some(path) => {
+                let t = LlamaModel::load(&path, LlamaOptions::default())?;
+                let layers = super::recovery::layers_in_teacher(&t.weights, &model.weights)?;
+                Some(Teacher {
+                    path,
+                    model: t,
+                    layers,
+                })
+            }
+        };
         Ok((
             model,
             MistralSession {
@@ -327,6 +350,7 @@ impl MistralSession {
                 dense: None,
                 dense_path: PathBuf::new(),
                 prompt: vec![],
+                teacher,
             },
         ))
     }
@@ -353,9 +377,14 @@ impl Session for MistralSession {
         tokens: usize,
         progress: &dyn Progress,
     ) -> Result<Vec<crate::data::self_chat::Transcript>> {
+        // A recovery teacher writes the chat: the model pruned may be a pruned one.
+        let (path, writer) = match &self.teacher {
+            Some(t) => (t.path.as_path(), &t.model),
+            None => (job.model.as_path(), model),
+        };
         super::self_chat::transcripts(
-            &job.model,
-            model,
+            path,
+            writer,
             tokens,
             &crate::data::self_chat::cache_folder(),
             super::self_chat::BATCH,
@@ -401,11 +430,19 @@ impl Session for MistralSession {
         let held = model.token_windows(held_out)?;
         let pruned = super::model::prune(&model.weights, model.structure(), plan, weights)?;
         let kept = super::recovery::kept_layers(model.structure(), plan);
+        // A teacher (prune -> recover -> prune): the kept layers as the teacher's.
+        let (teacher, kept_in_teacher) = match &self.teacher {
+            None => (&model.weights, kept.clone()),
+            Some(t) => (
+                &t.model.weights,
+                kept.iter().map(|&l| t.layers[l]).collect(),
+            ),
+        };
         let checkpoint = crate::outputs::recovery_checkpoint(&job.out_dir, stem);
         let (student, summary) = super::recovery::recover(
-            &model.weights,
+            teacher,
             &pruned,
-            &kept,
+            &kept_in_teacher,
             model.calibration_samples(),
             &held,
             settings,

@@ -674,6 +674,74 @@ pub fn recover(
     Ok((weights, summary))
 }
 
+/// Relative difference below which two norm weights are the same tensor (stored at
+/// another precision: bf16 rounds to about 4e-3).
+const SAME_NORM: f32 = 1e-2;
+
+/// The layer of `teacher` each layer of `student` came from, for a student that was
+/// pruned (and perhaps recovered) from the teacher with whole layers dropped: matched
+/// in order by the layers' norm weights, which pruning and recovery leave as they are.
+/// An error when the two do not share the hidden width and vocabulary, when a student
+/// layer has no match (the teacher is not the model the student came from), or when
+/// it matches more than one place (norms that repeat, as in untrained models).
+pub fn layers_in_teacher(teacher: &LlamaWeights, student: &LlamaWeights) -> Result<Vec<usize>> {
+    let (t, s) = (&teacher.config, &student.config);
+    if t.hidden != s.hidden || t.vocab != s.vocab {
+        return Err(Error::Invalid(format!(
+            "the recovery's teacher has hidden width {} and {} tokens, the model pruned {} and {}: give the dense model the pruned one came from",
+            t.hidden, t.vocab, s.hidden, s.vocab
+        )));
+    }
+    let norms = |l: &LayerWeights| -> Result<Vec<f32>> {
+        let mut v = l.attn_norm.to_vec1::<f32>().map_err(ce)?;
+        v.extend(l.ffn_norm.to_vec1::<f32>().map_err(ce)?);
+        Ok(v)
+    };
+    let teacher_norms = teacher
+        .layers
+        .iter()
+        .map(norms)
+        .collect::<Result<Vec<_>>>()?;
+    let mut map = Vec::with_capacity(student.layers.len());
+    let mut next = 0;
+    let (nt, ns) = (teacher_norms.len(), student.layers.len());
+    for (j, layer) in student.layers.iter().enumerate() {
+        let mine = norms(layer)?;
+        let same = |theirs: &Vec<f32>| {
+            let scale = theirs
+                .iter()
+                .fold(0f32, |m, x| m.max(x.abs()))
+                .max(f32::MIN_POSITIVE);
+            let diff = theirs
+                .iter()
+                .zip(&mine)
+                .fold(0f32, |m, (a, b)| m.max((a - b).abs()));
+            diff <= SAME_NORM * scale
+        };
+        // The layers after this one need teacher layers after its match.
+        let last = (nt + j + 1).saturating_sub(ns);
+        let found: Vec<usize> = (next..last.min(nt))
+            .filter(|&i| same(&teacher_norms[i]))
+            .collect();
+        let i = match found[..] {
+            [i] => i,
+            [] => {
+                return Err(Error::Invalid(format!(
+                    "layer {j} of the model pruned matches no layer of the recovery's teacher (their norm weights differ): give the dense model the pruned one came from"
+                )))
+            }
+            _ => {
+                return Err(Error::Invalid(format!(
+                    "layer {j} of the model pruned matches layers {found:?} of the recovery's teacher (their norm weights repeat), so the layers it kept cannot be told apart: recover towards it without a teacher"
+                )))
+            }
+        };
+        map.push(i);
+        next = i + 1;
+    }
+    Ok(map)
+}
+
 /// The dense layer of each layer the plan keeps (the pruned model's layer order).
 pub fn kept_layers(structure: &ModelStructure, plan: &Plan) -> Vec<usize> {
     let mut layers: Vec<usize> = structure
@@ -745,6 +813,40 @@ mod tests {
     use candle_core::Device;
 
     use crate::backend::mistralrs::llama::{random_tensor as rand, tiny_weights as tiny};
+
+    /// A student with its first layer dropped maps onto the teacher's second; norms
+    /// stored at bf16 still match; another model's layers and another width do not.
+    #[test]
+    fn a_pruned_students_layers_are_found_in_its_teacher() {
+        let teacher = tiny(1, DType::F32);
+        assert_eq!(layers_in_teacher(&teacher, &teacher).unwrap(), vec![0, 1]);
+        let mut student = teacher.clone();
+        student.layers.remove(0);
+        student.config.n_layers = 1;
+        for l in &mut student.layers {
+            l.attn_norm = l
+                .attn_norm
+                .to_dtype(DType::BF16)
+                .unwrap()
+                .to_dtype(DType::F32)
+                .unwrap();
+        }
+        assert_eq!(layers_in_teacher(&teacher, &student).unwrap(), vec![1]);
+        let other = tiny(100, DType::F32);
+        let e = layers_in_teacher(&other, &student).unwrap_err().to_string();
+        assert!(
+            e.contains("layer 0 of the model pruned matches no layer"),
+            "{e}"
+        );
+        let mut twins = teacher.clone();
+        twins.layers[0] = twins.layers[1].clone();
+        let e = layers_in_teacher(&twins, &student).unwrap_err().to_string();
+        assert!(e.contains("matches layers [0, 1]"), "{e}");
+        let mut wide = teacher.clone();
+        wide.config.hidden = 32;
+        let e = layers_in_teacher(&wide, &student).unwrap_err().to_string();
+        assert!(e.contains("hidden width 32"), "{e}");
+    }
 
     /// Every op of the training forward passes its gradient on: the gradient of the
     /// whole distillation loss (KL + hidden term) against central finite differences,
