@@ -131,15 +131,23 @@ fn a_pruned_tiny_llama_loads_in_mistralrs_with_ziplms_logits() {
     assert!(d < 1e-4, "pruned logits differ by {d}");
 }
 
+/// The dense plan with the given layers dropped whole (attention and FFN).
+fn without_layers(model: &LlamaModel, layers: &[u32]) -> Plan {
+    let mut plan = Plan::dense(model.structure());
+    for (bp, b) in plan.blocks.iter_mut().zip(&model.structure().blocks) {
+        if layers.contains(&b.layer.0) {
+            bp.kept.clear();
+            bp.kept_kv_heads.clear();
+        }
+    }
+    plan
+}
+
 #[test]
 fn dropping_a_whole_layer_loads_and_matches() {
     let dir = tempfile::tempdir().unwrap();
     let model = LlamaModel::load(&tiny(), LlamaOptions::default()).unwrap();
-    let mut plan = Plan::dense(model.structure());
-    for bp in plan.blocks.iter_mut().take(2) {
-        bp.kept.clear();
-        bp.kept_kv_heads.clear();
-    }
+    let plan = without_layers(&model, &[0]);
     let dest = dir.path().join("one-layer.gguf");
     model.emit(&plan, &PrunedWeights::default(), &dest).unwrap();
     let ids: Vec<u32> = (0..12).map(|i| (i * 7 + 1) % 128).collect();
@@ -198,14 +206,13 @@ fn a_pruned_model_recovers_towards_the_original_as_teacher() {
             &original,
         )
         .unwrap();
-    let mut plan = Plan::dense(dense.structure());
-    for bp in plan.blocks.iter_mut().take(2) {
-        bp.kept.clear();
-        bp.kept_kv_heads.clear();
-    }
     let stage1 = dir.path().join("stage1.gguf");
     dense
-        .emit(&plan, &PrunedWeights::default(), &stage1)
+        .emit(
+            &without_layers(&dense, &[0]),
+            &PrunedWeights::default(),
+            &stage1,
+        )
         .unwrap();
     let first_loss = |teacher: Option<PathBuf>, out: &str| {
         let mut job = tiny_job(stage1.clone(), dir.path());
@@ -228,14 +235,13 @@ fn a_pruned_model_recovers_towards_the_original_as_teacher() {
         "distilling towards the original starts further away: {towards_original} vs {own}"
     );
     // A teacher it did not come from: the fixture's first layer alone.
-    let mut first_only = Plan::dense(dense.structure());
-    for bp in first_only.blocks.iter_mut().skip(2) {
-        bp.kept.clear();
-        bp.kept_kv_heads.clear();
-    }
     let wrong = dir.path().join("first-layer.gguf");
     dense
-        .emit(&first_only, &PrunedWeights::default(), &wrong)
+        .emit(
+            &without_layers(&dense, &[1]),
+            &PrunedWeights::default(),
+            &wrong,
+        )
         .unwrap();
     let e = first_loss(Some(wrong), "wrong").unwrap_err().to_string();
     assert!(
