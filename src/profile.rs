@@ -167,6 +167,9 @@ pub fn build_table(
     if need_rest {
         what.insert(0, Measured::Rest);
     }
+    if what.is_empty() {
+        return Ok(table);
+    }
     let passes = settings.passes.clamp(1, settings.runs.max(1));
     progress.start("profiling", (passes * what.len()) as u64);
     let mut samples: Vec<Vec<f64>> = vec![vec![]; what.len()];
@@ -278,6 +281,33 @@ pub struct TableRequest<'a> {
     pub verify: bool,
 }
 
+/// The committed table at `request.path`, checked against this job: its format, its
+/// workload and model (the adapter's [`LatencyProfiler::model_key`]: what no pruning
+/// changes, so a table serves a model and every model pruned from it) and its runtime.
+/// `None` when there is no table there yet. The pipeline calls this when the job opens,
+/// so a table that cannot serve fails before calibration, not after it.
+pub fn committed_table(
+    request: &TableRequest,
+    profiler: &dyn LatencyProfiler,
+) -> Result<Option<LatencyTable>> {
+    let Some(path) = request.path.filter(|p| p.exists()) else {
+        return Ok(None);
+    };
+    let key = table_key(profiler, request.workload);
+    let committed = load_table(path)?;
+    if committed.key.workload != key.workload || committed.key.model != key.model {
+        return Err(Error::Format {
+            path: path.into(),
+            detail: format!(
+                "the latency table is for {} / {}, this job is {} / {}; profile again with `ziplm profile`",
+                committed.key.workload, committed.key.model, key.workload, key.model
+            ),
+        });
+    }
+    check_same_runtime(path, &committed, &key.target)?;
+    Ok(Some(committed))
+}
+
 /// Profiles `shapes`, or reuses the committed latency table at `request.path`: a table
 /// from this target is completed (and rewritten only if it changed), a table from
 /// another machine of the same runtime is used as is (it must hold every shape); a
@@ -290,7 +320,7 @@ pub fn acquire_table(
 ) -> Result<AcquiredTable> {
     let workload = request.workload;
     let key = table_key(profiler, workload);
-    let Some(path) = request.path.filter(|p| p.exists()) else {
+    let (Some(path), Some(committed)) = (request.path, committed_table(request, profiler)?) else {
         let t = build_table(profiler, workload, shapes, request.settings, None, progress)?;
         if let Some(p) = request.path {
             save_table(&t, p)?;
@@ -301,17 +331,6 @@ pub fn acquire_table(
             notes: vec![],
         });
     };
-    let committed = load_table(path)?;
-    if committed.key.workload != key.workload || committed.key.model != key.model {
-        return Err(Error::Format {
-            path: path.into(),
-            detail: format!(
-                "the latency table is for {} / {}, this job is {} / {}; profile again with `ziplm profile`",
-                committed.key.workload, committed.key.model, key.workload, key.model
-            ),
-        });
-    }
-    check_same_runtime(path, &committed, &key.target)?;
     if committed.key.target == key.target {
         let t = build_table(
             profiler,

@@ -97,7 +97,8 @@ pub trait LatencyProfiler {
     fn target(&self) -> TargetFingerprint;
 
     /// The model family's non-prunable part, as stored in
-    /// [`crate::LatencyTableKey::model`].
+    /// [`crate::LatencyTableKey::model`]: leave out what pruning changes (heads, FFN
+    /// widths), so a pruned model reuses its original's table.
     fn model_key(&self) -> String;
 
     /// Prepares `what` at `workload`: build and optimise the runnable once, so

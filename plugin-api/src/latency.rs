@@ -90,7 +90,9 @@ pub struct LatencyTableKey {
     /// At which workload.
     pub workload: Workload,
     /// The model's non-prunable part (the adapter's description of it: architecture,
-    /// hidden size, vocabulary, layer count), which fixes the `rest` timing.
+    /// hidden size, vocabulary, ...), which fixes the `rest` timing. Prunable sizes
+    /// (heads, FFN widths) belong in the shapes, not here, so that a table serves the
+    /// model and the models pruned from it.
     pub model: String,
 }
 

@@ -258,6 +258,8 @@ pub fn run<S: Session>(
     let t = Instant::now();
     let (mut model, mut session) = open(job)?;
     crate::memory::check_workload_fits(model.structure(), &job.workload, model.vocab_size())?;
+    // A committed table that cannot serve this job fails it now, not after calibration.
+    profile::committed_table(&table_request(job), session.profiler(&model, job).as_ref())?;
     let mut stages = StageTimes {
         load_s: t.elapsed().as_secs_f64(),
         ..Default::default()
@@ -433,6 +435,16 @@ pub fn run<S: Session>(
     })
 }
 
+/// Where the job's latency table comes from and how it is profiled.
+fn table_request(job: &PruneJob) -> TableRequest<'_> {
+    TableRequest {
+        workload: &job.workload,
+        settings: &job.profile,
+        path: job.latency_table.as_deref(),
+        verify: job.verify,
+    }
+}
+
 /// The profile stage: the job's committed table completed, or a new one profiled.
 fn profile_stage<S: Session>(
     job: &PruneJob,
@@ -442,14 +454,12 @@ fn profile_stage<S: Session>(
     progress: &dyn Progress,
 ) -> Result<Profiled> {
     let mut profiler = session.profiler(model, job);
-    let request = TableRequest {
-        workload: &job.workload,
-        settings: &job.profile,
-        path: job.latency_table.as_deref(),
-        verify: job.verify,
-    };
-    let acquired =
-        profile::acquire_table(&request, profiler.as_mut(), &database.shapes(), progress)?;
+    let acquired = profile::acquire_table(
+        &table_request(job),
+        profiler.as_mut(),
+        &database.shapes(),
+        progress,
+    )?;
     Ok(Profiled {
         table: acquired.table,
         verify: job.verify && acquired.verify_here,

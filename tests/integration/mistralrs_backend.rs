@@ -330,6 +330,72 @@ fn the_cli_profiles_a_gguf_model_into_the_table_a_prune_job_uses() {
     assert_eq!(std::fs::read(&table).unwrap(), before);
 }
 
+/// Records the stages a job starts.
+#[derive(Default)]
+struct Stages(std::sync::Mutex<Vec<String>>);
+
+impl ziplm::progress::Progress for Stages {
+    fn start(&self, stage: &str, _: u64) {
+        self.0.lock().unwrap().push(stage.to_string());
+    }
+    fn advance(&self, _: u64) {}
+    fn finish(&self) {}
+}
+
+#[test]
+fn a_pruned_model_reuses_its_originals_latency_table_and_a_wrong_one_fails_first() {
+    let dir = tempfile::tempdir().unwrap();
+    let table = dir.path().join("table.json");
+    let mut job = tiny_job(tiny(), dir.path());
+    job.latency_table = Some(table.clone());
+    job.verify = false;
+    ziplm::backend::run_job(&job, &ziplm::progress::Quiet).unwrap();
+    let before = std::fs::read(&table).unwrap();
+
+    // A model pruned from it (a whole layer gone, so every shape it can take is one the
+    // original's table already holds) takes that table as it is: nothing re-profiled,
+    // the file not rewritten.
+    let model = LlamaModel::load(&tiny(), LlamaOptions::default()).unwrap();
+    let pruned = dir.path().join("pruned.gguf");
+    model
+        .emit(
+            &without_layers(&model, &[0]),
+            &PrunedWeights::default(),
+            &pruned,
+        )
+        .unwrap();
+    let mut job = tiny_job(pruned.clone(), dir.path());
+    job.latency_table = Some(table.clone());
+    job.verify = false;
+    job.out_dir = dir.path().join("out-pruned");
+    let stages = Stages::default();
+    ziplm::backend::run_job(&job, &stages).unwrap();
+    assert!(
+        !stages.0.lock().unwrap().iter().any(|s| s == "profiling"),
+        "{:?}",
+        stages.0.lock().unwrap()
+    );
+    assert_eq!(std::fs::read(&table).unwrap(), before);
+
+    // A table for another workload fails the job when it opens, before calibration.
+    job.workload = ziplm_plugin_api::Workload::prefill(1, 16);
+    job.out_dir = dir.path().join("out-wrong");
+    let stages = Stages::default();
+    let e = ziplm::backend::run_job(&job, &stages)
+        .unwrap_err()
+        .to_string();
+    assert!(
+        e.contains("latency table is for") && e.contains("ziplm profile"),
+        "{e}"
+    );
+    assert!(
+        stages.0.lock().unwrap().is_empty(),
+        "{:?}",
+        stages.0.lock().unwrap()
+    );
+    assert!(!job.out_dir.join("pruned.report.json").exists());
+}
+
 /// Every tensor of a GGUF file, by name, as stored (to write a variant of it).
 fn gguf_tensors(g: &mrs::gguf::GgufFile) -> Vec<(String, candle_core::quantized::QTensor)> {
     g.content

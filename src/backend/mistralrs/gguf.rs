@@ -112,6 +112,11 @@ impl GgufFile {
         self.content.tensor_infos.contains_key(name)
     }
 
+    /// The stored (ggml) type of a tensor.
+    pub fn ggml_type(&self, name: &str) -> Option<candle_core::quantized::GgmlDType> {
+        self.content.tensor_infos.get(name).map(|t| t.ggml_dtype)
+    }
+
     /// The (outer-first) shape of a tensor.
     pub fn shape(&self, name: &str) -> Option<Vec<usize>> {
         self.content

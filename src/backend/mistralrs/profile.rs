@@ -44,6 +44,14 @@ impl<'m> CandleProfiler<'m> {
     }
 }
 
+/// The GGUF tensor the output head multiplies by (the embedding when tied).
+fn output_head(g: &super::gguf::GgufFile) -> &'static str {
+    match g.has_tensor("output.weight") {
+        true => "output.weight",
+        false => "token_embd.weight",
+    }
+}
+
 fn ce(e: candle_core::Error) -> AdapterError {
     AdapterError::runtime("timing a block with candle", e)
 }
@@ -263,10 +271,19 @@ impl LatencyProfiler for CandleProfiler<'_> {
     }
 
     fn model_key(&self) -> String {
+        // Only what pruning leaves as it is: the shapes carry heads and widths, and the
+        // rest (embeddings, final norm, output head) depends on this alone, so one table
+        // serves a model and every model pruned from it (prune -> recover -> prune).
         let c = &self.model.weights.config;
+        let output = match (self.model.format, self.model.gguf()) {
+            (LlmFormat::Gguf, Some(g)) => g.ggml_type(output_head(g)).map(|t| format!("{t:?}")),
+            _ => None,
+        }
+        .unwrap_or_else(|| format!("{:?}", self.dtype))
+        .to_lowercase();
         format!(
-            "llama layers={} hidden={} heads={}/{} head_dim={} ffn={} vocab={}",
-            c.n_layers, c.hidden, c.n_heads, c.n_kv_heads, c.head_dim, c.ffn_width, c.vocab
+            "llama hidden={} head_dim={} vocab={} output={output}",
+            c.hidden, c.head_dim, c.vocab
         )
     }
 
@@ -309,11 +326,9 @@ impl LatencyProfiler for CandleProfiler<'_> {
                     .collect();
                 let out = match (self.model.format, self.model.gguf()) {
                     // GGUF output keeps the source's stored head.
-                    (LlmFormat::Gguf, Some(g)) => match g.has_tensor("output.weight") {
-                        true => g.qtensor("output.weight"),
-                        false => g.qtensor("token_embd.weight"),
-                    }
-                    .map_err(|e| AdapterError::runtime("timing the output head", e))?,
+                    (LlmFormat::Gguf, Some(g)) => g
+                        .qtensor(output_head(g))
+                        .map_err(|e| AdapterError::runtime("timing the output head", e))?,
                     // Folders hold the head in the projections' float type.
                     _ => super::emit::quantize(
                         w.output.as_ref().unwrap_or(&w.embed),
