@@ -33,6 +33,7 @@
 //! [model.recovery]
 //! tokens = 1048576          # training tokens in all; required
 //! learning_rate = 1e-5      # defaults: job::RecoverySettings
+//! # learning_rate_trials = [1e-5, 3e-5]  # or chosen on held-out text
 //! held_out = 8              # calibration windows kept for early stopping
 //! ```
 //!

@@ -204,8 +204,16 @@ pub struct PruneArgs {
     #[arg(long, value_name = "TOKENS")]
     pub recover: Option<u64>,
     /// Peak learning rate of --recover (AdamW, cosine to a tenth of it) [default: 1e-5].
-    #[arg(long, value_name = "LR", requires = "recover")]
-    pub recover_lr: Option<f64>,
+    /// Several, comma-separated (1e-5,3e-5): each is tried for the first 8 steps from
+    /// the same start, and recovery goes on with the one whose held-out perplexity is
+    /// lowest.
+    #[arg(
+        long,
+        value_name = "LR[,LR...]",
+        requires = "recover",
+        value_delimiter = ','
+    )]
+    pub recover_lr: Option<Vec<f64>>,
     /// Distil towards this model instead of the one pruned (--recover), and let it write
     /// the chat calibration: to prune an already pruned and recovered model further
     /// (prune -> recover -> prune), give the original dense model. Budgets stay relative

@@ -101,6 +101,38 @@ fn error_message(e: &anyhow::Error) -> String {
 #[cfg(test)]
 mod tests {
     #[test]
+    fn several_recovery_learning_rates_are_tried_one_is_given() {
+        let requests = |lr: &str| {
+            let args = [
+                "ziplm",
+                "prune",
+                "m.gguf",
+                "--speedup",
+                "1.5",
+                "--recover",
+                "4096",
+                "--recover-lr",
+                lr,
+            ];
+            let (cli, given) = super::parse(args.iter().map(Into::into)).unwrap();
+            let super::args::Command::Prune(a) = cli.command else {
+                panic!("not prune")
+            };
+            super::commands::prune_requests(&a, &given).unwrap()[0]
+                .recovery
+                .clone()
+                .unwrap()
+        };
+        let s = requests("3e-5,1e-5");
+        assert_eq!(s.learning_rate_trials, vec![3e-5, 1e-5]);
+        assert!((s.min_learning_rate - 1e-6).abs() < 1e-18);
+        assert!(s.check().is_ok());
+        let s = requests("3e-5");
+        assert!(s.learning_rate_trials.is_empty());
+        assert_eq!(s.learning_rate, 3e-5);
+    }
+
+    #[test]
     fn an_os_error_is_printed_once() {
         let io = std::fs::read("/nonexistent-ziplm/x").unwrap_err();
         let os = io.to_string();

@@ -7,7 +7,7 @@ pub mod recovery;
 pub mod request;
 
 pub use options::{BackendOptions, OptionSpec};
-pub use recovery::{RecoverySettings, RecoverySummary};
+pub use recovery::{LearningRateTrial, RecoverySettings, RecoverySummary};
 
 use crate::data::CalibrationData;
 use crate::database::DatabaseConfig;

@@ -17,6 +17,12 @@ pub struct RecoverySettings {
     /// Peak learning rate (AdamW), reached after the warm-up.
     #[serde(default = "default_lr")]
     pub learning_rate: f64,
+    /// Peak learning rates to choose from on held-out text: each runs the first
+    /// `eval_every` steps from the same start on the same windows, and the run goes on
+    /// from the one whose held-out perplexity is lowest (as if it alone had been
+    /// given). Empty: `learning_rate` as it is.
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub learning_rate_trials: Vec<f64>,
     /// Learning rate at the end of the cosine schedule.
     #[serde(default = "default_min_lr")]
     pub min_learning_rate: f64,
@@ -121,6 +127,21 @@ pub struct RecoverySummary {
     pub peak_rss_bytes: Option<u64>,
     /// Every held-out evaluation.
     pub history: Vec<RecoveryPoint>,
+    /// The peak learning rate the run went on with.
+    #[serde(default)]
+    pub learning_rate: f64,
+    /// The learning rates tried on held-out text before it (`learning_rate_trials`).
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub learning_rate_trials: Vec<LearningRateTrial>,
+}
+
+/// One learning rate tried for the first `eval_every` steps, and what it reached.
+#[derive(Clone, Copy, Debug, PartialEq, Serialize, Deserialize)]
+pub struct LearningRateTrial {
+    /// The peak learning rate.
+    pub learning_rate: f64,
+    /// Held-out perplexity after the trial's steps.
+    pub held_out_perplexity: f64,
 }
 
 /// One held-out evaluation of a recovery run, with the mean training loss (and its
@@ -142,11 +163,22 @@ pub struct RecoveryPoint {
 impl RecoverySummary {
     /// One line for the report.
     pub fn line(&self) -> String {
+        let trials = match self.learning_rate_trials.as_slice() {
+            [] => String::new(),
+            t => format!(
+                " (chosen on held-out text: {})",
+                t.iter()
+                    .map(|t| format!("{:e} -> {:.2}", t.learning_rate, t.held_out_perplexity))
+                    .collect::<Vec<_>>()
+                    .join(", ")
+            ),
+        };
         format!(
-            "recovery: {} steps ({} tokens{}) in {:.0} s; held-out perplexity {:.2} -> {:.2}; memory estimate {:.1} GiB, peak RSS {}",
+            "recovery: {} steps ({} tokens{}) at peak learning rate {:e}{trials} in {:.0} s; held-out perplexity {:.2} -> {:.2}; memory estimate {:.1} GiB, peak RSS {}",
             self.steps,
             self.tokens,
             if self.stopped_early { ", stopped early" } else { "" },
+            self.learning_rate,
             self.seconds,
             self.held_out_perplexity_before,
             self.held_out_perplexity_after,
@@ -163,6 +195,7 @@ impl RecoverySettings {
         RecoverySettings {
             tokens,
             learning_rate: default_lr(),
+            learning_rate_trials: vec![],
             min_learning_rate: default_min_lr(),
             warmup: default_warmup(),
             step_tokens: default_step_tokens(),
@@ -199,6 +232,18 @@ impl RecoverySettings {
                 self.min_learning_rate, self.learning_rate
             ));
         }
+        if self.learning_rate_trials.len() == 1 {
+            return Err("recovery.learning_rate_trials chooses among two or more learning rates; give one as recovery.learning_rate".into());
+        }
+        for &lr in &self.learning_rate_trials {
+            positive(lr, "learning_rate_trials")?;
+            if self.min_learning_rate > lr {
+                return Err(format!(
+                    "recovery.min_learning_rate ({}) is above {lr} in recovery.learning_rate_trials",
+                    self.min_learning_rate
+                ));
+            }
+        }
         if !(0.0..1.0).contains(&self.warmup) {
             return Err(format!(
                 "recovery.warmup is a fraction of the steps in [0, 1), not {}",
@@ -228,6 +273,15 @@ impl RecoverySettings {
             }
         }
         Ok(())
+    }
+
+    /// These settings with peak learning rate `peak`.
+    pub fn with_peak(&self, peak: f64) -> RecoverySettings {
+        RecoverySettings {
+            learning_rate: peak,
+            learning_rate_trials: vec![],
+            ..self.clone()
+        }
     }
 
     /// The learning rate of step `step` (0-based) of `steps`: linear warm-up to the
@@ -274,6 +328,13 @@ mod tests {
         s.held_out = 0;
         assert!(s.check().unwrap_err().contains("recovery.held_out"));
         assert!(RecoverySettings::with_tokens(0).check().is_err());
+        let mut s = RecoverySettings::with_tokens(10);
+        s.learning_rate_trials = vec![3e-5];
+        assert!(s.check().unwrap_err().contains("two or more"));
+        s.learning_rate_trials = vec![3e-5, 1e-7];
+        assert!(s.check().unwrap_err().contains("learning_rate_trials"));
+        s.learning_rate_trials = vec![3e-5, 1e-5];
+        assert!(s.check().is_ok());
         assert!(RecoverySettings::with_tokens(10).check().is_ok());
     }
 }

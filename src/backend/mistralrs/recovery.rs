@@ -21,7 +21,7 @@
 
 use super::llama::{Kernels, LayerWeights, LlamaWeights, Site};
 use crate::error::{Error, Result};
-use crate::job::recovery::{RecoveryPoint, RecoverySettings, RecoverySummary};
+use crate::job::recovery::{LearningRateTrial, RecoveryPoint, RecoverySettings, RecoverySummary};
 use crate::progress::Progress;
 use candle_core::{DType, Tensor, Var, D};
 use rand::seq::SliceRandom;
@@ -402,6 +402,11 @@ struct Position {
     best_perplexity: f64,
     bad_evaluations: usize,
     history: Vec<RecoveryPoint>,
+    /// The learning rate chosen by the trials (none without trials).
+    #[serde(default)]
+    learning_rate: Option<f64>,
+    #[serde(default)]
+    trials: Vec<LearningRateTrial>,
 }
 
 impl Checkpoint<'_> {
@@ -505,6 +510,71 @@ fn run_key(
     Ok(format!("{:x}", h.finalize()))
 }
 
+/// What every optimizer step of one recovery run shares.
+struct Run<'a> {
+    teacher: &'a LlamaWeights,
+    kept: &'a [usize],
+    train: &'a [Vec<u32>],
+    settings: &'a RecoverySettings,
+    seed: u64,
+    per_step: usize,
+    steps: usize,
+}
+
+impl Run<'_> {
+    /// The training windows of step `step`: one shuffle per pass over them, from the
+    /// seed.
+    fn batch(&self, step: usize) -> Vec<&[u32]> {
+        let (train, per_step) = (self.train, self.per_step);
+        let first = step * per_step;
+        let mut out = Vec::with_capacity(per_step);
+        let mut epoch = usize::MAX;
+        let mut perm: Vec<usize> = vec![];
+        for k in first..first + per_step {
+            let e = k / train.len();
+            if e != epoch {
+                epoch = e;
+                perm = (0..train.len()).collect();
+                let mut rng = rand_chacha::ChaCha8Rng::seed_from_u64(
+                    self.seed ^ (e as u64).wrapping_mul(0x9E37_79B9_7F4A_7C15),
+                );
+                perm.shuffle(&mut rng);
+            }
+            out.push(train[perm[k % train.len()]].as_slice());
+        }
+        out
+    }
+
+    /// Optimizer step `step` (0-based) of the schedule peaking at `peak`; returns the
+    /// step's loss terms.
+    fn step(&self, student: &Student, adam: &mut AdamW, step: usize, peak: f64) -> Result<Terms> {
+        let (mut grads, terms) = gradients(
+            self.teacher,
+            student,
+            self.kept,
+            &self.batch(step),
+            self.settings.hidden_weight,
+        )?;
+        if !terms.loss.is_finite() {
+            return Err(Error::numerical(
+                CONTEXT,
+                format!(
+                    "the distillation loss became {} at step {step}: lower recovery.learning_rate",
+                    terms.loss
+                ),
+            ));
+        }
+        clip_gradients(&mut grads, self.settings.clip).map_err(ce)?;
+        let lr = self
+            .settings
+            .with_peak(peak)
+            .learning_rate_at(step, self.steps);
+        adam.update(student, &grads, lr, self.settings.weight_decay)
+            .map_err(ce)?;
+        Ok(terms)
+    }
+}
+
 /// Distils `pruned` towards `teacher` on `train` (the calibration windows), keeping the
 /// weights that read the lowest perplexity on `held` (windows no fit has seen,
 /// [`crate::pipeline::calibration::hold_out`]). `kept[j]` is the dense layer of pruned
@@ -553,6 +623,8 @@ pub fn recover(
         best_perplexity: before,
         bad_evaluations: 0,
         history: vec![],
+        learning_rate: None,
+        trials: vec![],
     };
     let mut resumed_at = None;
     if let Some(c) = &checkpoint {
@@ -562,57 +634,63 @@ pub fn recover(
         }
     }
 
-    // The order of training windows: one shuffle per pass over them, from the seed.
-    let order = |step: usize| -> Vec<usize> {
-        let first = step * per_step;
-        let mut out = Vec::with_capacity(per_step);
-        let mut epoch = usize::MAX;
-        let mut perm: Vec<usize> = vec![];
-        for k in first..first + per_step {
-            let e = k / train.len();
-            if e != epoch {
-                epoch = e;
-                perm = (0..train.len()).collect();
-                let mut rng = rand_chacha::ChaCha8Rng::seed_from_u64(
-                    seed ^ (e as u64).wrapping_mul(0x9E37_79B9_7F4A_7C15),
-                );
-                perm.shuffle(&mut rng);
-            }
-            out.push(perm[k % train.len()]);
-        }
-        out
+    let run = Run {
+        teacher,
+        kept,
+        train,
+        settings,
+        seed,
+        per_step,
+        steps,
     };
-
     progress.start("recovering", steps as u64);
     progress.advance(position.step as u64);
     let mut first_loss = None;
     let mut interval = (Terms::default(), 0usize);
-    let mut stopped_early = false;
     let mut step = position.step;
-    while step < steps {
-        let batch: Vec<&[u32]> = order(step)
-            .into_iter()
-            .map(|i| train[i].as_slice())
-            .collect();
-        let (mut grads, terms) =
-            gradients(teacher, &student, kept, &batch, settings.hidden_weight)?;
-        let loss = terms.loss;
-        if !loss.is_finite() {
-            return Err(Error::numerical(
-                CONTEXT,
-                format!("the distillation loss became {loss} at step {step}: lower recovery.learning_rate"),
-            ));
+    // Learning rates to choose from: each runs the first evaluation's steps from the
+    // start, and the run goes on from the best one's state.
+    if resumed_at.is_none() && !settings.learning_rate_trials.is_empty() {
+        let k = settings.eval_every.min(steps);
+        let start = student.snapshot().map_err(ce)?;
+        // (held-out perplexity, weights, optimizer, loss terms, first loss) of the best.
+        type Trial = (f64, Vec<Tensor>, AdamW, (Terms, usize), Option<f64>);
+        let mut winner: Option<Trial> = None;
+        for &lr in &settings.learning_rate_trials {
+            progress.status(&format!("trying peak learning rate {lr:e}"));
+            student.restore(&start).map_err(ce)?;
+            let mut trial_adam = AdamW::new(&student).map_err(ce)?;
+            let (mut sum, mut first) = ((Terms::default(), 0usize), None);
+            for step in 0..k {
+                let terms = run.step(&student, &mut trial_adam, step, lr)?;
+                first.get_or_insert(terms.loss);
+                sum.0.add(terms);
+                sum.1 += 1;
+            }
+            let ppl = perplexity(&student.weights, held)?;
+            position.trials.push(LearningRateTrial {
+                learning_rate: lr,
+                held_out_perplexity: ppl,
+            });
+            if winner.as_ref().is_none_or(|w| ppl < w.0) {
+                let state = student.snapshot().map_err(ce)?;
+                winner = Some((ppl, state, trial_adam, sum, first));
+                position.learning_rate = Some(lr);
+            }
         }
-        first_loss.get_or_insert(loss);
-        interval.0.add(terms);
-        interval.1 += 1;
-        clip_gradients(&mut grads, settings.clip).map_err(ce)?;
-        let lr = settings.learning_rate_at(step, steps);
-        adam.update(&student, &grads, lr, settings.weight_decay)
-            .map_err(ce)?;
-        step += 1;
-        progress.advance(1);
-        if step.is_multiple_of(settings.eval_every) || step == steps {
+        let (_, state, trial_adam, sum, first) = winner.expect("two or more trials");
+        student.restore(&state).map_err(ce)?;
+        adam = trial_adam;
+        (interval, first_loss, step) = (sum, first, k);
+        progress.advance(k as u64);
+    }
+    let peak = position.learning_rate.unwrap_or(settings.learning_rate);
+    let mut stopped_early = false;
+    loop {
+        if step > 0
+            && (step.is_multiple_of(settings.eval_every) || step == steps)
+            && step > position.step
+        {
             let ppl = perplexity(&student.weights, held)?;
             let mean = interval.0.mean(interval.1);
             interval = (Terms::default(), 0);
@@ -645,6 +723,15 @@ pub fn recover(
                 }
             }
         }
+        if step >= steps {
+            break;
+        }
+        let terms = run.step(&student, &mut adam, step, peak)?;
+        first_loss.get_or_insert(terms.loss);
+        interval.0.add(terms);
+        interval.1 += 1;
+        step += 1;
+        progress.advance(1);
     }
     progress.finish();
     student.restore(&best).map_err(ce)?;
@@ -665,6 +752,8 @@ pub fn recover(
         held_out_perplexity_before: before,
         held_out_perplexity_after: position.best_perplexity,
         stopped_early,
+        learning_rate: peak,
+        learning_rate_trials: position.trials,
         resumed_at_step: resumed_at,
         seconds: started.elapsed().as_secs_f64(),
         memory_estimate_bytes: memory_estimate(pruned, params, window),
@@ -910,6 +999,68 @@ mod tests {
         assert!(grads.get(x.as_tensor()).is_some());
     }
 
+    /// Learning rates tried on held-out text: the run goes on from the best trial's
+    /// state, and ends exactly where a run given that learning rate alone ends.
+    #[test]
+    fn a_learning_rate_chosen_on_held_out_text_continues_as_if_given_alone() {
+        let teacher = tiny(1, DType::F32);
+        let pruned = tiny(100, DType::F32);
+        let windows: Vec<Vec<u32>> = (0..10u32)
+            .map(|s| (0..12u32).map(|i| (i * 7 + s * 3) % 11).collect())
+            .collect();
+        let mut settings = RecoverySettings::with_tokens(12 * 40);
+        settings.min_learning_rate = 3e-6;
+        settings.learning_rate_trials = vec![3e-5, 3e-3];
+        settings.step_tokens = 24;
+        settings.held_out = 2;
+        settings.eval_every = 5;
+        settings.patience = 100;
+        let kept = [0usize, 1];
+        let (train, held) = windows.split_at(8);
+        let run = |s: &RecoverySettings| {
+            recover(
+                &teacher,
+                &pruned,
+                &kept,
+                train,
+                held,
+                s,
+                7,
+                None,
+                &crate::progress::Quiet,
+            )
+            .unwrap()
+        };
+        let (chosen_w, chosen) = run(&settings);
+        let trials = &chosen.learning_rate_trials;
+        assert_eq!(trials.len(), 2);
+        let best = trials
+            .iter()
+            .min_by(|a, b| a.held_out_perplexity.total_cmp(&b.held_out_perplexity))
+            .unwrap();
+        assert_eq!(chosen.learning_rate, best.learning_rate);
+        assert!(trials[0].held_out_perplexity != trials[1].held_out_perplexity);
+        // The winner's trial is the first evaluation of its run.
+        assert_eq!(chosen.history[0].step, 5);
+        assert_eq!(
+            chosen.history[0].held_out_perplexity,
+            best.held_out_perplexity
+        );
+
+        let (alone_w, alone) = run(&settings.with_peak(best.learning_rate));
+        assert!(alone.learning_rate_trials.is_empty());
+        assert_eq!(alone.learning_rate, best.learning_rate);
+        assert_eq!(chosen.history, alone.history);
+        assert_eq!(chosen.steps, alone.steps);
+        let bits = |w: &LlamaWeights| {
+            w.layers
+                .iter()
+                .flat_map(|l| l.down.flatten_all().unwrap().to_vec1::<f32>().unwrap())
+                .collect::<Vec<f32>>()
+        };
+        assert_eq!(bits(&chosen_w), bits(&alone_w));
+    }
+
     /// Training lowers the distillation loss, keeps the shapes, is deterministic for a
     /// seed, and a second run with the same inputs resumes from the checkpoint.
     #[test]
@@ -984,6 +1135,8 @@ mod tests {
             best_perplexity: 1e30,
             bad_evaluations: 0,
             history: vec![],
+            learning_rate: None,
+            trials: vec![],
         };
         c.save(&student, &adam, &best, &position).unwrap();
         let (_, resumed) = recover(
