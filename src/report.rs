@@ -36,6 +36,19 @@ pub struct StageTimes {
 }
 
 impl StageTimes {
+    /// Adds another run's stage times to these (a chain's stages).
+    pub fn add(&mut self, o: &StageTimes) {
+        self.load_s += o.load_s;
+        self.calibrate_s += o.calibrate_s;
+        self.database_s += o.database_s;
+        self.profile_s += o.profile_s;
+        self.search_s += o.search_s;
+        self.emit_s += o.emit_s;
+        self.verify_s += o.verify_s;
+        self.correct_s += o.correct_s;
+        self.recover_s += o.recover_s;
+    }
+
     /// The pass without verification: load to emit.
     pub fn pass_s(&self) -> f64 {
         self.load_s
@@ -135,6 +148,21 @@ pub struct BudgetReport {
     /// The recovery stage's run (gradual mode), when the job recovers.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub recovery: Option<crate::job::RecoverySummary>,
+    /// Where this model sits in a chain (`--chain`), when the job chains.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub chain: Option<ChainStage>,
+}
+
+/// One stage of a chain (prune -> recover -> prune, [`crate::pipeline::chain`]).
+#[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
+pub struct ChainStage {
+    /// The model this stage pruned: the original, or the last stage's model.
+    pub pruned_from: String,
+    /// The budget the stage searched and verified, against the model it pruned.
+    pub stage_budget: Budget,
+    /// Speedup over the original: the product of this and every earlier stage's
+    /// measured speedup (predicted where a stage was not verified).
+    pub speedup_over_original: f64,
 }
 
 /// A whole run.
@@ -257,6 +285,7 @@ pub fn budget_report(
         quality: vec![],
         refined_loss: outcome.refined_loss,
         recovery: outcome.recovery.clone(),
+        chain: None,
     })
 }
 
@@ -314,6 +343,15 @@ impl PruneReport {
         for b in &self.budgets {
             let _ = writeln!(s);
             let _ = writeln!(s, "budget {} -> {}", budget_label(&b.budget), b.output);
+            if let Some(c) = &b.chain {
+                let _ = writeln!(
+                    s,
+                    "  chain: pruned {} to {} of it; {:.2}x the original (the stages' measured speedups multiplied)",
+                    c.pruned_from,
+                    budget_label(&c.stage_budget),
+                    c.speedup_over_original
+                );
+            }
             let _ = writeln!(
                 s,
                 "  predicted: {:.3} ms (dense {:.3} ms, {:.2}x)",

@@ -220,6 +220,11 @@ pub struct PruneArgs {
     /// to the model pruned.
     #[arg(long, value_name = "MODEL", requires = "recover")]
     pub teacher: Option<PathBuf>,
+    /// Prune the --speedup budgets as a chain (prune -> recover -> prune): the smallest
+    /// from the model, each next one from the last one's recovered model, each stage
+    /// distilled towards the original and its speedup stated against the original.
+    #[arg(long, requires = "recover")]
+    pub chain: bool,
     /// Also write each pruned model as a tract NNEF archive (NAME.nnef.tar).
     #[arg(long)]
     pub nnef: bool,

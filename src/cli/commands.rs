@@ -144,6 +144,7 @@ pub(super) fn prune_requests(a: &PruneArgs, given: &[String]) -> anyhow::Result<
             }
         }
         s.teacher = a.teacher.clone();
+        s.chain = a.chain;
         r.recovery = Some(s);
     }
     if let Some(d) = a.gguf_dtype {

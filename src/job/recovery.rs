@@ -57,6 +57,12 @@ pub struct RecoverySettings {
     /// by it too.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub teacher: Option<std::path::PathBuf>,
+    /// Prune the budgets as a chain (`--chain`; speedups only, two or more): the
+    /// smallest from the model, each next one from the last one's recovered model,
+    /// every stage distilled towards the original (or `teacher`) and its speedup
+    /// stated against the original ([`crate::pipeline::chain`]).
+    #[serde(default, skip_serializing_if = "std::ops::Not::not")]
+    pub chain: bool,
 }
 
 /// 1e-4 (the published full-scale recipes, with batches of ~1M tokens) made SmolLM2-135M
@@ -206,6 +212,7 @@ impl RecoverySettings {
             eval_every: default_eval_every(),
             patience: default_patience(),
             teacher: None,
+            chain: false,
         }
     }
 

@@ -78,6 +78,8 @@ pub enum Field {
     Recovery,
     /// The model recovery distils towards.
     Teacher,
+    /// Budgets pruned as a chain.
+    Chain,
     /// Sequential correction.
     Sequential,
     /// Its target.
@@ -114,6 +116,7 @@ impl Field {
             Field::OutputFormat => ("the output format", "output.format"),
             Field::Recovery => ("--recover", "recovery"),
             Field::Teacher => ("--teacher", "recovery.teacher"),
+            Field::Chain => ("--chain", "recovery.chain = true"),
             Field::Sequential => ("--sequential", "pruning.sequential = true"),
             Field::SequentialTarget => ("--sequential-target", "pruning.sequential_target"),
             Field::SequentialKeepChoice => {
@@ -594,6 +597,10 @@ impl JobRequest {
         // budgets (last: every other mistake is named first)
         if needs_budget {
             job.budgets = self.budgets()?;
+            if job.recovery.as_ref().is_some_and(|r| r.chain) {
+                crate::pipeline::chain::speedups(&job.budgets)
+                    .map_err(|e| o.error(format!("{} ({})", e, o.spell(Field::Chain))))?;
+            }
         }
         Ok(Resolved { job, warnings })
     }
@@ -769,6 +776,26 @@ mod tests {
         r.retries = Some(usize::MAX);
         let e = r.resolve().unwrap_err().to_string();
         assert!(e.contains("--retries is at most 16"), "{e}");
+    }
+
+    #[test]
+    fn a_chain_needs_two_or_more_speedups() {
+        let dir = tempfile::tempdir().unwrap();
+        let gguf = dir.path().join("m.gguf");
+        let text = dir.path().join("t.txt");
+        for f in [&gguf, &text] {
+            std::fs::write(f, b"").unwrap();
+        }
+        let mut r = request(&gguf);
+        r.calibration = vec![text];
+        let mut s = RecoverySettings::with_tokens(1024);
+        s.chain = true;
+        r.recovery = Some(s);
+        let e = r.clone().resolve().unwrap_err().to_string();
+        assert!(e.contains("two or more") && e.contains("--chain"), "{e}");
+        r.speedup = vec![2.0, 1.5];
+        let job = r.resolve().unwrap().job;
+        assert!(job.recovery.is_some_and(|s| s.chain));
     }
 
     #[test]

@@ -25,6 +25,7 @@
 
 pub mod budget;
 pub mod calibration;
+pub mod chain;
 pub mod correct;
 
 pub use budget::{

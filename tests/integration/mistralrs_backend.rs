@@ -250,6 +250,91 @@ fn a_pruned_model_recovers_towards_the_original_as_teacher() {
     );
 }
 
+/// `--chain`: the second budget is pruned from the first one's recovered model,
+/// distilled towards the original, and both land as one output set named by the
+/// chain's budgets. (The fixture's norms are all ones, so the original here has other
+/// first-layer norms: the later stage's layers are matched to it by their norms.)
+#[test]
+fn a_chain_prunes_each_budget_from_the_last_ones_recovered_model() {
+    let dir = tempfile::tempdir().unwrap();
+    let mut dense = LlamaModel::load(&tiny(), LlamaOptions::default()).unwrap();
+    let l0 = &mut dense.weights.layers[0];
+    l0.attn_norm = l0.attn_norm.affine(1.5, 0.25).unwrap();
+    let original = dir.path().join("original.gguf");
+    dense
+        .emit(
+            &Plan::dense(dense.structure()),
+            &PrunedWeights::default(),
+            &original,
+        )
+        .unwrap();
+    let mut job = tiny_job(original.clone(), dir.path());
+    job.budgets = vec![Budget::Speedup(2.0), Budget::Speedup(1.2)];
+    job.verify = false;
+    let mut settings = ziplm::job::RecoverySettings::with_tokens(2 * 32);
+    settings.step_tokens = 64;
+    settings.held_out = 2;
+    settings.eval_every = 1;
+    settings.chain = true;
+    job.recovery = Some(settings);
+    let report = ziplm::backend::run_job(&job, &ziplm::progress::Quiet).unwrap();
+
+    let out = &job.out_dir;
+    let names: Vec<String> = std::fs::read_dir(out)
+        .unwrap()
+        .map(|e| e.unwrap().file_name().to_string_lossy().into_owned())
+        .collect();
+    for f in [
+        "original.speedup-1.2.gguf",
+        "original.speedup-2.gguf",
+        "original.speedup-1.2.plan.json",
+        "original.speedup-2.plan.json",
+        "original.report.json",
+    ] {
+        assert!(names.iter().any(|n| n == f), "{f} not in {names:?}");
+    }
+    assert!(
+        !names
+            .iter()
+            .any(|n| n.contains("chain") || n.contains("stage")),
+        "{names:?}"
+    );
+    assert_eq!(report.budgets.len(), 2);
+    let (first, second) = (&report.budgets[0], &report.budgets[1]);
+    assert_eq!(first.budget, Budget::Speedup(1.2));
+    assert_eq!(second.budget, Budget::Speedup(2.0));
+    let (c1, c2) = (first.chain.clone().unwrap(), second.chain.clone().unwrap());
+    assert_eq!(c1.pruned_from, original.display().to_string());
+    assert!(
+        c2.pruned_from.ends_with("original.speedup-1.2.gguf"),
+        "{c2:?}"
+    );
+    assert!(
+        c1.speedup_over_original >= 1.2 && c2.speedup_over_original >= 2.0,
+        "{c1:?} {c2:?}"
+    );
+    // The second stage's budget is what was left of the chain's after the first.
+    let Budget::Speedup(rest) = c2.stage_budget else {
+        panic!("{c2:?}")
+    };
+    assert!(
+        (rest * c1.speedup_over_original - 2.0).abs() < 1e-9,
+        "{rest}"
+    );
+    assert!(first.recovery.is_some() && second.recovery.is_some());
+    // The second model is pruned from the first, and each serves in mistral.rs.
+    assert_eq!(second.params.0, first.params.1);
+    assert!(
+        second.params.1 < first.params.1,
+        "{:?} {:?}",
+        first.params,
+        second.params
+    );
+    for f in ["original.speedup-1.2.gguf", "original.speedup-2.gguf"] {
+        LoadedModel::load(&out.join(f)).unwrap();
+    }
+}
+
 #[test]
 fn the_same_plan_gives_byte_identical_gguf_files() {
     let dir = tempfile::tempdir().unwrap();

@@ -596,6 +596,9 @@ impl Backend for MistralBackend {
         crate::backend::llm_profile_settings()
     }
     fn run(&self, job: &PruneJob, progress: &dyn Progress) -> Result<PruneReport> {
+        if job.recovery.as_ref().is_some_and(|r| r.chain) {
+            return pipeline::chain::run(job, MistralSession::open, progress);
+        }
         Ok(run(job, progress)?.report)
     }
     fn models(&self) -> &'static str {

@@ -1,0 +1,180 @@
+//! Prune -> recover -> prune within one job (ZIPLM.md section 9, `--chain`,
+//! `recovery.chain`): the job's speedups, smallest first, each pruned from the last
+//! one's recovered model.
+//!
+//! Each stage is one [`super::run`] of the job with one budget: the first prunes the
+//! model to the smallest speedup; stage `i` prunes stage `i - 1`'s output to
+//! `speedup_i / reached`, where `reached` is the product of the earlier stages'
+//! measured speedups (predicted where a stage is not verified), and every stage
+//! distils towards the original model (or the job's `teacher`). A model pruned from
+//! another reuses its latency table ([`crate::profile::committed_table`]). The stages
+//! write into a hidden folder inside the job's staging folder; their models and plans
+//! are renamed to the chain's budgets (`NAME.speedup-2.gguf`) and committed with one
+//! report as one output set, or not at all. (So a killed chain starts again: its
+//! stages' recovery checkpoints live in that staging folder too.)
+
+use super::Session;
+use crate::error::{Error, Result};
+use crate::job::PruneJob;
+use crate::outputs::OutputSet;
+use crate::progress::Progress;
+use crate::report::{ChainStage, PruneReport, StageTimes};
+use crate::search::Budget;
+use std::path::{Path, PathBuf};
+
+/// The chain's speedups, ascending; an error unless there are two or more and every
+/// budget is a speedup.
+pub fn speedups(budgets: &[Budget]) -> std::result::Result<Vec<f64>, String> {
+    let mut s = Vec::with_capacity(budgets.len());
+    for b in budgets {
+        match b {
+            Budget::Speedup(x) => s.push(*x),
+            Budget::LatencyMs(_) => {
+                return Err("a chain prunes to speedups over the original model: give --speedup budgets, not --latency-ms".into())
+            }
+        }
+    }
+    s.sort_by(f64::total_cmp);
+    s.dedup();
+    if s.len() < 2 {
+        return Err("a chain needs two or more different --speedup budgets (the first pruned from the model, each next from the last)".into());
+    }
+    Ok(s)
+}
+
+/// Runs `job`'s budgets as a chain (see the module doc) and returns the chain's report;
+/// `open` loads each stage's model.
+pub fn run<S: Session>(
+    job: &PruneJob,
+    open: impl Fn(&PruneJob) -> Result<(S::Model, S)>,
+    progress: &dyn Progress,
+) -> Result<PruneReport> {
+    super::check_job(job)?;
+    let speedups = speedups(&job.budgets).map_err(Error::Invalid)?;
+    let recovery = job
+        .recovery
+        .clone()
+        .ok_or_else(|| Error::Invalid("a chain recovers each stage: give --recover".into()))?;
+    let name = job.display_name();
+    let set = OutputSet::begin(&job.out_dir, &name)?;
+    let stages_dir = tempfile::Builder::new()
+        .prefix(".chain-")
+        .tempdir_in(set.stage())
+        .map_err(|e| Error::io(set.stage(), e))?;
+    let teacher = recovery
+        .teacher
+        .clone()
+        .unwrap_or_else(|| job.model.clone());
+
+    let mut source = job.model.clone();
+    let mut reached = 1.0;
+    let mut report: Option<PruneReport> = None;
+    let mut times = StageTimes::default();
+    for (i, &speedup) in speedups.iter().enumerate() {
+        let mut stage = job.clone();
+        stage.name = Some(name.clone());
+        stage.model = source.clone();
+        let stage_budget = Budget::Speedup(speedup / reached);
+        stage.budgets = vec![stage_budget];
+        stage.out_dir = stages_dir.path().join(format!("stage-{i}"));
+        stage.recovery = Some(crate::job::RecoverySettings {
+            chain: false,
+            teacher: (i > 0 || recovery.teacher.is_some()).then(|| teacher.clone()),
+            ..recovery.clone()
+        });
+        let run = super::run(&stage, &open, progress)?;
+        let mut r = run.report;
+        drop(run.model);
+        let mut b = r.budgets.remove(0);
+        let stage_speedup = b
+            .measured_speedup
+            .unwrap_or(b.predicted_dense_ms / b.predicted_ms.max(f64::MIN_POSITIVE));
+        reached *= stage_speedup;
+
+        // The stage's files, under the chain's budget.
+        let budget = Budget::Speedup(speedup);
+        let (from, to) = (stage.output_stem(&stage_budget), job.output_stem(&budget));
+        let mut output = None;
+        for entry in std::fs::read_dir(&stage.out_dir).map_err(|e| Error::io(&stage.out_dir, e))? {
+            let entry = entry.map_err(|e| Error::io(&stage.out_dir, e))?;
+            let file = entry.file_name().to_string_lossy().into_owned();
+            let Some(rest) = file.strip_prefix(&from) else {
+                continue;
+            };
+            let dest = set.stage().join(format!("{to}{rest}"));
+            std::fs::rename(entry.path(), &dest).map_err(|e| Error::io(&dest, e))?;
+            if Path::new(&b.output).file_name() == Some(entry.file_name().as_os_str()) {
+                output = Some(dest);
+            }
+        }
+        let output = output.ok_or_else(|| {
+            Error::Invalid(format!(
+                "chain stage {i}: its model {} was not among its outputs",
+                b.output
+            ))
+        })?;
+        b.chain = Some(ChainStage {
+            pruned_from: display(&source, &set, job),
+            stage_budget,
+            speedup_over_original: reached,
+        });
+        b.budget = budget;
+        b.output = set
+            .final_path(&output.file_name().unwrap_or_default().to_string_lossy())
+            .display()
+            .to_string();
+        source = output;
+        times.add(&r.stages);
+        let stage_notes = r.notes.iter().map(|n| format!("stage {i}: {n}"));
+        match &mut report {
+            None => {
+                r.notes = stage_notes.collect();
+                r.budgets = vec![b];
+                report = Some(r);
+            }
+            Some(chain) => {
+                chain.notes.extend(stage_notes);
+                chain.budgets.push(b);
+            }
+        }
+    }
+    drop(stages_dir);
+    let mut report = report.expect("two or more stages");
+    report.stages = times;
+    report.notes.push(format!(
+        "chain: each stage pruned the last one's recovered model and distilled towards {}; the speedup over the original is the product of the stages' measured speedups, each timed against the model that stage pruned (`ziplm speedup ORIGINAL MODEL...` times them against the original in one run)",
+        teacher.display()
+    ));
+    report.write(set.stage(), &format!("{name}.report"))?;
+    set.commit()?;
+    Ok(report)
+}
+
+/// How a stage's source reads in the report: the original's path, or the earlier
+/// stage's model where it will be once the set is committed.
+fn display(source: &Path, set: &OutputSet, job: &PruneJob) -> String {
+    if source == job.model {
+        return source.display().to_string();
+    }
+    let file: PathBuf = source.file_name().map(PathBuf::from).unwrap_or_default();
+    set.final_path(&file.to_string_lossy())
+        .display()
+        .to_string()
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn a_chain_takes_two_or_more_speedups_smallest_first() {
+        let s = speedups(&[Budget::Speedup(2.0), Budget::Speedup(1.5)]).unwrap();
+        assert_eq!(s, vec![1.5, 2.0]);
+        let e = speedups(&[Budget::Speedup(2.0)]).unwrap_err();
+        assert!(e.contains("two or more"), "{e}");
+        let e = speedups(&[Budget::Speedup(2.0), Budget::Speedup(2.0)]).unwrap_err();
+        assert!(e.contains("two or more"), "{e}");
+        let e = speedups(&[Budget::Speedup(2.0), Budget::LatencyMs(5.0)]).unwrap_err();
+        assert!(e.contains("--latency-ms"), "{e}");
+    }
+}
