@@ -160,8 +160,10 @@ pub struct ChainStage {
     pub pruned_from: String,
     /// The budget the stage searched and verified, against the model it pruned.
     pub stage_budget: Budget,
-    /// Speedup over the original: the product of this and every earlier stage's
-    /// measured speedup (predicted where a stage was not verified).
+    /// Speedup over the original as the product of this and every earlier stage's
+    /// measured speedup (predicted where a stage was not verified). When the job
+    /// verifies, the budget's `measured_*` fields time the model against the original
+    /// in one paired run instead.
     pub speedup_over_original: f64,
 }
 
@@ -346,7 +348,7 @@ impl PruneReport {
             if let Some(c) = &b.chain {
                 let _ = writeln!(
                     s,
-                    "  chain: pruned {} to {} of it; {:.2}x the original (the stages' measured speedups multiplied)",
+                    "  chain: pruned {} to {} of it; {:.2}x the original as the stages' speedups multiplied",
                     c.pruned_from,
                     budget_label(&c.stage_budget),
                     c.speedup_over_original

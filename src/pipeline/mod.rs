@@ -156,6 +156,19 @@ pub trait Session {
         emitted: &EmitSummary,
     ) -> Result<(Timing, Timing)>;
 
+    /// Times each of `models` (emitted files) against `model`, emitted unpruned through
+    /// the same emitter into `scratch`, alternating in one run per model: a chain's
+    /// speedups over the original. `None` when the backend does not time whole models.
+    fn time_against_dense(
+        &mut self,
+        _model: &Self::Model,
+        _job: &PruneJob,
+        _models: &[PathBuf],
+        _scratch: &Path,
+    ) -> Result<Option<Vec<(Timing, Timing)>>> {
+        Ok(None)
+    }
+
     /// The recovery stage (the gradual mode, `job.recovery`), after a budget's plan is
     /// verified: the weights of `plan` distilled towards the dense model (or the
     /// recovery's teacher, `RecoverySettings::teacher`) on the

@@ -333,6 +333,27 @@ fn a_chain_prunes_each_budget_from_the_last_ones_recovered_model() {
     for f in ["original.speedup-1.2.gguf", "original.speedup-2.gguf"] {
         LoadedModel::load(&out.join(f)).unwrap();
     }
+
+    // Verified, every model of the chain is then timed against the original itself.
+    job.verify = true;
+    job.out_dir = dir.path().join("verified");
+    let report = ziplm::backend::run_job(&job, &ziplm::progress::Quiet).unwrap();
+    for b in &report.budgets {
+        let (dense, model, speedup) = (
+            b.measured_dense_ms.unwrap(),
+            b.measured_ms.unwrap(),
+            b.measured_speedup.unwrap(),
+        );
+        assert!((dense / model - speedup).abs() < 1e-9);
+        let Budget::Speedup(want) = b.budget else {
+            panic!()
+        };
+        assert_eq!(b.met, Some(speedup >= want));
+    }
+    assert!(report
+        .notes
+        .iter()
+        .any(|n| n.contains("paired run against the original")));
 }
 
 #[test]

@@ -545,6 +545,33 @@ impl Session for MistralSession {
             &job.verify_settings,
         )?)
     }
+    fn time_against_dense(
+        &mut self,
+        model: &LlamaModel,
+        job: &PruneJob,
+        models: &[PathBuf],
+        scratch: &Path,
+    ) -> Result<Option<Vec<(Timing, Timing)>>> {
+        self.dense_path = scratch.join(output_name(model, "dense"));
+        model.emit(
+            &Plan::dense(model.structure()),
+            &PrunedWeights::default(),
+            &self.dense_path,
+        )?;
+        self.prompt = timing_prompt(model, &job.workload);
+        let mut timings = vec![];
+        for path in models {
+            let emitted = EmitSummary {
+                path: path.clone(),
+                bytes: 0,
+                params_before: 0,
+                params_after: 0,
+            };
+            timings.push(self.measure(model, job, &emitted)?);
+        }
+        self.finish();
+        Ok(Some(timings))
+    }
     fn check_served(&mut self, _job: &PruneJob, outcome: &BudgetOutcome) -> Result<Vec<String>> {
         let label = PruneJob::budget_label(&outcome.budget);
         match LoadedModel::load(&outcome.emitted.path)?.chat(CHAT_PROMPT, 24) {
