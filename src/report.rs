@@ -348,7 +348,7 @@ impl PruneReport {
             if let Some(c) = &b.chain {
                 let _ = writeln!(
                     s,
-                    "  chain: pruned {} to {} of it; {:.2}x the original as the stages' speedups multiplied",
+                    "  chain: pruned {} to {} of it (predicted figures and layers below are against it); {:.2}x the original as the stages' speedups multiplied",
                     c.pruned_from,
                     budget_label(&c.stage_budget),
                     c.speedup_over_original

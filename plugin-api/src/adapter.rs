@@ -97,8 +97,9 @@ pub trait LatencyProfiler {
     fn target(&self) -> TargetFingerprint;
 
     /// The model family's non-prunable part, as stored in
-    /// [`crate::LatencyTableKey::model`]: leave out what pruning changes (heads, FFN
-    /// widths), so a pruned model reuses its original's table.
+    /// [`crate::LatencyTableKey::model`]. Leave out what pruning changes (heads, FFN
+    /// widths, layer counts), so a pruned model reuses its original's table (the
+    /// mistral.rs key does; tract's still counts blocks).
     fn model_key(&self) -> String;
 
     /// Prepares `what` at `workload`: build and optimise the runnable once, so

@@ -136,9 +136,9 @@ pub(super) fn prune_requests(a: &PruneArgs, given: &[String]) -> anyhow::Result<
     if let Some(tokens) = a.recover {
         let mut s = crate::job::RecoverySettings::with_tokens(tokens);
         if let Some(lrs) = a.recover_lr.as_deref().filter(|l| !l.is_empty()) {
-            let lowest = lrs.iter().copied().fold(f64::INFINITY, f64::min);
+            // Each rate ends at a tenth of itself (trials scale the minimum with the peak).
             s.learning_rate = lrs[0];
-            s.min_learning_rate = lowest / 10.0;
+            s.min_learning_rate = lrs[0] / 10.0;
             if lrs.len() > 1 {
                 s.learning_rate_trials = lrs.to_vec();
             }

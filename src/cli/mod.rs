@@ -125,7 +125,8 @@ mod tests {
         };
         let s = requests("3e-5,1e-5");
         assert_eq!(s.learning_rate_trials, vec![3e-5, 1e-5]);
-        assert!((s.min_learning_rate - 1e-6).abs() < 1e-18);
+        assert!((s.with_peak(1e-5).min_learning_rate - 1e-6).abs() < 1e-18);
+        assert!((s.with_peak(3e-5).min_learning_rate - 3e-6).abs() < 1e-18);
         assert!(s.check().is_ok());
         let s = requests("3e-5");
         assert!(s.learning_rate_trials.is_empty());

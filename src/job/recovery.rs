@@ -18,9 +18,11 @@ pub struct RecoverySettings {
     #[serde(default = "default_lr")]
     pub learning_rate: f64,
     /// Peak learning rates to choose from on held-out text: each runs the first
-    /// `eval_every` steps from the same start on the same windows, and the run goes on
-    /// from the one whose held-out perplexity is lowest (as if it alone had been
-    /// given). Empty: `learning_rate` as it is.
+    /// `eval_every` steps from the same start on the same windows (its minimum scaled
+    /// as `min_learning_rate / learning_rate`), and the run goes on from the one whose
+    /// held-out perplexity is lowest, as if it alone had been given. The trials' steps
+    /// fall in the warm-up when it is longer than `eval_every` steps, so the rates are
+    /// compared below their peaks there. Empty: `learning_rate` as it is.
     #[serde(default, skip_serializing_if = "Vec::is_empty")]
     pub learning_rate_trials: Vec<f64>,
     /// Learning rate at the end of the cosine schedule.
@@ -146,8 +148,9 @@ pub struct RecoverySummary {
 pub struct LearningRateTrial {
     /// The peak learning rate.
     pub learning_rate: f64,
-    /// Held-out perplexity after the trial's steps.
-    pub held_out_perplexity: f64,
+    /// Held-out perplexity after the trial's steps; `None` when the loss or the
+    /// perplexity was not finite (the rate diverged).
+    pub held_out_perplexity: Option<f64>,
 }
 
 /// One held-out evaluation of a recovery run, with the mean training loss (and its
@@ -174,7 +177,10 @@ impl RecoverySummary {
             t => format!(
                 " (chosen on held-out text: {})",
                 t.iter()
-                    .map(|t| format!("{:e} -> {:.2}", t.learning_rate, t.held_out_perplexity))
+                    .map(|t| match t.held_out_perplexity {
+                        Some(p) => format!("{:e} -> {p:.2}", t.learning_rate),
+                        None => format!("{:e} -> diverged", t.learning_rate),
+                    })
                     .collect::<Vec<_>>()
                     .join(", ")
             ),
@@ -244,12 +250,6 @@ impl RecoverySettings {
         }
         for &lr in &self.learning_rate_trials {
             positive(lr, "learning_rate_trials")?;
-            if self.min_learning_rate > lr {
-                return Err(format!(
-                    "recovery.min_learning_rate ({}) is above {lr} in recovery.learning_rate_trials",
-                    self.min_learning_rate
-                ));
-            }
         }
         if !(0.0..1.0).contains(&self.warmup) {
             return Err(format!(
@@ -282,10 +282,13 @@ impl RecoverySettings {
         Ok(())
     }
 
-    /// These settings with peak learning rate `peak`.
+    /// These settings with peak learning rate `peak`, the minimum scaled with it (the
+    /// ratio `min_learning_rate / learning_rate` kept: `--recover-lr X` alone ends at
+    /// X / 10, and so does X among trials).
     pub fn with_peak(&self, peak: f64) -> RecoverySettings {
         RecoverySettings {
             learning_rate: peak,
+            min_learning_rate: self.min_learning_rate * peak / self.learning_rate,
             learning_rate_trials: vec![],
             ..self.clone()
         }
@@ -338,7 +341,7 @@ mod tests {
         let mut s = RecoverySettings::with_tokens(10);
         s.learning_rate_trials = vec![3e-5];
         assert!(s.check().unwrap_err().contains("two or more"));
-        s.learning_rate_trials = vec![3e-5, 1e-7];
+        s.learning_rate_trials = vec![3e-5, -1e-7];
         assert!(s.check().unwrap_err().contains("learning_rate_trials"));
         s.learning_rate_trials = vec![3e-5, 1e-5];
         assert!(s.check().is_ok());

@@ -500,6 +500,26 @@ fn a_pruned_model_reuses_its_originals_latency_table_and_a_wrong_one_fails_first
         stages.0.lock().unwrap()
     );
     assert!(!job.out_dir.join("pruned.report.json").exists());
+
+    // A pruned model whose first FFN is the narrower profiles its own shapes too (each
+    // is cut from a layer wide enough to hold it).
+    let (plan, weights) = plan_keeping(&model, |layer| if layer == 0 { 64 } else { 96 });
+    let narrow_first = dir.path().join("narrow-first.gguf");
+    model.emit(&plan, &weights, &narrow_first).unwrap();
+    let mut job = tiny_job(narrow_first, dir.path());
+    job.verify = false;
+    job.out_dir = dir.path().join("out-narrow-first");
+    job.budgets = vec![Budget::Speedup(1.02)];
+    job.latency_table = Some(dir.path().join("narrow-first-table.json"));
+    ziplm::backend::run_job(&job, &ziplm::progress::Quiet).unwrap();
+    let t = ziplm::profile::load_table(job.latency_table.as_ref().unwrap()).unwrap();
+    assert!(
+        t.entries
+            .iter()
+            .any(|e| matches!(e.shape, ziplm_plugin_api::BlockShape::Ffn { width: 96, .. })),
+        "{:?}",
+        t.entries
+    );
 }
 
 /// Every tensor of a GGUF file, by name, as stored (to write a variant of it).

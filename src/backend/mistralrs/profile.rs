@@ -294,7 +294,19 @@ impl LatencyProfiler for CandleProfiler<'_> {
     ) -> AdapterResult<Box<dyn TimedRun + 'a>> {
         let w = &self.model.weights;
         let cfg = &w.config;
-        let l = &w.layers[0];
+        // Shapes are cut from the widest layer: in a pruned model the first layer may be
+        // narrower than a shape another layer has.
+        let hd = cfg.head_dim;
+        let widest = |key: &dyn Fn(&super::llama::LayerWeights) -> usize| {
+            w.layers.iter().max_by_key(|l| key(l)).ok_or_else(|| {
+                AdapterError::InvalidRequest("a model without layers has no blocks to time".into())
+            })
+        };
+        let l = match what {
+            Measured::Block(BlockShape::Attention { .. }) => widest(&|l| l.n_heads(hd))?,
+            Measured::Block(BlockShape::Ffn { .. }) => widest(&|l| l.ffn_width())?,
+            _ => widest(&|_| 0)?,
+        };
         let run = match what {
             Measured::Block(BlockShape::Attention {
                 heads, kv_heads, ..

@@ -368,11 +368,12 @@ pub fn peak_rss_bytes() -> Option<u64> {
 
 /// What recovery needs in memory beyond the loaded dense model, in bytes, for a pruned
 /// model `shapes` with `params` trained values: those values with their gradients,
-/// AdamW moments and the best copy (5 f32 values each), and one window's activations
+/// AdamW moments and the best copy (5 f32 values each; 10 with learning-rate `trials`,
+/// which hold a trial's state and the best trial's beside them), and one window's activations
 /// kept for the backward pass (per layer about 16 hidden-width, 6 FFN-width and 5
 /// attention-score values per token; 8 vocabulary-width values per token for the two
 /// models' logits).
-pub fn memory_estimate(shapes: &LlamaWeights, params: usize, window: usize) -> u64 {
+pub fn memory_estimate(shapes: &LlamaWeights, params: usize, window: usize, trials: bool) -> u64 {
     let cfg = &shapes.config;
     let t = window as u64;
     let per_token: u64 = shapes
@@ -385,7 +386,8 @@ pub fn memory_estimate(shapes: &LlamaWeights, params: usize, window: usize) -> u
         })
         .sum::<u64>()
         + 8 * cfg.vocab as u64;
-    4 * (5 * params as u64 + t * per_token)
+    let values = if trials { 10 } else { 5 };
+    4 * (values * params as u64 + t * per_token)
 }
 
 /// Where a recovery run resumes: written at every held-out evaluation.
@@ -546,8 +548,14 @@ impl Run<'_> {
     }
 
     /// Optimizer step `step` (0-based) of the schedule peaking at `peak`; returns the
-    /// step's loss terms.
-    fn step(&self, student: &Student, adam: &mut AdamW, step: usize, peak: f64) -> Result<Terms> {
+    /// step's loss terms, or `None` (and no update) when the loss is not finite.
+    fn step(
+        &self,
+        student: &Student,
+        adam: &mut AdamW,
+        step: usize,
+        peak: f64,
+    ) -> Result<Option<Terms>> {
         let (mut grads, terms) = gradients(
             self.teacher,
             student,
@@ -556,13 +564,7 @@ impl Run<'_> {
             self.settings.hidden_weight,
         )?;
         if !terms.loss.is_finite() {
-            return Err(Error::numerical(
-                CONTEXT,
-                format!(
-                    "the distillation loss became {} at step {step}: lower recovery.learning_rate",
-                    terms.loss
-                ),
-            ));
+            return Ok(None);
         }
         clip_gradients(&mut grads, self.settings.clip).map_err(ce)?;
         let lr = self
@@ -571,7 +573,7 @@ impl Run<'_> {
             .learning_rate_at(step, self.steps);
         adam.update(student, &grads, lr, self.settings.weight_decay)
             .map_err(ce)?;
-        Ok(terms)
+        Ok(Some(terms))
     }
 }
 
@@ -652,8 +654,8 @@ pub fn recover(
     // start, and the run goes on from the best one's state.
     if resumed_at.is_none() && !settings.learning_rate_trials.is_empty() {
         let k = settings.eval_every.min(steps);
-        let start = student.snapshot().map_err(ce)?;
-        // (held-out perplexity, weights, optimizer, loss terms, first loss) of the best.
+        let start = best.clone(); // not resumed: the starting weights
+                                  // (held-out perplexity, weights, optimizer, loss terms, first loss) of the best.
         type Trial = (f64, Vec<Tensor>, AdamW, (Terms, usize), Option<f64>);
         let mut winner: Option<Trial> = None;
         for &lr in &settings.learning_rate_trials {
@@ -661,24 +663,41 @@ pub fn recover(
             student.restore(&start).map_err(ce)?;
             let mut trial_adam = AdamW::new(&student).map_err(ce)?;
             let (mut sum, mut first) = ((Terms::default(), 0usize), None);
+            let mut diverged = false;
             for step in 0..k {
-                let terms = run.step(&student, &mut trial_adam, step, lr)?;
+                let Some(terms) = run.step(&student, &mut trial_adam, step, lr)? else {
+                    diverged = true;
+                    break;
+                };
                 first.get_or_insert(terms.loss);
                 sum.0.add(terms);
                 sum.1 += 1;
             }
-            let ppl = perplexity(&student.weights, held)?;
+            // A rate whose loss or perplexity is not finite is a failed trial, not an
+            // error: trying too high a rate is what trials are for.
+            let ppl = match diverged {
+                true => None,
+                false => Some(perplexity(&student.weights, held)?).filter(|p| p.is_finite()),
+            };
             position.trials.push(LearningRateTrial {
                 learning_rate: lr,
                 held_out_perplexity: ppl,
             });
-            if winner.as_ref().is_none_or(|w| ppl < w.0) {
+            if let Some(ppl) = ppl.filter(|p| winner.as_ref().is_none_or(|w| *p < w.0)) {
                 let state = student.snapshot().map_err(ce)?;
                 winner = Some((ppl, state, trial_adam, sum, first));
                 position.learning_rate = Some(lr);
             }
         }
-        let (_, state, trial_adam, sum, first) = winner.expect("two or more trials");
+        let Some((_, state, trial_adam, sum, first)) = winner else {
+            return Err(Error::numerical(
+                CONTEXT,
+                format!(
+                    "every learning rate tried ({:?}) made the loss or the held-out perplexity non-finite: give lower ones (--recover-lr, recovery.learning_rate_trials)",
+                    settings.learning_rate_trials
+                ),
+            ));
+        };
         student.restore(&state).map_err(ce)?;
         adam = trial_adam;
         (interval, first_loss, step) = (sum, first, k);
@@ -726,7 +745,12 @@ pub fn recover(
         if step >= steps {
             break;
         }
-        let terms = run.step(&student, &mut adam, step, peak)?;
+        let Some(terms) = run.step(&student, &mut adam, step, peak)? else {
+            return Err(Error::numerical(
+                CONTEXT,
+                format!("the distillation loss became non-finite at step {step}: lower recovery.learning_rate"),
+            ));
+        };
         first_loss.get_or_insert(terms.loss);
         interval.0.add(terms);
         interval.1 += 1;
@@ -756,7 +780,12 @@ pub fn recover(
         learning_rate_trials: position.trials,
         resumed_at_step: resumed_at,
         seconds: started.elapsed().as_secs_f64(),
-        memory_estimate_bytes: memory_estimate(pruned, params, window),
+        memory_estimate_bytes: memory_estimate(
+            pruned,
+            params,
+            window,
+            !settings.learning_rate_trials.is_empty(),
+        ),
         peak_rss_bytes: peak_rss_bytes(),
         history: position.history,
     };
@@ -1034,18 +1063,16 @@ mod tests {
         let (chosen_w, chosen) = run(&settings);
         let trials = &chosen.learning_rate_trials;
         assert_eq!(trials.len(), 2);
+        let ppl = |t: &crate::job::LearningRateTrial| t.held_out_perplexity.unwrap();
         let best = trials
             .iter()
-            .min_by(|a, b| a.held_out_perplexity.total_cmp(&b.held_out_perplexity))
+            .min_by(|a, b| ppl(a).total_cmp(&ppl(b)))
             .unwrap();
         assert_eq!(chosen.learning_rate, best.learning_rate);
-        assert!(trials[0].held_out_perplexity != trials[1].held_out_perplexity);
+        assert!(ppl(&trials[0]) != ppl(&trials[1]));
         // The winner's trial is the first evaluation of its run.
         assert_eq!(chosen.history[0].step, 5);
-        assert_eq!(
-            chosen.history[0].held_out_perplexity,
-            best.held_out_perplexity
-        );
+        assert_eq!(chosen.history[0].held_out_perplexity, ppl(best));
 
         let (alone_w, alone) = run(&settings.with_peak(best.learning_rate));
         assert!(alone.learning_rate_trials.is_empty());
@@ -1059,6 +1086,28 @@ mod tests {
                 .collect::<Vec<f32>>()
         };
         assert_eq!(bits(&chosen_w), bits(&alone_w));
+
+        // A rate that diverges is a failed trial, not an error; all diverging is one.
+        let mut wild = settings.clone();
+        wild.learning_rate_trials = vec![3e-3, 1e30];
+        let (_, s) = run(&wild);
+        assert_eq!(s.learning_rate, 3e-3);
+        assert_eq!(s.learning_rate_trials[1].held_out_perplexity, None);
+        wild.learning_rate_trials = vec![1e30, 1e31];
+        let e = recover(
+            &teacher,
+            &pruned,
+            &kept,
+            train,
+            held,
+            &wild,
+            7,
+            None,
+            &crate::progress::Quiet,
+        )
+        .unwrap_err()
+        .to_string();
+        assert!(e.contains("every learning rate tried"), "{e}");
     }
 
     /// Training lowers the distillation loss, keeps the shapes, is deterministic for a
