@@ -185,6 +185,24 @@ fn dropping_a_whole_layer_loads_and_matches() {
     assert!(!dest.exists());
 }
 
+/// The fixture with other first-layer norms, loaded and written to `dir/original.gguf`:
+/// the fixture's norms are all ones (untrained), and a pruned model's layers are
+/// matched to their original's by their norms.
+fn original_with_own_norms(dir: &Path) -> (LlamaModel, PathBuf) {
+    let mut dense = LlamaModel::load(&tiny(), LlamaOptions::default()).unwrap();
+    let l0 = &mut dense.weights.layers[0];
+    l0.attn_norm = l0.attn_norm.affine(1.5, 0.25).unwrap();
+    let original = dir.join("original.gguf");
+    dense
+        .emit(
+            &Plan::dense(dense.structure()),
+            &PrunedWeights::default(),
+            &original,
+        )
+        .unwrap();
+    (dense, original)
+}
+
 /// Prune -> recover -> prune: a model already pruned (here its first layer dropped) is
 /// recovered towards the original dense model given as the teacher. The budget (1x)
 /// keeps its shapes, so the student starts as the model itself: towards itself the first
@@ -195,17 +213,7 @@ fn dropping_a_whole_layer_loads_and_matches() {
 #[test]
 fn a_pruned_model_recovers_towards_the_original_as_teacher() {
     let dir = tempfile::tempdir().unwrap();
-    let mut dense = LlamaModel::load(&tiny(), LlamaOptions::default()).unwrap();
-    let l0 = &mut dense.weights.layers[0];
-    l0.attn_norm = l0.attn_norm.affine(1.5, 0.25).unwrap();
-    let original = dir.path().join("original.gguf");
-    dense
-        .emit(
-            &Plan::dense(dense.structure()),
-            &PrunedWeights::default(),
-            &original,
-        )
-        .unwrap();
+    let (dense, original) = original_with_own_norms(dir.path());
     let stage1 = dir.path().join("stage1.gguf");
     dense
         .emit(
@@ -257,17 +265,7 @@ fn a_pruned_model_recovers_towards_the_original_as_teacher() {
 #[test]
 fn a_chain_prunes_each_budget_from_the_last_ones_recovered_model() {
     let dir = tempfile::tempdir().unwrap();
-    let mut dense = LlamaModel::load(&tiny(), LlamaOptions::default()).unwrap();
-    let l0 = &mut dense.weights.layers[0];
-    l0.attn_norm = l0.attn_norm.affine(1.5, 0.25).unwrap();
-    let original = dir.path().join("original.gguf");
-    dense
-        .emit(
-            &Plan::dense(dense.structure()),
-            &PrunedWeights::default(),
-            &original,
-        )
-        .unwrap();
+    let (_, original) = original_with_own_norms(dir.path());
     let mut job = tiny_job(original.clone(), dir.path());
     job.budgets = vec![Budget::Speedup(2.0), Budget::Speedup(1.2)];
     job.verify = false;

@@ -356,6 +356,19 @@ impl MistralSession {
     }
 
     /// The dense model in mistral.rs, loaded on first use.
+    /// Writes `model` unpruned through the same emitter (same tensor types) into
+    /// `scratch` as the model [`Session::measure`] times against, and the prompt.
+    fn prepare_timing(&mut self, model: &LlamaModel, job: &PruneJob, scratch: &Path) -> Result<()> {
+        self.dense_path = scratch.join(output_name(model, "dense"));
+        model.emit(
+            &Plan::dense(model.structure()),
+            &PrunedWeights::default(),
+            &self.dense_path,
+        )?;
+        self.prompt = timing_prompt(model, &job.workload);
+        Ok(())
+    }
+
     fn dense(&mut self) -> Result<&LoadedModel> {
         if self.dense.is_none() {
             self.dense = Some(LoadedModel::load(&self.dense_path)?);
@@ -475,14 +488,7 @@ impl Session for MistralSession {
         scratch: &Path,
         progress: &dyn Progress,
     ) -> Result<(LatencyTable, Vec<String>)> {
-        // The dense model through the same emitter (same tensor types), for timing.
-        self.dense_path = scratch.join(output_name(model, "dense"));
-        model.emit(
-            &Plan::dense(model.structure()),
-            &PrunedWeights::default(),
-            &self.dense_path,
-        )?;
-        self.prompt = timing_prompt(model, &job.workload);
+        self.prepare_timing(model, job, scratch)?;
         if !self.options.runtime_fit {
             return Ok((table, vec![]));
         }
@@ -552,13 +558,7 @@ impl Session for MistralSession {
         models: &[PathBuf],
         scratch: &Path,
     ) -> Result<Option<Vec<(Timing, Timing)>>> {
-        self.dense_path = scratch.join(output_name(model, "dense"));
-        model.emit(
-            &Plan::dense(model.structure()),
-            &PrunedWeights::default(),
-            &self.dense_path,
-        )?;
-        self.prompt = timing_prompt(model, &job.workload);
+        self.prepare_timing(model, job, scratch)?;
         let mut timings = vec![];
         for path in models {
             let emitted = EmitSummary {

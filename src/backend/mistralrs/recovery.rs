@@ -1028,22 +1028,32 @@ mod tests {
         assert!(grads.get(x.as_tensor()).is_some());
     }
 
-    /// Learning rates tried on held-out text: the run goes on from the best trial's
-    /// state, and ends exactly where a run given that learning rate alone ends.
-    #[test]
-    fn a_learning_rate_chosen_on_held_out_text_continues_as_if_given_alone() {
-        let teacher = tiny(1, DType::F32);
-        let pruned = tiny(100, DType::F32);
+    /// A teacher, a student of the same shapes, 10 windows of 12 tokens, and settings
+    /// for 20 steps of 2 windows with an evaluation every 5 and no early stop.
+    fn tiny_run() -> (LlamaWeights, LlamaWeights, Vec<Vec<u32>>, RecoverySettings) {
         let windows: Vec<Vec<u32>> = (0..10u32)
             .map(|s| (0..12u32).map(|i| (i * 7 + s * 3) % 11).collect())
             .collect();
         let mut settings = RecoverySettings::with_tokens(12 * 40);
-        settings.min_learning_rate = 3e-6;
-        settings.learning_rate_trials = vec![3e-5, 3e-3];
         settings.step_tokens = 24;
         settings.held_out = 2;
         settings.eval_every = 5;
         settings.patience = 100;
+        (
+            tiny(1, DType::F32),
+            tiny(100, DType::F32),
+            windows,
+            settings,
+        )
+    }
+
+    /// Learning rates tried on held-out text: the run goes on from the best trial's
+    /// state, and ends exactly where a run given that learning rate alone ends.
+    #[test]
+    fn a_learning_rate_chosen_on_held_out_text_continues_as_if_given_alone() {
+        let (teacher, pruned, windows, mut settings) = tiny_run();
+        settings.min_learning_rate = 3e-6;
+        settings.learning_rate_trials = vec![3e-5, 3e-3];
         let kept = [0usize, 1];
         let (train, held) = windows.split_at(8);
         let run = |s: &RecoverySettings| {
@@ -1114,18 +1124,9 @@ mod tests {
     /// seed, and a second run with the same inputs resumes from the checkpoint.
     #[test]
     fn recovery_lowers_the_distillation_loss() {
-        let teacher = tiny(1, DType::F32);
-        let pruned = tiny(100, DType::F32);
-        let windows: Vec<Vec<u32>> = (0..10u32)
-            .map(|s| (0..12u32).map(|i| (i * 7 + s * 3) % 11).collect())
-            .collect();
-        let mut settings = RecoverySettings::with_tokens(12 * 40);
+        let (teacher, pruned, windows, mut settings) = tiny_run();
         settings.learning_rate = 3e-3;
         settings.min_learning_rate = 3e-4;
-        settings.step_tokens = 24;
-        settings.held_out = 2;
-        settings.eval_every = 5;
-        settings.patience = 100;
         let kept = [0usize, 1];
         let (train, held) = windows.split_at(8);
         let before = distillation_loss(&teacher, &pruned, &kept, train, 1.0)
