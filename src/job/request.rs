@@ -778,17 +778,23 @@ mod tests {
         assert!(e.contains("--retries is at most 16"), "{e}");
     }
 
-    #[test]
-    fn a_chain_needs_two_or_more_speedups() {
-        let dir = tempfile::tempdir().unwrap();
-        let gguf = dir.path().join("m.gguf");
-        let text = dir.path().join("t.txt");
+    /// A request for an (empty) GGUF file in `dir` with calibration text, and recovery
+    /// settings to give it.
+    fn recovering_llm_request(dir: &Path) -> (JobRequest, RecoverySettings) {
+        let gguf = dir.join("m.gguf");
+        let text = dir.join("t.txt");
         for f in [&gguf, &text] {
             std::fs::write(f, b"").unwrap();
         }
         let mut r = request(&gguf);
         r.calibration = vec![text];
-        let mut s = RecoverySettings::with_tokens(1024);
+        (r, RecoverySettings::with_tokens(1024))
+    }
+
+    #[test]
+    fn a_chain_needs_two_or_more_speedups() {
+        let dir = tempfile::tempdir().unwrap();
+        let (mut r, mut s) = recovering_llm_request(dir.path());
         s.chain = true;
         r.recovery = Some(s);
         let e = r.clone().resolve().unwrap_err().to_string();
@@ -801,14 +807,7 @@ mod tests {
     #[test]
     fn a_missing_teacher_is_named() {
         let dir = tempfile::tempdir().unwrap();
-        let gguf = dir.path().join("m.gguf");
-        let text = dir.path().join("t.txt");
-        for f in [&gguf, &text] {
-            std::fs::write(f, b"").unwrap();
-        }
-        let mut r = request(&gguf);
-        r.calibration = vec![text];
-        let mut s = RecoverySettings::with_tokens(1024);
+        let (mut r, mut s) = recovering_llm_request(dir.path());
         s.teacher = Some(dir.path().join("dense.gguf"));
         r.recovery = Some(s);
         let e = r.clone().resolve().unwrap_err().to_string();

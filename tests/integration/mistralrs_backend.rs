@@ -185,6 +185,27 @@ fn dropping_a_whole_layer_loads_and_matches() {
     assert!(!dest.exists());
 }
 
+/// Writes `model` with whole `layers` dropped (nothing re-fitted) to `dest`.
+fn emit_without_layers(model: &LlamaModel, layers: &[u32], dest: &Path) {
+    model
+        .emit(
+            &without_layers(model, layers),
+            &PrunedWeights::default(),
+            dest,
+        )
+        .unwrap();
+}
+
+/// Recovery settings for the tiny fixture: `tokens` in steps of two 32-token windows,
+/// 2 windows held out, an evaluation every step.
+fn tiny_recovery(tokens: u64) -> ziplm::job::RecoverySettings {
+    let mut settings = ziplm::job::RecoverySettings::with_tokens(tokens);
+    settings.step_tokens = 64;
+    settings.held_out = 2;
+    settings.eval_every = 1;
+    settings
+}
+
 /// The fixture with other first-layer norms, loaded and written to `dir/original.gguf`:
 /// the fixture's norms are all ones (untrained), and a pruned model's layers are
 /// matched to their original's by their norms.
@@ -215,21 +236,12 @@ fn a_pruned_model_recovers_towards_the_original_as_teacher() {
     let dir = tempfile::tempdir().unwrap();
     let (dense, original) = original_with_own_norms(dir.path());
     let stage1 = dir.path().join("stage1.gguf");
-    dense
-        .emit(
-            &without_layers(&dense, &[0]),
-            &PrunedWeights::default(),
-            &stage1,
-        )
-        .unwrap();
+    emit_without_layers(&dense, &[0], &stage1);
     let first_loss = |teacher: Option<PathBuf>, out: &str| {
         let mut job = tiny_job(stage1.clone(), dir.path());
         job.budgets = vec![Budget::Speedup(1.0)];
         job.out_dir = dir.path().join(out);
-        let mut settings = ziplm::job::RecoverySettings::with_tokens(4 * 32);
-        settings.step_tokens = 64;
-        settings.held_out = 2;
-        settings.eval_every = 1;
+        let mut settings = tiny_recovery(4 * 32);
         settings.teacher = teacher;
         job.recovery = Some(settings);
         ziplm::backend::run_job(&job, &ziplm::progress::Quiet)
@@ -244,13 +256,7 @@ fn a_pruned_model_recovers_towards_the_original_as_teacher() {
     );
     // A teacher it did not come from: the fixture's first layer alone.
     let wrong = dir.path().join("first-layer.gguf");
-    dense
-        .emit(
-            &without_layers(&dense, &[1]),
-            &PrunedWeights::default(),
-            &wrong,
-        )
-        .unwrap();
+    emit_without_layers(&dense, &[1], &wrong);
     let e = first_loss(Some(wrong), "wrong").unwrap_err().to_string();
     assert!(
         e.contains("matches no layer of the recovery's teacher"),
@@ -269,10 +275,7 @@ fn a_chain_prunes_each_budget_from_the_last_ones_recovered_model() {
     let mut job = tiny_job(original.clone(), dir.path());
     job.budgets = vec![Budget::Speedup(2.0), Budget::Speedup(1.2)];
     job.verify = false;
-    let mut settings = ziplm::job::RecoverySettings::with_tokens(2 * 32);
-    settings.step_tokens = 64;
-    settings.held_out = 2;
-    settings.eval_every = 1;
+    let mut settings = tiny_recovery(2 * 32);
     settings.chain = true;
     job.recovery = Some(settings);
     let report = ziplm::backend::run_job(&job, &ziplm::progress::Quiet).unwrap();
@@ -461,13 +464,7 @@ fn a_pruned_model_reuses_its_originals_latency_table_and_a_wrong_one_fails_first
     // the file not rewritten.
     let model = LlamaModel::load(&tiny(), LlamaOptions::default()).unwrap();
     let pruned = dir.path().join("pruned.gguf");
-    model
-        .emit(
-            &without_layers(&model, &[0]),
-            &PrunedWeights::default(),
-            &pruned,
-        )
-        .unwrap();
+    emit_without_layers(&model, &[0], &pruned);
     let mut job = tiny_job(pruned.clone(), dir.path());
     job.latency_table = Some(table.clone());
     job.verify = false;

@@ -1028,22 +1028,43 @@ mod tests {
         assert!(grads.get(x.as_tensor()).is_some());
     }
 
-    /// A teacher, a student of the same shapes, 10 windows of 12 tokens, and settings
-    /// for 20 steps of 2 windows with an evaluation every 5 and no early stop.
-    fn tiny_run() -> (LlamaWeights, LlamaWeights, Vec<Vec<u32>>, RecoverySettings) {
-        let windows: Vec<Vec<u32>> = (0..10u32)
-            .map(|s| (0..12u32).map(|i| (i * 7 + s * 3) % 11).collect())
-            .collect();
+    /// A teacher, a student of the same shapes, and settings for 20 steps of 2 of the
+    /// 8 training windows (12 tokens each) with an evaluation every 5 and no early stop.
+    fn tiny_run() -> (LlamaWeights, LlamaWeights, RecoverySettings) {
         let mut settings = RecoverySettings::with_tokens(12 * 40);
         settings.step_tokens = 24;
         settings.held_out = 2;
         settings.eval_every = 5;
         settings.patience = 100;
-        (
-            tiny(1, DType::F32),
-            tiny(100, DType::F32),
-            windows,
+        (tiny(1, DType::F32), tiny(100, DType::F32), settings)
+    }
+
+    /// The tiny run's 10 windows: 8 to train on, 2 held out.
+    fn tiny_windows() -> Vec<Vec<u32>> {
+        (0..10u32)
+            .map(|s| (0..12u32).map(|i| (i * 7 + s * 3) % 11).collect())
+            .collect()
+    }
+
+    /// [`recover`] on the tiny run's windows (both layers kept, seed 7).
+    fn recover_tiny(
+        teacher: &LlamaWeights,
+        pruned: &LlamaWeights,
+        settings: &RecoverySettings,
+        checkpoint: Option<&Path>,
+    ) -> Result<(LlamaWeights, RecoverySummary)> {
+        let windows = tiny_windows();
+        let (train, held) = windows.split_at(8);
+        recover(
+            teacher,
+            pruned,
+            &[0, 1],
+            train,
+            held,
             settings,
+            7,
+            checkpoint,
+            &crate::progress::Quiet,
         )
     }
 
@@ -1051,25 +1072,10 @@ mod tests {
     /// state, and ends exactly where a run given that learning rate alone ends.
     #[test]
     fn a_learning_rate_chosen_on_held_out_text_continues_as_if_given_alone() {
-        let (teacher, pruned, windows, mut settings) = tiny_run();
+        let (teacher, pruned, mut settings) = tiny_run();
         settings.min_learning_rate = 3e-6;
         settings.learning_rate_trials = vec![3e-5, 3e-3];
-        let kept = [0usize, 1];
-        let (train, held) = windows.split_at(8);
-        let run = |s: &RecoverySettings| {
-            recover(
-                &teacher,
-                &pruned,
-                &kept,
-                train,
-                held,
-                s,
-                7,
-                None,
-                &crate::progress::Quiet,
-            )
-            .unwrap()
-        };
+        let run = |s: &RecoverySettings| recover_tiny(&teacher, &pruned, s, None).unwrap();
         let (chosen_w, chosen) = run(&settings);
         let trials = &chosen.learning_rate_trials;
         assert_eq!(trials.len(), 2);
@@ -1104,19 +1110,9 @@ mod tests {
         assert_eq!(s.learning_rate, 3e-3);
         assert_eq!(s.learning_rate_trials[1].held_out_perplexity, None);
         wild.learning_rate_trials = vec![1e30, 1e31];
-        let e = recover(
-            &teacher,
-            &pruned,
-            &kept,
-            train,
-            held,
-            &wild,
-            7,
-            None,
-            &crate::progress::Quiet,
-        )
-        .unwrap_err()
-        .to_string();
+        let e = recover_tiny(&teacher, &pruned, &wild, None)
+            .unwrap_err()
+            .to_string();
         assert!(e.contains("every learning rate tried"), "{e}");
     }
 
@@ -1124,28 +1120,16 @@ mod tests {
     /// seed, and a second run with the same inputs resumes from the checkpoint.
     #[test]
     fn recovery_lowers_the_distillation_loss() {
-        let (teacher, pruned, windows, mut settings) = tiny_run();
+        let (teacher, pruned, mut settings) = tiny_run();
         settings.learning_rate = 3e-3;
         settings.min_learning_rate = 3e-4;
         let kept = [0usize, 1];
+        let windows = tiny_windows();
         let (train, held) = windows.split_at(8);
         let before = distillation_loss(&teacher, &pruned, &kept, train, 1.0)
             .unwrap()
             .0;
-        let run = || {
-            recover(
-                &teacher,
-                &pruned,
-                &kept,
-                train,
-                held,
-                &settings,
-                7,
-                None,
-                &crate::progress::Quiet,
-            )
-            .unwrap()
-        };
+        let run = || recover_tiny(&teacher, &pruned, &settings, None).unwrap();
         let (after_w, summary) = run();
         let after = distillation_loss(&teacher, &after_w, &kept, train, 1.0)
             .unwrap()
@@ -1189,18 +1173,7 @@ mod tests {
             trials: vec![],
         };
         c.save(&student, &adam, &best, &position).unwrap();
-        let (_, resumed) = recover(
-            &teacher,
-            &pruned,
-            &kept,
-            train,
-            held,
-            &settings,
-            7,
-            Some(&path),
-            &crate::progress::Quiet,
-        )
-        .unwrap();
+        let (_, resumed) = recover_tiny(&teacher, &pruned, &settings, Some(&path)).unwrap();
         assert_eq!(resumed.resumed_at_step, Some(15));
         assert_eq!(resumed.steps, 20);
         assert!(!path.exists(), "the checkpoint goes when the run ends");
