@@ -116,13 +116,13 @@ pub enum Site {
 
 /// Which kernels a forward uses. candle's fused CPU kernels (`rms_norm`,
 /// `softmax_last_dim`, `rope_i`) have no backward pass: a gradient through them is
-/// silently cut (ZIPLM.md section 9). Training uses the composed versions, whose every
-/// op has one (`differentiable_forward_matches_finite_differences`).
+/// silently cut (ZIPLM.md section 9). Training uses `train_ops`' versions, which bring
+/// their own (`differentiable_forward_matches_finite_differences`).
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
 pub enum Kernels {
     /// The fast fused kernels (calibration, evaluation).
     Fused,
-    /// Kernels composed of differentiable ops (recovery).
+    /// Kernels with backward passes (recovery).
     Differentiable,
 }
 
@@ -130,19 +130,27 @@ impl Kernels {
     fn rms_norm(self, x: &Tensor, alpha: &Tensor, eps: f32) -> candle_core::Result<Tensor> {
         match self {
             Kernels::Fused => candle_nn::ops::rms_norm(x, alpha, eps),
-            Kernels::Differentiable => candle_nn::ops::rms_norm_slow(x, alpha, eps),
+            Kernels::Differentiable => super::train_ops::rms_norm(x, alpha, eps),
         }
     }
-    fn softmax(self, x: &Tensor) -> candle_core::Result<Tensor> {
+    /// `softmax(scale * scores + mask)` over the last dimension; `mask: [tq, tk]`.
+    fn attention_softmax(
+        self,
+        scores: &Tensor,
+        mask: &Tensor,
+        scale: f64,
+    ) -> candle_core::Result<Tensor> {
         match self {
-            Kernels::Fused => candle_nn::ops::softmax_last_dim(x),
-            Kernels::Differentiable => candle_nn::ops::softmax(x, D::Minus1),
+            Kernels::Fused => {
+                candle_nn::ops::softmax_last_dim(&(scores * scale)?.broadcast_add(mask)?)
+            }
+            Kernels::Differentiable => super::train_ops::masked_softmax(scores, mask, scale),
         }
     }
     fn rope_i(self, x: &Tensor, cos: &Tensor, sin: &Tensor) -> candle_core::Result<Tensor> {
         match self {
             Kernels::Fused => candle_nn::rotary_emb::rope_i(x, cos, sin),
-            Kernels::Differentiable => candle_nn::rotary_emb::rope_i_slow(x, cos, sin),
+            Kernels::Differentiable => super::train_ops::rope_i(x, cos, sin),
         }
     }
 }
@@ -254,12 +262,11 @@ pub fn attend(
     let group = nh / nkv.max(1);
     let q = q.reshape((rows, nkv, group * tq, hd))?;
     let scale = 1.0 / (hd as f64).sqrt();
-    let scores = (q.matmul(&k.t()?)? * scale)?
-        .reshape((rows, nh, tq, tk))?
-        .broadcast_add(mask)?;
-    let probs = kernels
-        .softmax(&scores)?
-        .reshape((rows, nkv, group * tq, tk))?;
+    let scores = q.matmul(&k.t()?)?.reshape((rows, nh, tq, tk))?;
+    let probs =
+        kernels
+            .attention_softmax(&scores, mask, scale)?
+            .reshape((rows, nkv, group * tq, tk))?;
     probs
         .matmul(v)?
         .reshape((rows, nh, tq, hd))?

@@ -21,6 +21,8 @@
 //! - [`sequential`]: the dense and pruned streams sequential correction fits on
 //!   (ZIPLM.md section 8).
 //! - [`recovery`]: distillation of a pruned model towards the dense one (section 9).
+//! - [`train_ops`]: the fused softmax and KL ops recovery trains through, with their
+//!   backward passes.
 
 pub mod driver;
 pub mod emit;
@@ -38,6 +40,7 @@ pub mod runtime;
 pub mod self_chat;
 pub mod sequential;
 pub mod tokenizer;
+pub mod train_ops;
 
 pub use driver::MistralBackend;
 

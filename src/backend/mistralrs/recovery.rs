@@ -20,10 +20,11 @@
 //! rather than silently left untrained.
 
 use super::llama::{Kernels, LayerWeights, LlamaWeights, Site};
+use super::train_ops;
 use crate::error::{Error, Result};
 use crate::job::recovery::{LearningRateTrial, RecoveryPoint, RecoverySettings, RecoverySummary};
 use crate::progress::Progress;
-use candle_core::{DType, Tensor, Var, D};
+use candle_core::{DType, Tensor, Var};
 use rand::seq::SliceRandom;
 use rand::SeedableRng;
 use sha2::{Digest, Sha256};
@@ -115,11 +116,10 @@ impl Student {
     }
 }
 
-/// What the teacher says about one window: next-token distributions and the hidden
-/// states at the outputs of the layers the student kept.
+/// What the teacher says about one window: next-token logits and the hidden states at
+/// the outputs of the layers the student kept.
 struct TeacherWindow {
-    probs: Tensor,
-    log_probs: Tensor,
+    logits: Tensor,
     hidden: Vec<Tensor>,
 }
 
@@ -141,10 +141,8 @@ fn teacher_window(
         }
         Ok(())
     })?;
-    let log_probs = candle_nn::ops::log_softmax(&logits.detach(), D::Minus1)?;
     Ok(TeacherWindow {
-        probs: log_probs.exp()?,
-        log_probs,
+        logits: logits.detach(),
         hidden,
     })
 }
@@ -164,8 +162,7 @@ fn window_loss(
         Ok(())
     })?;
     let t = ids.len() as f64;
-    let log_s = candle_nn::ops::log_softmax(&logits, D::Minus1)?;
-    let kl = ((&teacher.probs * (&teacher.log_probs - log_s)?)?.sum_all()? / t)?;
+    let kl = (train_ops::kl_rows(&logits, &teacher.logits)?.sum_all()? / t)?;
     let mut hidden = Tensor::zeros((), kl.dtype(), kl.device())?;
     for (s, d) in hs.iter().zip(&teacher.hidden) {
         let err = (s - d)?.sqr()?.sum_keepdim(1)?;
