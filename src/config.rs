@@ -34,6 +34,7 @@
 //! tokens = 1048576          # training tokens in all; required
 //! learning_rate = 1e-5      # defaults: job::RecoverySettings
 //! # learning_rate_trials = [1e-5, 3e-5]  # or chosen on held-out text
+//! # chain = true, stage_tokens = [16384, 81920]  # a chain's tokens per stage
 //! held_out = 8              # calibration windows kept for early stopping
 //! ```
 //!

@@ -200,9 +200,16 @@ pub struct PruneArgs {
     pub sequential_keep_choice: bool,
     /// After verification, distil each pruned model towards the dense one on this many
     /// calibration tokens (the gradual mode, ZIPLM.md section 9; mistralrs backend).
-    /// 8 calibration windows are held out of every fit for early stopping.
-    #[arg(long, value_name = "TOKENS")]
-    pub recover: Option<u64>,
+    /// 8 calibration windows are held out of every fit for early stopping. With
+    /// --chain, one figure per stage may be given, smallest speedup first
+    /// (16384,81920).
+    #[arg(
+        long,
+        value_name = "TOKENS[,TOKENS...]",
+        value_delimiter = ',',
+        num_args = 1
+    )]
+    pub recover: Option<Vec<u64>>,
     /// Peak learning rate of --recover (AdamW, cosine to a tenth of it) [default: 1e-5].
     /// Several, comma-separated (1e-5,3e-5): each is tried for the first 8 steps from
     /// the same start, and recovery goes on with the one whose held-out perplexity is

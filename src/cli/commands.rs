@@ -133,8 +133,11 @@ pub(super) fn prune_requests(a: &PruneArgs, given: &[String]) -> anyhow::Result<
         SequentialTargetArg::Output => SequentialTarget::Output,
         SequentialTargetArg::Inputs => SequentialTarget::Inputs,
     });
-    if let Some(tokens) = a.recover {
-        let mut s = crate::job::RecoverySettings::with_tokens(tokens);
+    if let Some(tokens) = a.recover.as_deref().filter(|t| !t.is_empty()) {
+        let mut s = crate::job::RecoverySettings::with_tokens(tokens[0]);
+        if tokens.len() > 1 {
+            s.stage_tokens = tokens.to_vec();
+        }
         if let Some(lrs) = a.recover_lr.as_deref().filter(|l| !l.is_empty()) {
             // Each rate ends at a tenth of itself (trials scale the minimum with the peak).
             s.learning_rate = lrs[0];

@@ -134,6 +134,43 @@ mod tests {
     }
 
     #[test]
+    fn recover_takes_one_figure_or_one_per_chain_stage() {
+        let recovery = |tokens: &str, chain: bool| {
+            let mut args = vec![
+                "ziplm",
+                "prune",
+                "m.gguf",
+                "--speedup",
+                "1.5",
+                "--speedup",
+                "2",
+                "--recover",
+                tokens,
+            ];
+            if chain {
+                args.push("--chain");
+            }
+            let (cli, given) = super::parse(args.iter().map(Into::into)).unwrap();
+            let super::args::Command::Prune(a) = cli.command else {
+                panic!("not prune")
+            };
+            super::commands::prune_requests(&a, &given).unwrap()[0]
+                .recovery
+                .clone()
+                .unwrap()
+        };
+        let s = recovery("4096", true);
+        assert_eq!((s.tokens, s.stage_tokens.len()), (4096, 0));
+        let s = recovery("4096,16384", true);
+        assert_eq!(
+            (s.tokens, s.stage_tokens.clone()),
+            (4096, vec![4096, 16384])
+        );
+        assert!(s.chain && s.check().is_ok());
+        assert!(recovery("4096,16384", false).check().is_err());
+    }
+
+    #[test]
     fn an_os_error_is_printed_once() {
         let io = std::fs::read("/nonexistent-ziplm/x").unwrap_err();
         let os = io.to_string();

@@ -65,6 +65,11 @@ pub struct RecoverySettings {
     /// stated against the original ([`crate::pipeline::chain`]).
     #[serde(default, skip_serializing_if = "std::ops::Not::not")]
     pub chain: bool,
+    /// With `chain`: the training tokens of each stage, smallest speedup first
+    /// (`--recover 16384,81920`), so the recovery goes where the damage is. Empty:
+    /// `tokens` for every stage.
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub stage_tokens: Vec<u64>,
 }
 
 /// 1e-4 (the published full-scale recipes, with batches of ~1M tokens) made SmolLM2-135M
@@ -219,6 +224,7 @@ impl RecoverySettings {
             patience: default_patience(),
             teacher: None,
             chain: false,
+            stage_tokens: vec![],
         }
     }
 
@@ -235,6 +241,12 @@ impl RecoverySettings {
         };
         if self.tokens == 0 {
             return Err("recovery.tokens must be at least 1 (or leave recovery out)".into());
+        }
+        if self.stage_tokens.contains(&0) {
+            return Err("recovery.stage_tokens must each be at least 1".into());
+        }
+        if !self.stage_tokens.is_empty() && !self.chain {
+            return Err("recovery.stage_tokens gives each stage of a chain its tokens: set recovery.chain = true, or give one figure as recovery.tokens".into());
         }
         positive(self.learning_rate, "learning_rate")?;
         positive(self.min_learning_rate, "min_learning_rate")?;

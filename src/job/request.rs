@@ -565,6 +565,13 @@ impl JobRequest {
 
         // recovery
         if let Some(r) = &self.recovery {
+            if !r.stage_tokens.is_empty() && !r.chain {
+                return Err(o.error(format!(
+                    "{} gives one figure per stage of a chain: add {}, or give one figure",
+                    o.spell(Field::Recovery),
+                    o.spell(Field::Chain)
+                )));
+            }
             r.check()
                 .map_err(|e| o.error(format!("{} ({})", e, o.spell(Field::Recovery))))?;
             if let Some(b) = backend.filter(|b| !b.recovers()) {
@@ -597,9 +604,17 @@ impl JobRequest {
         // budgets (last: every other mistake is named first)
         if needs_budget {
             job.budgets = self.budgets()?;
-            if job.recovery.as_ref().is_some_and(|r| r.chain) {
-                crate::pipeline::chain::speedups(&job.budgets)
-                    .map_err(|e| o.error(format!("{} ({})", e, o.spell(Field::Chain))))?;
+            if let Some(r) = job.recovery.as_ref().filter(|r| r.chain) {
+                let stages = crate::pipeline::chain::speedups(&job.budgets)
+                    .map_err(|e| o.error(format!("{} ({})", e, o.spell(Field::Chain))))?
+                    .len();
+                if !r.stage_tokens.is_empty() && r.stage_tokens.len() != stages {
+                    return Err(o.error(format!(
+                        "{} gives {} stage figures for a chain of {stages} speedups: give one figure per speedup, smallest first, or one for every stage",
+                        o.spell(Field::Recovery),
+                        r.stage_tokens.len()
+                    )));
+                }
             }
         }
         Ok(Resolved { job, warnings })
@@ -802,6 +817,35 @@ mod tests {
         r.speedup = vec![2.0, 1.5];
         let job = r.resolve().unwrap().job;
         assert!(job.recovery.is_some_and(|s| s.chain));
+    }
+
+    #[test]
+    fn stage_tokens_give_each_chain_stage_its_recovery() {
+        let dir = tempfile::tempdir().unwrap();
+        let (mut r, mut s) = recovering_llm_request(dir.path());
+        s.stage_tokens = vec![1024, 4096];
+        r.recovery = Some(s.clone());
+        r.speedup = vec![1.5, 2.0];
+        let e = r.clone().resolve().unwrap_err().to_string();
+        assert!(
+            e.contains("one figure per stage of a chain") && e.contains("--chain"),
+            "{e}"
+        );
+        s.chain = true;
+        r.recovery = Some(s.clone());
+        let job = r.clone().resolve().unwrap().job;
+        assert_eq!(job.recovery.unwrap().stage_tokens, [1024, 4096]);
+        r.speedup = vec![1.25, 1.5, 2.0];
+        let e = r.clone().resolve().unwrap_err().to_string();
+        assert!(
+            e.contains("2 stage figures for a chain of 3 speedups") && e.contains("--recover"),
+            "{e}"
+        );
+        s.stage_tokens = vec![1024, 0];
+        r.recovery = Some(s);
+        r.speedup = vec![1.5, 2.0];
+        let e = r.resolve().unwrap_err().to_string();
+        assert!(e.contains("stage_tokens must each be at least 1"), "{e}");
     }
 
     #[test]

@@ -89,6 +89,12 @@ pub fn run<S: Session>(
         stage.out_dir = stages_dir.path().join(format!("stage-{i}"));
         stage.latency_table = Some(table.clone());
         stage.recovery = Some(crate::job::RecoverySettings {
+            tokens: recovery
+                .stage_tokens
+                .get(i)
+                .copied()
+                .unwrap_or(recovery.tokens),
+            stage_tokens: vec![],
             chain: false,
             teacher: (i > 0 || recovery.teacher.is_some()).then(|| teacher.clone()),
             ..recovery.clone()

@@ -277,6 +277,8 @@ fn a_chain_prunes_each_budget_from_the_last_ones_recovered_model() {
     job.verify = false;
     let mut settings = tiny_recovery(2 * 32);
     settings.chain = true;
+    // One step for the first stage, two for the second.
+    settings.stage_tokens = vec![64, 2 * 64];
     job.recovery = Some(settings);
     let report = ziplm::backend::run_job(&job, &ziplm::progress::Quiet).unwrap();
 
@@ -322,7 +324,8 @@ fn a_chain_prunes_each_budget_from_the_last_ones_recovered_model() {
         (rest * c1.speedup_over_original - 2.0).abs() < 1e-9,
         "{rest}"
     );
-    assert!(first.recovery.is_some() && second.recovery.is_some());
+    let planned = |b: &ziplm::report::BudgetReport| b.recovery.as_ref().unwrap().planned_steps;
+    assert_eq!((planned(first), planned(second)), (1, 2));
     // The second model is pruned from the first, and each serves in mistral.rs.
     assert_eq!(second.params.0, first.params.1);
     assert!(
