@@ -100,29 +100,23 @@ fn error_message(e: &anyhow::Error) -> String {
 
 #[cfg(test)]
 mod tests {
+    /// The recovery settings of the first request `ziplm prune m.gguf ARGS` makes.
+    fn recovery_of(args: &[&str]) -> crate::job::RecoverySettings {
+        let args = ["ziplm", "prune", "m.gguf"].iter().chain(args);
+        let (cli, given) = super::parse(args.map(Into::into)).unwrap();
+        let super::args::Command::Prune(a) = cli.command else {
+            panic!("not prune")
+        };
+        super::commands::prune_requests(&a, &given).unwrap()[0]
+            .recovery
+            .clone()
+            .unwrap()
+    }
+
     #[test]
     fn several_recovery_learning_rates_are_tried_one_is_given() {
-        let requests = |lr: &str| {
-            let args = [
-                "ziplm",
-                "prune",
-                "m.gguf",
-                "--speedup",
-                "1.5",
-                "--recover",
-                "4096",
-                "--recover-lr",
-                lr,
-            ];
-            let (cli, given) = super::parse(args.iter().map(Into::into)).unwrap();
-            let super::args::Command::Prune(a) = cli.command else {
-                panic!("not prune")
-            };
-            super::commands::prune_requests(&a, &given).unwrap()[0]
-                .recovery
-                .clone()
-                .unwrap()
-        };
+        let requests =
+            |lr: &str| recovery_of(&["--speedup", "1.5", "--recover", "4096", "--recover-lr", lr]);
         let s = requests("3e-5,1e-5");
         assert_eq!(s.learning_rate_trials, vec![3e-5, 1e-5]);
         assert!((s.with_peak(1e-5).min_learning_rate - 1e-6).abs() < 1e-18);
@@ -136,28 +130,11 @@ mod tests {
     #[test]
     fn recover_takes_one_figure_or_one_per_chain_stage() {
         let recovery = |tokens: &str, chain: bool| {
-            let mut args = vec![
-                "ziplm",
-                "prune",
-                "m.gguf",
-                "--speedup",
-                "1.5",
-                "--speedup",
-                "2",
-                "--recover",
-                tokens,
-            ];
+            let mut args = vec!["--speedup", "1.5", "--speedup", "2", "--recover", tokens];
             if chain {
                 args.push("--chain");
             }
-            let (cli, given) = super::parse(args.iter().map(Into::into)).unwrap();
-            let super::args::Command::Prune(a) = cli.command else {
-                panic!("not prune")
-            };
-            super::commands::prune_requests(&a, &given).unwrap()[0]
-                .recovery
-                .clone()
-                .unwrap()
+            recovery_of(&args)
         };
         let s = recovery("4096", true);
         assert_eq!((s.tokens, s.stage_tokens.len()), (4096, 0));
