@@ -142,8 +142,13 @@ pub fn run<S: Session>(
             .to_string();
         source = output;
         times.add(&r.stages);
-        let mut stage_notes: Vec<String> =
-            r.notes.iter().map(|n| format!("stage {i}: {n}")).collect();
+        // The stage's notes name its files by the chain's budget, as they are committed
+        // (`NAME.speedup-2`, not the stage's own `NAME.speedup-1.30...`).
+        let mut stage_notes: Vec<String> = r
+            .notes
+            .iter()
+            .map(|n| format!("stage {i}: {}", n.replace(&from, &to)))
+            .collect();
         if speedup / (reached / stage_speedup) <= 1.0 {
             stage_notes.push(format!(
                 "stage {i}: the earlier stages already reached {:.2}x of the original, so this stage kept its model's shapes and only recovered",

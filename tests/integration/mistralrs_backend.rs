@@ -326,6 +326,15 @@ fn a_chain_prunes_each_budget_from_the_last_ones_recovered_model() {
     );
     let planned = |b: &ziplm::report::BudgetReport| b.recovery.as_ref().unwrap().planned_steps;
     assert_eq!((planned(first), planned(second)), (1, 2));
+    // The stages' notes name the models as committed, by the chain's budgets.
+    assert!(
+        report
+            .notes
+            .iter()
+            .any(|n| n.starts_with("stage 1: original.speedup-2: recovery")),
+        "{:?}",
+        report.notes
+    );
     // The second model is pruned from the first, and each serves in mistral.rs.
     assert_eq!(second.params.0, first.params.1);
     assert!(
