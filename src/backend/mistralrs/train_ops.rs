@@ -103,6 +103,26 @@ fn slice<'a, T: Real>(s: &'a [T], layout: &Layout) -> candle_core::Result<&'a [T
     }
 }
 
+/// The contiguous elements of an op's other input, of the first input's type.
+fn input<'a, T: Real>(s: &'a CpuStorage, layout: &Layout) -> candle_core::Result<&'a [T]> {
+    slice(T::cpu_storage_as_slice(s)?, layout)
+}
+
+/// Row `r` of `x` in rows of `w`.
+fn row<T>(x: &[T], r: usize, w: usize) -> &[T] {
+    &x[r * w..][..w]
+}
+
+/// A new tensor of `len` entries whose rows of `w` are filled in parallel by
+/// `fill(row index, row)`, each row by one thread.
+fn fill_rows<T: Real>(len: usize, w: usize, fill: impl Fn(usize, &mut [T]) + Sync) -> CpuStorage {
+    let mut out = vec![T::from_f64(0.0); len];
+    out.par_chunks_mut(w)
+        .enumerate()
+        .for_each(|(r, out)| fill(r, out));
+    T::to_cpu_storage_owned(out)
+}
+
 /// The width of the last dimension (at least 1).
 fn row_width(layout: &Layout) -> usize {
     layout.shape().dims().last().copied().unwrap_or(1).max(1)
@@ -169,23 +189,17 @@ impl CustomOp2 for MaskedSoftmax {
             (m, ml): (&CpuStorage, &Layout),
             scale: f64,
         ) -> candle_core::Result<CpuStorage> {
-            let x = slice(x, xl)?;
-            let m = slice(T::cpu_storage_as_slice(m)?, ml)?;
+            let (x, m) = (slice(x, xl)?, input::<T>(m, ml)?);
             let w = row_width(xl);
             let mask_rows = (m.len() / w).max(1);
             let scale = T::from_f64(scale);
-            let mut y = vec![T::from_f64(0.0); x.len()];
-            y.par_chunks_mut(w)
-                .zip(x.par_chunks(w))
-                .enumerate()
-                .for_each(|(r, (y, x))| {
-                    let m = &m[(r % mask_rows) * w..][..w];
-                    for ((y, &x), &m) in y.iter_mut().zip(x).zip(m) {
-                        *y = x * scale + m;
-                    }
-                    softmax_in_place(y);
-                });
-            Ok(T::to_cpu_storage_owned(y))
+            Ok(fill_rows(x.len(), w, |r, y: &mut [T]| {
+                let (x, m) = (row(x, r, w), row(m, r % mask_rows, w));
+                for ((y, &x), &m) in y.iter_mut().zip(x).zip(m) {
+                    *y = x * scale + m;
+                }
+                softmax_in_place(y);
+            }))
         }
         Ok((
             dispatch!("masked_softmax", xs, |v| run(v, xl, (ms, ml), self.scale)?),
@@ -230,21 +244,17 @@ impl CustomOp2 for SoftmaxBackward {
             (g, gl): (&CpuStorage, &Layout),
             scale: f64,
         ) -> candle_core::Result<CpuStorage> {
-            let y = slice(y, yl)?;
-            let g = slice(T::cpu_storage_as_slice(g)?, gl)?;
+            let (y, g) = (slice(y, yl)?, input::<T>(g, gl)?);
             let w = row_width(yl);
             let scale = T::from_f64(scale);
-            let mut dx = vec![T::from_f64(0.0); y.len()];
-            dx.par_chunks_mut(w)
-                .zip(y.par_chunks(w).zip(g.par_chunks(w)))
-                .for_each(|(dx, (y, g))| {
-                    let dot: f64 = y.iter().zip(g).map(|(a, b)| a.to_f64() * b.to_f64()).sum();
-                    let dot = T::from_f64(dot);
-                    for ((d, &y), &g) in dx.iter_mut().zip(y).zip(g) {
-                        *d = scale * y * (g - dot);
-                    }
-                });
-            Ok(T::to_cpu_storage_owned(dx))
+            Ok(fill_rows(y.len(), w, |r, dx: &mut [T]| {
+                let (y, g) = (row(y, r, w), row(g, r, w));
+                let dot: f64 = y.iter().zip(g).map(|(a, b)| a.to_f64() * b.to_f64()).sum();
+                let dot = T::from_f64(dot);
+                for ((d, &y), &g) in dx.iter_mut().zip(y).zip(g) {
+                    *d = scale * y * (g - dot);
+                }
+            }))
         }
         Ok((
             dispatch!("softmax backward", ys, |v| run(
@@ -280,17 +290,15 @@ impl CustomOp2 for RmsNorm {
             (a, al): (&CpuStorage, &Layout),
             eps: f64,
         ) -> candle_core::Result<CpuStorage> {
-            let x = slice(x, xl)?;
-            let a = slice(T::cpu_storage_as_slice(a)?, al)?;
+            let (x, a) = (slice(x, xl)?, input::<T>(a, al)?);
             let w = row_width(xl);
-            let mut y = vec![T::from_f64(0.0); x.len()];
-            y.par_chunks_mut(w).zip(x.par_chunks(w)).for_each(|(y, x)| {
-                let r = T::from_f64(inverse_rms(x, eps));
+            Ok(fill_rows(x.len(), w, |r, y: &mut [T]| {
+                let x = row(x, r, w);
+                let inv = T::from_f64(inverse_rms(x, eps));
                 for ((y, &x), &a) in y.iter_mut().zip(x).zip(a) {
-                    *y = x * r * a;
+                    *y = x * inv * a;
                 }
-            });
-            Ok(T::to_cpu_storage_owned(y))
+            }))
         }
         Ok((
             dispatch!("rms_norm", xs, |v| run(v, xl, (a, al), self.eps)?),
@@ -353,28 +361,23 @@ impl CustomOp3 for RmsNormBackward {
             (g, gl): (&CpuStorage, &Layout),
             eps: f64,
         ) -> candle_core::Result<CpuStorage> {
-            let x = slice(x, xl)?;
-            let a = slice(T::cpu_storage_as_slice(a)?, al)?;
-            let g = slice(T::cpu_storage_as_slice(g)?, gl)?;
+            let (x, a, g) = (slice(x, xl)?, input::<T>(a, al)?, input::<T>(g, gl)?);
             let w = row_width(xl);
-            let mut dx = vec![T::from_f64(0.0); x.len()];
-            dx.par_chunks_mut(w)
-                .zip(x.par_chunks(w).zip(g.par_chunks(w)))
-                .for_each(|(dx, (x, g))| {
-                    let r = inverse_rms(x, eps);
-                    let mean: f64 = x
-                        .iter()
-                        .zip(g)
-                        .zip(a)
-                        .map(|((x, g), a)| g.to_f64() * a.to_f64() * x.to_f64() * r)
-                        .sum::<f64>()
-                        / w as f64;
-                    for (((d, x), g), a) in dx.iter_mut().zip(x).zip(g).zip(a) {
-                        let n = x.to_f64() * r;
-                        *d = T::from_f64(r * (g.to_f64() * a.to_f64() - n * mean));
-                    }
-                });
-            Ok(T::to_cpu_storage_owned(dx))
+            Ok(fill_rows(x.len(), w, |row_index, dx: &mut [T]| {
+                let (x, g) = (row(x, row_index, w), row(g, row_index, w));
+                let r = inverse_rms(x, eps);
+                let mean: f64 = x
+                    .iter()
+                    .zip(g)
+                    .zip(a)
+                    .map(|((x, g), a)| g.to_f64() * a.to_f64() * x.to_f64() * r)
+                    .sum::<f64>()
+                    / w as f64;
+                for (((d, x), g), a) in dx.iter_mut().zip(x).zip(g).zip(a) {
+                    let n = x.to_f64() * r;
+                    *d = T::from_f64(r * (g.to_f64() * a.to_f64() - n * mean));
+                }
+            }))
         }
         Ok((
             dispatch!("rms_norm backward", xs, |v| run(
@@ -416,34 +419,27 @@ impl CustomOp3 for Rope {
             (s, sl): (&CpuStorage, &Layout),
             inverse: bool,
         ) -> candle_core::Result<CpuStorage> {
-            let x = slice(x, xl)?;
-            let c = slice(T::cpu_storage_as_slice(c)?, cl)?;
-            let s = slice(T::cpu_storage_as_slice(s)?, sl)?;
+            let (x, c, s) = (slice(x, xl)?, input::<T>(c, cl)?, input::<T>(s, sl)?);
             let d = row_width(xl);
             let t = xl.shape().dims()[2];
             let half = d / 2;
-            let mut y = vec![T::from_f64(0.0); x.len()];
-            y.par_chunks_mut(d)
-                .zip(x.par_chunks(d))
-                .enumerate()
-                .for_each(|(r, (y, x))| {
-                    let p = r % t;
-                    let (c, s) = (&c[p * half..][..half], &s[p * half..][..half]);
-                    for i in 0..half {
-                        let (x0, x1) = (x[2 * i], x[2 * i + 1]);
-                        let (c, s) = (
-                            c[i],
-                            if inverse {
-                                T::from_f64(0.0) - s[i]
-                            } else {
-                                s[i]
-                            },
-                        );
-                        y[2 * i] = x0 * c - x1 * s;
-                        y[2 * i + 1] = x0 * s + x1 * c;
-                    }
-                });
-            Ok(T::to_cpu_storage_owned(y))
+            Ok(fill_rows(x.len(), d, |r, y: &mut [T]| {
+                let x = row(x, r, d);
+                let (c, s) = (row(c, r % t, half), row(s, r % t, half));
+                for i in 0..half {
+                    let (x0, x1) = (x[2 * i], x[2 * i + 1]);
+                    let (c, s) = (
+                        c[i],
+                        if inverse {
+                            T::from_f64(0.0) - s[i]
+                        } else {
+                            s[i]
+                        },
+                    );
+                    y[2 * i] = x0 * c - x1 * s;
+                    y[2 * i + 1] = x0 * s + x1 * c;
+                }
+            }))
         }
         Ok((
             dispatch!("rope_i", xs, |v| run(
@@ -502,7 +498,7 @@ impl CustomOp2 for KlRows {
             norms: &mut Vec<(f64, f64)>,
         ) -> candle_core::Result<CpuStorage> {
             let s = slice(s, sl)?;
-            let t = slice(T::cpu_storage_as_slice(t)?, tl)?;
+            let t = input::<T>(t, tl)?;
             let w = row_width(sl);
             let rows: Vec<(f64, (f64, f64))> = s
                 .par_chunks(w)
@@ -596,20 +592,16 @@ impl CustomOp2 for KlRowsBackward {
             (t, tl): (&CpuStorage, &Layout),
             rows: &[(f64, f64, f64)],
         ) -> candle_core::Result<CpuStorage> {
-            let s = slice(s, sl)?;
-            let t = slice(T::cpu_storage_as_slice(t)?, tl)?;
+            let (s, t) = (slice(s, sl)?, input::<T>(t, tl)?);
             let w = row_width(sl);
-            let mut ds = vec![T::from_f64(0.0); s.len()];
-            ds.par_chunks_mut(w)
-                .zip(s.par_chunks(w).zip(t.par_chunks(w)))
-                .zip(rows.par_iter())
-                .for_each(|((ds, (s, t)), &(ns, nt, g))| {
-                    let (ns, nt, g) = (T::from_f64(ns), T::from_f64(nt), T::from_f64(g));
-                    for ((d, &s), &t) in ds.iter_mut().zip(s).zip(t) {
-                        *d = ((s - ns).exp() - (t - nt).exp()) * g;
-                    }
-                });
-            Ok(T::to_cpu_storage_owned(ds))
+            Ok(fill_rows(s.len(), w, |r, ds: &mut [T]| {
+                let (s, t) = (row(s, r, w), row(t, r, w));
+                let (ns, nt, g) = rows[r];
+                let (ns, nt, g) = (T::from_f64(ns), T::from_f64(nt), T::from_f64(g));
+                for ((d, &s), &t) in ds.iter_mut().zip(s).zip(t) {
+                    *d = ((s - ns).exp() - (t - nt).exp()) * g;
+                }
+            }))
         }
         Ok((
             dispatch!("kl_rows backward", ss, |v| run(
