@@ -142,12 +142,10 @@ pub fn run<S: Session>(
             .to_string();
         source = output;
         times.add(&r.stages);
-        // The stage's notes name its files by the chain's budget, as they are committed
-        // (`NAME.speedup-2`, not the stage's own `NAME.speedup-1.30...`).
         let mut stage_notes: Vec<String> = r
             .notes
             .iter()
-            .map(|n| format!("stage {i}: {}", n.replace(&from, &to)))
+            .map(|n| stage_note(i, n, (&stage_budget, &budget), (&from, &to)))
             .collect();
         if speedup / (reached / stage_speedup) <= 1.0 {
             stage_notes.push(format!(
@@ -229,6 +227,19 @@ fn time_against_original<S: Session>(
     Ok(())
 }
 
+/// Stage `i`'s report note as the chain's report gives it: its files and budget named
+/// by the chain's budget, as they are committed (`NAME.speedup-2`, not the stage's own
+/// `NAME.speedup-1.30...`; `speedup-2: mistral.rs reply ...`, not `speedup-1.30...:
+/// ...`). `budgets` and `stems` are (the stage's, the chain's).
+fn stage_note(i: usize, note: &str, budgets: (&Budget, &Budget), stems: (&str, &str)) -> String {
+    let labels = (
+        PruneJob::budget_label(budgets.0),
+        PruneJob::budget_label(budgets.1),
+    );
+    let note = note.replace(stems.0, stems.1).replace(&labels.0, &labels.1);
+    format!("stage {i}: {note}")
+}
+
 /// How a stage's source reads in the report: the original's path, or the earlier
 /// stage's model where it will be once the set is committed.
 fn display(source: &Path, set: &OutputSet, job: &PruneJob) -> String {
@@ -255,5 +266,28 @@ mod tests {
         assert!(e.contains("two or more"), "{e}");
         let e = speedups(&[Budget::Speedup(2.0), Budget::LatencyMs(5.0)]).unwrap_err();
         assert!(e.contains("--latency-ms"), "{e}");
+    }
+
+    /// Both kinds of note a stage writes, one naming its file and one only its budget
+    /// (a SmolLM2 chain printed "stage 1: speedup-1.182098901138491e0: mistral.rs
+    /// reply ..."), read by the chain's budget.
+    #[test]
+    fn stage_notes_name_the_chains_budget() {
+        let budgets = (&Budget::Speedup(1.182098901138491), &Budget::Speedup(2.0));
+        let stage = PruneJob::budget_label(budgets.0);
+        let stems = (format!("m.speedup-1.5.{stage}"), "m.speedup-2".to_string());
+        let note = |n: &str| stage_note(1, n, budgets, (&stems.0, &stems.1));
+        assert_eq!(
+            note(&format!("{}: recovery: 44 steps", stems.0)),
+            "stage 1: m.speedup-2: recovery: 44 steps"
+        );
+        assert_eq!(
+            note(&format!("{stage}: mistral.rs reply to \"Hi\": \"Hello\"")),
+            "stage 1: speedup-2: mistral.rs reply to \"Hi\": \"Hello\""
+        );
+        assert_eq!(
+            note("calibration: 128 samples"),
+            "stage 1: calibration: 128 samples"
+        );
     }
 }
