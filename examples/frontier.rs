@@ -134,7 +134,7 @@ fn main() -> anyhow::Result<()> {
             &cpu1,
             &job.verify_settings,
         )
-        .map(|t| (t.a, t.b))
+        .map(|t| (t.timing.dense, t.timing.model))
     };
     let problem = run.database.search_problem(&run.table)?;
 

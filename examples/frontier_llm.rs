@@ -209,9 +209,9 @@ fn main() -> anyhow::Result<()> {
     let prompt: Vec<u32> = ids.iter().take(512).copied().collect();
     let measure = |path: &Path| -> anyhow::Result<(f64, f64)> {
         let rt = LoadedModel::load(path)?;
-        let (d, m) =
+        let t =
             driver::time_pair_loaded(&dense_rt, &rt, &prompt, &job.workload, &job.verify_settings)?;
-        Ok((d.median_ms, m.median_ms))
+        Ok((t.dense.median_ms, t.model.median_ms))
     };
 
     let dense_ppl = ppl(&dense_gguf)?;

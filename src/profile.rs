@@ -6,8 +6,8 @@ use crate::fsutil;
 use crate::progress::Progress;
 use std::path::Path;
 use ziplm_plugin_api::{
-    BlockShape, LatencyProfiler, LatencyTable, LatencyTableKey, Measured, TimedRun, Timing,
-    Workload, FORMAT_VERSION,
+    BlockShape, LatencyProfiler, LatencyTable, LatencyTableKey, Measured, PairedTiming, TimedRun,
+    Timing, Workload, FORMAT_VERSION,
 };
 
 /// How many times to run what is timed.
@@ -88,12 +88,13 @@ fn runs_in_pass(runs: usize, passes: usize, pass: usize) -> usize {
 
 /// Times two runnables alternately (warm-up rounds first, then `runs` timed rounds, a
 /// then b each round, so slow drifts of the machine hit both); each closure returns the
-/// wall time of one run. Returns the timings of a and b.
+/// wall time of one run. Returns the timings of a (the dense model) and b (the model
+/// timed against it), and b's speedup as the median of the rounds' ratios.
 pub fn time_alternating<E>(
     settings: &ProfileSettings,
     mut a: impl FnMut() -> std::result::Result<std::time::Duration, E>,
     mut b: impl FnMut() -> std::result::Result<std::time::Duration, E>,
-) -> std::result::Result<(Timing, Timing), E> {
+) -> std::result::Result<PairedTiming, E> {
     for _ in 0..settings.warmup {
         a()?;
         b()?;
@@ -103,26 +104,45 @@ pub fn time_alternating<E>(
         ta.push(a()?.as_secs_f64() * 1e3);
         tb.push(b()?.as_secs_f64() * 1e3);
     }
-    Ok((timing_of(&mut ta), timing_of(&mut tb)))
+    Ok(paired_timing(ta, tb))
+}
+
+/// The paired timing of rounds whose `i`-th runs are `dense_ms[i]` and `model_ms[i]`.
+pub fn paired_timing(mut dense_ms: Vec<f64>, mut model_ms: Vec<f64>) -> PairedTiming {
+    let mut ratios: Vec<f64> = dense_ms
+        .iter()
+        .zip(&model_ms)
+        .map(|(d, m)| d / m.max(f64::MIN_POSITIVE))
+        .collect();
+    PairedTiming {
+        dense: timing_of(&mut dense_ms),
+        model: timing_of(&mut model_ms),
+        speedup: median_of(&mut ratios),
+    }
+}
+
+/// The median of samples (sorts them); 0 for none.
+fn median_of(xs: &mut [f64]) -> f64 {
+    xs.sort_by(f64::total_cmp);
+    let n = xs.len();
+    match n {
+        0 => 0.0,
+        _ if n % 2 == 1 => xs[n / 2],
+        _ => 0.5 * (xs[n / 2 - 1] + xs[n / 2]),
+    }
 }
 
 /// Median, min and max of samples in milliseconds (sorts them).
 pub fn timing_of(ms: &mut [f64]) -> Timing {
-    ms.sort_by(f64::total_cmp);
-    let n = ms.len();
-    if n == 0 {
+    if ms.is_empty() {
         return Timing::ZERO;
     }
-    let median = if n % 2 == 1 {
-        ms[n / 2]
-    } else {
-        0.5 * (ms[n / 2 - 1] + ms[n / 2])
-    };
+    let median_ms = median_of(ms);
     Timing {
-        median_ms: median,
+        median_ms,
         min_ms: ms[0],
-        max_ms: ms[n - 1],
-        runs: n,
+        max_ms: ms[ms.len() - 1],
+        runs: ms.len(),
     }
 }
 
@@ -426,6 +446,25 @@ mod tests {
             (t.median_ms, t.min_ms, t.max_ms, t.runs),
             (2.5, 1.0, 4.0, 4)
         );
+    }
+
+    #[test]
+    fn a_paired_speedup_is_the_median_of_the_rounds_ratios() {
+        // The model runs at 2/3 of the dense model's time in every round, but the
+        // machine slows down by 1.5x for the last five rounds of the dense model and
+        // the last six of the model (a slow spell that began between the two runs of
+        // round 5). The ratio of medians reads 1.0x; the median of the rounds' ratios
+        // 1.5x.
+        let slow = |i: usize, from: usize| if i >= from { 1.5 } else { 1.0 };
+        let dense: Vec<f64> = (0..11).map(|i| 3.0 * slow(i, 6)).collect();
+        let model: Vec<f64> = (0..11).map(|i| 2.0 * slow(i, 5)).collect();
+        let t = paired_timing(dense, model);
+        assert_eq!((t.dense.median_ms, t.model.median_ms), (3.0, 3.0));
+        assert_eq!(t.speedup, 1.5);
+        assert_eq!((t.dense.runs, t.model.runs), (11, 11));
+        // An even number of rounds averages the two middle ratios.
+        let t = paired_timing(vec![2.0, 3.0, 4.0, 6.0], vec![2.0, 2.0, 2.0, 2.0]);
+        assert_eq!(t.speedup, 1.75);
     }
 
     #[test]

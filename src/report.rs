@@ -123,7 +123,8 @@ pub struct BudgetReport {
     pub measured_dense_ms: Option<f64>,
     /// Measured pruned latency (median).
     pub measured_ms: Option<f64>,
-    /// Measured speedup.
+    /// Measured speedup: the median of the paired runs' ratios (dense over pruned,
+    /// [`ziplm_plugin_api::PairedTiming::speedup`]).
     pub measured_speedup: Option<f64>,
     /// Whether the measurement met the budget.
     pub met: Option<bool>,
@@ -370,7 +371,7 @@ impl PruneReport {
                 (Some(m), Some(d), Some(sp), Some(met)) => {
                     let _ = writeln!(
                         s,
-                        "  measured:  {m:.3} ms (dense {d:.3} ms, {sp:.2}x) — {}{}",
+                        "  measured:  {m:.3} ms (dense {d:.3} ms; {sp:.2}x, the median of the paired runs' ratios) — {}{}",
                         if met { "budget met" } else { "BUDGET MISSED" },
                         searches_note(b)
                     );

@@ -1,7 +1,7 @@
 //! Measuring emitted models against their dense model in the serving runtime: the
 //! check a user runs on artifacts (`ziplm speedup DENSE MODEL...`), with the same
 //! method as verification (alternating runs of the dense and the pruned model in one
-//! process, medians).
+//! process; the speedup is the median of the rounds' ratios).
 //!
 //! ONNX files are timed in tract (end to end at the workload, on the CPU's `threads`
 //! threads or a CUDA GPU); GGUF files and Hugging Face folders in mistral.rs (feature
@@ -25,7 +25,9 @@ pub struct SpeedupMeasurement {
     pub dense: Timing,
     /// The model's timing.
     pub timing: Timing,
-    /// Dense median / model median.
+    /// The median over the alternating rounds of the dense run's time over the
+    /// model's ([`ziplm_plugin_api::PairedTiming::speedup`]; drift between rounds
+    /// cancels).
     pub speedup: f64,
 }
 
@@ -82,11 +84,11 @@ pub fn measure(
     Ok(models
         .iter()
         .zip(timings)
-        .map(|(m, (d, t))| SpeedupMeasurement {
+        .map(|(m, t)| SpeedupMeasurement {
             model: m.clone(),
-            speedup: d.median_ms / t.median_ms,
-            dense: d,
-            timing: t,
+            speedup: t.speedup,
+            dense: t.dense,
+            timing: t.model,
         })
         .collect())
 }

@@ -73,6 +73,21 @@ impl Timing {
     }
 }
 
+/// A model timed against its dense model in one run of alternating rounds (each round
+/// runs the dense model, then the model), so that a slow spell of the machine hits
+/// both.
+#[derive(Clone, Copy, Debug, PartialEq, Serialize, Deserialize)]
+pub struct PairedTiming {
+    /// The dense model's runs.
+    pub dense: Timing,
+    /// The model's runs.
+    pub model: Timing,
+    /// The median over the rounds of the dense run's time over the model's run's time
+    /// in the same round. Drift of the machine between rounds cancels in each ratio,
+    /// which it does not in `dense.median_ms / model.median_ms`.
+    pub speedup: f64,
+}
+
 /// One measured block shape.
 #[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
 pub struct LatencyEntry {

@@ -52,7 +52,9 @@ pub use adapter::{LatencyProfiler, LossHook, ModelAdapter, TimedRun};
 pub use calibration::ActivationSink;
 pub use error::{AdapterError, AdapterResult};
 pub use groups::{GroupLayout, GroupSchedule};
-pub use latency::{BlockShape, LatencyEntry, LatencyTable, LatencyTableKey, Measured, Timing};
+pub use latency::{
+    BlockShape, LatencyEntry, LatencyTable, LatencyTableKey, Measured, PairedTiming, Timing,
+};
 pub use plan::{
     BlockChoice, BlockPlan, EmitSummary, Plan, PrunedWeights, WeightMatrix, ROLE_GATE, ROLE_K,
     ROLE_Q, ROLE_UP, ROLE_V,

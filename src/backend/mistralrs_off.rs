@@ -10,7 +10,7 @@ use crate::profile::ProfileSettings;
 use crate::progress::Progress;
 use crate::report::PruneReport;
 use std::path::{Path, PathBuf};
-use ziplm_plugin_api::{LatencyTable, ModelStructure, Timing, Workload};
+use ziplm_plugin_api::{LatencyTable, ModelStructure, PairedTiming, Workload};
 
 /// The error every call of this stub returns.
 fn not_built(model: &Path) -> Error {
@@ -72,7 +72,7 @@ impl Backend for MistralBackend {
         _: crate::job::Device,
         _: &ProfileSettings,
         _: &dyn Progress,
-    ) -> Result<Vec<(Timing, Timing)>> {
+    ) -> Result<Vec<PairedTiming>> {
         Err(not_built(dense))
     }
 }

@@ -28,7 +28,7 @@ use crate::progress::Progress;
 use crate::report::PruneReport;
 use std::path::{Path, PathBuf};
 use std::sync::RwLock;
-use ziplm_plugin_api::{GqaPolicy, LatencyTable, ModelStructure, Timing, Workload};
+use ziplm_plugin_api::{GqaPolicy, LatencyTable, ModelStructure, PairedTiming, Workload};
 
 /// The models the mistral.rs backend reads, built in or not: `.gguf` files and folders.
 pub(crate) fn is_llm_path(model: &Path) -> bool {
@@ -141,7 +141,7 @@ pub trait Backend: Sync {
         device: crate::job::Device,
         settings: &ProfileSettings,
         progress: &dyn Progress,
-    ) -> Result<Vec<(Timing, Timing)>>;
+    ) -> Result<Vec<PairedTiming>>;
 }
 
 /// The backends built into ziplm, in the order models are matched against them.

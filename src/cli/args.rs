@@ -24,8 +24,8 @@ pub enum Command {
     Inspect(InspectArgs),
     /// Evaluate a model's quality (STS Benchmark Spearman for encoders, perplexity for LLMs).
     Eval(EvalArgs),
-    /// Time emitted models against the dense model in their runtime (alternating runs,
-    /// medians) and print each speedup.
+    /// Time emitted models against the dense model in their runtime (alternating runs)
+    /// and print each speedup (the median of the rounds' ratios).
     Speedup(SpeedupArgs),
 }
 
@@ -319,7 +319,8 @@ pub struct SpeedupArgs {
     /// The models to time against it (served by the same runtime).
     #[arg(required = true)]
     pub models: Vec<PathBuf>,
-    /// Timed runs of each model and of the dense model (alternating); medians are kept.
+    /// Timed runs of each model and of the dense model (alternating rounds); the
+    /// speedup is the median of the rounds' ratios.
     #[arg(long, default_value_t = 9)]
     pub runs: usize,
     /// Untimed runs of each first.

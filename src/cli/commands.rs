@@ -302,7 +302,7 @@ fn speedup(a: SpeedupArgs) -> anyhow::Result<ExitCode> {
         );
     } else {
         println!(
-            "{w}, medians of {} alternating runs against {}:",
+            "{w}, {} alternating rounds against {} (medians; the speedup is the median of the rounds' ratios):",
             a.runs,
             a.dense.display()
         );

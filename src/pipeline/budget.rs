@@ -14,7 +14,7 @@ use crate::error::Result;
 use crate::search::spdy::{self, RefineConfig};
 use crate::search::{Budget, SearchOutcome, SearchProblem, Selection};
 use serde::{Deserialize, Serialize};
-use ziplm_plugin_api::{EmitSummary, LatencyTable, Plan, PrunedWeights, Timing};
+use ziplm_plugin_api::{EmitSummary, LatencyTable, PairedTiming, Plan, PrunedWeights, Timing};
 
 /// Settings of the search and verification.
 #[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
@@ -61,6 +61,11 @@ pub struct Attempt {
     pub measured_dense: Option<Timing>,
     /// Measured pruned latency.
     pub measured: Option<Timing>,
+    /// Measured speedup: the median of the paired rounds' ratios
+    /// ([`PairedTiming::speedup`]). Absent in reports written before it was kept,
+    /// whose speedup is the ratio of the medians.
+    #[serde(default)]
+    pub measured_speedup: Option<f64>,
     /// Whether the measurement met the budget.
     pub met: Option<bool>,
 }
@@ -106,16 +111,24 @@ impl BudgetOutcome {
     /// Measured speedup of the chosen attempt.
     pub fn measured_speedup(&self) -> Option<f64> {
         let a = self.chosen_attempt()?;
-        Some(a.measured_dense?.median_ms / a.measured?.median_ms)
+        a.measured_speedup
+            .or_else(|| Some(a.measured_dense?.median_ms / a.measured?.median_ms))
     }
 }
 
-/// Whether a measurement meets a budget.
-pub fn meets(budget: Budget, dense: &Timing, pruned: &Timing) -> bool {
+/// How far a measurement beats a budget, as a factor: at least 1 when it meets it. A
+/// latency budget is met by the model's median; a speedup budget by the paired
+/// speedup (the median of the rounds' ratios, [`PairedTiming::speedup`]).
+pub fn margin_over(budget: Budget, timing: &PairedTiming) -> f64 {
     match budget {
-        Budget::LatencyMs(ms) => pruned.median_ms <= ms,
-        Budget::Speedup(s) => dense.median_ms / pruned.median_ms >= s,
+        Budget::LatencyMs(ms) => ms / timing.model.median_ms.max(f64::MIN_POSITIVE),
+        Budget::Speedup(s) => timing.speedup / s,
     }
+}
+
+/// Whether a measurement meets a budget ([`margin_over`] at least 1).
+pub fn meets(budget: Budget, timing: &PairedTiming) -> bool {
+    margin_over(budget, timing) >= 1.0
 }
 
 /// Backend operations the pass needs.
@@ -129,7 +142,7 @@ pub trait EmitAndMeasure {
     /// Writes the model for a plan and its compensated weights.
     fn emit(&mut self, plan: &Plan, weights: &PrunedWeights) -> Result<EmitSummary>;
     /// Times the dense and the emitted model end to end, alternating runs.
-    fn measure(&mut self, emitted: &EmitSummary) -> Result<(Timing, Timing)>;
+    fn measure(&mut self, emitted: &EmitSummary) -> Result<PairedTiming>;
     /// Loss of a candidate (for SPDY refinement); `None` when unsupported.
     fn loss(&mut self, _plan: &Plan, _weights: &PrunedWeights) -> Option<Result<f64>> {
         None
@@ -198,6 +211,7 @@ pub fn prune_to_budget(
             predicted_ms: search.predicted_ms,
             measured_dense: None,
             measured: None,
+            measured_speedup: None,
             met: None,
         };
         if !verify {
@@ -211,14 +225,15 @@ pub fn prune_to_budget(
             });
             break;
         }
-        let (dense, pruned) = backend.measure(&emitted)?;
+        let timing = backend.measure(&emitted)?;
         let dense_selected = search.selection == db.dense_selection();
         // The dense model meets any speedup of at most 1x by definition: timing it
         // against itself would only sample the noise.
         let met = (dense_selected && matches!(budget, Budget::Speedup(s) if s <= 1.0))
-            || meets(budget, &dense, &pruned);
-        attempt.measured_dense = Some(dense);
-        attempt.measured = Some(pruned);
+            || meets(budget, &timing);
+        attempt.measured_dense = Some(timing.dense);
+        attempt.measured = Some(timing.model);
+        attempt.measured_speedup = Some(timing.speedup);
         attempt.met = Some(met);
         let predicted = search.predicted_ms.max(f64::MIN_POSITIVE);
         rounds.push(Round {
@@ -239,13 +254,9 @@ pub fn prune_to_budget(
         // The measurement corrects the prediction: the search budget at which this
         // selection's measured/predicted ratio would just meet the target, less the
         // margin.
-        let target_measured = match budget {
-            Budget::LatencyMs(ms) => ms,
-            Budget::Speedup(s) => dense.median_ms / s,
-        };
-        let ratio = pruned.median_ms / predicted;
-        let corrected = target_measured / ratio * (1.0 - settings.margin);
-        let settled = met && target_measured / pruned.median_ms <= 1.0 + settings.overshoot;
+        let beats_by = margin_over(budget, &timing);
+        let corrected = predicted * beats_by * (1.0 - settings.margin);
+        let settled = met && beats_by <= 1.0 + settings.overshoot;
         match next_search_budget(
             &bracket,
             search_budget,
@@ -543,6 +554,7 @@ mod tests {
             predicted_ms: b,
             measured_dense: None,
             measured: None,
+            measured_speedup: None,
             met,
         };
         assert_eq!(

@@ -212,14 +212,11 @@ fn time_against_original<S: Session>(
         );
         return Ok(());
     };
-    for (b, (dense, pruned)) in report.budgets.iter_mut().zip(timings) {
-        let speedup = dense.median_ms / pruned.median_ms.max(f64::MIN_POSITIVE);
-        b.measured_dense_ms = Some(dense.median_ms);
-        b.measured_ms = Some(pruned.median_ms);
-        b.measured_speedup = Some(speedup);
-        if let Budget::Speedup(want) = b.budget {
-            b.met = Some(speedup >= want);
-        }
+    for (b, timing) in report.budgets.iter_mut().zip(timings) {
+        b.measured_dense_ms = Some(timing.dense.median_ms);
+        b.measured_ms = Some(timing.model.median_ms);
+        b.measured_speedup = Some(timing.speedup);
+        b.met = Some(crate::pipeline::budget::meets(b.budget, &timing));
     }
     report.notes.push(
         "chain: each budget's measured latency is one paired run against the original (the stages' own verifications, against the model each pruned, are its attempts)".into(),

@@ -13,7 +13,7 @@
 //! per budget, budget::prune_to_budget:
 //!   search     DP / SPDY              -> Selection, Plan
 //!   emit       Session::emit          -> EmitSummary (the model file)
-//!   verify     Session::measure       -> measured Timing pair, next round or done
+//!   verify     Session::measure       -> paired timing (PairedTiming), next round or done
 //!   correct    correct::correct (job.sequential) -> Plan, PrunedWeights re-fitted on
 //!              the pruned model's inputs (ModelAdapter::paired_streams), emitted again
 //!   recover    Session::recover       -> Recovered (distilled weights, emitted again)
@@ -44,7 +44,7 @@ use crate::report::{self, PruneReport, StageTimes};
 use std::path::{Path, PathBuf};
 use std::time::Instant;
 use ziplm_plugin_api::{
-    EmitSummary, LatencyProfiler, LatencyTable, ModelAdapter, Plan, PrunedWeights, Timing,
+    EmitSummary, LatencyProfiler, LatencyTable, ModelAdapter, PairedTiming, Plan, PrunedWeights,
 };
 
 /// A backend's state for one job beside its loaded model: what the pipeline asks of a
@@ -154,7 +154,7 @@ pub trait Session {
         model: &Self::Model,
         job: &PruneJob,
         emitted: &EmitSummary,
-    ) -> Result<(Timing, Timing)>;
+    ) -> Result<PairedTiming>;
 
     /// Times each of `models` (emitted files) against `model`, emitted unpruned through
     /// the same emitter into `scratch`, alternating in one run per model: a chain's
@@ -165,7 +165,7 @@ pub trait Session {
         _job: &PruneJob,
         _models: &[PathBuf],
         _scratch: &Path,
-    ) -> Result<Option<Vec<(Timing, Timing)>>> {
+    ) -> Result<Option<Vec<PairedTiming>>> {
         Ok(None)
     }
 
@@ -499,7 +499,7 @@ impl<S: Session> EmitAndMeasure for BudgetRuntime<'_, S> {
         self.emit_s += t.elapsed().as_secs_f64();
         Ok(s)
     }
-    fn measure(&mut self, emitted: &EmitSummary) -> Result<(Timing, Timing)> {
+    fn measure(&mut self, emitted: &EmitSummary) -> Result<PairedTiming> {
         let t = Instant::now();
         let r = self.session.measure(self.model, self.job, emitted)?;
         self.verify_s += t.elapsed().as_secs_f64();

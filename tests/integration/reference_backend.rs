@@ -18,8 +18,8 @@ use ziplm::search::Budget;
 use ziplm_plugin_api::{
     ActivationSink, AdapterError, AdapterResult, AttentionShape, BlockId, BlockKind, BlockPlan,
     BlockShape, EmitSummary, FfnShape, LatencyProfiler, LatencyTable, LayerIndex, Measured,
-    ModelAdapter, ModelStructure, Plan, PrunableBlock, PrunedWeights, ShapeConstraints,
-    TargetFingerprint, TimedRun, Timing, WeightMatrix, Workload,
+    ModelAdapter, ModelStructure, PairedTiming, Plan, PrunableBlock, PrunedWeights,
+    ShapeConstraints, TargetFingerprint, TimedRun, WeightMatrix, Workload,
 };
 
 // ---- the model and its forward ----
@@ -532,7 +532,7 @@ impl Session for RefSession {
         _: &RefAdapter,
         job: &PruneJob,
         emitted: &EmitSummary,
-    ) -> ziplm::Result<(Timing, Timing)> {
+    ) -> ziplm::Result<PairedTiming> {
         let dense = RefNet::load(&job.model)?;
         let pruned = RefNet::load(&emitted.path)?;
         let ids: Vec<i64> = (0..job.workload.seq_len as i64).collect();
@@ -602,7 +602,7 @@ impl Backend for RefBackend {
         _: ziplm::job::Device,
         _: &ProfileSettings,
         _: &dyn Progress,
-    ) -> ziplm::Result<Vec<(Timing, Timing)>> {
+    ) -> ziplm::Result<Vec<PairedTiming>> {
         Err(ziplm::Error::Invalid("refnet: no speedup timing".into()))
     }
 }

@@ -60,15 +60,6 @@ impl FakeRuntime {
     }
 }
 
-fn exact(ms: f64) -> Timing {
-    Timing {
-        median_ms: ms,
-        min_ms: ms,
-        max_ms: ms,
-        runs: 1,
-    }
-}
-
 impl EmitAndMeasure for FakeRuntime {
     fn emit(&mut self, plan: &Plan, _weights: &PrunedWeights) -> Result<EmitSummary> {
         self.emitted.push(plan.clone());
@@ -80,12 +71,12 @@ impl EmitAndMeasure for FakeRuntime {
         })
     }
 
-    fn measure(&mut self, _emitted: &EmitSummary) -> Result<(Timing, Timing)> {
+    fn measure(&mut self, _emitted: &EmitSummary) -> Result<PairedTiming> {
         let plan = self.emitted.last().expect("measure follows emit").clone();
         let dense_ms = self.dense_ms(&plan);
         let ms = self.latency(&plan);
         self.measured.push(plan);
-        Ok((exact(dense_ms), exact(ms)))
+        Ok(ziplm::profile::paired_timing(vec![dense_ms], vec![ms]))
     }
 }
 
@@ -225,9 +216,12 @@ impl EmitAndMeasure for NoisyDense {
     fn emit(&mut self, plan: &Plan, weights: &PrunedWeights) -> Result<EmitSummary> {
         self.0.emit(plan, weights)
     }
-    fn measure(&mut self, emitted: &EmitSummary) -> Result<(Timing, Timing)> {
-        let (d, p) = self.0.measure(emitted)?;
-        Ok((exact(d.median_ms * 0.95), p))
+    fn measure(&mut self, emitted: &EmitSummary) -> Result<PairedTiming> {
+        let t = self.0.measure(emitted)?;
+        Ok(ziplm::profile::paired_timing(
+            vec![t.dense.median_ms * 0.95],
+            vec![t.model.median_ms],
+        ))
     }
 }
 
@@ -249,6 +243,57 @@ fn a_speedup_the_dense_model_meets_is_met_whatever_the_noise() {
     assert_eq!(outcome.attempts.len(), 1);
 }
 
+/// The fake runtime timed in 11 alternating rounds during which the machine slows
+/// down by 1.5x: from the dense model's run of round 6 and the pruned model's run of
+/// round 5 on (a slow spell that began between the two runs of round 5).
+struct SlowSpell(FakeRuntime);
+
+impl EmitAndMeasure for SlowSpell {
+    fn emit(&mut self, plan: &Plan, weights: &PrunedWeights) -> Result<EmitSummary> {
+        self.0.emit(plan, weights)
+    }
+    fn measure(&mut self, emitted: &EmitSummary) -> Result<PairedTiming> {
+        let t = self.0.measure(emitted)?;
+        let slow = |i: usize, from: usize| if i >= from { 1.5 } else { 1.0 };
+        Ok(ziplm::profile::paired_timing(
+            (0..11).map(|i| t.dense.median_ms * slow(i, 6)).collect(),
+            (0..11).map(|i| t.model.median_ms * slow(i, 5)).collect(),
+        ))
+    }
+}
+
+#[test]
+fn a_slow_spell_during_verification_does_not_change_the_verdicts() {
+    // The speedup is the median of the rounds' ratios, which the slow spell leaves as
+    // they are in 10 of 11 rounds: the loop measures, keeps and reports what it does
+    // with exact timings. (The ratio of the medians would read every model 1.5x
+    // slower than it is.)
+    let db = setup();
+    let settings = plain_dp();
+    for target in [1.25, 1.5] {
+        let (exact, _) = run(&db, target, &settings);
+        let mut rt = SlowSpell(FakeRuntime::new());
+        let slowed = pipeline::prune_to_budget(
+            &db,
+            &table(&db),
+            Budget::Speedup(target),
+            &settings,
+            true,
+            &mut rt,
+        )
+        .unwrap();
+        assert_eq!(slowed.plan, exact.plan, "{target}x");
+        assert_eq!(slowed.measured_speedup(), exact.measured_speedup());
+        assert_eq!(slowed.met(), Some(true));
+        let verdicts = |o: &BudgetOutcome| -> Vec<_> { o.attempts.iter().map(|a| a.met).collect() };
+        assert_eq!(verdicts(&slowed), verdicts(&exact), "{target}x");
+        let a = slowed.chosen_attempt().unwrap();
+        let of_medians = a.measured_dense.unwrap().median_ms / a.measured.unwrap().median_ms;
+        let s = slowed.measured_speedup().unwrap();
+        assert!((of_medians * 1.5 - s).abs() < 1e-9, "{of_medians} {s}");
+    }
+}
+
 /// A weight stage that scales every out-projection by 2: what it returns is what is
 /// emitted and what the outcome carries.
 struct Doubling {
@@ -267,7 +312,7 @@ impl EmitAndMeasure for Doubling {
         self.emitted_weights.push(weights.clone());
         self.inner.emit(plan, weights)
     }
-    fn measure(&mut self, emitted: &EmitSummary) -> Result<(Timing, Timing)> {
+    fn measure(&mut self, emitted: &EmitSummary) -> Result<PairedTiming> {
         self.inner.measure(emitted)
     }
 }

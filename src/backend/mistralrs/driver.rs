@@ -21,8 +21,8 @@ use crate::runtime_fit::{self, Point, RuntimeFit};
 use crate::search::SearchProblem;
 use std::path::{Path, PathBuf};
 use ziplm_plugin_api::{
-    EmitSummary, LatencyProfiler, LatencyTable, ModelAdapter, ModelStructure, Phase, Plan,
-    PrunedWeights, Timing, Workload,
+    EmitSummary, LatencyProfiler, LatencyTable, ModelAdapter, ModelStructure, PairedTiming, Phase,
+    Plan, PrunedWeights, Workload,
 };
 
 /// A mistral.rs run's results (with the loaded [`LlamaModel`]).
@@ -102,7 +102,7 @@ pub fn time_files(
     workload: &Workload,
     settings: &profile::ProfileSettings,
     progress: &dyn Progress,
-) -> Result<Vec<(Timing, Timing)>> {
+) -> Result<Vec<PairedTiming>> {
     let llm = LlamaModel::load(dense, Default::default())?;
     check_timed_workload(workload, llm.weights.config.context_length)?;
     let prompt: Vec<u32> =
@@ -181,7 +181,7 @@ pub fn time_pair_loaded(
     prompt: &[u32],
     workload: &Workload,
     settings: &profile::ProfileSettings,
-) -> ziplm_plugin_api::AdapterResult<(Timing, Timing)> {
+) -> ziplm_plugin_api::AdapterResult<PairedTiming> {
     match workload.phase {
         Phase::Prefill => {
             profile::time_alternating(settings, || a.prefill(prompt), || b.prefill(prompt))
@@ -228,7 +228,7 @@ impl ProbeRuntime<'_> {
                 .join(output_name(self.model, &format!("probe-{name}")));
             self.model.emit(&plan, &PrunedWeights::default(), &path)?;
             let probe = LoadedModel::load(&path)?;
-            let (d, p) = time_pair_loaded(
+            let t = time_pair_loaded(
                 self.dense,
                 &probe,
                 self.prompt,
@@ -237,8 +237,8 @@ impl ProbeRuntime<'_> {
             )?;
             drop(probe);
             crate::fsutil::remove_model(&path);
-            dense_ms.push(d.median_ms);
-            timed.push((name, sel, p.median_ms / d.median_ms));
+            dense_ms.push(t.dense.median_ms);
+            timed.push((name, sel, 1.0 / t.speedup.max(f64::MIN_POSITIVE)));
             self.progress.advance(1);
         }
         self.progress.finish();
@@ -539,7 +539,7 @@ impl Session for MistralSession {
         _model: &LlamaModel,
         job: &PruneJob,
         emitted: &EmitSummary,
-    ) -> Result<(Timing, Timing)> {
+    ) -> Result<PairedTiming> {
         self.dense()?;
         let pruned = LoadedModel::load(&emitted.path)?;
         let dense = self.dense.as_ref().expect("loaded above");
@@ -557,7 +557,7 @@ impl Session for MistralSession {
         job: &PruneJob,
         models: &[PathBuf],
         scratch: &Path,
-    ) -> Result<Option<Vec<(Timing, Timing)>>> {
+    ) -> Result<Option<Vec<PairedTiming>>> {
         self.prepare_timing(model, job, scratch)?;
         let mut timings = vec![];
         for path in models {
@@ -657,7 +657,7 @@ impl Backend for MistralBackend {
         device: Device,
         settings: &ProfileSettings,
         progress: &dyn Progress,
-    ) -> Result<Vec<(Timing, Timing)>> {
+    ) -> Result<Vec<PairedTiming>> {
         check_cpu(device)?;
         time_files(dense, models, workload, settings, progress)
     }

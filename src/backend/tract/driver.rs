@@ -16,8 +16,8 @@ use crate::progress::Progress;
 use crate::report::PruneReport;
 use std::path::{Path, PathBuf};
 use ziplm_plugin_api::{
-    EmitSummary, GqaPolicy, LatencyProfiler, LatencyTable, ModelAdapter, ModelStructure, Plan,
-    PrunedWeights, Timing, Workload,
+    EmitSummary, GqaPolicy, LatencyProfiler, LatencyTable, ModelAdapter, ModelStructure,
+    PairedTiming, Plan, PrunedWeights, Workload,
 };
 
 /// Calibration samples the SPDY loss hook scores candidates on.
@@ -133,7 +133,7 @@ impl Session for TractSession {
         model: &TractModel,
         job: &PruneJob,
         emitted: &EmitSummary,
-    ) -> Result<(Timing, Timing)> {
+    ) -> Result<PairedTiming> {
         let t = time_pair(
             model,
             &job.model,
@@ -143,7 +143,7 @@ impl Session for TractSession {
             &job.verify_settings,
         )?;
         self.placements.push(t.placement);
-        Ok((t.a, t.b))
+        Ok(t.timing)
     }
     fn check_served(&mut self, _job: &PruneJob, outcome: &BudgetOutcome) -> Result<Vec<String>> {
         // Where the kept model's nodes ran on the GPU: one measurement per round, and
@@ -239,14 +239,14 @@ impl Backend for TractBackend {
         device: Device,
         settings: &ProfileSettings,
         progress: &dyn Progress,
-    ) -> Result<Vec<(Timing, Timing)>> {
+    ) -> Result<Vec<PairedTiming>> {
         let device = TractDevice::of(device)?;
         device.require("timing models")?;
         let model = load(dense, *workload, GqaPolicy::WholeKvGroups)?;
         let mut out = vec![];
         for m in models {
             let t = time_pair(&model, dense, m, workload, &device, settings)?;
-            out.push((t.a, t.b));
+            out.push(t.timing);
             progress.advance(1);
         }
         Ok(out)

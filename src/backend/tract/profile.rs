@@ -194,16 +194,15 @@ impl LatencyProfiler for TractProfiler<'_> {
 /// Two models timed end to end, alternating runs, and where the second one's nodes ran
 /// (GPU targets only).
 pub struct PairTiming {
-    /// The first model (the dense one).
-    pub a: ziplm_plugin_api::Timing,
-    /// The second model (the pruned one).
-    pub b: ziplm_plugin_api::Timing,
+    /// The second model (the pruned one) timed against the first (the dense one).
+    pub timing: ziplm_plugin_api::PairedTiming,
     /// Where the second model's nodes ran on a GPU.
     pub placement: Option<Placement>,
 }
 
 /// Times two model files end to end at a workload on `device`, alternating runs;
-/// returns the timings of each (median, min, max over `runs` after `warmup`).
+/// returns the second's timing against the first (medians, spreads and the rounds'
+/// median ratio over `runs` after `warmup`).
 pub fn time_pair(
     model: &TractModel,
     a: &Path,
@@ -223,14 +222,10 @@ pub fn time_pair(
     let mut pa = prepare(a)?;
     let mut pb = prepare(b)?;
     let placement = pb.placement.take();
-    let (ta, tb) = crate::profile::time_alternating(
+    let timing = crate::profile::time_alternating(
         settings,
         || device.time(&mut pa),
         || device.time(&mut pb),
     )?;
-    Ok(PairTiming {
-        a: ta,
-        b: tb,
-        placement,
-    })
+    Ok(PairTiming { timing, placement })
 }
