@@ -23,6 +23,11 @@ pub struct SpeedupMeasurement {
     pub model: PathBuf,
     /// The dense model's timing in the same alternating run.
     pub dense: Timing,
+    /// How the dense model was run when not as its file is (the backend's words: a
+    /// GGUF dense model stored in another tensor type than the model is emitted
+    /// unpruned in the model's type first).
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub dense_as: Option<String>,
     /// The model's timing.
     pub timing: Timing,
     /// The median over the alternating rounds of the dense run's time over the
@@ -86,9 +91,10 @@ pub fn measure(
         .zip(timings)
         .map(|(m, t)| SpeedupMeasurement {
             model: m.clone(),
-            speedup: t.speedup,
-            dense: t.dense,
-            timing: t.model,
+            speedup: t.timing.speedup,
+            dense: t.timing.dense,
+            dense_as: t.dense_as,
+            timing: t.timing.model,
         })
         .collect())
 }

@@ -10,7 +10,7 @@ use crate::profile::ProfileSettings;
 use crate::progress::Progress;
 use crate::report::PruneReport;
 use std::path::{Path, PathBuf};
-use ziplm_plugin_api::{LatencyTable, ModelStructure, PairedTiming, Workload};
+use ziplm_plugin_api::{LatencyTable, ModelStructure, Workload};
 
 /// The error every call of this stub returns.
 fn not_built(model: &Path) -> Error {
@@ -72,7 +72,7 @@ impl Backend for MistralBackend {
         _: crate::job::Device,
         _: &ProfileSettings,
         _: &dyn Progress,
-    ) -> Result<Vec<PairedTiming>> {
+    ) -> Result<Vec<crate::backend::TimedFile>> {
         Err(not_built(dense))
     }
 }

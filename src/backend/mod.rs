@@ -132,7 +132,7 @@ pub trait Backend: Sync {
         progress: &dyn Progress,
     ) -> Result<LatencyTable>;
     /// Times each of `models` against `dense` end to end in the runtime, alternating
-    /// runs (`ziplm speedup`); one (dense, model) timing pair per model.
+    /// runs (`ziplm speedup`); one timing per model.
     fn time_files(
         &self,
         dense: &Path,
@@ -141,7 +141,26 @@ pub trait Backend: Sync {
         device: crate::job::Device,
         settings: &ProfileSettings,
         progress: &dyn Progress,
-    ) -> Result<Vec<PairedTiming>>;
+    ) -> Result<Vec<TimedFile>>;
+}
+
+/// One model file timed against the dense model ([`Backend::time_files`]).
+#[derive(Clone, Debug)]
+pub struct TimedFile {
+    /// The model's timing against the dense model.
+    pub timing: PairedTiming,
+    /// How the dense model was run, when not as its file is (e.g. emitted unpruned in
+    /// the model's tensor type, so that the ratio times the pruning, not the type).
+    pub dense_as: Option<String>,
+}
+
+impl From<PairedTiming> for TimedFile {
+    fn from(timing: PairedTiming) -> Self {
+        TimedFile {
+            timing,
+            dense_as: None,
+        }
+    }
 }
 
 /// The backends built into ziplm, in the order models are matched against them.

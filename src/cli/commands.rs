@@ -314,6 +314,9 @@ fn speedup(a: SpeedupArgs) -> anyhow::Result<ExitCode> {
                 r.dense.median_ms,
                 r.speedup
             );
+            if let Some(note) = &r.dense_as {
+                println!("    note: {note}");
+            }
         }
     }
     Ok(ExitCode::SUCCESS)

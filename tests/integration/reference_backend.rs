@@ -602,7 +602,7 @@ impl Backend for RefBackend {
         _: ziplm::job::Device,
         _: &ProfileSettings,
         _: &dyn Progress,
-    ) -> ziplm::Result<Vec<PairedTiming>> {
+    ) -> ziplm::Result<Vec<ziplm::backend::TimedFile>> {
         Err(ziplm::Error::Invalid("refnet: no speedup timing".into()))
     }
 }

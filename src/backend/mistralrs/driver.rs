@@ -8,7 +8,7 @@ use super::model::{LlamaModel, LlamaOptions};
 use super::options::MistralOptions;
 use super::profile::CandleProfiler;
 use super::runtime::LoadedModel;
-use crate::backend::{Backend, ProfileRequest};
+use crate::backend::{Backend, ProfileRequest, TimedFile};
 use crate::data::{self, tokenizer::Tokenizer};
 use crate::database::Database;
 use crate::error::{Error, Result};
@@ -19,6 +19,7 @@ use crate::progress::Progress;
 use crate::report::PruneReport;
 use crate::runtime_fit::{self, Point, RuntimeFit};
 use crate::search::SearchProblem;
+use candle_core::quantized::GgmlDType;
 use std::path::{Path, PathBuf};
 use ziplm_plugin_api::{
     EmitSummary, LatencyProfiler, LatencyTable, ModelAdapter, ModelStructure, PairedTiming, Phase,
@@ -96,13 +97,19 @@ fn prompt_len(workload: &Workload) -> usize {
 /// ([`time_pair_loaded`]) on fixed random prompt ids (any ids time the same). Each
 /// file is read by ziplm's reader first, so a corrupt or unsupported one gets ziplm's
 /// clear error rather than the runtime's.
+///
+/// A GGUF model whose projections are stored in another tensor type than the dense
+/// file's is timed against the dense model emitted unpruned in the model's type (as
+/// verification times it): mistral.rs runs each type with its own kernels (a Q4_1
+/// SmolLM2-135M took 15.7x its F32 form's time for a 512-token prefill on a 2-vCPU
+/// EPYC), so the file as it is would time the tensor type, not the pruning.
 pub fn time_files(
     dense: &Path,
     models: &[PathBuf],
     workload: &Workload,
     settings: &profile::ProfileSettings,
     progress: &dyn Progress,
-) -> Result<Vec<PairedTiming>> {
+) -> Result<Vec<TimedFile>> {
     let llm = LlamaModel::load(dense, Default::default())?;
     check_timed_workload(workload, llm.weights.config.context_length)?;
     let prompt: Vec<u32> =
@@ -111,18 +118,78 @@ pub fn time_files(
             .into_iter()
             .map(|i| i as u32)
             .collect();
+    let dense_type = llm.projection_type();
     drop(llm);
-    let dense_rt = LoadedModel::load(dense)?;
+    let scratch = tempfile::tempdir().map_err(|e| Error::io(std::env::temp_dir(), e))?;
+    // The dense model as each tensor type needs it: the file itself, or emitted.
+    type Types = Option<(GgmlDType, GgmlDType)>;
+    let mut dense_runs: Vec<(Types, LoadedModel, Option<String>)> = vec![];
     let mut out = vec![];
     for m in models {
-        drop(LlamaModel::load(m, Default::default())?);
+        let model_type = LlamaModel::load(m, Default::default())?.projection_type();
+        let as_type = match (dense_type, model_type) {
+            (Some(d), Some(t)) if d != t => Some((d, t)),
+            _ => None,
+        };
+        if !dense_runs.iter().any(|(t, _, _)| *t == as_type) {
+            dense_runs.push(match as_type {
+                None => (None, LoadedModel::load(dense)?, None),
+                Some((d, t)) => {
+                    let (rt, note) = dense_emitted_as(dense, d, t, m, scratch.path())?;
+                    (Some((d, t)), rt, Some(note))
+                }
+            });
+        }
+        let (_, dense_rt, note) = dense_runs
+            .iter()
+            .find(|(t, _, _)| *t == as_type)
+            .expect("pushed above");
         let rt = LoadedModel::load(m)?;
-        out.push(time_pair_loaded(
-            &dense_rt, &rt, &prompt, workload, settings,
-        )?);
+        out.push(TimedFile {
+            timing: time_pair_loaded(dense_rt, &rt, &prompt, workload, settings)?,
+            dense_as: note.clone(),
+        });
         progress.advance(1);
     }
     Ok(out)
+}
+
+/// The dense model emitted unpruned with its projections in `as_type` (the type of
+/// `model`), loaded in mistral.rs, and the note that says so; a clear error when ziplm
+/// does not write that type.
+fn dense_emitted_as(
+    dense: &Path,
+    dense_type: GgmlDType,
+    as_type: GgmlDType,
+    model: &Path,
+    scratch: &Path,
+) -> Result<(LoadedModel, String)> {
+    let Some(output_dtype) = super::emit::output_dtype_of(as_type) else {
+        return Err(Error::Invalid(format!(
+            "{} stores its projections as {as_type:?} and the dense model {} as {dense_type:?}: mistral.rs runs the two types with different kernels, so their ratio would time the tensor type, not the pruning; ziplm writes f32, f16, q8_0 and q4_k only, so give a dense model stored as {as_type:?}",
+            model.display(),
+            dense.display()
+        )));
+    };
+    let llm = LlamaModel::load(
+        dense,
+        LlamaOptions {
+            output_dtype,
+            ..Default::default()
+        },
+    )?;
+    let path = scratch.join(output_name(&llm, &format!("dense-{as_type:?}")));
+    llm.emit(
+        &Plan::dense(llm.structure()),
+        &PrunedWeights::default(),
+        &path,
+    )?;
+    drop(llm);
+    let note = format!(
+        "{} stores its projections as {dense_type:?} and this model as {as_type:?}, which mistral.rs runs with other kernels: timed against the dense model emitted unpruned as {as_type:?}, as verification times it",
+        dense.display()
+    );
+    Ok((LoadedModel::load(&path)?, note))
 }
 
 /// Refuses GPU targets: mistral.rs's CUDA build needs nvcc when it is built, which
@@ -657,7 +724,7 @@ impl Backend for MistralBackend {
         device: Device,
         settings: &ProfileSettings,
         progress: &dyn Progress,
-    ) -> Result<Vec<PairedTiming>> {
+    ) -> Result<Vec<TimedFile>> {
         check_cpu(device)?;
         time_files(dense, models, workload, settings, progress)
     }

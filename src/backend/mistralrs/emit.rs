@@ -28,6 +28,18 @@ pub fn ggml_dtype(d: OutputDType) -> candle_core::quantized::GgmlDType {
     }
 }
 
+/// The output type that writes `d`, when the emitter writes it.
+pub fn output_dtype_of(d: GgmlDType) -> Option<OutputDType> {
+    [
+        OutputDType::F32,
+        OutputDType::F16,
+        OutputDType::Q8_0,
+        OutputDType::Q4K,
+    ]
+    .into_iter()
+    .find(|o| ggml_dtype(*o) == d)
+}
+
 /// Metadata keys the emitter writes itself.
 const REWRITTEN: &[&str] = &[
     "llama.block_count",

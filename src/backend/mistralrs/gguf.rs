@@ -117,6 +117,34 @@ impl GgufFile {
         self.content.tensor_infos.get(name).map(|t| t.ggml_dtype)
     }
 
+    /// The type most of the file's attention and FFN projections are stored in (the
+    /// type mistral.rs runs their matmuls in; ties go to the first type by name), or
+    /// `None` when it has none.
+    pub fn projection_type(&self) -> Option<GgmlDType> {
+        const PROJECTIONS: &[&str] = &[
+            ".attn_q.weight",
+            ".attn_k.weight",
+            ".attn_v.weight",
+            ".attn_output.weight",
+            ".ffn_gate.weight",
+            ".ffn_up.weight",
+            ".ffn_down.weight",
+        ];
+        let mut counts: Vec<(String, GgmlDType, usize)> = vec![];
+        for (name, info) in &self.content.tensor_infos {
+            if !PROJECTIONS.iter().any(|p| name.ends_with(p)) {
+                continue;
+            }
+            let key = format!("{:?}", info.ggml_dtype);
+            match counts.iter_mut().find(|(k, _, _)| *k == key) {
+                Some(c) => c.2 += 1,
+                None => counts.push((key, info.ggml_dtype, 1)),
+            }
+        }
+        counts.sort_by(|a, b| b.2.cmp(&a.2).then_with(|| a.0.cmp(&b.0)));
+        counts.first().map(|c| c.1)
+    }
+
     /// The (outer-first) shape of a tensor.
     pub fn shape(&self, name: &str) -> Option<Vec<usize>> {
         self.content

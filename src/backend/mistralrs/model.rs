@@ -254,6 +254,15 @@ pub fn structure_of(w: &LlamaWeights, options: &LlamaOptions, format: LlmFormat)
 }
 
 impl LlamaModel {
+    /// The tensor type a GGUF file stores most of its projections in
+    /// ([`GgufFile::projection_type`]); `None` for a folder.
+    pub fn projection_type(&self) -> Option<candle_core::quantized::GgmlDType> {
+        match &self.source {
+            Source::Gguf(g) => g.projection_type(),
+            Source::Hf(_) => None,
+        }
+    }
+
     /// Loads a Llama GGUF file or Hugging Face folder.
     pub fn load(path: &Path, options: LlamaOptions) -> AdapterResult<LlamaModel> {
         let unsupported = |detail: String, hint: &str| AdapterError::Unsupported {

@@ -239,14 +239,14 @@ impl Backend for TractBackend {
         device: Device,
         settings: &ProfileSettings,
         progress: &dyn Progress,
-    ) -> Result<Vec<PairedTiming>> {
+    ) -> Result<Vec<crate::backend::TimedFile>> {
         let device = TractDevice::of(device)?;
         device.require("timing models")?;
         let model = load(dense, *workload, GqaPolicy::WholeKvGroups)?;
         let mut out = vec![];
         for m in models {
             let t = time_pair(&model, dense, m, workload, &device, settings)?;
-            out.push(t.timing);
+            out.push(t.timing.into());
             progress.advance(1);
         }
         Ok(out)
