@@ -1028,23 +1028,11 @@ fn the_cli_times_emitted_gguf_files_in_mistralrs() {
         .arg("speedup")
         .arg(tiny())
         .args([&pruned_q8, &pruned])
-        .args([
-            "--runs",
-            "1",
-            "--warmup",
-            "0",
-            "--quiet",
-            "--json",
-            "--seq-len",
-            "8",
-        ])
+        .args("--runs 1 --warmup 0 --quiet --json --seq-len 8".split(' '))
         .output()
         .unwrap();
-    assert!(
-        out.status.success(),
-        "{}",
-        String::from_utf8_lossy(&out.stderr)
-    );
+    let stderr = String::from_utf8_lossy(&out.stderr);
+    assert!(out.status.success(), "{stderr}");
     let v: serde_json::Value = serde_json::from_slice(&out.stdout).unwrap();
     let note = v["models"][0]["dense_as"].as_str().unwrap();
     assert!(
