@@ -109,16 +109,57 @@ pub fn time_alternating<E>(
 
 /// The paired timing of rounds whose `i`-th runs are `dense_ms[i]` and `model_ms[i]`.
 pub fn paired_timing(mut dense_ms: Vec<f64>, mut model_ms: Vec<f64>) -> PairedTiming {
-    let mut ratios: Vec<f64> = dense_ms
+    let rounds: Vec<(f64, f64)> = dense_ms
         .iter()
-        .zip(&model_ms)
-        .map(|(d, m)| d / m.max(f64::MIN_POSITIVE))
+        .copied()
+        .zip(model_ms.iter().copied())
         .collect();
     PairedTiming {
+        speedup: median_of(&mut round_ratios(&rounds)),
         dense: timing_of(&mut dense_ms),
         model: timing_of(&mut model_ms),
-        speedup: median_of(&mut ratios),
+        rounds,
     }
+}
+
+/// Each round's dense time over its model time.
+fn round_ratios(rounds: &[(f64, f64)]) -> Vec<f64> {
+    rounds
+        .iter()
+        .map(|(d, m)| d / m.max(f64::MIN_POSITIVE))
+        .collect()
+}
+
+/// Two paired timings of the same two models as one: their rounds pooled.
+pub fn pooled(a: &PairedTiming, b: &PairedTiming) -> PairedTiming {
+    let (dense, model) = a.rounds.iter().chain(&b.rounds).copied().unzip();
+    paired_timing(dense, model)
+}
+
+/// A distribution-free interval of about 95% for the median of `xs`: the order
+/// statistics `k` and `n + 1 - k` with `k = n/2 - 0.98 sqrt(n)` (binomial ranks in the
+/// normal approximation), the extremes at least; `None` for no samples.
+pub fn median_interval(xs: &[f64]) -> Option<(f64, f64)> {
+    let mut xs = xs.to_vec();
+    xs.sort_by(f64::total_cmp);
+    let n = xs.len();
+    if n == 0 {
+        return None;
+    }
+    let k = ((n as f64 / 2.0 - 0.98 * (n as f64).sqrt()).round() as usize).clamp(1, n.div_ceil(2));
+    Some((xs[k - 1], xs[n - k]))
+}
+
+/// The interval of [`median_interval`] for a paired timing's speedup (the rounds'
+/// ratios); `None` when its rounds were not kept.
+pub fn speedup_interval(t: &PairedTiming) -> Option<(f64, f64)> {
+    median_interval(&round_ratios(&t.rounds))
+}
+
+/// The interval of [`median_interval`] for the model's median milliseconds; `None`
+/// when the rounds were not kept.
+pub fn model_ms_interval(t: &PairedTiming) -> Option<(f64, f64)> {
+    median_interval(&t.rounds.iter().map(|r| r.1).collect::<Vec<_>>())
 }
 
 /// The median of samples (sorts them); 0 for none.
@@ -465,6 +506,26 @@ mod tests {
         // An even number of rounds averages the two middle ratios.
         let t = paired_timing(vec![2.0, 3.0, 4.0, 6.0], vec![2.0, 2.0, 2.0, 2.0]);
         assert_eq!(t.speedup, 1.75);
+    }
+
+    #[test]
+    fn the_median_interval_narrows_with_more_rounds_and_pools_keep_every_round() {
+        // 15 samples: the 4th and 12th smallest (binomial coverage 96.5%).
+        let xs: Vec<f64> = (1..=15).map(f64::from).collect();
+        assert_eq!(median_interval(&xs), Some((4.0, 12.0)));
+        assert_eq!(median_interval(&[2.0]), Some((2.0, 2.0)));
+        assert_eq!(median_interval(&[]), None);
+        // The same spread three times over: the 16th and 30th of 45.
+        let xs3: Vec<f64> = xs.iter().chain(&xs).chain(&xs).copied().collect();
+        assert_eq!(median_interval(&xs3), Some((6.0, 10.0)));
+
+        let a = paired_timing(vec![3.0, 4.0], vec![2.0, 2.0]);
+        let b = paired_timing(vec![6.0], vec![2.0]);
+        let p = pooled(&a, &b);
+        assert_eq!(p.rounds, vec![(3.0, 2.0), (4.0, 2.0), (6.0, 2.0)]);
+        assert_eq!((p.speedup, p.dense.runs, p.dense.median_ms), (2.0, 3, 4.0));
+        assert_eq!(speedup_interval(&p), Some((1.5, 3.0)));
+        assert_eq!(model_ms_interval(&p), Some((2.0, 2.0)));
     }
 
     #[test]

@@ -76,7 +76,7 @@ impl Timing {
 /// A model timed against its dense model in one run of alternating rounds (each round
 /// runs the dense model, then the model), so that a slow spell of the machine hits
 /// both.
-#[derive(Clone, Copy, Debug, PartialEq, Serialize, Deserialize)]
+#[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
 pub struct PairedTiming {
     /// The dense model's runs.
     pub dense: Timing,
@@ -86,6 +86,9 @@ pub struct PairedTiming {
     /// in the same round. Drift of the machine between rounds cancels in each ratio,
     /// which it does not in `dense.median_ms / model.median_ms`.
     pub speedup: f64,
+    /// Each round's (dense, model) milliseconds, in order; empty when not kept.
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub rounds: Vec<(f64, f64)>,
 }
 
 /// One measured block shape.

@@ -2,7 +2,9 @@
 //!
 //! `search -> emit -> verify`: for each budget the DP picks levels, the backend writes
 //! the model, and the backend times the dense and the pruned model end to end in the
-//! same run. When the measured latency misses the budget, the prediction is corrected
+//! same run (alternating rounds; a speedup is the median of the rounds' ratios, and a
+//! model whose interval straddles the budget is timed again, up to
+//! `SearchSettings::extra_timings` times, with the rounds pooled). When the measured latency misses the budget, the prediction is corrected
 //! by the measured/predicted ratio and the search runs again with the tighter target;
 //! when a verified model beats the budget by more than the overshoot tolerance, the
 //! search is loosened again between the loosest search that met and the tightest that
@@ -32,10 +34,18 @@ pub struct SearchSettings {
     /// search again (0.05 = a 1.25x budget accepts up to 1.3125x measured).
     #[serde(default = "default_overshoot")]
     pub overshoot: f64,
+    /// Timings a verified model may get after its first when the budget lies inside
+    /// the ~95% interval of its measurement ([`undecided`]); their rounds are pooled.
+    #[serde(default = "default_extra_timings")]
+    pub extra_timings: usize,
 }
 
 fn default_overshoot() -> f64 {
     0.05
+}
+
+fn default_extra_timings() -> usize {
+    2
 }
 
 impl Default for SearchSettings {
@@ -46,6 +56,7 @@ impl Default for SearchSettings {
             retries: 3,
             margin: 0.02,
             overshoot: default_overshoot(),
+            extra_timings: default_extra_timings(),
         }
     }
 }
@@ -123,6 +134,21 @@ pub fn margin_over(budget: Budget, timing: &PairedTiming) -> f64 {
     match budget {
         Budget::LatencyMs(ms) => ms / timing.model.median_ms.max(f64::MIN_POSITIVE),
         Budget::Speedup(s) => timing.speedup / s,
+    }
+}
+
+/// Whether a measurement's rounds cannot tell met from missed yet: the budget lies
+/// strictly inside the ~95% interval of the figure it is read by (the median of the
+/// rounds' ratios for a speedup, the model's median for a latency;
+/// [`crate::profile::median_interval`]). False when the rounds were not kept.
+pub fn undecided(budget: Budget, timing: &PairedTiming) -> bool {
+    match budget {
+        Budget::Speedup(s) => {
+            crate::profile::speedup_interval(timing).is_some_and(|(lo, hi)| lo < s && s < hi)
+        }
+        Budget::LatencyMs(ms) => {
+            crate::profile::model_ms_interval(timing).is_some_and(|(lo, hi)| lo < ms && ms < hi)
+        }
     }
 }
 
@@ -225,8 +251,16 @@ pub fn prune_to_budget(
             });
             break;
         }
-        let timing = backend.measure(&emitted)?;
         let dense_selected = search.selection == db.dense_selection();
+        let mut timing = backend.measure(&emitted)?;
+        // A model this close to the budget is timed again and the rounds pooled, so
+        // that the verdict (and which model is kept) is not a coin toss of the noise.
+        for _ in 0..settings.extra_timings {
+            if dense_selected || !undecided(budget, &timing) {
+                break;
+            }
+            timing = crate::profile::pooled(&timing, &backend.measure(&emitted)?);
+        }
         // The dense model meets any speedup of at most 1x by definition: timing it
         // against itself would only sample the noise.
         let met = (dense_selected && matches!(budget, Budget::Speedup(s) if s <= 1.0))

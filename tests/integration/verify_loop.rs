@@ -294,6 +294,74 @@ fn a_slow_spell_during_verification_does_not_change_the_verdicts() {
     }
 }
 
+/// The fake runtime timed in 15 rounds whose dense runs scatter by up to ±10% in a
+/// fixed symmetric pattern: every timing's median ratio is the exact speedup `s`, and
+/// its ~95% interval is `s x [0.943, 1.057]` (the 4th and 12th of 15 ratios).
+struct Scatter(FakeRuntime);
+
+impl EmitAndMeasure for Scatter {
+    fn emit(&mut self, plan: &Plan, weights: &PrunedWeights) -> Result<EmitSummary> {
+        self.0.emit(plan, weights)
+    }
+    fn measure(&mut self, emitted: &EmitSummary) -> Result<PairedTiming> {
+        let t = self.0.measure(emitted)?;
+        let scatter = |i: usize| 1.0 + 0.1 * (i as f64 / 7.0 - 1.0);
+        Ok(ziplm::profile::paired_timing(
+            (0..15).map(|i| t.dense.median_ms * scatter(i)).collect(),
+            vec![t.model.median_ms; 15],
+        ))
+    }
+}
+
+#[test]
+fn a_model_whose_timing_straddles_the_budget_is_timed_again_with_the_rounds_pooled() {
+    let db = setup();
+    let settings = plain_dp();
+    let mut timings_per_model = vec![];
+    for target in [1.2, 1.25, 1.5, 2.0] {
+        let mut rt = Scatter(FakeRuntime::new());
+        let outcome = pipeline::prune_to_budget(
+            &db,
+            &table(&db),
+            Budget::Speedup(target),
+            &settings,
+            true,
+            &mut rt,
+        )
+        .unwrap();
+        // Each verified model's timings, in order (a plan measured n times in a row).
+        let plans = &rt.0.measured;
+        let mut timed: Vec<(&Plan, usize)> = vec![];
+        for p in plans {
+            match timed.last_mut() {
+                Some((q, n)) if *q == p => *n += 1,
+                _ => timed.push((p, 1)),
+            }
+        }
+        assert_eq!(timed.len(), outcome.attempts.len(), "{target}x");
+        for ((plan, n), a) in timed.iter().zip(&outcome.attempts) {
+            let s = speedup(&rt.0, plan);
+            // Inside the interval after one timing (0.943 s < target < 1.057 s): timed
+            // again; two timings pooled narrow it to s x [0.957, 1.043], three to
+            // s x [0.971, 1.029].
+            let after = |n: usize| 0.1 * [0.0, 4.0, 3.0, 2.0][n] / 7.0;
+            let straddles = |n: usize| (target / s - 1.0).abs() < after(n);
+            let want = (1..=3).find(|&n| n == 3 || !straddles(n)).unwrap();
+            assert_eq!(*n, want, "{target}x: a {s:.4}x model timed {n} times");
+            timings_per_model.push(*n);
+            assert_eq!(a.measured.unwrap().runs, 15 * n);
+            // The pooled rounds read the exact speedup.
+            assert!((a.measured_speedup.unwrap() - s).abs() < 1e-12);
+        }
+        assert_eq!(outcome.met(), Some(true), "{target}x");
+    }
+    // The loop's models land close to their budgets: some are timed more than once.
+    assert!(
+        timings_per_model.iter().any(|&n| n > 1),
+        "{timings_per_model:?}"
+    );
+}
+
 /// A weight stage that scales every out-projection by 2: what it returns is what is
 /// emitted and what the outcome carries.
 struct Doubling {
