@@ -134,7 +134,7 @@ fn main() -> anyhow::Result<()> {
             &cpu1,
             &job.verify_settings,
         )
-        .map(|t| (t.timing.dense, t.timing.model))
+        .map(|t| t.timing)
     };
     let problem = run.database.search_problem(&run.table)?;
 
@@ -164,6 +164,7 @@ fn main() -> anyhow::Result<()> {
                 measured_ms: zm.median_ms,
                 quality: score(&outcome.emitted.path)?,
                 metric: METRIC.into(),
+                measured_speedup: outcome.measured_speedup(),
             });
         }
         // The baselines aim at ZipLM's final (corrected) millisecond budget.
@@ -188,10 +189,11 @@ fn main() -> anyhow::Result<()> {
                 let path = PathBuf::from(format!("{}.{method}.onnx", stem.display()));
                 std::fs::write(&path, onnx::emit(&run.model, plan, weights)?)
                     .map_err(|e| ziplm::Error::io(&path, e))?;
-                let (d, m) = measure(&path).map_err(|e| ziplm::Error::Invalid(format!("{e:#}")))?;
+                let t = measure(&path).map_err(|e| ziplm::Error::Invalid(format!("{e:#}")))?;
                 Ok(frontier::Measured {
-                    dense_ms: d.median_ms,
-                    measured_ms: m.median_ms,
+                    dense_ms: t.dense.median_ms,
+                    measured_ms: t.model.median_ms,
+                    speedup: t.speedup,
                     quality: score(&path).map_err(|e| ziplm::Error::Invalid(format!("{e:#}")))?,
                 })
             },
@@ -251,15 +253,16 @@ fn main() -> anyhow::Result<()> {
             );
             let path = PathBuf::from(format!("{}.{method}.onnx", stem.display()));
             std::fs::write(&path, onnx::emit(&run.model, &plan, &weights)?)?;
-            let (d, m) = measure(&path)?;
+            let t = measure(&path)?;
             points.push(FrontierPoint {
                 method: method.into(),
                 target,
                 predicted_ms: problem.time_of(&selection),
-                dense_ms: d.median_ms,
-                measured_ms: m.median_ms,
+                dense_ms: t.dense.median_ms,
+                measured_ms: t.model.median_ms,
                 quality: score(&path)?,
                 metric: METRIC.into(),
+                measured_speedup: Some(t.speedup),
             });
         }
     }
@@ -273,6 +276,7 @@ fn main() -> anyhow::Result<()> {
             measured_ms: dense_med,
             quality: dense_quality,
             metric: METRIC.into(),
+            measured_speedup: None,
         },
     );
     frontier::write(

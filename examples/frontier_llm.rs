@@ -207,11 +207,15 @@ fn main() -> anyhow::Result<()> {
     )?;
     let dense_rt = LoadedModel::load(&dense_gguf)?;
     let prompt: Vec<u32> = ids.iter().take(512).copied().collect();
-    let measure = |path: &Path| -> anyhow::Result<(f64, f64)> {
+    let measure = |path: &Path| -> anyhow::Result<ziplm_plugin_api::PairedTiming> {
         let rt = LoadedModel::load(path)?;
-        let t =
-            driver::time_pair_loaded(&dense_rt, &rt, &prompt, &job.workload, &job.verify_settings)?;
-        Ok((t.dense.median_ms, t.model.median_ms))
+        Ok(driver::time_pair_loaded(
+            &dense_rt,
+            &rt,
+            &prompt,
+            &job.workload,
+            &job.verify_settings,
+        )?)
     };
 
     let dense_ppl = ppl(&dense_gguf)?;
@@ -233,6 +237,7 @@ fn main() -> anyhow::Result<()> {
             measured_ms: zm.median_ms,
             quality: ppl(&outcome.emitted.path)?.ppl,
             metric: METRIC.into(),
+            measured_speedup: outcome.measured_speedup(),
         });
         let stem = args
             .out
@@ -248,15 +253,16 @@ fn main() -> anyhow::Result<()> {
          -> anyhow::Result<FrontierPoint> {
             let path = PathBuf::from(driver::output_name(&run.model, &format!("{stem}.{method}")));
             run.model.emit(plan, weights, &path)?;
-            let (d, m) = measure(&path)?;
+            let t = measure(&path)?;
             Ok(FrontierPoint {
                 method: method.into(),
                 target,
                 predicted_ms: problem.time_of(selection),
-                dense_ms: d,
-                measured_ms: m,
+                dense_ms: t.dense.median_ms,
+                measured_ms: t.model.median_ms,
                 quality: ppl(&path)?.ppl,
                 metric: METRIC.into(),
+                measured_speedup: Some(t.speedup),
             })
         };
         // The one-shot baselines, and the selections the later stages start from.
@@ -369,6 +375,7 @@ fn main() -> anyhow::Result<()> {
             measured_ms: dense_med,
             quality: dense_ppl.ppl,
             metric: METRIC.into(),
+            measured_speedup: None,
         },
     );
     frontier::write(

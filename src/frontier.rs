@@ -27,12 +27,19 @@ pub struct FrontierPoint {
     pub quality: f64,
     /// Name of the quality metric, e.g. `sts-b dev spearman x100`.
     pub metric: String,
+    /// The measured speedup as verification reads it: the median of the timing run's
+    /// rounds' dense/model ratios. `None` (the dense point, older files): the ratio of
+    /// the two medians.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub measured_speedup: Option<f64>,
 }
 
 impl FrontierPoint {
-    /// Measured speedup: dense / pruned, both timed in the same run.
+    /// Measured speedup: [`FrontierPoint::measured_speedup`], else dense / pruned
+    /// medians, both timed in the same run.
     pub fn speedup(&self) -> f64 {
-        self.dense_ms / self.measured_ms
+        self.measured_speedup
+            .unwrap_or(self.dense_ms / self.measured_ms)
     }
 }
 
@@ -43,6 +50,8 @@ pub struct Measured {
     pub dense_ms: f64,
     /// The model's median (ms).
     pub measured_ms: f64,
+    /// The median of the run's rounds' dense/model ratios.
+    pub speedup: f64,
     /// Its quality.
     pub quality: f64,
 }
@@ -82,6 +91,7 @@ pub fn baseline_points(
             measured_ms: m.measured_ms,
             quality: m.quality,
             metric: metric.into(),
+            measured_speedup: Some(m.speedup),
         });
     }
     Ok(points)
@@ -243,6 +253,7 @@ mod tests {
             measured_ms,
             quality,
             metric: "sts".into(),
+            measured_speedup: None,
         }
     }
 
@@ -255,6 +266,16 @@ mod tests {
         let rows: Vec<&str> = csv.lines().collect();
         assert_eq!(rows.len(), 3);
         assert_eq!(rows[2], "ziplm,2.00,4.0000,10.0000,4.0000,2.500,sts,78.500");
+        // A point with its rounds' median ratio reports that, not the medians' ratio.
+        let paired = FrontierPoint {
+            measured_speedup: Some(2.25),
+            ..point("ziplm", 2.0, 4.0, 78.5)
+        };
+        let csv = to_csv(&[paired]);
+        assert_eq!(
+            csv.lines().nth(1),
+            Some("ziplm,2.00,4.0000,10.0000,4.0000,2.250,sts,78.500")
+        );
     }
 
     #[test]

@@ -4,8 +4,9 @@
 //! the model, and the backend times the dense and the pruned model end to end in the
 //! same run (alternating rounds; a speedup is the median of the rounds' ratios, and a
 //! model whose interval straddles the budget is timed again, up to
-//! `SearchSettings::extra_timings` times, with the rounds pooled). When the measured latency misses the budget, the prediction is corrected
-//! by the measured/predicted ratio and the search runs again with the tighter target;
+//! `SearchSettings::extra_timings` times, with the rounds pooled). When the measured
+//! latency misses the budget, the prediction is corrected by the measured/predicted
+//! ratio and the search runs again with the tighter target;
 //! when a verified model beats the budget by more than the overshoot tolerance, the
 //! search is loosened again between the loosest search that met and the tightest that
 //! missed (a bounded number of rounds in all). The outcome is the loosest round that

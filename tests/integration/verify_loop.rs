@@ -86,16 +86,18 @@ fn setup() -> Database {
 
 fn run(db: &Database, target: f64, settings: &SearchSettings) -> (BudgetOutcome, FakeRuntime) {
     let mut rt = FakeRuntime::new();
-    let outcome = pipeline::prune_to_budget(
-        db,
-        &table(db),
-        Budget::Speedup(target),
-        settings,
-        true,
-        &mut rt,
-    )
-    .unwrap();
+    let outcome = verify_with(db, target, settings, &mut rt);
     (outcome, rt)
+}
+
+/// The loop at a speedup `target`, verified by `rt`.
+fn verify_with(
+    db: &Database,
+    target: f64,
+    settings: &SearchSettings,
+    rt: &mut dyn EmitAndMeasure,
+) -> BudgetOutcome {
+    pipeline::prune_to_budget(db, &table(db), Budget::Speedup(target), settings, true, rt).unwrap()
 }
 
 /// The loop's default settings with the plain DP (the fake runtime has no loss hook).
@@ -229,15 +231,7 @@ impl EmitAndMeasure for NoisyDense {
 fn a_speedup_the_dense_model_meets_is_met_whatever_the_noise() {
     let db = setup();
     let mut rt = NoisyDense(FakeRuntime::new());
-    let outcome = pipeline::prune_to_budget(
-        &db,
-        &table(&db),
-        Budget::Speedup(1.0),
-        &plain_dp(),
-        true,
-        &mut rt,
-    )
-    .unwrap();
+    let outcome = verify_with(&db, 1.0, &plain_dp(), &mut rt);
     assert_eq!(outcome.search.selection, db.dense_selection());
     assert_eq!(outcome.met(), Some(true));
     assert_eq!(outcome.attempts.len(), 1);
@@ -273,15 +267,7 @@ fn a_slow_spell_during_verification_does_not_change_the_verdicts() {
     for target in [1.25, 1.5] {
         let (exact, _) = run(&db, target, &settings);
         let mut rt = SlowSpell(FakeRuntime::new());
-        let slowed = pipeline::prune_to_budget(
-            &db,
-            &table(&db),
-            Budget::Speedup(target),
-            &settings,
-            true,
-            &mut rt,
-        )
-        .unwrap();
+        let slowed = verify_with(&db, target, &settings, &mut rt);
         assert_eq!(slowed.plan, exact.plan, "{target}x");
         assert_eq!(slowed.measured_speedup(), exact.measured_speedup());
         assert_eq!(slowed.met(), Some(true));
@@ -320,15 +306,7 @@ fn a_model_whose_timing_straddles_the_budget_is_timed_again_with_the_rounds_pool
     let mut timings_per_model = vec![];
     for target in [1.2, 1.25, 1.5, 2.0] {
         let mut rt = Scatter(FakeRuntime::new());
-        let outcome = pipeline::prune_to_budget(
-            &db,
-            &table(&db),
-            Budget::Speedup(target),
-            &settings,
-            true,
-            &mut rt,
-        )
-        .unwrap();
+        let outcome = verify_with(&db, target, &settings, &mut rt);
         // Each verified model's timings, in order (a plan measured n times in a row).
         let plans = &rt.0.measured;
         let mut timed: Vec<(&Plan, usize)> = vec![];
@@ -392,15 +370,7 @@ fn the_weight_stage_after_the_search_is_what_is_emitted() {
         inner: FakeRuntime::new(),
         emitted_weights: vec![],
     };
-    let outcome = pipeline::prune_to_budget(
-        &db,
-        &table(&db),
-        Budget::Speedup(1.5),
-        &plain_dp(),
-        true,
-        &mut rt,
-    )
-    .unwrap();
+    let outcome = verify_with(&db, 1.5, &plain_dp(), &mut rt);
     let database_weights = db.pruned_weights(&outcome.search.selection).unwrap();
     assert!(!database_weights.out_projections.is_empty());
     for (b, w) in &database_weights.out_projections {
