@@ -210,50 +210,42 @@ fn without_the_second_pass_the_first_model_that_met_is_kept() {
     assert_eq!(rt.emitted.len(), outcome.attempts.len());
 }
 
-/// A runtime whose dense timing reads 5% faster than the same model "pruned": dense
-/// against dense under noise.
-struct NoisyDense(FakeRuntime);
+/// The fake runtime whose exact (dense, model) milliseconds are timed as the rounds
+/// `rounds` makes of them: noise, drift or scatter.
+struct Timed<F: Fn(f64, f64) -> (Vec<f64>, Vec<f64>)>(FakeRuntime, F);
 
-impl EmitAndMeasure for NoisyDense {
+impl<F: Fn(f64, f64) -> (Vec<f64>, Vec<f64>)> EmitAndMeasure for Timed<F> {
     fn emit(&mut self, plan: &Plan, weights: &PrunedWeights) -> Result<EmitSummary> {
         self.0.emit(plan, weights)
     }
     fn measure(&mut self, emitted: &EmitSummary) -> Result<PairedTiming> {
         let t = self.0.measure(emitted)?;
-        Ok(ziplm::profile::paired_timing(
-            vec![t.dense.median_ms * 0.95],
-            vec![t.model.median_ms],
-        ))
+        let (dense, model) = (self.1)(t.dense.median_ms, t.model.median_ms);
+        Ok(ziplm::profile::paired_timing(dense, model))
     }
 }
 
 #[test]
 fn a_speedup_the_dense_model_meets_is_met_whatever_the_noise() {
     let db = setup();
-    let mut rt = NoisyDense(FakeRuntime::new());
+    // The dense timing reads 5% faster than the same model "pruned": dense against
+    // dense under noise.
+    let mut rt = Timed(FakeRuntime::new(), |d, m| (vec![d * 0.95], vec![m]));
     let outcome = verify_with(&db, 1.0, &plain_dp(), &mut rt);
     assert_eq!(outcome.search.selection, db.dense_selection());
     assert_eq!(outcome.met(), Some(true));
     assert_eq!(outcome.attempts.len(), 1);
 }
 
-/// The fake runtime timed in 11 alternating rounds during which the machine slows
-/// down by 1.5x: from the dense model's run of round 6 and the pruned model's run of
-/// round 5 on (a slow spell that began between the two runs of round 5).
-struct SlowSpell(FakeRuntime);
-
-impl EmitAndMeasure for SlowSpell {
-    fn emit(&mut self, plan: &Plan, weights: &PrunedWeights) -> Result<EmitSummary> {
-        self.0.emit(plan, weights)
-    }
-    fn measure(&mut self, emitted: &EmitSummary) -> Result<PairedTiming> {
-        let t = self.0.measure(emitted)?;
-        let slow = |i: usize, from: usize| if i >= from { 1.5 } else { 1.0 };
-        Ok(ziplm::profile::paired_timing(
-            (0..11).map(|i| t.dense.median_ms * slow(i, 6)).collect(),
-            (0..11).map(|i| t.model.median_ms * slow(i, 5)).collect(),
-        ))
-    }
+/// 11 alternating rounds during which the machine slows down by 1.5x: from the dense
+/// model's run of round 6 and the pruned model's run of round 5 on (a slow spell that
+/// began between the two runs of round 5).
+fn slow_spell(dense_ms: f64, model_ms: f64) -> (Vec<f64>, Vec<f64>) {
+    let slow = |i: usize, from: usize| if i >= from { 1.5 } else { 1.0 };
+    (
+        (0..11).map(|i| dense_ms * slow(i, 6)).collect(),
+        (0..11).map(|i| model_ms * slow(i, 5)).collect(),
+    )
 }
 
 #[test]
@@ -266,7 +258,7 @@ fn a_slow_spell_during_verification_does_not_change_the_verdicts() {
     let settings = plain_dp();
     for target in [1.25, 1.5] {
         let (exact, _) = run(&db, target, &settings);
-        let mut rt = SlowSpell(FakeRuntime::new());
+        let mut rt = Timed(FakeRuntime::new(), slow_spell);
         let slowed = verify_with(&db, target, &settings, &mut rt);
         assert_eq!(slowed.plan, exact.plan, "{target}x");
         assert_eq!(slowed.measured_speedup(), exact.measured_speedup());
@@ -280,23 +272,15 @@ fn a_slow_spell_during_verification_does_not_change_the_verdicts() {
     }
 }
 
-/// The fake runtime timed in 15 rounds whose dense runs scatter by up to ±10% in a
-/// fixed symmetric pattern: every timing's median ratio is the exact speedup `s`, and
-/// its ~95% interval is `s x [0.943, 1.057]` (the 4th and 12th of 15 ratios).
-struct Scatter(FakeRuntime);
-
-impl EmitAndMeasure for Scatter {
-    fn emit(&mut self, plan: &Plan, weights: &PrunedWeights) -> Result<EmitSummary> {
-        self.0.emit(plan, weights)
-    }
-    fn measure(&mut self, emitted: &EmitSummary) -> Result<PairedTiming> {
-        let t = self.0.measure(emitted)?;
-        let scatter = |i: usize| 1.0 + 0.1 * (i as f64 / 7.0 - 1.0);
-        Ok(ziplm::profile::paired_timing(
-            (0..15).map(|i| t.dense.median_ms * scatter(i)).collect(),
-            vec![t.model.median_ms; 15],
-        ))
-    }
+/// 15 rounds whose dense runs scatter by up to ±10% in a fixed symmetric pattern:
+/// every timing's median ratio is the exact speedup `s`, and its ~95% interval is
+/// `s x [0.943, 1.057]` (the 4th and 12th of 15 ratios).
+fn scatter(dense_ms: f64, model_ms: f64) -> (Vec<f64>, Vec<f64>) {
+    let by = |i: usize| 1.0 + 0.1 * (i as f64 / 7.0 - 1.0);
+    (
+        (0..15).map(|i| dense_ms * by(i)).collect(),
+        vec![model_ms; 15],
+    )
 }
 
 #[test]
@@ -305,7 +289,7 @@ fn a_model_whose_timing_straddles_the_budget_is_timed_again_with_the_rounds_pool
     let settings = plain_dp();
     let mut timings_per_model = vec![];
     for target in [1.2, 1.25, 1.5, 2.0] {
-        let mut rt = Scatter(FakeRuntime::new());
+        let mut rt = Timed(FakeRuntime::new(), scatter);
         let outcome = verify_with(&db, target, &settings, &mut rt);
         // Each verified model's timings, in order (a plan measured n times in a row).
         let plans = &rt.0.measured;

@@ -134,29 +134,30 @@ pub fn time_files(
         .tempdir_in(beside)
         .or_else(|_| tempfile::tempdir())
         .map_err(|e| Error::io(std::env::temp_dir(), e))?;
-    // The dense model as each tensor type needs it: the file itself, or emitted.
-    type Types = Option<(GgmlDType, GgmlDType)>;
-    let mut dense_runs: Vec<(Types, LoadedModel, Option<String>)> = vec![];
+    // The dense model as each model's tensor type needs it (keyed by that type when
+    // it differs from the dense file's): the file itself, or emitted in the type.
+    let mut dense_runs: Vec<(Option<GgmlDType>, LoadedModel, Option<String>)> = vec![];
     let mut out = vec![];
     for m in models {
         let model_type = LlamaModel::load(m, Default::default())?.projection_type();
-        let as_type = match (dense_type, model_type) {
-            (Some(d), Some(t)) if d != t => Some((d, t)),
-            _ => None,
+        let (key, emitted_as) = match (dense_type, model_type) {
+            (Some(d), Some(t)) if d != t => (Some(t), Some((d, t))),
+            _ => (None, None),
         };
-        if !dense_runs.iter().any(|(t, _, _)| *t == as_type) {
-            dense_runs.push(match as_type {
-                None => (None, LoadedModel::load(dense)?, None),
-                Some((d, t)) => {
-                    let (rt, note) = dense_emitted_as(dense, d, t, scratch.path())?;
-                    (Some((d, t)), rt, Some(note))
-                }
-            });
-        }
-        let (_, dense_rt, note) = dense_runs
-            .iter()
-            .find(|(t, _, _)| *t == as_type)
-            .expect("pushed above");
+        let i = match dense_runs.iter().position(|(k, _, _)| *k == key) {
+            Some(i) => i,
+            None => {
+                dense_runs.push(match emitted_as {
+                    None => (key, LoadedModel::load(dense)?, None),
+                    Some((d, t)) => {
+                        let (rt, note) = dense_emitted_as(dense, d, t, scratch.path())?;
+                        (key, rt, Some(note))
+                    }
+                });
+                dense_runs.len() - 1
+            }
+        };
+        let (_, dense_rt, note) = &dense_runs[i];
         let rt = LoadedModel::load(m)?;
         out.push(TimedFile {
             timing: time_pair_loaded(dense_rt, &rt, &prompt, workload, settings)?,

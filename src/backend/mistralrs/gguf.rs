@@ -130,19 +130,17 @@ impl GgufFile {
             ".ffn_up.weight",
             ".ffn_down.weight",
         ];
-        let mut counts: Vec<(String, GgmlDType, usize)> = vec![];
+        let mut counts: HashMap<GgmlDType, usize> = HashMap::new();
         for (name, info) in &self.content.tensor_infos {
-            if !PROJECTIONS.iter().any(|p| name.ends_with(p)) {
-                continue;
-            }
-            let key = format!("{:?}", info.ggml_dtype);
-            match counts.iter_mut().find(|(k, _, _)| *k == key) {
-                Some(c) => c.2 += 1,
-                None => counts.push((key, info.ggml_dtype, 1)),
+            if PROJECTIONS.iter().any(|p| name.ends_with(p)) {
+                *counts.entry(info.ggml_dtype).or_default() += 1;
             }
         }
-        counts.sort_by(|a, b| b.2.cmp(&a.2).then_with(|| a.0.cmp(&b.0)));
-        counts.first().map(|c| c.1)
+        let name = |t: &GgmlDType| format!("{t:?}");
+        counts
+            .into_iter()
+            .max_by(|a, b| a.1.cmp(&b.1).then_with(|| name(&b.0).cmp(&name(&a.0))))
+            .map(|(t, _)| t)
     }
 
     /// The (outer-first) shape of a tensor.
