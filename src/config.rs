@@ -300,6 +300,10 @@ pub struct ProfileConfig {
     /// first (mistralrs backend).
     #[serde(default)]
     pub no_runtime_fit: bool,
+    /// Timings a verified model gets after its first while its ~95% interval
+    /// straddles the budget, rounds pooled (default 2, at most 8).
+    #[serde(default)]
+    pub extra_timings: Option<usize>,
 }
 
 /// `[model.pruning]`.
@@ -409,6 +413,7 @@ impl ModelConfig {
         r.gqa = self.pruning.gqa;
         r.refine = self.pruning.refine;
         r.retries = self.pruning.retries;
+        r.extra_timings = self.profile.extra_timings;
         r
     }
 

@@ -14,10 +14,23 @@
 //! `ffn` the table's predicted sums. [`apply`] scales the table accordingly; the search
 //! then predicts in the runtime's milliseconds and the verification's correction only
 //! has noise left to absorb.
+//!
+//! A probe's signal is the fraction of the dense latency it saves ([`saving`]), a
+//! small difference of two noisy timings: on SmolLM2 the FFN probe's saving read
+//! 10.8-17.8% across seven runs of the same job. Timing a probe again with the rounds
+//! pooled until that saving was known to 10% was tried and measured (README): 45
+//! pooled rounds did not get there, and the fit did not steady, so each probe is timed
+//! once.
 
 use crate::search::{SearchProblem, Selection};
 use serde::{Deserialize, Serialize};
 use ziplm_plugin_api::{BlockShape, LatencyTable, Timing};
+
+/// The fraction of the dense latency a probe saves, `1 - 1/speedup` (the report's
+/// note states it per probe).
+pub fn saving(speedup: f64) -> f64 {
+    1.0 - 1.0 / speedup.max(f64::MIN_POSITIVE)
+}
 
 /// The probe selections: FFN at about half width (heads dense) and attention at about
 /// half its heads (FFN dense; `None` when heads cannot be pruned). Both admissible.
@@ -215,5 +228,12 @@ mod tests {
         slow.measured_ms = 2000.0;
         let e = RuntimeFit::solve(point(400.0, 600.0), slow, None).unwrap_err();
         assert!(e.contains("FFN scale"), "{e}");
+    }
+
+    #[test]
+    fn a_probe_saving_is_the_fraction_of_the_dense_latency() {
+        assert!((saving(1.25) - 0.2).abs() < 1e-12);
+        assert_eq!(saving(1.0), 0.0);
+        assert!(saving(0.5) < 0.0);
     }
 }

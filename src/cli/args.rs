@@ -244,6 +244,11 @@ pub struct PruneArgs {
     /// most 16) [default: 3].
     #[arg(long)]
     pub retries: Option<usize>,
+    /// Timings a verified model gets after its first while the ~95% interval of its
+    /// measured speedup (or latency) straddles the budget; the rounds are pooled (at
+    /// most 8) [default: 2].
+    #[arg(long)]
+    pub extra_timings: Option<usize>,
     /// Largest fraction of one layer's FFN neurons removed short of dropping the layer
     /// (1.0 = any width down to the grid's smallest). 0.5 helped SmolLM2 a lot (README).
     #[arg(long, default_value_t = 1.0)]

@@ -119,6 +119,7 @@ pub(super) fn prune_requests(a: &PruneArgs, given: &[String]) -> anyhow::Result<
     r.verify = Some(!a.no_verify);
     r.refine = Some(a.refine);
     r.retries = a.retries;
+    r.extra_timings = a.extra_timings;
     if a.no_runtime_fit {
         r.options
             .push(option("runtime_fit", "false", "--no-runtime-fit"));

@@ -17,6 +17,9 @@ use ziplm_plugin_api::{GqaPolicy, Phase, Workload};
 /// The most verified searches after the first a job may ask for.
 pub const MAX_RETRIES: usize = 16;
 
+/// The most extra timings a measurement may get (each times two models again).
+pub const MAX_EXTRA_TIMINGS: usize = 8;
+
 /// Where a request came from, for messages.
 #[derive(Clone, Debug, PartialEq)]
 pub enum Origin {
@@ -68,6 +71,8 @@ pub enum Field {
     Runs,
     /// Verified searches after the first.
     Retries,
+    /// Timings after the first of an undecided measurement.
+    ExtraTimings,
     /// The FFN width grid.
     FfnMultiple,
     /// The largest fraction of an FFN removed.
@@ -111,6 +116,7 @@ impl Field {
             Field::CalibrationSeqLen => ("--calibration-seq-len", "calibration.seq_len"),
             Field::Runs => ("--runs", "profile.runs"),
             Field::Retries => ("--retries", "pruning.retries"),
+            Field::ExtraTimings => ("--extra-timings", "profile.extra_timings"),
             Field::FfnMultiple => ("--ffn-multiple", "pruning.ffn_multiple"),
             Field::MaxFfnRemoved => ("--max-ffn-removed", "pruning.max_ffn_removed"),
             Field::OutputFormat => ("the output format", "output.format"),
@@ -218,6 +224,9 @@ pub struct JobRequest {
     pub refine: Option<usize>,
     /// Verified searches after the first (default 3).
     pub retries: Option<usize>,
+    /// Timings a verified model gets after its first while its ~95% interval
+    /// straddles the budget, rounds pooled (default 2).
+    pub extra_timings: Option<usize>,
     /// A named output format (config `output.format`), standing for backend options.
     pub output_format: Option<String>,
     /// Backend options.
@@ -266,6 +275,7 @@ impl JobRequest {
             gqa: None,
             refine: None,
             retries: None,
+            extra_timings: None,
             output_format: None,
             options: vec![],
             recovery: None,
@@ -553,6 +563,15 @@ impl JobRequest {
             }
             job.search.retries = n;
         }
+        if let Some(n) = self.extra_timings {
+            if n > MAX_EXTRA_TIMINGS {
+                return Err(o.error(format!(
+                    "{} is at most {MAX_EXTRA_TIMINGS} (each extra timing runs the dense and the pruned model again), got {n}",
+                    o.spell(Field::ExtraTimings)
+                )));
+            }
+            job.search.extra_timings = n;
+        }
         job.seed = self.seed.unwrap_or(0);
         job.search.refine = RefineConfig::with_evaluations(
             self.refine
@@ -791,6 +810,20 @@ mod tests {
         r.retries = Some(usize::MAX);
         let e = r.resolve().unwrap_err().to_string();
         assert!(e.contains("--retries is at most 16"), "{e}");
+    }
+
+    #[test]
+    fn extra_timings_set_the_search_settings_and_are_bounded() {
+        let dir = tempfile::tempdir().unwrap();
+        let model = dir.path().join("m.onnx");
+        std::fs::write(&model, b"").unwrap();
+        let mut r = request(&model);
+        assert_eq!(r.clone().resolve().unwrap().job.search.extra_timings, 2);
+        r.extra_timings = Some(0);
+        assert_eq!(r.clone().resolve().unwrap().job.search.extra_timings, 0);
+        r.extra_timings = Some(9);
+        let e = r.resolve().unwrap_err().to_string();
+        assert!(e.contains("--extra-timings is at most 8"), "{e}");
     }
 
     /// A request for an (empty) GGUF file in `dir` with calibration text, and recovery

@@ -165,6 +165,20 @@ fn llm_output_formats_become_the_backend_options() {
     assert!(!job("[model.profile]\nno_runtime_fit = true\n")
         .options
         .flag("runtime_fit", true));
+    // Extra timings: 2 by default, set by the config, bounded with the key named.
+    assert_eq!(job("").search.extra_timings, 2);
+    assert_eq!(
+        job("[model.profile]\nextra_timings = 4\n")
+            .search
+            .extra_timings,
+        4
+    );
+    let text = format!("{llm}[model.profile]\nextra_timings = 80\n");
+    let err = config::parse(&text, file).unwrap().model[0]
+        .to_job(file, base)
+        .unwrap_err()
+        .to_string();
+    assert!(err.contains("profile.extra_timings is at most 8"), "{err}");
 }
 
 #[test]

@@ -319,7 +319,7 @@ impl ProbeRuntime<'_> {
             drop(probe);
             crate::fsutil::remove_model(&path);
             dense_ms.push(t.dense.median_ms);
-            timed.push((name, sel, 1.0 / t.speedup.max(f64::MIN_POSITIVE)));
+            timed.push((name, sel, t.speedup, t.rounds.len()));
             self.progress.advance(1);
         }
         self.progress.finish();
@@ -328,9 +328,17 @@ impl ProbeRuntime<'_> {
         let m0 = dense_ms.iter().sum::<f64>() / dense_ms.len() as f64;
         let dense_sel = self.database.dense_selection();
         let dense = Point::of(problem, &dense_sel, m0);
-        let points: Vec<(&str, Point)> = timed
+        let points: Vec<(&str, Point, f64, usize)> = timed
             .iter()
-            .map(|(name, sel, ratio)| (*name, Point::of(problem, sel, m0 * ratio)))
+            .map(|(name, sel, speedup, rounds)| {
+                let ratio = 1.0 / speedup.max(f64::MIN_POSITIVE);
+                (
+                    *name,
+                    Point::of(problem, sel, m0 * ratio),
+                    runtime_fit::saving(*speedup),
+                    *rounds,
+                )
+            })
             .collect();
         let fit = match RuntimeFit::solve(dense, points[0].1, points.get(1).map(|p| p.1)) {
             Ok(f) => f,
@@ -338,11 +346,12 @@ impl ProbeRuntime<'_> {
         };
         let probes: Vec<String> = points
             .iter()
-            .map(|(name, p)| {
+            .map(|(name, p, saving, rounds)| {
                 format!(
-                    "{name} probe {:.1} ms (table {:.1})",
+                    "{name} probe {:.1} ms (table {:.1}; saves {:.1}% in {rounds} rounds)",
                     p.measured_ms,
-                    problem.rest_ms + p.attention_ms + p.ffn_ms
+                    problem.rest_ms + p.attention_ms + p.ffn_ms,
+                    100.0 * saving
                 )
             })
             .collect();
