@@ -798,32 +798,42 @@ mod tests {
         );
     }
 
+    /// Retries and extra timings set the verification loop's settings, default when
+    /// not given, and are bounded with the flag named.
     #[test]
-    fn retries_set_the_verification_loop_and_are_bounded() {
+    fn the_verification_settings_are_set_and_bounded() {
         let dir = tempfile::tempdir().unwrap();
         let model = dir.path().join("m.onnx");
         std::fs::write(&model, b"").unwrap();
-        let mut r = request(&model);
-        assert_eq!(r.clone().resolve().unwrap().job.search.retries, 3);
-        r.retries = Some(7);
-        assert_eq!(r.clone().resolve().unwrap().job.search.retries, 7);
-        r.retries = Some(usize::MAX);
-        let e = r.resolve().unwrap_err().to_string();
-        assert!(e.contains("--retries is at most 16"), "{e}");
-    }
-
-    #[test]
-    fn extra_timings_set_the_search_settings_and_are_bounded() {
-        let dir = tempfile::tempdir().unwrap();
-        let model = dir.path().join("m.onnx");
-        std::fs::write(&model, b"").unwrap();
-        let mut r = request(&model);
-        assert_eq!(r.clone().resolve().unwrap().job.search.extra_timings, 2);
-        r.extra_timings = Some(0);
-        assert_eq!(r.clone().resolve().unwrap().job.search.extra_timings, 0);
-        r.extra_timings = Some(9);
-        let e = r.resolve().unwrap_err().to_string();
-        assert!(e.contains("--extra-timings is at most 8"), "{e}");
+        let r = request(&model);
+        let search = |r: &JobRequest| r.clone().resolve().unwrap().job.search;
+        assert_eq!(search(&r).retries, 3);
+        assert_eq!(search(&r).extra_timings, 2);
+        let set = JobRequest {
+            retries: Some(7),
+            extra_timings: Some(0),
+            ..r.clone()
+        };
+        assert_eq!((search(&set).retries, search(&set).extra_timings), (7, 0));
+        for (bad, flag) in [
+            (
+                JobRequest {
+                    retries: Some(usize::MAX),
+                    ..r.clone()
+                },
+                "--retries is at most 16",
+            ),
+            (
+                JobRequest {
+                    extra_timings: Some(9),
+                    ..r.clone()
+                },
+                "--extra-timings is at most 8",
+            ),
+        ] {
+            let e = bad.resolve().unwrap_err().to_string();
+            assert!(e.contains(flag), "{e}");
+        }
     }
 
     /// A request for an (empty) GGUF file in `dir` with calibration text, and recovery

@@ -319,7 +319,7 @@ impl ProbeRuntime<'_> {
             drop(probe);
             crate::fsutil::remove_model(&path);
             dense_ms.push(t.dense.median_ms);
-            timed.push((name, sel, t.speedup, t.rounds.len()));
+            timed.push((name, sel, runtime_fit::saving(t.speedup), t.rounds.len()));
             self.progress.advance(1);
         }
         self.progress.finish();
@@ -330,14 +330,9 @@ impl ProbeRuntime<'_> {
         let dense = Point::of(problem, &dense_sel, m0);
         let points: Vec<(&str, Point, f64, usize)> = timed
             .iter()
-            .map(|(name, sel, speedup, rounds)| {
-                let ratio = 1.0 / speedup.max(f64::MIN_POSITIVE);
-                (
-                    *name,
-                    Point::of(problem, sel, m0 * ratio),
-                    runtime_fit::saving(*speedup),
-                    *rounds,
-                )
+            .map(|(name, sel, saving, rounds)| {
+                let point = Point::of(problem, sel, m0 * (1.0 - saving));
+                (*name, point, *saving, *rounds)
             })
             .collect();
         let fit = match RuntimeFit::solve(dense, points[0].1, points.get(1).map(|p| p.1)) {
