@@ -300,6 +300,10 @@ pub struct ProfileConfig {
     /// first (mistralrs backend).
     #[serde(default)]
     pub no_runtime_fit: bool,
+    /// Keep the probes' runtime fit for every search instead of solving it again with
+    /// each verified model (mistralrs backend).
+    #[serde(default)]
+    pub no_refit: bool,
     /// Timings a verified model gets after its first while its ~95% interval
     /// straddles the budget, rounds pooled (default 2, at most 8).
     #[serde(default)]
@@ -403,6 +407,13 @@ impl ModelConfig {
                 name: "runtime_fit".into(),
                 value: "false".into(),
                 spelled: "profile.no_runtime_fit".into(),
+            });
+        }
+        if self.profile.no_refit {
+            r.options.push(RawOption {
+                name: "refit".into(),
+                value: "false".into(),
+                spelled: "profile.no_refit".into(),
             });
         }
         r.sequential = Some(self.pruning.sequential);

@@ -385,6 +385,18 @@ impl PruneReport {
                 "  error sum {:.4}; prunable params {} -> {}",
                 b.error_sum, b.params.0, b.params.1
             );
+            for (i, a) in b.attempts.iter().enumerate() {
+                if let Some(f) = &a.refit {
+                    let _ = writeln!(
+                        s,
+                        "  runtime refit after search {}: {:.1} ms + {:.3} x attention + {:.3} x FFN",
+                        i + 1,
+                        f.rest_ms,
+                        f.attention_scale,
+                        f.ffn_scale
+                    );
+                }
+            }
             if let Some((refined, plain)) = b.refined_loss {
                 let _ = writeln!(
                     s,

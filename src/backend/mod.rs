@@ -66,6 +66,10 @@ pub(crate) const LLM_OPTIONS: &[OptionSpec] = &[
         "runtime_fit",
         "fit the candle block table to mistral.rs with two probe models before searching",
     ),
+    OptionSpec::flag(
+        "refit",
+        "solve the runtime fit again with each verified model's timing before the next search",
+    ),
 ];
 
 /// The mistral.rs backend's options for a serving config's `output.format`.

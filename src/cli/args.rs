@@ -182,6 +182,10 @@ pub struct PruneArgs {
     /// first (two probe models timed against the dense one; mistralrs backend).
     #[arg(long)]
     pub no_runtime_fit: bool,
+    /// Keep the runtime fit of the probes for every search, instead of solving it again
+    /// with each verified model's timing as one more point (mistralrs backend).
+    #[arg(long)]
+    pub no_refit: bool,
     /// After each search, re-fit every pruned block on the pruned model's own inputs,
     /// block by block: OBS on the re-targeted weights re-chooses which heads or neurons
     /// each block keeps (not how many) and fits them (sequential correction, ZIPLM.md

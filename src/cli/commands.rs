@@ -124,6 +124,9 @@ pub(super) fn prune_requests(a: &PruneArgs, given: &[String]) -> anyhow::Result<
         r.options
             .push(option("runtime_fit", "false", "--no-runtime-fit"));
     }
+    if a.no_refit {
+        r.options.push(option("refit", "false", "--no-refit"));
+    }
     if a.nnef {
         r.options.push(option("nnef", "true", "--nnef"));
     }

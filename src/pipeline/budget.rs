@@ -80,6 +80,11 @@ pub struct Attempt {
     pub measured_speedup: Option<f64>,
     /// Whether the measurement met the budget.
     pub met: Option<bool>,
+    /// The runtime fit solved again with this round's timing as one more point
+    /// ([`EmitAndMeasure::refit`]), when the backend keeps one and the next searches
+    /// use it.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub refit: Option<crate::runtime_fit::RuntimeFit>,
 }
 
 /// The outcome for one budget.
@@ -174,6 +179,17 @@ pub trait EmitAndMeasure {
     fn loss(&mut self, _plan: &Plan, _weights: &PrunedWeights) -> Option<Result<f64>> {
         None
     }
+    /// Takes a verified selection's paired timing as one more point of the backend's
+    /// runtime fit ([`crate::runtime_fit::Refit`]) and returns the fit solved again
+    /// with the table it scales, which the next searches use; `None` when the backend
+    /// keeps no fit or the points give none.
+    fn refit(
+        &mut self,
+        _selection: &Selection,
+        _timing: &PairedTiming,
+    ) -> Option<(crate::runtime_fit::RuntimeFit, LatencyTable)> {
+        None
+    }
 }
 
 /// Searches, emits and (when `verify`) verifies one budget.
@@ -184,6 +200,12 @@ pub trait EmitAndMeasure {
 /// again, between the loosest search that met and the tightest that missed (see
 /// [`next_search_budget`]). The outcome is the loosest round that met the budget (the
 /// least pruning that verified), or the last round when none did.
+///
+/// When the backend refits its runtime fit with each verified model
+/// ([`EmitAndMeasure::refit`]), the next searches use the refitted table, and the
+/// rounds so far are placed in its milliseconds by their selections' predicted times:
+/// the DP at a selection's own predicted time returns that selection, so the bracket
+/// and the choice of round keep their meaning across tables.
 pub fn prune_to_budget(
     db: &Database,
     table: &LatencyTable,
@@ -192,8 +214,8 @@ pub fn prune_to_budget(
     verify: bool,
     backend: &mut dyn EmitAndMeasure,
 ) -> Result<BudgetOutcome> {
-    let problem: SearchProblem = db.search_problem(table)?;
-    let fastest = problem.fastest().map(|(_, t)| t).unwrap_or(0.0);
+    let mut problem: SearchProblem = db.search_problem(table)?;
+    let mut fastest = problem.fastest().map(|(_, t)| t).unwrap_or(0.0);
     let mut search_budget = problem.budget_ms(budget);
     let mut rounds: Vec<Round> = vec![];
     let mut bracket = Bracket::default();
@@ -240,9 +262,11 @@ pub fn prune_to_budget(
             measured: None,
             measured_speedup: None,
             met: None,
+            refit: None,
         };
         if !verify {
             rounds.push(Round {
+                rank: search_budget,
                 attempt,
                 search,
                 plan,
@@ -270,8 +294,10 @@ pub fn prune_to_budget(
         attempt.measured = Some(timing.model);
         attempt.measured_speedup = Some(timing.speedup);
         attempt.met = Some(met);
-        let predicted = search.predicted_ms.max(f64::MIN_POSITIVE);
+        let mut predicted = search.predicted_ms.max(f64::MIN_POSITIVE);
+        let selection = search.selection.clone();
         rounds.push(Round {
+            rank: search_budget,
             attempt,
             search,
             plan,
@@ -286,6 +312,33 @@ pub fn prune_to_budget(
         {
             break;
         }
+        // The timing refits the table (a backend with a runtime fit): the next
+        // searches, the bracket and the rounds' ranks move to its milliseconds. A refit
+        // under which the budget has no admissible model is not used.
+        let mut last_budget = search_budget;
+        let refit = match dense_selected {
+            true => None,
+            false => backend.refit(&selection, &timing),
+        };
+        if let Some((fit, refitted)) = refit {
+            let next = db.search_problem(&refitted)?;
+            if next.solve(budget, &[], settings.buckets).is_ok() {
+                problem = next;
+                fastest = problem.fastest().map(|(_, t)| t).unwrap_or(0.0);
+                bracket = Bracket::default();
+                for r in &mut rounds {
+                    r.rank = problem.time_of(&r.search.selection);
+                    if let Some(met) = r.attempt.met {
+                        bracket.record(r.rank, met);
+                    }
+                }
+                predicted = problem.time_of(&selection).max(f64::MIN_POSITIVE);
+                last_budget = predicted;
+                if let Some(r) = rounds.last_mut() {
+                    r.attempt.refit = Some(fit);
+                }
+            }
+        }
         // The measurement corrects the prediction: the search budget at which this
         // selection's measured/predicted ratio would just meet the target, less the
         // margin.
@@ -294,7 +347,7 @@ pub fn prune_to_budget(
         let settled = met && beats_by <= 1.0 + settings.overshoot;
         match next_search_budget(
             &bracket,
-            search_budget,
+            last_budget,
             settled,
             Some(corrected),
             settings,
@@ -305,7 +358,8 @@ pub fn prune_to_budget(
         }
     }
     let attempts: Vec<Attempt> = rounds.iter().map(|r| r.attempt.clone()).collect();
-    let chosen = chosen_round(&attempts);
+    let ranked: Vec<(f64, Option<bool>)> = rounds.iter().map(|r| (r.rank, r.attempt.met)).collect();
+    let chosen = chosen_round(&ranked);
     let Some(last) = rounds.len().checked_sub(1) else {
         return Err(crate::error::Error::Invalid(
             "the search produced no model".into(),
@@ -339,6 +393,9 @@ pub fn prune_to_budget(
 
 /// One measured (or, without verification, emitted) round of the loop.
 struct Round {
+    /// Its search budget in the milliseconds of the table in use: the budget it was
+    /// searched at, or after a refit its selection's predicted time.
+    rank: f64,
     attempt: Attempt,
     search: SearchOutcome,
     plan: Plan,
@@ -347,16 +404,17 @@ struct Round {
     loss: Option<(f64, f64)>,
 }
 
-/// The round the outcome keeps: the one with the loosest search budget among those
-/// that met the budget (the least pruning that verified), else the last.
-fn chosen_round(attempts: &[Attempt]) -> usize {
-    attempts
+/// The round the outcome keeps, from each round's (rank, verdict): the one with the
+/// loosest search budget ([`Round::rank`]) among those that met the budget (the least
+/// pruning that verified), else the last.
+fn chosen_round(rounds: &[(f64, Option<bool>)]) -> usize {
+    rounds
         .iter()
         .enumerate()
-        .filter(|(_, a)| a.met == Some(true))
-        .max_by(|(_, a), (_, b)| a.search_budget_ms.total_cmp(&b.search_budget_ms))
+        .filter(|(_, (_, met))| *met == Some(true))
+        .max_by(|(_, (a, _)), (_, (b, _))| a.total_cmp(b))
         .map(|(i, _)| i)
-        .unwrap_or(attempts.len().saturating_sub(1))
+        .unwrap_or(rounds.len().saturating_sub(1))
 }
 
 /// What the verification loop has learnt: the loosest search budget (predicted ms)
@@ -584,14 +642,7 @@ mod tests {
 
     #[test]
     fn the_chosen_round_is_the_loosest_that_met() {
-        let a = |b: f64, met: Option<bool>| Attempt {
-            search_budget_ms: b,
-            predicted_ms: b,
-            measured_dense: None,
-            measured: None,
-            measured_speedup: None,
-            met,
-        };
+        let a = |b: f64, met: Option<bool>| (b, met);
         assert_eq!(
             chosen_round(&[
                 a(10.0, Some(false)),

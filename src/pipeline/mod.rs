@@ -14,6 +14,8 @@
 //!   search     DP / SPDY              -> Selection, Plan
 //!   emit       Session::emit          -> EmitSummary (the model file)
 //!   verify     Session::measure       -> paired timing (PairedTiming), next round or done
+//!   refit      Session::refit         -> the runtime fit solved again with that timing
+//!                                        (RuntimeFit, LatencyTable for the next search)
 //!   correct    correct::correct (job.sequential) -> Plan, PrunedWeights re-fitted on
 //!              the pruned model's inputs (ModelAdapter::paired_streams), emitted again
 //!   recover    Session::recover       -> Recovered (distilled weights, emitted again)
@@ -41,6 +43,8 @@ use crate::outputs::OutputSet;
 use crate::profile::{self, TableRequest};
 use crate::progress::Progress;
 use crate::report::{self, PruneReport, StageTimes};
+use crate::runtime_fit::RuntimeFit;
+use crate::search::Selection;
 use std::path::{Path, PathBuf};
 use std::time::Instant;
 use ziplm_plugin_api::{
@@ -155,6 +159,17 @@ pub trait Session {
         job: &PruneJob,
         emitted: &EmitSummary,
     ) -> Result<PairedTiming>;
+    /// Takes a verified selection's timing as one more point of the runtime fit this
+    /// session made in [`Session::prepare_verification`], and returns the fit solved
+    /// again with the table the next searches use ([`EmitAndMeasure::refit`]); `None`
+    /// without a fit.
+    fn refit(
+        &mut self,
+        _selection: &Selection,
+        _timing: &PairedTiming,
+    ) -> Option<(RuntimeFit, LatencyTable)> {
+        None
+    }
 
     /// Times each of `models` (emitted files) against `model`, emitted unpruned through
     /// the same emitter into `scratch`, alternating in one run per model: a chain's
@@ -507,5 +522,12 @@ impl<S: Session> EmitAndMeasure for BudgetRuntime<'_, S> {
     }
     fn loss(&mut self, plan: &Plan, weights: &PrunedWeights) -> Option<Result<f64>> {
         self.session.loss(self.model, plan, weights)
+    }
+    fn refit(
+        &mut self,
+        selection: &Selection,
+        timing: &PairedTiming,
+    ) -> Option<(RuntimeFit, LatencyTable)> {
+        self.session.refit(selection, timing)
     }
 }

@@ -6,7 +6,8 @@
 use super::database::{database_of, structure_with_layers, table};
 use ziplm::database::Database;
 use ziplm::pipeline::{self, BudgetOutcome, EmitAndMeasure, SearchSettings};
-use ziplm::search::Budget;
+use ziplm::runtime_fit::{Point, Refit, RuntimeFit};
+use ziplm::search::{Budget, Selection};
 use ziplm::Result;
 use ziplm_plugin_api::*;
 
@@ -208,6 +209,78 @@ fn without_the_second_pass_the_first_model_that_met_is_kept() {
     assert_eq!(met.last(), Some(&true));
     assert_eq!(outcome.chosen, outcome.attempts.len() - 1);
     assert_eq!(rt.emitted.len(), outcome.attempts.len());
+}
+
+/// The fake runtime behind a backend that refits its runtime fit with each verified
+/// model ([`EmitAndMeasure::refit`]), starting from the dense point alone.
+struct Refitting {
+    rt: FakeRuntime,
+    refit: Refit,
+}
+
+impl EmitAndMeasure for Refitting {
+    fn emit(&mut self, plan: &Plan, weights: &PrunedWeights) -> Result<EmitSummary> {
+        self.rt.emit(plan, weights)
+    }
+    fn measure(&mut self, emitted: &EmitSummary) -> Result<PairedTiming> {
+        self.rt.measure(emitted)
+    }
+    fn refit(
+        &mut self,
+        selection: &Selection,
+        timing: &PairedTiming,
+    ) -> Option<(RuntimeFit, LatencyTable)> {
+        self.refit.add(selection, timing.speedup).ok()
+    }
+}
+
+#[test]
+fn a_refitted_table_predicts_the_runtime_once_the_points_determine_it() {
+    let db = setup();
+    let raw = table(&db);
+    let problem = db.search_problem(&raw).unwrap();
+    let dense_selection = db.dense_selection();
+    let rt = FakeRuntime::new();
+    let dense_ms = rt.dense_ms(&db.plan(&dense_selection).unwrap());
+    let dense = Point::of(&problem, &dense_selection, dense_ms);
+    let mut backend = Refitting {
+        rt,
+        refit: Refit::new(raw, problem, dense_ms, vec![dense], false),
+    };
+    let settings = plain_dp();
+    let target = 1.2;
+    let outcome = verify_with(&db, target, &settings, &mut backend);
+    let verdicts: Vec<_> = outcome
+        .attempts
+        .iter()
+        .map(|a| (a.predicted_ms, a.measured_speedup, a.refit))
+        .collect();
+    // Three unknowns: the dense point and one verified model do not determine them, the
+    // second verified model does ...
+    assert!(outcome.attempts[0].refit.is_none(), "{verdicts:?}");
+    let fit = outcome.attempts[1]
+        .refit
+        .expect("refitted after the second search");
+    // ... and the fake runtime is linear in the table's block sums (attention 3x,
+    // FFN 0.5x, the rest 1 ms), so the refit is exact.
+    assert!((fit.attention_scale - 3.0).abs() < 1e-6, "{fit:?}");
+    assert!((fit.ffn_scale - 0.5).abs() < 1e-6, "{fit:?}");
+    assert!((fit.rest_ms - 1.0).abs() < 1e-6, "{fit:?}");
+    // Every search after the refit predicts what the runtime then measures ...
+    assert!(outcome.attempts.len() > 2, "{verdicts:?}");
+    for a in &outcome.attempts[2..] {
+        let measured = a.measured.unwrap().median_ms;
+        assert!(
+            (a.predicted_ms - measured).abs() < 1e-6 * measured,
+            "{verdicts:?}"
+        );
+    }
+    // ... and the loop keeps a model that meets the budget within the tolerance.
+    let kept = outcome.measured_speedup().unwrap();
+    assert!(
+        kept >= target && kept <= target * (1.0 + settings.overshoot),
+        "{verdicts:?}"
+    );
 }
 
 /// The fake runtime whose exact (dense, model) milliseconds are timed as the rounds

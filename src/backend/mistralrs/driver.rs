@@ -17,7 +17,7 @@ use crate::pipeline::{self, BudgetOutcome, JobRun, Session};
 use crate::profile::{self, ProfileSettings};
 use crate::progress::Progress;
 use crate::report::PruneReport;
-use crate::runtime_fit::{self, Point, RuntimeFit};
+use crate::runtime_fit::{self, Point, Refit, RuntimeFit};
 use crate::search::SearchProblem;
 use candle_core::quantized::GgmlDType;
 use std::path::{Path, PathBuf};
@@ -286,13 +286,21 @@ struct ProbeRuntime<'a> {
     progress: &'a dyn Progress,
 }
 
+/// The probes' runtime fit, its report note and its points (the dense model first),
+/// read against `dense_ms`, from which a [`Refit`] starts.
+struct ProbeFit {
+    fit: RuntimeFit,
+    note: String,
+    points: Vec<Point>,
+    dense_ms: f64,
+    /// No attention probe: one scale for both kinds of block.
+    tied: bool,
+}
+
 impl ProbeRuntime<'_> {
-    /// The fit and a report note, or why there is none (an error only for a failure
-    /// to write or run a probe).
-    fn fit(
-        &self,
-        problem: &SearchProblem,
-    ) -> Result<std::result::Result<(RuntimeFit, String), String>> {
+    /// The fit with its note and points, or why there is none (an error only for a
+    /// failure to write or run a probe).
+    fn fit(&self, problem: &SearchProblem) -> Result<std::result::Result<ProbeFit, String>> {
         let Some((ffn, attention)) = runtime_fit::probes(problem) else {
             return Ok(Err("no probe shape fits the shape constraints".into()));
         };
@@ -359,7 +367,15 @@ impl ProbeRuntime<'_> {
             problem.dense_ms(),
             probes.join(", ")
         );
-        Ok(Ok((fit, note)))
+        Ok(Ok(ProbeFit {
+            fit,
+            note,
+            points: std::iter::once(dense)
+                .chain(points.iter().map(|p| p.1))
+                .collect(),
+            dense_ms: m0,
+            tied: points.len() < 2,
+        }))
     }
 }
 
@@ -375,6 +391,8 @@ pub struct MistralSession {
     /// The recovery's teacher (`RecoverySettings::teacher`), loaded and matched to the
     /// model when the job opens, so that a wrong one fails before any work.
     teacher: Option<Teacher>,
+    /// The runtime fit, solved again with each verified model (`refit` option).
+    refit: Option<Refit>,
 }
 
 /// A recovery teacher: the model, its path and the teacher layer of each layer of the
@@ -436,6 +454,7 @@ impl MistralSession {
                 dense_path: PathBuf::new(),
                 prompt: vec![],
                 teacher,
+                refit: None,
             },
         ))
     }
@@ -589,7 +608,13 @@ impl Session for MistralSession {
             progress,
         };
         Ok(match probe.fit(&problem)? {
-            Ok((fit, note)) => {
+            Ok(ProbeFit {
+                fit,
+                note,
+                points,
+                dense_ms,
+                tied,
+            }) => {
                 // A fit from two noisy probes must not turn a budget the table can
                 // meet into an error: then verification decides, as without a fit.
                 let fitted_table = runtime_fit::apply(&table, &fit);
@@ -599,7 +624,12 @@ impl Session for MistralSession {
                     .iter()
                     .find_map(|b| fitted.solve(*b, &[], job.search.buckets).err());
                 match refused {
-                    None => (fitted_table, vec![note]),
+                    None => {
+                        if self.options.refit {
+                            self.refit = Some(Refit::new(table, problem, dense_ms, points, tied));
+                        }
+                        (fitted_table, vec![note])
+                    }
                     Some(e) => (
                         table,
                         vec![format!(
@@ -615,6 +645,13 @@ impl Session for MistralSession {
                 )],
             ),
         })
+    }
+    fn refit(
+        &mut self,
+        selection: &crate::search::Selection,
+        timing: &PairedTiming,
+    ) -> Option<(RuntimeFit, LatencyTable)> {
+        self.refit.as_mut()?.add(selection, timing.speedup).ok()
     }
     fn output_name(&self, model: &LlamaModel, stem: &str) -> String {
         output_name(model, stem)

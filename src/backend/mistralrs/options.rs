@@ -57,6 +57,10 @@ pub struct MistralOptions {
     /// true): two probe models timed in mistral.rs set per-kind scales
     /// ([`crate::runtime_fit`]).
     pub runtime_fit: bool,
+    /// Solve the runtime fit again with each verified model's timing as one more
+    /// point before the next search (`refit`, default true;
+    /// [`crate::runtime_fit::Refit`]).
+    pub refit: bool,
 }
 
 impl MistralOptions {
@@ -81,6 +85,7 @@ impl MistralOptions {
             gguf_dtype,
             llm_format,
             runtime_fit: options.flag("runtime_fit", true),
+            refit: options.flag("refit", true),
         })
     }
 }
