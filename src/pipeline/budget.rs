@@ -81,8 +81,8 @@ pub struct Attempt {
     /// Whether the measurement met the budget.
     pub met: Option<bool>,
     /// The runtime fit solved again with this round's timing as one more point
-    /// ([`EmitAndMeasure::refit`]), when the backend keeps one and the next searches
-    /// use it.
+    /// ([`EmitAndMeasure::refit`]), when the backend keeps one: the searches after
+    /// this round use it.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub refit: Option<crate::runtime_fit::RuntimeFit>,
 }

@@ -281,6 +281,18 @@ fn a_refitted_table_predicts_the_runtime_once_the_points_determine_it() {
         kept >= target && kept <= target * (1.0 + settings.overshoot),
         "{verdicts:?}"
     );
+    // The dense point, then each verified model (the loop ended on a settled model,
+    // not on its retries), read as the dense latency over its paired speedup: the
+    // runtime's own milliseconds here.
+    let points = backend.refit.points();
+    assert_eq!(points.len(), outcome.attempts.len() + 1, "{verdicts:?}");
+    for (p, a) in points[1..].iter().zip(&outcome.attempts) {
+        let measured = a.measured.unwrap().median_ms;
+        assert!((p.measured_ms - measured).abs() < 1e-9 * measured);
+    }
+    // A speedup that is no timing is refused and adds no point.
+    assert!(backend.refit.add(&dense_selection, f64::NAN).is_err());
+    assert_eq!(backend.refit.points().len(), outcome.attempts.len() + 1);
 }
 
 /// The fake runtime whose exact (dense, model) milliseconds are timed as the rounds
