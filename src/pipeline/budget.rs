@@ -69,6 +69,11 @@ pub struct Attempt {
     pub search_budget_ms: f64,
     /// Predicted latency of the selection.
     pub predicted_ms: f64,
+    /// Predicted latency of the dense model in the same table (so that
+    /// `predicted_dense_ms / predicted_ms` is the predicted speedup, which a refit
+    /// changes). Absent in reports written before it was kept.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub predicted_dense_ms: Option<f64>,
     /// Measured dense latency (same run).
     pub measured_dense: Option<Timing>,
     /// Measured pruned latency.
@@ -258,6 +263,7 @@ pub fn prune_to_budget(
         let mut attempt = Attempt {
             search_budget_ms: search_budget,
             predicted_ms: search.predicted_ms,
+            predicted_dense_ms: Some(search.dense_ms),
             measured_dense: None,
             measured: None,
             measured_speedup: None,
