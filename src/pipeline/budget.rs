@@ -9,8 +9,10 @@
 //! ratio and the search runs again with the tighter target;
 //! when a verified model beats the budget by more than the overshoot tolerance, the
 //! search is loosened again between the loosest search that met and the tightest that
-//! missed (a bounded number of rounds in all). The outcome is the loosest round that
-//! met; a miss that remains is reported, not hidden.
+//! missed (a bounded number of rounds in all). A backend with a runtime fit takes each
+//! verified model as one more fit point ([`EmitAndMeasure::refit`]) and the searches
+//! after it use the refitted table. The outcome is the loosest round that met; a miss
+//! that remains is reported, not hidden.
 
 use crate::database::Database;
 use crate::error::Result;
