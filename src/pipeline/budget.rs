@@ -88,8 +88,8 @@ pub struct Attempt {
     /// Whether the measurement met the budget.
     pub met: Option<bool>,
     /// The runtime fit solved again with this round's timing as one more point
-    /// ([`EmitAndMeasure::refit`]), when the backend keeps one: the searches after
-    /// this round use it.
+    /// ([`EmitAndMeasure::refit`]), when the backend keeps one and a search follows
+    /// this round: the searches after it use it.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub refit: Option<crate::runtime_fit::RuntimeFit>,
 }
@@ -362,7 +362,14 @@ pub fn prune_to_budget(
             fastest,
         ) {
             Some(n) => search_budget = n,
-            None => break,
+            None => {
+                // No search follows: the refit (its point stays with the backend)
+                // informed nothing in this loop, and the report does not claim it.
+                if let Some(r) = rounds.last_mut() {
+                    r.attempt.refit = None;
+                }
+                break;
+            }
         }
     }
     let attempts: Vec<Attempt> = rounds.iter().map(|r| r.attempt.clone()).collect();

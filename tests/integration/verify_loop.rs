@@ -281,6 +281,11 @@ fn a_refitted_table_predicts_the_runtime_once_the_points_determine_it() {
         kept >= target && kept <= target * (1.0 + settings.overshoot),
         "{verdicts:?}"
     );
+    // The last round's refit informed no search, and its attempt does not claim one.
+    assert!(
+        outcome.attempts.last().unwrap().refit.is_none(),
+        "{verdicts:?}"
+    );
     // The dense point, then each verified model (the loop ended on a settled model,
     // not on its retries), read as the dense latency over its paired speedup: the
     // runtime's own milliseconds here.
