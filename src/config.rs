@@ -300,10 +300,10 @@ pub struct ProfileConfig {
     /// first (mistralrs backend).
     #[serde(default)]
     pub no_runtime_fit: bool,
-    /// Keep the probes' runtime fit for every search instead of solving it again with
-    /// each verified model (mistralrs backend).
+    /// Solve the runtime fit again with each verified model before the next search
+    /// (mistralrs backend; experimental).
     #[serde(default)]
-    pub no_refit: bool,
+    pub refit: bool,
     /// Timings a verified model gets after its first while its ~95% interval
     /// straddles the budget, rounds pooled (default 2, at most 8).
     #[serde(default)]
@@ -409,11 +409,11 @@ impl ModelConfig {
                 spelled: "profile.no_runtime_fit".into(),
             });
         }
-        if self.profile.no_refit {
+        if self.profile.refit {
             r.options.push(RawOption {
                 name: "refit".into(),
-                value: "false".into(),
-                spelled: "profile.no_refit".into(),
+                value: "true".into(),
+                spelled: "profile.refit".into(),
             });
         }
         r.sequential = Some(self.pruning.sequential);

@@ -182,10 +182,11 @@ pub struct PruneArgs {
     /// first (two probe models timed against the dense one; mistralrs backend).
     #[arg(long)]
     pub no_runtime_fit: bool,
-    /// Keep the runtime fit of the probes for every search, instead of solving it again
-    /// with each verified model's timing as one more point (mistralrs backend).
+    /// Solve the runtime fit again with each verified model's timing as one more point
+    /// before the next search, instead of keeping the probes' fit (mistralrs backend;
+    /// experimental).
     #[arg(long)]
-    pub no_refit: bool,
+    pub refit: bool,
     /// After each search, re-fit every pruned block on the pruned model's own inputs,
     /// block by block: OBS on the re-targeted weights re-chooses which heads or neurons
     /// each block keeps (not how many) and fits them (sequential correction, ZIPLM.md

@@ -124,8 +124,8 @@ pub(super) fn prune_requests(a: &PruneArgs, given: &[String]) -> anyhow::Result<
         r.options
             .push(option("runtime_fit", "false", "--no-runtime-fit"));
     }
-    if a.no_refit {
-        r.options.push(option("refit", "false", "--no-refit"));
+    if a.refit {
+        r.options.push(option("refit", "true", "--refit"));
     }
     if a.nnef {
         r.options.push(option("nnef", "true", "--nnef"));

@@ -165,10 +165,10 @@ fn llm_output_formats_become_the_backend_options() {
     assert!(!job("[model.profile]\nno_runtime_fit = true\n")
         .options
         .flag("runtime_fit", true));
-    assert!(job("").options.flag("refit", true));
-    assert!(!job("[model.profile]\nno_refit = true\n")
+    assert!(!job("").options.flag("refit", false));
+    assert!(job("[model.profile]\nrefit = true\n")
         .options
-        .flag("refit", true));
+        .flag("refit", false));
     // Extra timings: 2 by default, set by the config, bounded with the key named.
     assert_eq!(job("").search.extra_timings, 2);
     assert_eq!(
